@@ -1,0 +1,194 @@
+"""The device-side page-table guard: one Triton launch per page table per forward, safe to capture.
+
+For every row ``r`` of a page table the kernel reads ``cache_seqlens[r]`` on the device, derives the
+live prefix ``ceil(seqlen / page_size)`` (clamped to the table width) and checks each live entry
+against ``[lower, bound)``, the page range of the pool the table indexes. Optionally (SWA tables) it
+also checks that each live SWA entry equals the full->SWA slot mapping applied to the full table's
+entry at the same position, which is how SGLang builds the SWA table.
+
+Every bad entry is appended to a preallocated :class:`~kvtrap.guard.record.GuardRecord` (one atomic
+per program that found something) and, when it is out of range, overwritten in place with
+``safe_page`` so that the attention kernel launched afterwards reads a page that exists. The guard
+never synchronises with the host: the launcher reads no device value, so it can be captured into a
+CUDA graph and replayed. The host learns about violations only when it drains the record.
+
+Entry layout (int64, 7 fields): table id, layer id, row, column, value (the original), bound, flags.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import triton
+import triton.language as tl
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvtrap.guard.record import GuardRecord
+
+#: Entry fields, in order.
+ENTRY_FIELDS = ("table_id", "layer_id", "row", "column", "value", "bound", "flags")
+ENTRY_WIDTH = len(ENTRY_FIELDS)
+
+#: ``flags`` bits.
+FLAG_OUT_OF_RANGE = 1  # value outside [lower, bound): redirected to the safe page
+FLAG_SWA_MISMATCH = 2  # SWA entry != full->SWA mapping of the full entry (recorded, not changed)
+FLAG_SEQLEN_EXCEEDS_TABLE = 4  # cdiv(seqlen, page_size) > table width (column=width, value=pages needed)
+
+_MAX_BLOCK = 1024
+
+
+@triton.jit(do_not_specialize=["width", "bound", "lower", "safe_page", "table_id", "layer_id", "map_numel"])
+def _guard_kernel(
+    table_ptr,  # [bs, stride] int32/int64 page ids, checked and redirected in place
+    seqlens_ptr,  # [>= bs] cache_seqlens (tokens)
+    counter_ptr,  # [1] int32: entries ever appended since the last drain
+    entries_ptr,  # [max_entries, 7] int64
+    full_ptr,  # [bs, full_stride] full-pool page table (HAS_SWA), else any valid pointer
+    map_ptr,  # full->SWA token-slot mapping (HAS_SWA), else any valid pointer
+    table_stride,
+    full_stride,
+    width,  # table columns that may be read
+    bound,  # exclusive upper bound on page ids (pages of the pool this table indexes)
+    lower,  # inclusive lower bound
+    safe_page,
+    table_id,
+    layer_id,
+    max_entries,
+    map_numel,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_SWA: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    seqlen = tl.load(seqlens_ptr + row).to(tl.int64)
+    need = (seqlen + PAGE_SIZE - 1) // PAGE_SIZE
+    live = tl.minimum(tl.maximum(need, 0), width)
+    offs = tl.arange(0, BLOCK)
+    zero = tl.zeros([BLOCK], dtype=tl.int64)
+
+    if need > width:  # the kernel would read past the row: record once, nothing to redirect
+        slot = tl.atomic_add(counter_ptr, 1)
+        if slot < max_entries:
+            e = entries_ptr + slot.to(tl.int64) * 7
+            tl.store(e + 0, table_id.to(tl.int64))
+            tl.store(e + 1, layer_id.to(tl.int64))
+            tl.store(e + 2, row)
+            tl.store(e + 3, width.to(tl.int64))
+            tl.store(e + 4, need)
+            tl.store(e + 5, width.to(tl.int64))
+            tl.store(e + 6, tl.full([], 4, tl.int64))
+
+    row_ptr = table_ptr + row * table_stride
+    for start in range(0, live, BLOCK):
+        cols = start + offs
+        m = cols < live
+        vals = tl.load(row_ptr + cols, mask=m, other=0).to(tl.int64)
+        oor = m & ((vals < lower) | (vals >= bound))
+        flags = tl.where(oor, 1, 0).to(tl.int64)
+        if HAS_SWA:
+            full = tl.load(full_ptr + row * full_stride + cols, mask=m, other=0).to(tl.int64)
+            tok = full * PAGE_SIZE
+            tok_ok = (tok >= 0) & (tok < map_numel)
+            mapped = tl.load(map_ptr + tok, mask=m & tok_ok, other=-1).to(tl.int64)
+            expect = tl.where(mapped < 0, -1, mapped // PAGE_SIZE)
+            flags += tl.where(m & (expect != vals), 2, 0).to(tl.int64)
+        bad = flags != 0
+        bad_i = bad.to(tl.int32)
+        nbad = tl.sum(bad_i, axis=0)
+        if nbad > 0:
+            base = tl.atomic_add(counter_ptr, nbad)
+            idx = (base + tl.cumsum(bad_i, axis=0) - 1).to(tl.int64)
+            keep = bad & (idx < max_entries)
+            e = entries_ptr + idx * 7
+            tl.store(e + 0, zero + table_id, mask=keep)
+            tl.store(e + 1, zero + layer_id, mask=keep)
+            tl.store(e + 2, zero + row, mask=keep)
+            tl.store(e + 3, cols.to(tl.int64), mask=keep)
+            tl.store(e + 4, vals, mask=keep)
+            tl.store(e + 5, zero + bound, mask=keep)
+            tl.store(e + 6, flags, mask=keep)
+            tl.store(row_ptr + cols, (zero + safe_page).to(table_ptr.dtype.element_ty), mask=oor)
+
+
+def block_for_width(width: int) -> int:
+    """Columns one program checks per loop step: the table width rounded up to a power of two, capped."""
+    return max(16, min(_MAX_BLOCK, triton.next_power_of_2(max(int(width), 1))))
+
+
+def guard_page_table_(
+    table: torch.Tensor,
+    seqlens: torch.Tensor,
+    page_size: int,
+    bound: int,
+    record: GuardRecord,
+    table_id: int,
+    layer_id: int = -1,
+    safe_page: int = 0,
+    swa_mapping: torch.Tensor | None = None,
+    full_table: torch.Tensor | None = None,
+    *,
+    lower: int = 0,
+    width: int | None = None,
+) -> None:
+    """Check ``table``'s live prefix against ``[lower, bound)`` on the device; redirect bad entries.
+
+    ``table`` is ``[bs, max_pages]`` (int32 or int64, rows may be strided, columns contiguous) and is
+    modified in place: out-of-range live entries become ``safe_page`` (their original values are in
+    ``record``). ``seqlens`` holds at least ``bs`` token counts (``cache_seqlens``). With
+    ``swa_mapping`` (SGLang's ``full_to_swa_index_mapping``, token-slot indexed) and ``full_table``
+    (the full-pool table of the same batch) the SWA translation of every live entry is checked too.
+    ``width`` limits the columns checked (default: the table width). Reads no device value: capturable.
+    """
+    if table.dim() != 2 or table.stride(1) != 1:
+        raise ValueError(f"table must be 2-D with contiguous columns; got shape {tuple(table.shape)}")
+    if table.dtype not in _INT_DTYPES():
+        raise ValueError(f"table must be int32 or int64; got {table.dtype}")
+    if (swa_mapping is None) != (full_table is None):
+        raise ValueError("swa_mapping and full_table go together")
+    if not 0 <= safe_page < bound:
+        raise ValueError(f"safe_page {safe_page} is outside [0, {bound})")
+    bs, cols = table.shape
+    if bs == 0:
+        return
+    if seqlens.shape[0] < bs:
+        raise ValueError(f"seqlens has {seqlens.shape[0]} entries for {bs} rows")
+    width = cols if width is None else min(int(width), cols)
+    has_swa = swa_mapping is not None
+    if has_swa:
+        assert full_table is not None and swa_mapping is not None
+        if full_table.dim() != 2 or full_table.shape[0] < bs or full_table.stride(1) != 1:
+            raise ValueError("full_table must be 2-D with contiguous columns and at least as many rows")
+        width = min(width, full_table.shape[1])
+        full, mapping, full_stride, map_numel = full_table, swa_mapping, full_table.stride(0), swa_mapping.numel()
+    else:
+        full, mapping, full_stride, map_numel = table, table, 0, 0
+    _guard_kernel[(bs,)](
+        table,
+        seqlens,
+        record.counter,
+        record.entries,
+        full,
+        mapping,
+        table.stride(0),
+        full_stride,
+        width,
+        int(bound),
+        int(lower),
+        int(safe_page),
+        int(table_id),
+        int(layer_id),
+        record.capacity,
+        map_numel,
+        PAGE_SIZE=int(page_size),
+        BLOCK=block_for_width(width),
+        HAS_SWA=has_swa,
+        num_warps=4,
+    )
+
+
+def _INT_DTYPES() -> tuple[object, ...]:  # noqa: N802 - a constant, computed lazily (torch import)
+    import torch
+
+    return (torch.int32, torch.int64)
