@@ -1,0 +1,174 @@
+"""PLE tail of Gemma 4 E2B / E4B (``Gemma4DecoderLayer._next_stream`` with ``has_ple``), 7 launches -> 3.
+
+Eager (SGLang 0.5.23, ~L820-834), around the two per-layer GEMMs that stay as they are::
+
+    h = post_feedforward_layernorm(h); h = h + residual          -> rmsnorm_add            (2 -> 1)
+    gate = gelu_tanh(gate); g = gate * per_layer_input            -> gelu_tanh_mul          (2 -> 1)
+    c = post_per_layer_input_norm(c); h = h + c; h = h * scalar   -> rmsnorm_residual_scalar (3 -> 1)
+
+Each kernel computes in fp32 and rounds to the activation dtype exactly where the eager sequence stores an
+intermediate tensor (that rounding costs nothing here and makes the fused result match eager to the last
+bit up to the order of the variance sum), so swapping the kernels in does not move the model's numerics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvtrap.kernels._launch import row_config
+from kvtrap.kernels._validate import (
+    check_eps,
+    check_same_device,
+    check_same_dtype,
+    check_scalar_tensor,
+    check_tensor,
+)
+
+
+@triton.jit
+def _rmsnorm_add_kernel(
+    x_ptr,
+    w_ptr,
+    r_ptr,
+    out_ptr,
+    N,
+    stride_x,
+    stride_r,
+    stride_o,
+    eps,
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    ok = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+    dt = out_ptr.dtype.element_ty
+    n = (x * rstd * w).to(dt).to(tl.float32)  # eager stores the norm output before the add
+    tl.store(out_ptr + row * stride_o + cols, (n + r).to(dt), mask=ok)
+
+
+@triton.jit
+def _rmsnorm_residual_scalar_kernel(
+    x_ptr,
+    w_ptr,
+    r_ptr,
+    s_ptr,
+    out_ptr,
+    N,
+    stride_x,
+    stride_r,
+    stride_o,
+    eps,
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    ok = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    dt = out_ptr.dtype.element_ty
+    # The scalar is stored in its own dtype; eager multiplies the activation by it after casting it to
+    # the activation dtype (type promotion of a 1-element tensor), hence the round trip.
+    s = tl.load(s_ptr).to(dt).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+    n = (x * rstd * w).to(dt).to(tl.float32)
+    h = (r + n).to(dt).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (h * s).to(dt), mask=ok)
+
+
+@triton.jit
+def _gelu_tanh_mul_kernel(
+    g_ptr,
+    p_ptr,
+    out_ptr,
+    M,
+    N,
+    stride_g,
+    stride_p,
+    stride_o,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    ok = (rows < M)[:, None] & (cols < N)[None, :]
+    g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    p = tl.load(p_ptr + rows[:, None] * stride_p + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    # gelu_tanh(g) = 0.5 g (1 + tanh(y)) = g * sigmoid(2y) = g / (1 + exp(-2y)), y = sqrt(2/pi)(g + 0.044715 g^3).
+    # The sigmoid form needs one exp and no tanh (absent from the interpreter); exp overflow to inf for
+    # very negative g gives g / inf = -0, the right limit.
+    y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+    dt = out_ptr.dtype.element_ty
+    act = (g / (1.0 + tl.exp(-2.0 * y))).to(dt).to(tl.float32)  # eager stores gelu's output first
+    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], (act * p).to(dt), mask=ok)
+
+
+def _check_row_pair(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor) -> tuple[int, int]:
+    check_tensor("x", x, ndim=2)
+    M, N = x.shape
+    check_tensor("residual", residual, ndim=2, shape=(M, N))
+    check_tensor("weight", w, ndim=1, shape=(N,), contiguous=True)
+    check_same_dtype(x=x, residual=residual)
+    check_same_device(x=x, weight=w, residual=residual)
+    return M, N
+
+
+def rmsnorm_add(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``rmsnorm(x, weight) + residual`` (Gemma 4 norm: ``x * w``) for ``[M, N]`` activations; new tensor."""
+    M, N = _check_row_pair(x, weight, residual)
+    eps = check_eps(eps)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out
+    block_n, nw = row_config(N)
+    _rmsnorm_add_kernel[(M,)](
+        x, weight, residual, out, N, x.stride(0), residual.stride(0), out.stride(0), eps,
+        BLOCK_N=block_n, num_warps=nw,
+    )  # fmt: skip
+    return out
+
+
+def rmsnorm_residual_scalar(
+    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, scalar: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """``(residual + rmsnorm(x, weight)) * scalar`` with eager's roundings; ``scalar`` a 1-element tensor."""
+    M, N = _check_row_pair(x, weight, residual)
+    check_scalar_tensor("scalar", scalar)
+    check_same_device(x=x, scalar=scalar)
+    eps = check_eps(eps)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out
+    block_n, nw = row_config(N)
+    _rmsnorm_residual_scalar_kernel[(M,)](
+        x, weight, residual, scalar, out, N, x.stride(0), residual.stride(0), out.stride(0), eps,
+        BLOCK_N=block_n, num_warps=nw,
+    )  # fmt: skip
+    return out
+
+
+def gelu_tanh_mul(gate: torch.Tensor, per_layer_input: torch.Tensor) -> torch.Tensor:
+    """``gelu_tanh(gate) * per_layer_input``; ``per_layer_input`` may be the strided ``[M, 256]`` view
+    (row stride ``num_layers * 256``) of the per-layer embeddings. Returns a contiguous new tensor."""
+    check_tensor("gate", gate, ndim=2)
+    M, N = gate.shape
+    check_tensor("per_layer_input", per_layer_input, ndim=2, shape=(M, N))
+    check_same_dtype(gate=gate, per_layer_input=per_layer_input)
+    check_same_device(gate=gate, per_layer_input=per_layer_input)
+    out = torch.empty((M, N), dtype=gate.dtype, device=gate.device)
+    if M == 0:
+        return out
+    block_n = triton.next_power_of_2(N)
+    # ~4K elements per program: at N = 256 that is 16 rows, 16 values per thread at 4 warps.
+    block_m = max(1, min(16, 4096 // block_n))
+    _gelu_tanh_mul_kernel[(triton.cdiv(M, block_m),)](
+        gate, per_layer_input, out, M, N, gate.stride(0), per_layer_input.stride(0), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
+    return out

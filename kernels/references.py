@@ -1,0 +1,193 @@
+"""Eager PyTorch references: SGLang 0.5.23's op sequences for each fused kernel, casts included.
+
+Sources (read from the 0.5.23 wheel): ``sglang/srt/models/gemma4_causal.py`` (``Gemma4DecoderLayer``,
+``Gemma4Router``, ``Gemma4MoE.routing_function``) and ``sglang/srt/layers/layernorm.py`` (``RMSNorm`` and
+``Gemma4RMSNorm``). Gemma 4 norms are ``x * w`` (no ``1 + w``), computed in fp32 and cast back.
+
+Every function here is what the fused kernel replaces, one torch op per eager launch, so the same code is
+the correctness reference in the tests and the "eager" and "torch.compile" rows of the benchmark.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-6
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float = EPS) -> torch.Tensor:
+    """``RMSNorm.forward_native`` / ``Gemma4RMSNorm.forward_native`` (scale_shift 0): fp32 math, one cast."""
+    xf = x.float()
+    out = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    if w is not None:
+        out = out * w.float()
+    return out.to(x.dtype)
+
+
+# --- routing -------------------------------------------------------------------------------------------
+
+
+def routing_ref(logits: torch.Tensor, per_expert_scale: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The semantics of SGLang's ``gemma4_fused_routing`` (its CUDA path): top-k, fp32 softmax over the kept
+    logits, times ``per_expert_scale[id]``; fp32 weights, int32 ids. Tie order is torch.topk's."""
+    vals, ids = torch.topk(logits.float(), k=topk, dim=-1)
+    w = torch.softmax(vals, dim=-1) * per_expert_scale.float()[ids]
+    return w, ids.to(torch.int32)
+
+
+def routing_eager(
+    logits: torch.Tensor, per_expert_scale: torch.Tensor, topk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Gemma4MoE.routing_function``'s non-fused fallback, op for op: topk in the logits' dtype, softmax in
+    that dtype, scale cast to it, then casts. With bf16 logits the softmax rounds to bf16 (~4e-3)."""
+    topk_logits, topk_ids = torch.topk(logits, k=topk, dim=-1)
+    w = torch.nn.functional.softmax(topk_logits, dim=-1)
+    w = w * per_expert_scale[topk_ids].to(w.dtype)
+    return w.to(torch.float32), topk_ids.to(torch.int32)
+
+
+# --- PLE tail (E2B / E4B), Gemma4DecoderLayer._next_stream with has_ple ---------------------------------
+
+
+def rmsnorm_add_ref(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """``post_feedforward_layernorm(h)`` then ``h + residual``: 2 launches, the norm output rounds first."""
+    return rms_norm(x, w, eps) + residual
+
+
+def gelu_tanh_mul_ref(gate: torch.Tensor, per_layer_input: torch.Tensor) -> torch.Tensor:
+    """``gelu(gate, approximate="tanh")`` then ``* per_layer_input`` (a strided view): 2 launches."""
+    return torch.nn.functional.gelu(gate, approximate="tanh") * per_layer_input
+
+
+def rmsnorm_residual_scalar_ref(
+    x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, scalar: torch.Tensor, eps: float = EPS
+) -> torch.Tensor:
+    """``post_per_layer_input_norm(c)``, ``h + c``, ``h * layer_scalar``: 3 launches, each rounding."""
+    h = residual + rms_norm(x, w, eps)
+    return h * scalar
+
+
+def ple_tail_ref(
+    h: torch.Tensor,
+    residual: torch.Tensor,
+    per_layer_input: torch.Tensor,
+    w_post_ff: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_proj: torch.Tensor,
+    w_post_ple: torch.Tensor,
+    scalar: torch.Tensor,
+    eps: float = EPS,
+) -> torch.Tensor:
+    """The whole PLE tail, the two GEMMs included (``w_gate`` [256, H], ``w_proj`` [H, 256]): 7 + 2 launches."""
+    h = rms_norm(h, w_post_ff, eps)
+    h = h + residual
+    gate = torch.nn.functional.linear(h, w_gate)
+    gate = torch.nn.functional.gelu(gate, approximate="tanh")
+    gated = gate * per_layer_input
+    contrib = torch.nn.functional.linear(gated, w_proj)
+    contrib = rms_norm(contrib, w_post_ple, eps)
+    h = h + contrib
+    return h * scalar
+
+
+# --- 26B MoE: post-attention triple norm -----------------------------------------------------------------
+
+
+def post_attn_triple_rmsnorm_ref(
+    attn_out: torch.Tensor,
+    residual: torch.Tensor,
+    w_post_attn: torch.Tensor,
+    w_pre_ff: torch.Tensor,
+    w_router: torch.Tensor,
+    w_pre_ff_2: torch.Tensor,
+    eps: float = EPS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """post_attention_layernorm, pre_feedforward_layernorm(h, residual) (fused add: the sum in fp32, the
+    residual stored rounded, the norm of the unrounded sum), router.norm (weight already folded by
+    ``fuse_scale``) and pre_feedforward_layernorm_2 of the new residual: 4 launches.
+
+    Returns ``(residual_new, dense_ffn_in, router_in, moe_in)``."""
+    h = rms_norm(attn_out, w_post_attn, eps)
+    s = h.float() + residual.float()
+    residual_new = s.to(residual.dtype)
+    dense_in = (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps) * w_pre_ff.float()).to(h.dtype)
+    router_in = rms_norm(residual_new, w_router, eps)
+    moe_in = rms_norm(residual_new, w_pre_ff_2, eps)
+    return residual_new, dense_in, router_in, moe_in
+
+
+# --- cross-layer: post-FFN norm + the next layer's input norm ---------------------------------------------
+
+
+def post_ffn_dense_next_norm_ref(
+    mlp_out: torch.Tensor,
+    residual: torch.Tensor,
+    w_post_ff: torch.Tensor,
+    scalar: torch.Tensor,
+    w_next: torch.Tensor,
+    eps: float = EPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense layer end on CUDA: SGLang's ``gemma_rmsnorm_residual_scalar`` (fp32 throughout, one cast), then
+    the next layer's ``input_layernorm`` (or ``model.norm`` after the last layer): 2 launches.
+
+    Returns ``(hidden_stream, next_layer_input)``."""
+    xf = mlp_out.float()
+    n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w_post_ff.float()
+    stream = ((n + residual.float()) * scalar.float()).to(mlp_out.dtype)
+    return stream, rms_norm(stream, w_next, eps)
+
+
+def post_ffn_moe_next_norm_ref(
+    dense_out: torch.Tensor,
+    moe_out: torch.Tensor,
+    residual: torch.Tensor,
+    w_post_ff_1: torch.Tensor,
+    w_post_ff_2: torch.Tensor,
+    w_post_ff: torch.Tensor,
+    scalar: torch.Tensor,
+    w_next: torch.Tensor,
+    eps: float = EPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoE layer end on CUDA: SGLang's ``gemma_dual_rmsnorm_residual_scalar`` (fp32 throughout), then the next
+    layer's input norm: 2 launches. Returns ``(hidden_stream, next_layer_input)``."""
+
+    def nf(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+
+    combined = nf(dense_out, w_post_ff_1) + nf(moe_out, w_post_ff_2)
+    stream = ((nf(combined, w_post_ff) + residual.float()) * scalar.float()).to(dense_out.dtype)
+    return stream, rms_norm(stream, w_next, eps)
+
+
+def post_ffn_dense_next_norm_native_ref(
+    mlp_out: torch.Tensor,
+    residual: torch.Tensor,
+    w_post_ff: torch.Tensor,
+    scalar: torch.Tensor,
+    w_next: torch.Tensor,
+    eps: float = EPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same step through SGLang's non-fused fallback (norm, add, scalar mul, next norm: 4 launches, each
+    rounding). Used as the benchmark's "eager" row, which is what torch.compile is given."""
+    h = rms_norm(mlp_out, w_post_ff, eps) + residual
+    stream = h * scalar
+    return stream, rms_norm(stream, w_next, eps)
+
+
+def post_ffn_moe_next_norm_native_ref(
+    dense_out: torch.Tensor,
+    moe_out: torch.Tensor,
+    residual: torch.Tensor,
+    w_post_ff_1: torch.Tensor,
+    w_post_ff_2: torch.Tensor,
+    w_post_ff: torch.Tensor,
+    scalar: torch.Tensor,
+    w_next: torch.Tensor,
+    eps: float = EPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-fused fallback of the MoE layer end (~L793-834) plus the next input norm: 6 launches."""
+    h = rms_norm(dense_out, w_post_ff_1, eps) + rms_norm(moe_out, w_post_ff_2, eps)
+    h = rms_norm(h, w_post_ff, eps) + residual
+    stream = h * scalar
+    return stream, rms_norm(stream, w_next, eps)
