@@ -9,7 +9,6 @@ Importing this module registers the ops once per process.
 from __future__ import annotations
 
 import torch
-
 from kvtrap.kernels.cross_layer_norm import post_ffn_dense_next_norm, post_ffn_moe_next_norm
 from kvtrap.kernels.ple_tail import gelu_tanh_mul, rmsnorm_add, rmsnorm_residual_scalar
 from kvtrap.kernels.routing import gemma4_fused_routing

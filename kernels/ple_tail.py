@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from kvtrap.kernels._launch import row_config
 from kvtrap.kernels._validate import (
     check_eps,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from kvtrap.kernels._validate import check_same_device, check_tensor
 
 _INT64_MIN = -(2**63)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from kvtrap.kernels._launch import row_config
 from kvtrap.kernels._validate import check_eps, check_same_device, check_same_dtype, check_tensor
 
