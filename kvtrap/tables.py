@@ -172,23 +172,32 @@ def pool_pages(manifest: Mapping[str, Any]) -> dict[str, int]:
 
 
 def table_meta(manifest: Mapping[str, Any], name: str) -> tuple[str | None, int, int | None, bool | None]:
-    """``(pool, lower, bound, handed_to_layer)`` for a page table, from context, violation or pools."""
+    """``(pool, lower, bound, handed_to_layer)`` for a page table.
+
+    The bound is the page count of the pool the ids will be *read from*: the violation's bound when the
+    violation is on this table; for the table handed to the layer, the pool the layer reads
+    (``context.layer.type``), since that is what the kernel indexes; else the table's own pool.
+    """
     ctx = manifest.get("context") or {}
     info = (ctx.get("tables") or {}).get(name) or {}
     viol = manifest.get("violation") or {}
+    pages = pool_pages(manifest)
+    layer_type = (ctx.get("layer") or {}).get("type") or viol.get("layer_type")
+    handed = info.get("handed_to_layer")
     pool = info.get("pool")
     bound = info.get("bound")
     lower = 0
-    if viol.get("table") == name:
-        pool = pool or viol.get("pool")
-        bound = bound if bound is not None else viol.get("bound")
+    if viol.get("table") == name and viol.get("bound") is not None:
+        pool = viol.get("pool") or pool
+        bound = viol.get("bound")
         if isinstance(viol.get("lower"), int):
             lower = int(viol["lower"])
+    elif handed and layer_type in pages:
+        pool, bound = layer_type, pages[layer_type]
     if pool is None:
         pool = "swa" if name.startswith("swa") else "full"
     if bound is None:
-        bound = pool_pages(manifest).get(pool)
-    handed = info.get("handed_to_layer")
+        bound = pages.get(pool)
     return pool, lower, (int(bound) if bound is not None else None), handed
 
 
