@@ -100,11 +100,11 @@ def _gelu_tanh_mul_kernel(
     g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     p = tl.load(p_ptr + rows[:, None] * stride_p + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     # gelu_tanh(g) = 0.5 g (1 + tanh(y)) = g * sigmoid(2y) = g / (1 + exp(-2y)), y = sqrt(2/pi)(g + 0.044715 g^3).
-    # The sigmoid form needs one exp and no tanh (absent from the interpreter); exp overflow to inf for
-    # very negative g gives g / inf = -0, the right limit.
+    # The sigmoid form needs one exp and no tanh (absent from the interpreter). Clamping the exponent at
+    # 80 keeps exp finite for very negative g (g / 5.5e34 is already -0 in bf16).
     y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
     dt = out_ptr.dtype.element_ty
-    act = (g / (1.0 + tl.exp(-2.0 * y))).to(dt).to(tl.float32)  # eager stores gelu's output first
+    act = (g / (1.0 + tl.exp(tl.minimum(-2.0 * y, 80.0)))).to(dt).to(tl.float32)  # eager stores gelu's output first
     tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], (act * p).to(dt), mask=ok)
 
 

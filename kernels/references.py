@@ -29,8 +29,11 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float = EPS) -> torch
 
 def routing_ref(logits: torch.Tensor, per_expert_scale: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The semantics of SGLang's ``gemma4_fused_routing`` (its CUDA path): top-k, fp32 softmax over the kept
-    logits, times ``per_expert_scale[id]``; fp32 weights, int32 ids. Tie order is torch.topk's."""
-    vals, ids = torch.topk(logits.float(), k=topk, dim=-1)
+    logits, times ``per_expert_scale[id]``; fp32 weights, int32 ids. Equal logits keep the lower
+    expert id first (a stable descending sort), the order of SGLang's packed-key sort too; ``torch.topk``
+    leaves tie order unspecified."""
+    vals, ids = torch.sort(logits.float(), dim=-1, descending=True, stable=True)
+    vals, ids = vals[:, :topk], ids[:, :topk]
     w = torch.softmax(vals, dim=-1) * per_expert_scale.float()[ids]
     return w, ids.to(torch.int32)
 

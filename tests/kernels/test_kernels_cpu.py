@@ -1,0 +1,237 @@
+"""Fused Gemma 4 kernels against their eager references, small shapes.
+
+Without CUDA these run in Triton's interpreter (``TRITON_INTERPRET=1``, set below before any kernel module
+is imported: ``triton.jit`` reads the setting when it decorates a kernel). With CUDA the same tests run the
+compiled kernels on the GPU.
+
+Tolerances. The kernels compute in fp32 and round to bf16 where the eager sequence stores a tensor, so on
+the GPU they agree with eager to about one bf16 ulp (relative 2**-8..2**-7, from rounding-boundary cases
+where the fp32 sums are ordered differently). Triton's interpreter (triton 3.8) *truncates* fp32 -> bf16
+instead of rounding to nearest even (measured: 540 of 1024 random values differ from torch's cast), so on
+the CPU each rounding can be off by a full ulp in one direction; with up to two roundings on a path the
+elementwise bound is rtol = 2**-6 plus an absolute term of 2**-6 x the tensor's largest magnitude for
+results that cancel to near zero (``n + r``); the relative Frobenius error must also stay under 1e-2
+(CPU) / 4e-3 (GPU). Routing ids must equal the reference exactly (ties go to the lower expert id in both),
+and its fp32 weights agree to 2e-6 absolute (exp and the division round differently).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from kvtrap.kernels import custom_ops  # noqa: E402,F401  (registers torch.ops.kvtrap.*)
+from kvtrap.kernels import references as ref  # noqa: E402
+from kvtrap.kernels.cross_layer_norm import post_ffn_dense_next_norm, post_ffn_moe_next_norm  # noqa: E402
+from kvtrap.kernels.ple_tail import gelu_tanh_mul, rmsnorm_add, rmsnorm_residual_scalar  # noqa: E402
+from kvtrap.kernels.routing import gemma4_fused_routing  # noqa: E402
+from kvtrap.kernels.triple_norm import post_attn_triple_rmsnorm  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEV == "cuda"
+
+
+def _act(*shape: int, dtype: torch.dtype = torch.bfloat16, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, device=DEV) * scale).to(dtype)
+
+
+def _weight(n: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    return (torch.rand(n, device=DEV) + 0.5).to(dtype)
+
+
+def assert_close_act(out: torch.Tensor, want: torch.Tensor) -> None:
+    assert out.shape == want.shape and out.dtype == want.dtype
+    o, w = out.float(), want.float()
+    assert torch.isfinite(o).all(), "non-finite output (unwritten or overflowed elements)"
+    if want.dtype == torch.float32:
+        torch.testing.assert_close(o, w, rtol=1e-5, atol=1e-5)
+        return
+    ulp = 2.0**-7 if want.dtype == torch.bfloat16 else 2.0**-10
+    rtol = ulp if ON_GPU else 2 * ulp
+    atol = rtol * w.abs().max().item()
+    torch.testing.assert_close(o, w, rtol=rtol, atol=atol)
+    rel = ((o - w).norm() / w.norm().clamp_min(1e-30)).item()
+    assert rel < (4e-3 if ON_GPU else 1e-2), rel
+
+
+# --- routing -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("m", "e", "k"), [(5, 128, 8), (3, 100, 8), (2, 1000, 4), (3, 16, 16), (1, 8, 1)])
+def test_routing_matches_reference(dtype: torch.dtype, m: int, e: int, k: int) -> None:
+    torch.manual_seed(m * 1000 + e + k)
+    logits = _act(m, e, dtype=dtype, scale=2.0)
+    logits[0, : e // 2] = logits[0, e // 2]  # a long run of exact ties in row 0
+    scale = torch.rand(e, device=DEV) + 0.5
+    w, ids = gemma4_fused_routing(logits, scale, k)
+    w_ref, ids_ref = ref.routing_ref(logits, scale, k)
+    assert w.dtype == torch.float32 and ids.dtype == torch.int32
+    assert torch.equal(ids, ids_ref)
+    torch.testing.assert_close(w, w_ref, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("block_m", [1, 4])
+def test_routing_block_m_and_strided_rows(block_m: int) -> None:
+    torch.manual_seed(1)
+    base = _act(7, 160)
+    logits = base[:, :128]  # row stride 160: the kernel must honour stride(0)
+    scale = torch.rand(128, device=DEV) + 0.5
+    w, ids = gemma4_fused_routing(logits, scale, 8, block_m=block_m, num_warps=1)
+    w_ref, ids_ref = ref.routing_ref(logits, scale, 8)
+    assert torch.equal(ids, ids_ref)
+    torch.testing.assert_close(w, w_ref, rtol=0, atol=2e-6)
+
+
+def test_routing_close_to_eager_fallback() -> None:
+    """SGLang's non-fused fallback softmaxes in the logits' dtype; with fp32 logits (no ties) it agrees."""
+    torch.manual_seed(2)
+    logits = _act(4, 128, dtype=torch.float32)
+    scale = torch.rand(128, device=DEV) + 0.5
+    w, ids = gemma4_fused_routing(logits, scale, 8)
+    w_e, ids_e = ref.routing_eager(logits, scale, 8)
+    assert torch.equal(ids, ids_e)
+    torch.testing.assert_close(w, w_e, rtol=1e-5, atol=1e-6)
+
+
+def test_routing_empty_batch() -> None:
+    w, ids = gemma4_fused_routing(_act(0, 128), torch.ones(128, device=DEV), 8)
+    assert w.shape == (0, 8) and ids.shape == (0, 8)
+
+
+# --- PLE tail --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rmsnorm_add(dtype: torch.dtype) -> None:
+    torch.manual_seed(3)
+    x, r, w = _act(5, 300, dtype=dtype, scale=3.0), _act(5, 300, dtype=dtype), _weight(300, dtype)
+    assert_close_act(rmsnorm_add(x, w, r), ref.rmsnorm_add_ref(x, w, r))
+
+
+def test_rmsnorm_residual_scalar() -> None:
+    torch.manual_seed(4)
+    x, r, w = _act(4, 256), _act(4, 256, scale=4.0), _weight(256)
+    s = torch.tensor([0.8125], device=DEV).to(torch.bfloat16)
+    assert_close_act(rmsnorm_residual_scalar(x, w, r, s), ref.rmsnorm_residual_scalar_ref(x, w, r, s))
+
+
+def test_gelu_tanh_mul_strided_per_layer_input() -> None:
+    torch.manual_seed(5)
+    m, layers, d = 19, 5, 256  # 19 rows: a partial last row block
+    per_layer_inputs = _act(m, layers, d, scale=2.0)
+    ple = per_layer_inputs[:, 3, :]  # the real strided view: row stride layers * 256
+    assert ple.stride() == (layers * d, 1)
+    gate = _act(m, d, scale=3.0)
+    gate[0, :4] = torch.tensor([-30.0, 30.0, 0.0, -0.0])  # saturated tails and zeros
+    out = gelu_tanh_mul(gate, ple)
+    assert out.is_contiguous()
+    assert_close_act(out, ref.gelu_tanh_mul_ref(gate, ple))
+
+
+# --- triple norm / cross-layer ---------------------------------------------------------------------------
+
+
+def test_post_attn_triple_rmsnorm() -> None:
+    torch.manual_seed(6)
+    n = 352
+    x, r = _act(6, n, scale=2.0), _act(6, n, scale=8.0)
+    ws = [_weight(n) for _ in range(4)]
+    outs = post_attn_triple_rmsnorm(x, r, *ws)
+    r_before = r.clone()
+    for got, want in zip(outs, ref.post_attn_triple_rmsnorm_ref(x, r, *ws), strict=True):
+        assert_close_act(got, want)
+    assert torch.equal(r, r_before), "the residual input must not be modified"
+
+
+def test_post_ffn_dense_next_norm() -> None:
+    torch.manual_seed(7)
+    n = 320
+    x, r, w, wn = _act(5, n), _act(5, n, scale=6.0), _weight(n), _weight(n)
+    s = torch.tensor([0.5], device=DEV)
+    for got, want in zip(
+        post_ffn_dense_next_norm(x, r, w, s, wn), ref.post_ffn_dense_next_norm_ref(x, r, w, s, wn), strict=True
+    ):
+        assert_close_act(got, want)
+
+
+def test_post_ffn_moe_next_norm() -> None:
+    torch.manual_seed(8)
+    n = 320
+    x1, x2, r = _act(5, n), _act(5, n, scale=3.0), _act(5, n, scale=6.0)
+    w1, w2, w3, wn = (_weight(n) for _ in range(4))
+    s = torch.tensor([1.25], device=DEV).to(torch.bfloat16)
+    got = post_ffn_moe_next_norm(x1, x2, r, w1, w2, w3, s, wn)
+    want = ref.post_ffn_moe_next_norm_ref(x1, x2, r, w1, w2, w3, s, wn)
+    for a, b in zip(got, want, strict=True):
+        assert_close_act(a, b)
+
+
+# --- validation -------------------------------------------------------------------------------------------
+
+
+def test_validation_errors() -> None:
+    x, w = _act(2, 64), _weight(64)
+    with pytest.raises(ValueError, match="residual: expected size 64"):
+        rmsnorm_add(x, w, _act(2, 32))
+    with pytest.raises(TypeError, match="dtypes must share|share one dtype"):
+        rmsnorm_add(x, w, x.float())
+    with pytest.raises(TypeError, match="dtype torch.int32 not supported"):
+        rmsnorm_add(x.int(), w, x.int())
+    with pytest.raises(ValueError, match="last dimension must have stride 1"):
+        rmsnorm_add(_act(64, 2).t(), w, x)
+    with pytest.raises(ValueError, match="weight: expected 1-D"):
+        rmsnorm_add(x, w[None], x)
+    with pytest.raises(ValueError, match="one element"):
+        rmsnorm_residual_scalar(x, w, x, torch.ones(2, device=DEV))
+    with pytest.raises(ValueError, match="eps must be a positive"):
+        rmsnorm_add(x, w, x, eps=0.0)
+    with pytest.raises(ValueError, match="one device"):
+        rmsnorm_add(x, w.to("meta"), x)
+    with pytest.raises(ValueError, match="E <= 1024"):
+        gemma4_fused_routing(_act(1, 1100), torch.ones(1100, device=DEV), 8)
+    with pytest.raises(ValueError, match="topk must be"):
+        gemma4_fused_routing(_act(1, 16), torch.ones(16, device=DEV), 17)
+    with pytest.raises(ValueError, match="per_expert_scale: expected size 16"):
+        gemma4_fused_routing(_act(1, 16), torch.ones(8, device=DEV), 4)
+    with pytest.raises(ValueError, match="per_layer_input: expected size 3"):
+        gelu_tanh_mul(_act(3, 256), _act(2, 256))
+
+
+# --- custom ops -------------------------------------------------------------------------------------------
+
+
+def test_custom_ops_opcheck() -> None:
+    torch.manual_seed(9)
+    x, r, w, s = _act(3, 128), _act(3, 128), _weight(128), torch.ones(1, device=DEV)
+    ops = torch.ops.kvtrap
+    cases = [
+        (ops.gemma4_fused_routing.default, (_act(3, 64), torch.rand(64, device=DEV), 4)),
+        (ops.rmsnorm_add.default, (x, w, r, 1e-6)),
+        (ops.gelu_tanh_mul.default, (x, r)),
+        (ops.rmsnorm_residual_scalar.default, (x, w, r, s, 1e-6)),
+        (ops.post_attn_triple_rmsnorm.default, (x, r, w, w, w, w, 1e-6)),
+        (ops.post_ffn_dense_next_norm.default, (x, r, w, s, w, 1e-6)),
+        (ops.post_ffn_moe_next_norm.default, (x, x, r, w, w, w, s, w, 1e-6)),
+    ]
+    for op, args in cases:
+        # Only schema and fake-tensor checks: the others re-run the kernel many times (slow in the
+        # interpreter) and test autograd, which these inference ops do not register.
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_custom_op_under_torch_compile() -> None:
+    torch.manual_seed(10)
+    x, r, w = _act(4, 128), _act(4, 128), _weight(128)
+
+    def f(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.ops.kvtrap.rmsnorm_add(x * 2, w, r) + 1
+
+    backend = "inductor" if ON_GPU else "aot_eager"
+    got = torch.compile(f, backend=backend, fullgraph=True)(x, r, w)
+    assert_close_act(got, ref.rmsnorm_add_ref(x * 2, w, r) + 1)
