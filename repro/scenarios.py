@@ -1,0 +1,309 @@
+"""The repro scenarios: what to run, on which models, with which flags, and what it needs.
+
+Two kinds of scenario share one registry:
+
+* ``server``: the real workload. The runner (:mod:`kvtrap.repro.runner`) starts ``sglang.launch_server``
+  with :attr:`Scenario.server_args` and drives it with ``sglang.bench_serving`` (``random-ids``, no
+  dataset download) at :attr:`Scenario.workload`.
+* ``component``: a weight-free repro that runs in-process. It carries a callable
+  (:attr:`Scenario.component`) that gets a :class:`ComponentContext` and returns a
+  :class:`ComponentResult`; the runner classifies and reports it like a server run. Register one with
+  :func:`register`, e.g. from ``repro/synthetic.py``::
+
+      register(Scenario(name="synthetic", kind="component", description=..., needs=Needs(...),
+                        component=run_synthetic))
+
+Everything here is plain data (frozen dataclasses) so ``kvtrap repro list`` and ``--dry-run`` need
+neither torch nor SGLang nor a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ScenarioKind = Literal["server", "component"]
+
+#: The speculative settings of the seed workload (SGLang issue #26957): Gemma 4 target + its
+#: "assistant" draft, NEXTN (promoted to FROZEN_KV_MTP for Gemma 4 assistant drafts), 3 steps, topk 1,
+#: 4 draft tokens. trtllm_mha needs topk 1 and a page size of 16/32/64/128.
+SPEC_ARGS: tuple[str, ...] = (
+    "--speculative-algorithm", "NEXTN",
+    "--speculative-num-steps", "3",
+    "--speculative-eagle-topk", "1",
+    "--speculative-num-draft-tokens", "4",
+)  # fmt: skip
+
+#: The attention settings of the seed workload. ``--max-running-requests 64`` matches the client's
+#: ``--max-concurrency 64`` (frozen-KV MTP would default it to 48).
+ATTN_ARGS: tuple[str, ...] = (
+    "--attention-backend", "trtllm_mha",
+    "--page-size", "64",
+    "--max-running-requests", "64",
+)  # fmt: skip
+
+#: Run every step eagerly so kvtrap's host-side checks see every decode step (flag names checked
+#: against ``python -m sglang.launch_server --help`` of 0.5.23: choices full|breakable|disabled).
+EAGER_ARGS: tuple[str, ...] = (
+    "--cuda-graph-backend-decode", "disabled",
+    "--cuda-graph-backend-prefill", "disabled",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a scenario needs from the machine. Memory is per GPU, in GiB, and an honest estimate."""
+
+    gpu: str  # human-readable GPU requirement, e.g. "B200 (sm100) or H100/H200 (sm90)"
+    min_gpu_mem_gib: int = 0  # below this the weights + a useful KV pool do not fit (0: no GPU needed)
+    gpus: int = 1
+    weights_gib: float = 0.0  # bf16 weights of target + draft, downloaded once into the HF cache
+    note: str = ""
+    requires_gpu: bool = True  # False: the runner skips its CUDA check (a CPU-capable component repro)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "gpu": self.gpu,
+            "min_gpu_mem_gib": self.min_gpu_mem_gib,
+            "gpus": self.gpus,
+            "weights_gib": self.weights_gib,
+            "note": self.note,
+            "requires_gpu": self.requires_gpu,
+        }
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The ``sglang.bench_serving`` load: ``random-ids`` prompts of exact lengths (range ratio 1.0)."""
+
+    input_len: int
+    output_len: int
+    num_prompts: int
+    max_concurrency: int
+    seed: int = 1
+    range_ratio: float = 1.0
+    request_rate: str = "inf"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dataset": "random-ids",
+            "input_len": self.input_len,
+            "output_len": self.output_len,
+            "num_prompts": self.num_prompts,
+            "max_concurrency": self.max_concurrency,
+            "seed": self.seed,
+            "range_ratio": self.range_ratio,
+            "request_rate": self.request_rate,
+        }
+
+
+@dataclass(frozen=True)
+class ComponentContext:
+    """What a ``component`` scenario's callable gets.
+
+    ``env`` holds the kvtrap variables the run asks for (``SGLANG_TRTLLM_MHA_DEBUG``, ``KVTRAP_DUMP_DIR``,
+    ``KVTRAP_INJECT``, ``KVTRAP_FIX``...); the callable should arm kvtrap from them (for example
+    ``kvtrap.Config.from_env(ctx.env)``) rather than from ``os.environ``. ``log`` writes one line to the
+    run's log file (and the console when following). Dumps must go to ``dump_dir``: the runner looks
+    there to decide TRAPPED.
+    """
+
+    run_dir: Path
+    dump_dir: Path
+    env: Mapping[str, str]
+    inject: tuple[str, ...]
+    fix: bool | None  # None: leave KVTRAP_FIX unset (kvtrap's default, auto)
+    eager: bool
+    extra_args: tuple[str, ...]
+    log: Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ComponentResult:
+    """What a ``component`` callable returns. The runner still looks for dumps and crash signatures.
+
+    ``outcome`` may force one of the outcome names (``CLEAN``, ``TRAPPED``, ``CRASHED``...); ``None``
+    lets the runner classify from the dumps, ``error`` and ``log_text``. ``error`` is the text of an
+    exception the callable caught (e.g. ``torch.AcceleratorError: CUDA error: an illegal memory access
+    was encountered``); an exception that escapes the callable is recorded the same way.
+    """
+
+    outcome: str | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    details: Mapping[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    log_text: str = ""
+
+
+ComponentFn = Callable[[ComponentContext], ComponentResult]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One named repro. ``server`` scenarios need ``model``, ``workload`` and ``server_args``;
+    ``component`` scenarios need ``component``."""
+
+    name: str
+    description: str
+    kind: ScenarioKind
+    needs: Needs
+    model: str | None = None  # target model id (Hugging Face) or local path
+    draft_model: str | None = None  # the speculative draft (Gemma 4 "assistant")
+    workload: Workload | None = None
+    server_args: tuple[str, ...] = ()  # everything but --model-path, --speculative-draft-model-path, host, port
+    component: ComponentFn | None = None
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind == "server":
+            if not self.model or self.workload is None:
+                raise ValueError(f"server scenario {self.name!r} needs a model and a workload")
+        elif self.kind == "component":
+            if self.component is None:
+                raise ValueError(f"component scenario {self.name!r} needs a component callable")
+        else:
+            raise ValueError(f"scenario {self.name!r}: kind must be 'server' or 'component', not {self.kind!r}")
+        if isinstance(self.server_args, list):
+            object.__setattr__(self, "server_args", tuple(self.server_args))
+
+    @property
+    def model_ids(self) -> tuple[str, ...]:
+        return tuple(m for m in (self.model, self.draft_model) if m)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "kind": self.kind,
+            "model": self.model,
+            "draft_model": self.draft_model,
+            "workload": None if self.workload is None else self.workload.to_json(),
+            "server_args": list(self.server_args),
+            "needs": self.needs.to_json(),
+            "component": None if self.component is None else _qualname(self.component),
+            "tags": list(self.tags),
+        }
+
+
+def _qualname(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+# --------------------------------------------------------------------------------------------- registry
+REGISTRY: dict[str, Scenario] = {}
+
+
+def register(scenario: Scenario, *, replace: bool = False) -> Scenario:
+    """Add a scenario. Names are unique unless ``replace`` is true."""
+    if scenario.name in REGISTRY and not replace:
+        raise ValueError(f"scenario {scenario.name!r} is already registered")
+    REGISTRY[scenario.name] = scenario
+    return scenario
+
+
+def get(name: str) -> Scenario:
+    """The scenario called ``name``; ``KeyError`` with the known names otherwise."""
+    _load_optional()
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown scenario {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+
+
+def all_scenarios() -> list[Scenario]:
+    _load_optional()
+    return [REGISTRY[k] for k in sorted(REGISTRY)]
+
+
+_optional_loaded = False
+
+
+def _load_optional() -> None:
+    """Import scenario modules that register themselves (``repro/synthetic.py``), once, if present."""
+    global _optional_loaded
+    if _optional_loaded:
+        return
+    _optional_loaded = True
+    import importlib
+    import importlib.util
+
+    for mod in ("kvtrap.repro.synthetic",):
+        try:
+            if importlib.util.find_spec(mod) is None:
+                continue
+        except ModuleNotFoundError:
+            continue
+        importlib.import_module(mod)
+
+
+# ------------------------------------------------------------------------------------------- the models
+# Hugging Face ids. Targets: the instruction-tuned Gemma 4 checkpoints (SGLang's own tests use
+# google/gemma-4-E4B-it and google/gemma-4-26B-A4B-it; google/gemma-4-31B-it is the dense 31B).
+# Drafts: Google's "assistant" MTP checkpoints, named "<target>-assistant" (model_type
+# gemma4_assistant; SGLang promotes NEXTN to FROZEN_KV_MTP for them).
+E4B = "google/gemma-4-E4B-it"
+E4B_DRAFT = "google/gemma-4-E4B-it-assistant"
+A26B = "google/gemma-4-26B-A4B-it"
+A26B_DRAFT = "google/gemma-4-26B-A4B-it-assistant"
+D31B = "google/gemma-4-31B-it"
+D31B_DRAFT = "google/gemma-4-31B-it-assistant"
+
+_GPU_ANY = "B200 (sm100; where #26957 faulted) or H100/H200 (sm90: trtllm_mha runs XQA, kvtrap still traps)"
+
+# Memory: bf16 weights + a KV pool large enough for 64 concurrent long requests. Weights: E4B ~8B
+# parameters with its per-layer embeddings (~16 GiB), 26B-A4B ~26B (~49 GiB, all experts resident),
+# 31B ~31B (~58 GiB); the assistants are <1 GiB. The SWA layers' pool is small, the full-attention
+# layers' pool is what 64 x 9k tokens need. Estimates, not measurements.
+NEEDS_E4B = Needs(
+    gpu=_GPU_ANY,
+    min_gpu_mem_gib=40,
+    weights_gib=16.5,
+    note="fits one H100 80GB with room for the KV pool; 40 GiB is the floor for 64 x 9k tokens",
+)
+NEEDS_26B = Needs(
+    gpu=_GPU_ANY,
+    min_gpu_mem_gib=80,
+    weights_gib=50.0,
+    note="one H100 80GB is tight (about 20 GiB left for KV after weights and graphs); H200/B200 preferred",
+)
+NEEDS_31B = Needs(
+    gpu="B200 (180 GB) or H200 (141 GB); an 80 GB H100 does not fit it on one GPU",
+    min_gpu_mem_gib=96,
+    weights_gib=59.0,
+    note="single GPU; on 2 x H100 pass --tp 2 as an extra server argument (untested)",
+)
+
+SUMMARIZE = Workload(input_len=8000, output_len=1000, num_prompts=80, max_concurrency=64)
+CHAT = Workload(input_len=1000, output_len=1000, num_prompts=80, max_concurrency=64)
+
+_SERVER_ARGS = SPEC_ARGS + ATTN_ARGS
+
+
+def _server(name: str, model: str, draft: str, workload: Workload, needs: Needs, what: str) -> Scenario:
+    return Scenario(
+        name=name,
+        description=(
+            f"{what}: random {workload.input_len} in / {workload.output_len} out x {workload.num_prompts} "
+            f"prompts, concurrency {workload.max_concurrency}; trtllm_mha + frozen-KV MTP"
+        ),
+        kind="server",
+        needs=needs,
+        model=model,
+        draft_model=draft,
+        workload=workload,
+        server_args=_SERVER_ARGS,
+        tags=("sglang-26957",),
+    )
+
+
+for _s in (
+    _server("e4b-summarize", E4B, E4B_DRAFT, SUMMARIZE, NEEDS_E4B, "Gemma 4 E4B, the #26957 seed workload"),
+    _server("26b-summarize", A26B, A26B_DRAFT, SUMMARIZE, NEEDS_26B, "Gemma 4 26B-A4B (MoE), long prompts"),
+    _server("31b-summarize", D31B, D31B_DRAFT, SUMMARIZE, NEEDS_31B, "Gemma 4 31B (dense), long prompts"),
+    _server("e4b-chat", E4B, E4B_DRAFT, CHAT, NEEDS_E4B, "Gemma 4 E4B, short prompts (slow SWA fill)"),
+    _server("26b-chat", A26B, A26B_DRAFT, CHAT, NEEDS_26B, "Gemma 4 26B-A4B (MoE), short prompts"),
+):
+    register(_s)
+del _s
