@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import triton
 
+# Benchmarks set this to sweep warps per row program; None means the heuristic below.
+NUM_WARPS_OVERRIDE: int | None = None
+
 
 def row_config(n: int) -> tuple[int, int]:
     """(BLOCK_N, num_warps) for one program per row of ``n`` elements.
@@ -15,4 +18,4 @@ def row_config(n: int) -> tuple[int, int]:
     """
     block_n = triton.next_power_of_2(n)
     num_warps = max(1, min(16, block_n // 512))
-    return block_n, num_warps
+    return block_n, NUM_WARPS_OVERRIDE or num_warps

@@ -1,0 +1,369 @@
+"""Benchmark the fused Gemma 4 kernels on the GPU: CUDA-graph replay timed with CUDA events.
+
+For each kernel and M in {1, 8, 32, 64, 128, 256, 8192}: the eager torch op sequence it replaces
+(``kvtrap.kernels.references``), ``torch.compile`` of that same sequence (Inductor's own fusion), the fused
+kernel, and SGLang 0.5.23's kernel where upstream has one. Every variant is captured ``R`` times back to back
+in one CUDA graph, the graph replayed ``REPLAYS`` times between two events, and the per-call median over
+``TRIALS`` such measurements reported. GB/s counts the fewest bytes the fused kernel must move (each input
+read once, each output written once, weights included) and is set against a measured device-to-device copy
+(bytes read + written).
+
+Usage: python benchmarks/kernels/bench_gemma4.py --out OUT.json   (and --render OUT.json OUT.md locally)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MS = (1, 8, 32, 64, 128, 256, 8192)
+
+
+def _import_kernels() -> None:
+    """Use the installed ``kvtrap.kernels``; fall back to mapping ``kernels/`` by path (device machine)."""
+    try:
+        import kvtrap.kernels  # noqa: F401
+    except ImportError:
+        import types
+
+        root = Path(__file__).resolve().parents[2]
+        pkg = types.ModuleType("kvtrap")
+        pkg.__path__ = [str(root / "kvtrap")]
+        sys.modules.setdefault("kvtrap", pkg)
+        sub = types.ModuleType("kvtrap.kernels")
+        sub.__path__ = [str(root / "kernels")]
+        sys.modules["kvtrap.kernels"] = sub
+
+
+def time_graph(fn: Callable[[], Any], m: int, trials: int = 5) -> float:
+    """Median microseconds per call of ``fn`` under CUDA-graph replay."""
+    import torch
+
+    reps = 20 if m <= 256 else 3
+    replays = 20 if m <= 256 else 10
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    per_call = []
+    for _ in range(trials):
+        start.record()
+        for _ in range(replays):
+            g.replay()
+        end.record()
+        end.synchronize()
+        per_call.append(start.elapsed_time(end) * 1e3 / (replays * reps))
+    del g
+    return statistics.median(per_call)
+
+
+def copy_bandwidth() -> float:
+    import torch
+
+    n = 1 << 29  # 2**29 bf16 elements = 1 GiB per buffer, far beyond L2
+    a = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    us = time_graph(lambda: b.copy_(a), 8192)
+    return 2 * n * 2 / (us * 1e-6) / 1e9
+
+
+def build_cases() -> dict[str, dict[str, Any]]:
+    """name -> {make(m) -> dict of variant callables (no-arg), bytes(m), shape note}."""
+    import torch
+    from kvtrap.kernels import references as ref
+    from kvtrap.kernels.cross_layer_norm import post_ffn_dense_next_norm, post_ffn_moe_next_norm
+    from kvtrap.kernels.ple_tail import gelu_tanh_mul, rmsnorm_add, rmsnorm_residual_scalar
+    from kvtrap.kernels.routing import gemma4_fused_routing
+    from kvtrap.kernels.triple_norm import post_attn_triple_rmsnorm
+
+    try:
+        from sglang.kernels.ops.moe.gemma4_routing import gemma4_fused_routing as sgl_routing
+    except Exception as e:  # noqa: BLE001
+        print("no SGLang routing:", e)
+        sgl_routing = None
+    try:
+        from sglang.kernels.ops.layernorm import gemma4_fused_ops as sgl_ops
+    except Exception as e:  # noqa: BLE001
+        print("no SGLang gemma4_fused_ops:", e)
+        sgl_ops = None
+
+    bf = torch.bfloat16
+    compiled: dict[str, Callable[..., Any]] = {}
+
+    def comp(name: str, f: Callable[..., Any]) -> Callable[..., Any]:
+        if name not in compiled:
+            compiled[name] = torch.compile(f, dynamic=False)
+        return compiled[name]
+
+    def act(m: int, n: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(m, n, device="cuda") * scale).to(bf)
+
+    def wt(n: int) -> torch.Tensor:
+        return (torch.rand(n, device="cuda") + 0.5).to(bf)
+
+    scal = torch.tensor([0.75], device="cuda").to(bf)
+
+    def routing(m: int) -> dict[str, Callable[[], Any]]:
+        lg, s = act(m, 128, 2.0), torch.rand(128, device="cuda") + 0.5
+        v = {
+            "eager": lambda: ref.routing_eager(lg, s, 8),
+            "compile": lambda: comp("routing", ref.routing_eager)(lg, s, 8),
+            "fused": lambda: gemma4_fused_routing(lg, s, 8),
+        }
+        if sgl_routing is not None:
+            v["sglang"] = lambda: sgl_routing(lg, s, 8)
+        return v
+
+    def rms_add(m: int, n: int = 2560) -> dict[str, Callable[[], Any]]:
+        x, r, w = act(m, n, 2.0), act(m, n), wt(n)
+        return {
+            "eager": lambda: ref.rmsnorm_add_ref(x, w, r),
+            "compile": lambda: comp("rmsnorm_add", ref.rmsnorm_add_ref)(x, w, r),
+            "fused": lambda: rmsnorm_add(x, w, r),
+        }
+
+    def gelu(m: int) -> dict[str, Callable[[], Any]]:
+        pli = (torch.randn(m, 42, 256, device="cuda")).to(bf)
+        ple, g = pli[:, 17, :], act(m, 256, 3.0)
+        return {
+            "eager": lambda: ref.gelu_tanh_mul_ref(g, ple),
+            "compile": lambda: comp("gelu", ref.gelu_tanh_mul_ref)(g, ple),
+            "fused": lambda: gelu_tanh_mul(g, ple),
+        }
+
+    def res_scalar(m: int, n: int = 2560) -> dict[str, Callable[[], Any]]:
+        x, r, w = act(m, n, 2.0), act(m, n), wt(n)
+        v = {
+            "eager": lambda: ref.rmsnorm_residual_scalar_ref(x, w, r, scal),
+            "compile": lambda: comp("res_scalar", ref.rmsnorm_residual_scalar_ref)(x, w, r, scal),
+            "fused": lambda: rmsnorm_residual_scalar(x, w, r, scal),
+        }
+        if sgl_ops is not None:
+            v["sglang"] = lambda: sgl_ops.gemma_rmsnorm_residual_scalar(x, w, r, scal, 1e-6)
+        return v
+
+    def triple(m: int, n: int = 2816) -> dict[str, Callable[[], Any]]:
+        x, r = act(m, n, 2.0), act(m, n, 8.0)
+        ws = [wt(n) for _ in range(4)]
+        return {
+            "eager": lambda: ref.post_attn_triple_rmsnorm_ref(x, r, *ws),
+            "compile": lambda: comp("triple", ref.post_attn_triple_rmsnorm_ref)(x, r, *ws),
+            "fused": lambda: post_attn_triple_rmsnorm(x, r, *ws),
+        }
+
+    def dense(m: int, n: int = 5376) -> dict[str, Callable[[], Any]]:
+        x, r, w, wn = act(m, n), act(m, n, 8.0), wt(n), wt(n)
+        v = {
+            "eager": lambda: ref.post_ffn_dense_next_norm_native_ref(x, r, w, scal, wn),
+            "compile": lambda: comp("dense", ref.post_ffn_dense_next_norm_native_ref)(x, r, w, scal, wn),
+            "fused": lambda: post_ffn_dense_next_norm(x, r, w, scal, wn),
+        }
+        if sgl_ops is not None:  # upstream's half of the pair only (its next rmsnorm is sgl_kernel's)
+            v["sglang_part"] = lambda: sgl_ops.gemma_rmsnorm_residual_scalar(x, w, r, scal, 1e-6)
+        return v
+
+    def moe(m: int, n: int = 2816) -> dict[str, Callable[[], Any]]:
+        x1, x2, r = act(m, n), act(m, n, 3.0), act(m, n, 8.0)
+        w1, w2, w3, wn = (wt(n) for _ in range(4))
+        v = {
+            "eager": lambda: ref.post_ffn_moe_next_norm_native_ref(x1, x2, r, w1, w2, w3, scal, wn),
+            "compile": lambda: comp("moe", ref.post_ffn_moe_next_norm_native_ref)(x1, x2, r, w1, w2, w3, scal, wn),
+            "fused": lambda: post_ffn_moe_next_norm(x1, x2, r, w1, w2, w3, scal, wn),
+        }
+        if sgl_ops is not None:
+            v["sglang_part"] = lambda: sgl_ops.gemma_dual_rmsnorm_residual_scalar(x1, w1, x2, w2, w3, r, scal)
+        return v
+
+    return {
+        "routing E=128 K=8 bf16": {"make": routing, "bytes": lambda m: m * 128 * 2 + m * 8 * 8 + 128 * 4},
+        "rmsnorm_add N=2560 (E4B)": {"make": rms_add, "bytes": lambda m: 3 * m * 2560 * 2 + 2560 * 2},
+        "gelu_tanh_mul 256, strided ple (E4B)": {"make": gelu, "bytes": lambda m: 3 * m * 256 * 2},
+        "rmsnorm_residual_scalar N=2560 (E4B)": {"make": res_scalar, "bytes": lambda m: 3 * m * 2560 * 2 + 2560 * 2},
+        "post_attn_triple_rmsnorm N=2816 (26B)": {"make": triple, "bytes": lambda m: 6 * m * 2816 * 2 + 4 * 2816 * 2},
+        "post_ffn_dense_next_norm N=5376 (31B)": {"make": dense, "bytes": lambda m: 4 * m * 5376 * 2 + 2 * 5376 * 2},
+        "post_ffn_moe_next_norm N=2816 (26B)": {"make": moe, "bytes": lambda m: 5 * m * 2816 * 2 + 4 * 2816 * 2},
+    }
+
+
+def sweep_routing(ms: tuple[int, ...]) -> list[dict[str, Any]]:
+    import torch
+    from kvtrap.kernels.routing import gemma4_fused_routing
+
+    rows = []
+    s = torch.rand(128, device="cuda") + 0.5
+    for m in ms:
+        lg = (torch.randn(m, 128, device="cuda") * 2).to(torch.bfloat16)
+        for bm, nw in ((1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4), (8, 2), (8, 4), (16, 4)):
+            us = time_graph(lambda lg=lg, bm=bm, nw=nw: gemma4_fused_routing(lg, s, 8, block_m=bm, num_warps=nw), m)
+            rows.append({"m": m, "block_m": bm, "num_warps": nw, "us": us})
+    return rows
+
+
+def sweep_row_warps(ms: tuple[int, ...]) -> list[dict[str, Any]]:
+    import torch
+    from kvtrap.kernels import _launch
+    from kvtrap.kernels.cross_layer_norm import post_ffn_dense_next_norm
+    from kvtrap.kernels.triple_norm import post_attn_triple_rmsnorm
+
+    rows = []
+    bf = torch.bfloat16
+    scal = torch.ones(1, device="cuda", dtype=bf)
+    for m in ms:
+        for n in (2560, 2816, 5376):
+            x, r = torch.randn(m, n, device="cuda").to(bf), torch.randn(m, n, device="cuda").to(bf)
+            w = torch.ones(n, device="cuda", dtype=bf)
+            for nw in (2, 4, 8, 16):
+                _launch.NUM_WARPS_OVERRIDE = nw
+                try:
+                    t_dense = time_graph(lambda x=x, r=r, w=w: post_ffn_dense_next_norm(x, r, w, scal, w), m)
+                    t_trip = time_graph(lambda x=x, r=r, w=w: post_attn_triple_rmsnorm(x, r, w, w, w, w), m)
+                finally:
+                    _launch.NUM_WARPS_OVERRIDE = None
+                rows.append({"m": m, "n": n, "num_warps": nw, "dense_us": t_dense, "triple_us": t_trip})
+    return rows
+
+
+def run(out: Path, ms: tuple[int, ...], sweeps: bool) -> dict[str, Any]:
+    import torch
+    import triton
+
+    torch._dynamo.config.cache_size_limit = 64
+    try:
+        import sglang
+
+        sgl_version = sglang.__version__
+    except Exception:  # noqa: BLE001
+        sgl_version = None
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "sglang": sgl_version,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "method": "CUDA-graph replay, CUDA events; per-call median of 5 trials; bf16 activations",
+        "cases": {},
+    }
+    result["copy_gbps"] = copy_bandwidth()
+    print(f"device {result['device']}  copy {result['copy_gbps']:.0f} GB/s", flush=True)
+
+    def save() -> None:
+        out.write_text(json.dumps(result, indent=1))
+
+    save()
+    for name, case in build_cases().items():
+        rows = []
+        for m in ms:
+            t0 = time.time()
+            variants = case["make"](m)
+            row: dict[str, Any] = {"m": m}
+            for vname, fn in variants.items():
+                try:
+                    row[vname] = time_graph(fn, m)
+                except Exception as e:  # noqa: BLE001
+                    row[vname] = None
+                    row[vname + "_error"] = f"{type(e).__name__}: {e}"[:300]
+            row["fused_gbps"] = case["bytes"](m) / (row["fused"] * 1e-6) / 1e9 if row.get("fused") else None
+            rows.append(row)
+            print(name, row, f"({time.time() - t0:.1f}s)", flush=True)
+            result["cases"][name] = rows
+            save()
+        torch.cuda.empty_cache()
+    if sweeps:
+        result["routing_sweep"] = sweep_routing((1, 64, 256, 8192))
+        save()
+        result["row_warps_sweep"] = sweep_row_warps((1, 8192))
+        save()
+    return result
+
+
+def render(result: dict[str, Any]) -> str:
+    copy = result["copy_gbps"]
+    lines = [
+        f"# Fused Gemma 4 kernels: {result['device']}",
+        "",
+        f"torch {result['torch']}, triton {result['triton']}, sglang {result['sglang']}; {result['date']}.",
+        f"Command: `{result['command']}`. Method: {result['method']}.",
+        f"Measured device-to-device copy: {copy:.0f} GB/s (read + write).",
+        "",
+        "Times in microseconds per call. `x Ind` = compile time / fused time (> 1: fused faster);",
+        "`x SGL` = SGLang kernel time / fused time (`sglang_part` is upstream's post-FFN kernel alone, without",
+        "the next layer's norm that the fused kernel also does); `%copy` = fused GB/s over the copy rate.",
+        "",
+    ]
+    for name, rows in result["cases"].items():
+        has_sgl = any("sglang" in r or "sglang_part" in r for r in rows)
+        lines += [f"## {name}", ""]
+        hdr = "| M | eager | compile | fused |" + (" SGLang |" if has_sgl else "") + " x eager | x Ind |"
+        hdr += (" x SGL |" if has_sgl else "") + " fused GB/s | %copy |"
+        lines += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
+        for r in rows:
+            f = r.get("fused")
+            sg = r.get("sglang", r.get("sglang_part"))
+
+            def fmt(v: float | None) -> str:
+                return "-" if v is None else f"{v:.2f}"
+
+            def ratio(a: float | None, b: float | None) -> str:
+                return "-" if a is None or b is None else f"{a / b:.2f}"
+
+            cells = [str(r["m"]), fmt(r.get("eager")), fmt(r.get("compile")), fmt(f)]
+            if has_sgl:
+                cells.append(fmt(sg))
+            cells += [ratio(r.get("eager"), f), ratio(r.get("compile"), f)]
+            if has_sgl:
+                cells.append(ratio(sg, f))
+            gb = r.get("fused_gbps")
+            cells += [fmt(gb) if gb is None else f"{gb:.0f}", "-" if gb is None else f"{100 * gb / copy:.0f}%"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    if "routing_sweep" in result:
+        lines += ["## Routing launch sweep (us)", "", "| M | block_m | warps | us |", "|---|---|---|---|"]
+        lines += [f"| {r['m']} | {r['block_m']} | {r['num_warps']} | {r['us']:.2f} |" for r in result["routing_sweep"]]
+        lines.append("")
+    if "row_warps_sweep" in result:
+        lines += ["## Row-kernel warps sweep (us)", "", "| M | N | warps | dense | triple |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {r['m']} | {r['n']} | {r['num_warps']} | {r['dense_us']:.2f} | {r['triple_us']:.2f} |"
+            for r in result["row_warps_sweep"]
+        ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, help="write results JSON here (runs the benchmark; needs CUDA)")
+    ap.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values")
+    ap.add_argument("--sweeps", action="store_true", help="also sweep launch configs")
+    ap.add_argument("--render", nargs=2, type=Path, metavar=("JSON", "MD"), help="render a results JSON")
+    args = ap.parse_args()
+    if args.render:
+        args.render[1].write_text(render(json.loads(args.render[0].read_text())) + "\n")
+        return
+    if args.out is None:
+        ap.error("--out or --render required")
+    _import_kernels()
+    res = run(args.out, tuple(int(m) for m in args.ms.split(",")), args.sweeps)
+    print(render(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Fused Gemma 4 kernels on the GPU at the released models' shapes, against the eager references and
+against SGLang 0.5.23's own Triton kernels where upstream has one; plus CUDA-graph capture and
+torch.compile of the custom ops. Tolerances as in test_kernels_cpu.py (GPU branch): one bf16 ulp
+elementwise (rounding-boundary cases from a different fp32 summation order), ids exactly equal, fp32
+routing weights to 2e-6.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kvtrap.kernels import custom_ops  # noqa: F401  (registers torch.ops.kvtrap.*)
+from kvtrap.kernels import references as ref
+from kvtrap.kernels.cross_layer_norm import post_ffn_dense_next_norm, post_ffn_moe_next_norm
+from kvtrap.kernels.ple_tail import gelu_tanh_mul, rmsnorm_add, rmsnorm_residual_scalar
+from kvtrap.kernels.routing import gemma4_fused_routing
+from kvtrap.kernels.triple_norm import post_attn_triple_rmsnorm
+
+pytestmark = pytest.mark.gpu
+HIDDEN = (1536, 2560, 2816, 5376)
+ROWS = (1, 77, 8192)
+
+
+def _act(*shape: int, scale: float = 1.0, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    return (torch.randn(*shape, device="cuda") * scale).to(dtype)
+
+
+def _weight(n: int) -> torch.Tensor:
+    return (torch.rand(n, device="cuda") + 0.5).to(torch.bfloat16)
+
+
+def _close(out: torch.Tensor, want: torch.Tensor) -> None:
+    o, w = out.float(), want.float()
+    assert torch.isfinite(o).all()
+    rtol = 2.0**-7
+    torch.testing.assert_close(o, w, rtol=rtol, atol=rtol * w.abs().max().item())
+    assert ((o - w).norm() / w.norm()).item() < 4e-3
+
+
+def _sglang_routing():  # noqa: ANN202
+    try:
+        from sglang.kernels.ops.moe.gemma4_routing import gemma4_fused_routing as f
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"SGLang routing kernel not importable: {e}")
+    return f
+
+
+def _sglang_fused_ops():  # noqa: ANN202
+    try:
+        from sglang.kernels.ops.layernorm import gemma4_fused_ops as m
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"SGLang gemma4_fused_ops not importable: {e}")
+    return m
+
+
+@pytest.mark.parametrize("m", [1, 64, 256, 8192])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_routing_vs_sglang(m: int, dtype: torch.dtype) -> None:
+    sgl = _sglang_routing()
+    torch.manual_seed(m)
+    logits = _act(m, 128, scale=2.0, dtype=dtype)
+    scale = torch.rand(128, device="cuda") + 0.5
+    w, ids = gemma4_fused_routing(logits, scale, 8)
+    w_s, ids_s = sgl(logits, scale, 8)
+    w_r, ids_r = ref.routing_ref(logits, scale, 8)
+    assert torch.equal(ids, ids_s), "ids differ from SGLang's (both break ties to the lower id)"
+    assert torch.equal(ids, ids_r)
+    torch.testing.assert_close(w, w_s, rtol=0, atol=2e-6)
+    torch.testing.assert_close(w, w_r, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("n", HIDDEN)
+@pytest.mark.parametrize("m", ROWS)
+def test_row_kernels_real_shapes(n: int, m: int) -> None:
+    torch.manual_seed(n + m)
+    x, r, x2 = _act(m, n, scale=2.0), _act(m, n, scale=8.0), _act(m, n)
+    w = [_weight(n) for _ in range(4)]
+    s = torch.tensor([0.75], device="cuda").to(torch.bfloat16)
+    _close(rmsnorm_add(x, w[0], r), ref.rmsnorm_add_ref(x, w[0], r))
+    _close(rmsnorm_residual_scalar(x, w[0], r, s), ref.rmsnorm_residual_scalar_ref(x, w[0], r, s))
+    for a, b in zip(post_attn_triple_rmsnorm(x, r, *w), ref.post_attn_triple_rmsnorm_ref(x, r, *w), strict=True):
+        _close(a, b)
+    for a, b in zip(post_ffn_dense_next_norm(x, r, w[0], s, w[1]),
+                    ref.post_ffn_dense_next_norm_ref(x, r, w[0], s, w[1]), strict=True):  # fmt: skip
+        _close(a, b)
+    for a, b in zip(post_ffn_moe_next_norm(x, x2, r, *w[:3], s, w[3]),
+                    ref.post_ffn_moe_next_norm_ref(x, x2, r, *w[:3], s, w[3]), strict=True):  # fmt: skip
+        _close(a, b)
+
+
+@pytest.mark.parametrize("m", ROWS)
+def test_gelu_tanh_mul_real_shapes(m: int) -> None:
+    torch.manual_seed(m)
+    per_layer_inputs = _act(m, 42, 256)  # E4B: 42 layers x 256
+    ple = per_layer_inputs[:, 17, :]
+    gate = _act(m, 256, scale=3.0)
+    _close(gelu_tanh_mul(gate, ple), ref.gelu_tanh_mul_ref(gate, ple))
+
+
+@pytest.mark.parametrize("n", (2816, 5376))
+def test_cross_layer_stream_matches_sglang_kernels(n: int) -> None:
+    """Our stream output is SGLang's gemma_(dual_)rmsnorm_residual_scalar output (same fp32 math)."""
+    sgl = _sglang_fused_ops()
+    torch.manual_seed(n)
+    x, x2, r = _act(300, n), _act(300, n, scale=3.0), _act(300, n, scale=8.0)
+    w = [_weight(n) for _ in range(4)]
+    s = torch.tensor([0.75], device="cuda").to(torch.bfloat16)
+    stream, _ = post_ffn_dense_next_norm(x, r, w[0], s, w[1])
+    _close(stream, sgl.gemma_rmsnorm_residual_scalar(x, w[0], r, s, 1e-6))
+    stream, _ = post_ffn_moe_next_norm(x, x2, r, w[0], w[1], w[2], s, w[3])
+    _close(stream, sgl.gemma_dual_rmsnorm_residual_scalar(x, w[0], x2, w[1], w[2], r, s))
+
+
+def test_custom_ops_in_cuda_graph_and_compile() -> None:
+    torch.manual_seed(0)
+    n, m = 2816, 64
+    x, r = _act(m, n), _act(m, n, scale=4.0)
+    w = [_weight(n) for _ in range(4)]
+    s = torch.ones(1, device="cuda", dtype=torch.bfloat16)
+    logits = _act(m, 128)
+    scale = torch.rand(128, device="cuda") + 0.5
+    ops = torch.ops.kvtrap
+
+    def step(x: torch.Tensor, r: torch.Tensor, logits: torch.Tensor) -> list[torch.Tensor]:
+        res, ff, rin, moe = ops.post_attn_triple_rmsnorm(x, r, w[0], w[1], w[2], w[3], 1e-6)
+        tw, tid = ops.gemma4_fused_routing(logits, scale, 8)
+        stream, nxt = ops.post_ffn_dense_next_norm(ff, res, w[0], s, w[1], 1e-6)
+        return [res, ff, rin, moe, tw, tid, stream, nxt, ops.rmsnorm_add(x, w[0], r, 1e-6)]
+
+    eager = step(x, r, logits)
+    compiled = torch.compile(step, fullgraph=True)
+    for a, b in zip(compiled(x, r, logits), eager, strict=True):
+        assert torch.equal(a, b)
+
+    sx, sr, sl = x.clone(), r.clone(), logits.clone()
+    stream_ = torch.cuda.Stream()
+    stream_.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream_):
+        step(sx, sr, sl)
+    torch.cuda.current_stream().wait_stream(stream_)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = step(sx, sr, sl)
+    x2, r2, l2 = _act(m, n), _act(m, n), _act(m, 128)
+    sx.copy_(x2), sr.copy_(r2), sl.copy_(l2)
+    for o in outs:
+        o.fill_(float("nan")) if o.is_floating_point() else o.fill_(-1)
+    g.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(outs, step(x2, r2, l2), strict=True):
+        assert torch.equal(a, b)
