@@ -1,0 +1,53 @@
+"""Re-introducing historical SGLang bugs on purpose (``KVTRAP_INJECT``), so repros and fixes can be proven.
+
+Each entry names a bug, says which SGLang versions it applies to, and knows how to enable and disable
+itself. Entries are registered in ``BUGS``; ``enable()`` refuses unknown names with the list of known ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from kvtrap.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Bug:
+    name: str
+    title: str
+    enable: Callable[[], None]
+    disable: Callable[[], None]
+
+
+BUGS: dict[str, Bug] = {}
+_enabled: list[str] = []
+
+
+def register(bug: Bug) -> None:
+    BUGS[bug.name] = bug
+
+
+def enable(names: Iterable[str]) -> None:
+    _load_builtin()
+    for name in names:
+        if name not in BUGS:
+            known = ", ".join(sorted(BUGS)) or "none"
+            raise ConfigError(f"unknown bug to inject {name!r}; known: {known}")
+        if name not in _enabled:
+            BUGS[name].enable()
+            _enabled.append(name)
+
+
+def disable_all() -> None:
+    while _enabled:
+        BUGS[_enabled.pop()].disable()
+
+
+def enabled() -> tuple[str, ...]:
+    return tuple(_enabled)
+
+
+def _load_builtin() -> None:
+    # Entries live in their own modules and register themselves on import.
+    from kvtrap.bugs import sglang_26957  # noqa: F401

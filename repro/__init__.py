@@ -1,0 +1,1 @@
+"""Repro scenarios and the runner (installed as ``kvtrap.repro``)."""
