@@ -144,7 +144,8 @@ def full_pool_ids_on_swa_layer(f: Facts) -> Finding | None:
     if f.kind == errors.SWA_STATE_DRIFT:
         strong = True
         details = f.violation.get("details") or {}
-        drift = ", ".join(f"{k}={v!r}" for k, v in details.items()) if details else "no details"
+        fields = details.get("drift") if isinstance(details.get("drift"), dict) else details
+        drift = "; ".join(f"{k}: {v}" for k, v in fields.items()) if fields else "no details"
         evidence.append(f"violation kind is {errors.SWA_STATE_DRIFT}: backend SWA state cached at init disagrees with the live pool ({drift})")
     if f.layer_type == "swa":
         pt = f.table("page_table")

@@ -316,7 +316,8 @@ def summarize_vectors(manifest: Mapping[str, Any], tensors: Mapping[str, np.ndar
         if name in tables or name == "guard_entries":
             continue
         lower = bound = None
-        if viol.get("table") == name:
+        # seqlens_exceed_table names cache_seqlens with a bound in *pages* (width + 1): not a token bound
+        if viol.get("table") == name and viol.get("kind") != "seqlens_exceed_table":
             lower = viol.get("lower") if isinstance(viol.get("lower"), int) else None
             bound = viol.get("bound") if isinstance(viol.get("bound"), int) else None
         out.append(summarize_vector(name, tensors[name], lower, bound))

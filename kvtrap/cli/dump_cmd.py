@@ -89,6 +89,8 @@ def _fmt_value(v: dict[str, Any]) -> str:
     value, lower, bound = v.get("value"), v.get("lower"), v.get("bound")
     if value is None:
         return "-"
+    if v.get("kind") == "seqlens_exceed_table" and bound is not None:
+        return f"{value} pages > {bound - 1} wide"
     lo = lower if lower is not None else 0
     if value < lo:
         return f"{value} < {lo}"
@@ -530,3 +532,7 @@ def diff_cmd(a: Path, b: Path, as_json: bool) -> None:
 def _short(x: Any, n: int = 60) -> str:
     s = "(absent)" if x is None else (x if isinstance(x, str) else orjson.dumps(x, default=str).decode())
     return s if len(s) <= n else s[: n - 3] + "..."
+
+
+if __name__ == "__main__":  # `python -m kvtrap.cli.dump_cmd ...` works without the `kvtrap` entry point
+    dump(prog_name="kvtrap dump")

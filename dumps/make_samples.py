@@ -1,0 +1,53 @@
+"""Regenerate the sample dumps in ``dumps/samples/`` from real traps, and the goldens that render them.
+
+    python dumps/make_samples.py            # rewrite dumps/samples/<name>/ and tests/golden/*.txt
+
+Each sample is made by a real kvtrap trap firing on real sglang==0.5.23 objects (``tests/trapdumps.py``),
+then copied to ``dumps/samples/<name>/`` (the directory *is* the dump: manifest.json +
+tensors.safetensors). The goldens are ``kvtrap dump show`` / ``explain`` of those samples, as rendered
+by ``tests/test_cli_dump_golden.py`` (which uses the same normalisation as this script).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "dumps" / "samples"
+GOLDEN = ROOT / "tests" / "golden"
+
+# sample name -> trapdumps function
+SCENARIOS = {
+    "sglang-26957": "make_26957_dump",
+    "swa-slot-out-of-range": "make_swa_slot_dump",
+}
+
+
+def main() -> int:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import trapdumps
+
+    SAMPLES.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, fn in SCENARIOS.items():
+            made = Path(getattr(trapdumps, fn)(Path(tmp) / name))
+            dst = SAMPLES / name
+            if dst.exists():
+                shutil.rmtree(dst)
+            shutil.copytree(made, dst)
+            print(f"{dst.relative_to(ROOT)}  <- {fn} ({made.name})")
+
+    from test_cli_dump_golden import GOLDENS, render
+
+    GOLDEN.mkdir(parents=True, exist_ok=True)
+    for golden, (verb, sample) in GOLDENS.items():
+        (GOLDEN / golden).write_text(render(verb, SAMPLES / sample))
+        print(f"{(GOLDEN / golden).relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
