@@ -230,7 +230,8 @@ def check_forward(backend: Any, layer: Any, forward_batch: Any, where: str) -> N
         )
     else:
         o = scan.overflow  # type: ignore[union-attr]
-        base.update(row=o.row, value=o.needed_pages, bound=o.width + 1, lower=0, count=o.count)
+        # value/bound stay empty: the numbers are pages needed vs columns, said in the summary
+        base.update(row=o.row, column=None, value=None, bound=o.width, lower=None, count=o.count)
         violation = Violation(
             kind=SEQLENS_EXCEED_TABLE,
             summary=(
