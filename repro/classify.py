@@ -129,6 +129,8 @@ _KERNEL_PATTERNS: tuple[re.Pattern[str], ...] = (
 _SOURCE_SITE = re.compile(r"CUDA_ERROR_\w+\s+(?P<file>\S+\.(?:cuh|cu|h|cpp))\s+(?P<line>\d+)")
 # Python traceback frames: '  File "/x/trtllm_mha_backend.py", line 812, in forward_decode'.
 _PY_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>[\w<>.]+)')
+# A raised exception's last line: "torch.AcceleratorError: CUDA error: ...", "RuntimeError: CUDA error: ...".
+_PY_EXC = re.compile(r"^\s*(?:\[[^\]]*\]\s*)?[A-Za-z_][\w.]*(?:Error|Exception):\s")
 # SGLang's log prefix carries the rank: "[2026-06-01 10:00:00 TP0] ..." (also "DP0 TP0", "TP0 EP0").
 _RANK_PREFIX = re.compile(r"^\[[^\]]*?\b(?P<rank>(?:DP\d+ )?TP\d+(?: EP\d+)?)\]")
 
@@ -174,20 +176,22 @@ def crash_site(text: str) -> dict[str, Any]:
     if m:
         site["source"] = f"{m.group('file')}:{m.group('line')}"
     lines = text.splitlines()
-    first_fault = None
-    for i, line in enumerate(lines):
-        if any(sig.pattern.search(line) for sig in FAULT_SIGNATURES):
-            first_fault = i
-            break
-    if first_fault is not None:
-        for line in reversed(lines[max(0, first_fault - 200) : first_fault]):
+    faults = [i for i, line in enumerate(lines) if any(sig.pattern.search(line) for sig in FAULT_SIGNATURES)]
+    if faults:
+        # The Python frame above the raised exception ("torch.AcceleratorError: CUDA error: ..."), else
+        # above the first fault line of any kind.
+        raised = [i for i in faults if _PY_EXC.match(lines[i])]
+        anchor = raised[0] if raised else faults[0]
+        for line in reversed(lines[max(0, anchor - 200) : anchor]):
             fm = _PY_FRAME.search(line)
             if fm:
                 site["python"] = f"{fm.group('file')}:{fm.group('line')} in {fm.group('func')}"
                 break
-        rm = _RANK_PREFIX.search(lines[first_fault])
-        if rm:
-            site["rank"] = rm.group("rank")
+        for line in reversed(lines[max(0, anchor - 200) : anchor + 1]):  # the log line that opened the traceback
+            rm = _RANK_PREFIX.search(line)
+            if rm:
+                site["rank"] = rm.group("rank")
+                break
     return site
 
 
@@ -372,7 +376,9 @@ def classify(
             what += f"; violation: {', '.join(trap_kinds)}"
         return done(Outcome.TRAPPED, what, kernel=None, site=crash_site(all_text) if faults else {})
     if faults:
-        first = faults[0]
+        # Headline: the sharpest signature (earliest in FAULT_SIGNATURES), then the earliest line.
+        order = {s.name: i for i, s in enumerate(FAULT_SIGNATURES)}
+        first = min(faults, key=lambda m: (order[m.name], m.log != "server", m.line_no))
         kern = kernel_name(all_text)
         reason = f"{first.meaning}: {first.line}"
         if kern:

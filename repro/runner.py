@@ -234,7 +234,7 @@ def gpu_inventory(environ: Mapping[str, str] | None = None) -> list[dict[str, An
     return gpus
 
 
-def _torch_sees_cuda() -> bool:
+def torch_sees_cuda() -> bool:
     import importlib.util
 
     if importlib.util.find_spec("torch") is None:
@@ -244,14 +244,19 @@ def _torch_sees_cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def check_environment(options: RunOptions, *, environ: Mapping[str, str] | None = None) -> list[str]:
-    """Warnings (returned) and blocking problems (raised as :class:`EnvironmentProblem`)."""
+def sglang_installed() -> bool:
+    """SGLang importable here, checked without importing it (importing it pulls in torch and CUDA)."""
     import importlib.util
 
+    return importlib.util.find_spec("sglang") is not None
+
+
+def check_environment(options: RunOptions, *, environ: Mapping[str, str] | None = None) -> list[str]:
+    """Warnings (returned) and blocking problems (raised as :class:`EnvironmentProblem`)."""
     scenario = options.scenario
     problems: list[str] = []
     warnings: list[str] = []
-    if scenario.kind == "server" and importlib.util.find_spec("sglang") is None:
+    if scenario.kind == "server" and not sglang_installed():
         problems.append(
             f"SGLang is not importable from {options.python}; install it (pip install 'sglang==0.5.23') "
             "or run kvtrap from the environment that has it"
@@ -259,7 +264,7 @@ def check_environment(options: RunOptions, *, environ: Mapping[str, str] | None 
     if scenario.needs.requires_gpu:
         gpus = gpu_inventory(environ)
         if gpus is None:
-            visible = _torch_sees_cuda()
+            visible = torch_sees_cuda()
             gpus = [{"name": "CUDA device", "memory_gib": None}] if visible else []
         if not gpus:
             problems.append(
@@ -392,7 +397,7 @@ class Child:
 
 
 # ---------------------------------------------------------------------------------------------- health
-def wait_healthy(url: str, timeout_s: float, alive: Callable[[], bool], *, interval_s: float = 1.0,
+def wait_healthy(url: str, timeout_s: float, alive: Callable[[], bool], *, interval_s: float = 0.5,
                  request_timeout_s: float = 5.0) -> str:  # fmt: skip
     """Poll ``url`` until it answers 200: ``"healthy"``, ``"exited"`` (``alive()`` went false) or ``"timeout"``."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy

@@ -152,7 +152,8 @@ class Scenario:
     model: str | None = None  # target model id (Hugging Face) or local path
     draft_model: str | None = None  # the speculative draft (Gemma 4 "assistant")
     workload: Workload | None = None
-    server_args: tuple[str, ...] = ()  # everything but --model-path, --speculative-draft-model-path, host, port
+    # Server flags other than --model-path, --speculative-draft-model-path, --host and --port.
+    server_args: tuple[str, ...] = ()
     component: ComponentFn | None = None
     tags: tuple[str, ...] = ()
 

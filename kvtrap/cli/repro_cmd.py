@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from kvtrap.repro import scenarios as _scenarios
 from kvtrap.repro.classify import EXIT_USAGE, Outcome
 from kvtrap.repro.scenarios import Scenario
