@@ -235,7 +235,7 @@ def test_capacity_overflow_counts_dropped_entries() -> None:
 def test_seqlen_wider_than_table_is_recorded() -> None:
     _, _, sl, pt, _, _ = _build_eager([64], width=8)
     sl[0] = 8 * PS + 1  # needs 9 pages, the table has 8 columns
-    rec = GuardRecord(4, "cpu")
+    rec = GuardRecord(16, "cpu")
     guard_page_table_(pt, sl, PS, FULL_PAGES, rec, 0)
     d = rec.drain()
     e = [x for x in d.entries if x.flags & FLAG_SEQLEN_EXCEEDS_TABLE]

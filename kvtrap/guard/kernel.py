@@ -68,23 +68,13 @@ def _guard_kernel(
     offs = tl.arange(0, BLOCK)
     zero = tl.zeros([BLOCK], dtype=tl.int64)
 
-    if need > width:  # the kernel would read past the row: record once, nothing to redirect
-        slot = tl.atomic_add(counter_ptr, 1)
-        if slot < max_entries:
-            e = entries_ptr + slot.to(tl.int64) * 7
-            tl.store(e + 0, table_id.to(tl.int64))
-            tl.store(e + 1, layer_id.to(tl.int64))
-            tl.store(e + 2, row)
-            tl.store(e + 3, width.to(tl.int64))
-            tl.store(e + 4, need)
-            tl.store(e + 5, width.to(tl.int64))
-            tl.store(e + 6, tl.full([], 4, tl.int64))
-
     row_ptr = table_ptr + row * table_stride
-    for start in range(0, live, BLOCK):
+    # Loads are bounded by the table width, not by the live length, so the row load does not wait for
+    # the seqlen load (one memory round trip instead of two); the live mask is applied afterwards.
+    for start in range(0, width, BLOCK):
         cols = start + offs
+        vals = tl.load(row_ptr + cols, mask=cols < width, other=0).to(tl.int64)
         m = cols < live
-        vals = tl.load(row_ptr + cols, mask=m, other=0).to(tl.int64)
         oor = m & ((vals < lower) | (vals >= bound))
         flags = tl.where(oor, 1, 0).to(tl.int64)
         if HAS_SWA:
@@ -110,6 +100,19 @@ def _guard_kernel(
             tl.store(e + 5, zero + bound, mask=keep)
             tl.store(e + 6, flags, mask=keep)
             tl.store(row_ptr + cols, (zero + safe_page).to(table_ptr.dtype.element_ty), mask=oor)
+
+    # after the loop, so the row load above is issued before the seqlen load has returned
+    if need > width:  # the kernel would read past the row: record once, nothing to redirect
+        slot = tl.atomic_add(counter_ptr, 1)
+        if slot < max_entries:
+            e = entries_ptr + slot.to(tl.int64) * 7
+            tl.store(e + 0, table_id.to(tl.int64))
+            tl.store(e + 1, layer_id.to(tl.int64))
+            tl.store(e + 2, row)
+            tl.store(e + 3, width.to(tl.int64))
+            tl.store(e + 4, need)
+            tl.store(e + 5, width.to(tl.int64))
+            tl.store(e + 6, tl.full([], 4, tl.int64))
 
 
 def block_for_width(width: int) -> int:
@@ -184,8 +187,12 @@ def guard_page_table_(
         PAGE_SIZE=int(page_size),
         BLOCK=block_for_width(width),
         HAS_SWA=has_swa,
-        num_warps=4,
+        num_warps=_warps(width),
     )
+
+
+def _warps(width: int) -> int:
+    return 1 if width <= 128 else (2 if width <= 512 else 4)
 
 
 def _INT_DTYPES() -> tuple[object, ...]:  # noqa: N802 - a constant, computed lazily (torch import)
