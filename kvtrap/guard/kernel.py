@@ -39,7 +39,7 @@ FLAG_SEQLEN_EXCEEDS_TABLE = 4  # cdiv(seqlen, page_size) > table width (column=w
 _MAX_BLOCK = 1024
 
 
-@triton.jit(do_not_specialize=["width", "bound", "lower", "safe_page", "table_id", "layer_id", "map_numel"])
+@triton.jit(do_not_specialize=["width", "bound", "table_id", "layer_id", "map_numel"])
 def _guard_kernel(
     table_ptr,  # [bs, stride] int32/int64 page ids, checked and redirected in place
     seqlens_ptr,  # [>= bs] cache_seqlens (tokens)
@@ -51,8 +51,6 @@ def _guard_kernel(
     full_stride,
     width,  # table columns that may be read
     bound,  # exclusive upper bound on page ids (pages of the pool this table indexes)
-    lower,  # inclusive lower bound
-    safe_page,
     table_id,
     layer_id,
     max_entries,
@@ -60,6 +58,8 @@ def _guard_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_SWA: tl.constexpr,
+    LOWER: tl.constexpr,  # inclusive lower bound (0: page 0 is in bounds)
+    SAFE_PAGE: tl.constexpr,  # where out-of-range entries are redirected
 ):
     row = tl.program_id(0).to(tl.int64)
     seqlen = tl.load(seqlens_ptr + row).to(tl.int64)
@@ -75,7 +75,7 @@ def _guard_kernel(
         cols = start + offs
         vals = tl.load(row_ptr + cols, mask=cols < width, other=0).to(tl.int64)
         m = cols < live
-        oor = m & ((vals < lower) | (vals >= bound))
+        oor = m & ((vals < LOWER) | (vals >= bound))
         flags = tl.where(oor, 1, 0).to(tl.int64)
         if HAS_SWA:
             full = tl.load(full_ptr + row * full_stride + cols, mask=m, other=0).to(tl.int64)
@@ -99,7 +99,7 @@ def _guard_kernel(
             tl.store(e + 4, vals, mask=keep)
             tl.store(e + 5, zero + bound, mask=keep)
             tl.store(e + 6, flags, mask=keep)
-            tl.store(row_ptr + cols, (zero + safe_page).to(table_ptr.dtype.element_ty), mask=oor)
+            tl.store(row_ptr + cols, (zero + SAFE_PAGE).to(table_ptr.dtype.element_ty), mask=oor)
 
     # after the loop, so the row load above is issued before the seqlen load has returned
     if need > width:  # the kernel would read past the row: record once, nothing to redirect
@@ -146,7 +146,7 @@ def guard_page_table_(
     """
     if table.dim() != 2 or table.stride(1) != 1:
         raise ValueError(f"table must be 2-D with contiguous columns; got shape {tuple(table.shape)}")
-    if table.dtype not in _INT_DTYPES():
+    if table.dtype not in _int_dtypes():
         raise ValueError(f"table must be int32 or int64; got {table.dtype}")
     if (swa_mapping is None) != (full_table is None):
         raise ValueError("swa_mapping and full_table go together")
@@ -178,8 +178,6 @@ def guard_page_table_(
         full_stride,
         width,
         int(bound),
-        int(lower),
-        int(safe_page),
         int(table_id),
         int(layer_id),
         record.capacity,
@@ -187,6 +185,8 @@ def guard_page_table_(
         PAGE_SIZE=int(page_size),
         BLOCK=block_for_width(width),
         HAS_SWA=has_swa,
+        LOWER=int(lower),
+        SAFE_PAGE=int(safe_page),
         num_warps=_warps(width),
     )
 
@@ -195,7 +195,13 @@ def _warps(width: int) -> int:
     return 1 if width <= 128 else (2 if width <= 512 else 4)
 
 
-def _INT_DTYPES() -> tuple[object, ...]:  # noqa: N802 - a constant, computed lazily (torch import)
-    import torch
+_INT: tuple[object, ...] = ()
 
-    return (torch.int32, torch.int64)
+
+def _int_dtypes() -> tuple[object, ...]:
+    global _INT
+    if not _INT:
+        import torch
+
+        _INT = (torch.int32, torch.int64)
+    return _INT
