@@ -25,6 +25,8 @@ SCENARIOS = {
     "swa-slot-out-of-range": "make_swa_slot_dump",
 }
 
+KWARGS: dict[str, dict[str, object]] = {"sglang-26957": {"high_fill": True}}
+
 
 def main() -> int:
     sys.path.insert(0, str(ROOT / "tests"))
@@ -33,7 +35,8 @@ def main() -> int:
     SAMPLES.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, fn in SCENARIOS.items():
-            made = Path(getattr(trapdumps, fn)(Path(tmp) / name))
+            made = getattr(trapdumps, fn)(Path(tmp) / name, **KWARGS.get(name, {}))
+            made = Path(made[0] if isinstance(made, tuple) else made)  # (dump_path, KVTrapError)
             dst = SAMPLES / name
             if dst.exists():
                 shutil.rmtree(dst)

@@ -17,6 +17,7 @@ import numpy as np
 from kvtrap import errors
 from kvtrap.dumpfile import Dump
 from kvtrap.tables import (
+    PAGE_TABLES,
     TableSummary,
     VectorSummary,
     in_gap,
@@ -131,6 +132,21 @@ def _pct(a: int, b: int) -> str:
     return f"{100.0 * a / b:.0f}%" if b else "n/a"
 
 
+def _same_as_full_table(f: Facts, name: str, swa: int, full: int) -> tuple[int, int] | None:
+    """Of the live entries of table ``name`` in [swa, full), how many equal ``page_table`` there."""
+    a, b = f.dump.tensors.get(name), f.dump.tensors.get("page_table")
+    if a is None or b is None or np.shape(a) != np.shape(b):
+        return None
+    from kvtrap.tables import live_mask, live_pages
+
+    s = f.dump.tensors.get("cache_seqlens")
+    mask = live_mask(np.asarray(a), live_pages(s, f.page_size) if s is not None else None)
+    gap = mask & in_gap(a, swa, full)
+    n = int(gap.sum())
+    same = int((gap & (np.asarray(a) == np.asarray(b))).sum())
+    return (same, n) if n and same * 2 >= n else None
+
+
 # ---------------------------------------------------------------------------------------------- rules
 @rule("sglang-26957")
 def full_pool_ids_on_swa_layer(f: Facts) -> Finding | None:
@@ -138,6 +154,7 @@ def full_pool_ids_on_swa_layer(f: Facts) -> Finding | None:
     evidence: list[str] = []
     strong = False
     partial = False
+    weak = False  # a few ids in the gap, nothing else: could as well be an off-by-one elsewhere
     swa, full = f.pools.get("swa"), f.pools.get("full")
     backend = f.context.get("backend") or {}
 
@@ -169,10 +186,17 @@ def full_pool_ids_on_swa_layer(f: Facts) -> Finding | None:
                         f"{gap} of {vals.size} live ids in `{t.name}` on {f.layer} are >= {swa} (SWA pages)"
                         f" and < {full} (full pages){'' if not beyond else f'; {beyond} are >= {full}'}"
                     )
-                    if beyond == 0:
+                    same = _same_as_full_table(f, t.name, swa, full) if t.name != "page_table" else None
+                    if same:
                         strong = True
-                    else:
+                        evidence.append(
+                            f"{same[0]} of those {same[1]} entries equal `page_table` at the same position:"
+                            " the full-pool id was copied without translation"
+                        )
+                    elif strong or (beyond == 0 and gap * 2 >= vals.size):
                         partial = True
+                    else:
+                        weak = True
                 elif strong:
                     evidence.append(
                         f"all {vals.size} live ids in `{t.name}` are still < {swa} (SWA pages): not faulting yet,"
@@ -183,7 +207,7 @@ def full_pool_ids_on_swa_layer(f: Facts) -> Finding | None:
                 if isinstance(v, int) and swa <= v < full:
                     partial = True
                     evidence.append(f"first bad id {v} is >= {swa} (SWA pages) and < {full} (full pages) (tables not in the dump)")
-    if not (strong or partial):
+    if not (strong or partial or weak):
         return None
     if backend:
         if backend.get("use_sliding_window_kv_pool") is False and swa is not None:
@@ -206,10 +230,16 @@ def full_pool_ids_on_swa_layer(f: Facts) -> Finding | None:
     ]
     if "sglang-26957" in inject:
         steps.insert(0, "This dump was armed with KVTRAP_INJECT=sglang-26957: the bug was re-introduced on purpose.")
+    on_swa = f.layer_type == "swa"
+    title = (
+        "Full-pool page ids on an SWA layer: SWA translation skipped (SGLang #26957 signature)"
+        if on_swa
+        else "Backend SWA state is stale: cached at init, not the live pool's (the root cause of SGLang #26957)"
+    )
     return Finding(
         rule="sglang-26957",
-        title="Full-pool page ids on an SWA layer: SWA translation skipped (SGLang #26957 signature)",
-        confidence="high" if strong else "medium",
+        title=title,
+        confidence="high" if strong else "medium" if partial else "low",
         cause="The backend's SWA state is stale (cached at init from another pool), so the SWA layer reads"
         " full-pool page ids; ids >= the SWA page count read past the SWA k-cache: illegal address.",
         evidence=evidence,
@@ -261,7 +291,7 @@ def negative_sentinel(f: Facts) -> Finding | None:
     return Finding(
         rule="negative-id",
         title="A negative page id (-1 sentinel) inside a row's live prefix",
-        confidence="high" if minus_one else "medium",
+        confidence="high" if minus_one else "low",
         cause=cause,
         evidence=evidence,
         next_steps=steps,
@@ -314,7 +344,7 @@ def ids_beyond_every_pool(f: Facts) -> Finding | None:
             )
     if not bad_rows_total:
         v = f.violation.get("value")
-        if isinstance(v, int) and v >= top and not f.tables:
+        if isinstance(v, int) and v >= top and not f.tables and f.violation.get("table") in PAGE_TABLES:
             evidence.append(f"the violation's first bad value {v} is >= {top}, beyond every pool (tables not in the dump)")
             return Finding(
                 rule="stale-row",

@@ -108,8 +108,7 @@ def plot_dump(
     else:
         n = len(summaries)
         fig, axes = plt.subplots(n, 1, figsize=(13, 3.2 + 4.2 * n), squeeze=False)
-        cmap = matplotlib.colormaps["viridis"].copy()
-        cmap.set_bad("#e6e6e6")
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#e6e6e6")
         red = ListedColormap(["#e8000b"])
         seqlens = dump.tensors.get("cache_seqlens")
         ps = page_size_of(dump.manifest)

@@ -23,9 +23,9 @@ def dumps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli-dumps")
     # two processes' worth of events under one root: the allocator fault happens first
     return {
-        "swa_slot": Path(trapdumps.make_swa_slot_dump(root / "rank0")),
-        "26957": Path(trapdumps.make_26957_dump(root / "rank1")),
-        "stale": Path(trapdumps.make_stale_row_dump(root / "rank1")),
+        "swa_slot": Path(trapdumps.make_swa_slot_dump(root / "rank0")[0]),
+        "26957": Path(trapdumps.make_26957_dump(root / "rank1", high_fill=True)[0]),
+        "stale": Path(trapdumps.make_stale_row_dump(root / "rank1")[0]),
         "root": root,
     }
 

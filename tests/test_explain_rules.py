@@ -18,17 +18,25 @@ from kvtrap.explain import RULES, Finding, explain, rule_ids
 trapdumps = pytest.importorskip("trapdumps", reason="tests/trapdumps.py (real trap scenarios) is missing")
 
 
+def _path(made: object) -> Path:
+    """trapdumps' ``make_*`` return ``(dump_path, KVTrapError)``."""
+    return Path(made[0] if isinstance(made, tuple) else made)  # type: ignore[index]
+
+
 @pytest.fixture(scope="module")
 def real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Dump]:
     root = tmp_path_factory.mktemp("real-dumps")
     made = {
         "26957": trapdumps.make_26957_dump(root / "26957"),
+        "26957-high-fill": trapdumps.make_26957_dump(root / "26957-high-fill", high_fill=True),
+        "drift": trapdumps.make_drift_dump(root / "drift"),
+        "off-by-one": trapdumps.make_out_of_range_dump(root / "off-by-one"),
         "negative": trapdumps.make_negative_id_dump(root / "negative"),
         "stale": trapdumps.make_stale_row_dump(root / "stale"),
         "swa_slot": trapdumps.make_swa_slot_dump(root / "swa_slot"),
         "seqlens": trapdumps.make_seqlens_exceed_dump(root / "seqlens"),
     }
-    return {k: load_dump(Path(p)) for k, p in made.items()}
+    return {k: load_dump(_path(p)) for k, p in made.items()}
 
 
 def _by_rule(findings: list[Finding]) -> dict[str, Finding]:
@@ -45,23 +53,46 @@ def test_registry_is_ordered_and_unique() -> None:
     assert len(set(ids)) == len(RULES)
 
 
-def test_26957_signature(real: dict[str, Dump]) -> None:
+def test_26957_signature_before_it_faults(real: dict[str, Dump]) -> None:
+    # first step after the view swap: the SWA layer is handed the full table, ids still small
     d = real["26957"]
     assert d.context["layer"]["type"] == "swa"
-    findings = explain(d)
-    top = findings[0]
-    assert top.rule == "sglang-26957"
-    assert top.confidence == "high"
-    text = "\n".join(top.evidence)
-    assert "page_table" in text
-    swa, full = d.context["pools"]["swa"]["pages"], d.context["pools"]["full"]["pages"]
-    # the evidence quotes the real pool sizes from the dump
-    gap_lines = [e for e in top.evidence if "(SWA pages)" in e]
-    if gap_lines:
-        nums = _numbers(gap_lines[0])
-        assert swa in nums and full in nums
-    assert any("handed" in e for e in top.evidence) or gap_lines
+    top = explain(d)[0]
+    assert top.rule == "sglang-26957" and top.confidence == "high"
+    assert "#26957" in top.title
+    assert any("was handed `page_table`" in e for e in top.evidence)
+    assert any("use_sliding_window_kv_pool is False" in e for e in top.evidence)
     assert any("#26966" in s or "KVTRAP_FIX" in s for s in top.next_steps)
+
+
+def test_26957_signature_at_high_fill(real: dict[str, Dump]) -> None:
+    # where the real bug faulted: full-pool ids >= SWA page count but < full page count
+    d = real["26957-high-fill"]
+    top = explain(d)[0]
+    assert top.rule == "sglang-26957" and top.confidence == "high"
+    swa, full = d.context["pools"]["swa"]["pages"], d.context["pools"]["full"]["pages"]
+    gap = [e for e in top.evidence if "(SWA pages)" in e]
+    assert gap, top.evidence
+    nums = _numbers(gap[0])
+    assert nums[2:] == [swa, full] or (swa in nums and full in nums)
+    live = int(nums[1])
+    assert nums[0] == live > 0  # every live id of the handed table lies in the gap
+
+
+def test_stale_backend_state_on_a_full_layer(real: dict[str, Dump]) -> None:
+    d = real["drift"]
+    assert d.kind == errors.SWA_STATE_DRIFT and d.context["layer"]["type"] == "full"
+    top = explain(d)[0]
+    assert top.rule == "sglang-26957" and top.confidence == "high"
+    assert "stale" in top.title.lower()
+    assert any("_swa_full_to_swa_mapping" in e for e in top.evidence)
+
+
+def test_single_id_at_the_swa_bound_is_only_a_weak_26957_hint(real: dict[str, Dump]) -> None:
+    # one SWA-table id == SWA page count, backend state fine: matches the id range, nothing else
+    findings = explain(real["off-by-one"])
+    assert [f.rule for f in findings] == ["sglang-26957"]
+    assert findings[0].confidence == "low"
 
 
 def test_negative_sentinel(real: dict[str, Dump]) -> None:
@@ -76,12 +107,15 @@ def test_negative_sentinel(real: dict[str, Dump]) -> None:
 
 def test_ids_beyond_every_pool(real: dict[str, Dump]) -> None:
     d = real["stale"]
-    found = _by_rule(explain(d))
-    f = found["stale-row"]
+    findings = explain(d)
+    f = findings[0]
+    assert f.rule == "stale-row" and f.confidence == "high"
     top = max(p["pages"] for p in d.context["pools"].values() if p.get("pages") is not None)
     assert any(f">= {top}" in e for e in f.evidence)
-    assert f.confidence in ("high", "medium")
-    assert "negative-id" not in found
+    seqlen = int(d.tensors["cache_seqlens"][d.manifest["violation"]["row"]])
+    assert any(f"cache_seqlens is {seqlen}" in e for e in f.evidence)  # longer than the written prefix
+    # the SWA table's unwritten tail is negative garbage, not a -1 sentinel: at most a low-confidence hint
+    assert all(x.confidence == "low" for x in findings if x.rule == "negative-id")
 
 
 def test_allocator_swa_slot(real: dict[str, Dump]) -> None:
@@ -107,7 +141,7 @@ def test_seqlens_exceed_table(real: dict[str, Dump]) -> None:
 
 def test_rules_do_not_fire_on_other_scenarios(real: dict[str, Dump]) -> None:
     # each scenario's own rule is the most certain; the allocator rule never fires on attention dumps
-    for name in ("26957", "negative", "stale", "seqlens"):
+    for name in ("26957", "26957-high-fill", "drift", "negative", "stale", "seqlens"):
         assert "swa-slot-out-of-range" not in _by_rule(explain(real[name])), name
     assert _by_rule(explain(real["swa_slot"])).keys() == {"swa-slot-out-of-range"}
 

@@ -87,10 +87,16 @@ def _fmt_layer(v: dict[str, Any], ctx: dict[str, Any]) -> str:
 
 def _fmt_value(v: dict[str, Any]) -> str:
     value, lower, bound = v.get("value"), v.get("lower"), v.get("bound")
+    details = v.get("details") or {}
+    over = details.get("overflow") if isinstance(details.get("overflow"), dict) else None
+    if v.get("kind") == "seqlens_exceed_table" and over:
+        return f"needs {over.get('needed_pages')} > {over.get('width')} pages"
     if value is None:
+        if v.get("kind") == "index_space_mismatch":
+            return f"{details.get('handed_table', v.get('table'))} handed"
+        if v.get("kind") == "swa_state_drift":
+            return "state drift"
         return "-"
-    if v.get("kind") == "seqlens_exceed_table" and bound is not None:
-        return f"{value} pages > {bound - 1} wide"
     lo = lower if lower is not None else 0
     if value < lo:
         return f"{value} < {lo}"
@@ -183,16 +189,21 @@ def ls_cmd(dirs: tuple[Path, ...], as_json: bool) -> None:
     t0 = recs[0]["time"] or 0.0
     procs = {(r["host"], r["pid"]) for r in recs}
     ranks = {r["rank"] for r in recs if r["rank"] is not None}
+    hosts = sorted({str(r["host"]) for r in recs})
     con.print(
         f"{len(recs)} dump(s) from {len(procs)} process(es)" + (f", {len(ranks)} rank(s)" if ranks else "")
+        + (f" on host {hosts[0]}" if len(hosts) == 1 else f" on {len(hosts)} hosts")
         + f"; first failure at {recs[0]['time_iso']} (#1)"
     )
     tab = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-    for col, kw in (
+    cols: list[tuple[str, dict[str, Any]]] = [
         ("#", {"justify": "right"}), ("time (UTC)", {}), ("kind", {}), ("layer", {}), ("table", {}),
-        ("value vs bound", {}), ("bad", {"justify": "right"}), ("rank/pid", {}), ("host", {}), ("hook", {}),
-    ):
-        tab.add_column(col, no_wrap=True, overflow="fold", **kw)
+        ("value vs bound", {}), ("bad", {"justify": "right"}), ("rank/pid", {}), ("hook", {}),
+    ]
+    if len(hosts) > 1:
+        cols.insert(-1, ("host", {}))
+    for col, kw in cols:
+        tab.add_column(col, no_wrap=True, overflow="ellipsis", **kw)
     for i, r in enumerate(recs):
         iso = str(r["time_iso"] or "")
         when = (iso[11:23] or "-") if i == 0 else f"+{(r['time'] or 0.0) - t0:.3f}s"
@@ -200,7 +211,8 @@ def ls_cmd(dirs: tuple[Path, ...], as_json: bool) -> None:
         tab.add_row(
             str(i + 1), escape(when), escape(r["kind"]), _fmt_layer(r["_v"], r["_ctx"]), escape(str(r["table"] or "-")),
             _fmt_value(r["_v"]), str(r["count"] if r["count"] is not None else "-"), f"r{rank}/p{r['pid']}",
-            escape(str(r["host"] or "-")), escape(str(r["where"] or "-").rsplit(".", 1)[-1]),
+            *([escape(str(r["host"] or "-"))] if len(hosts) > 1 else []),
+            escape(str(r["where"] or "-").rsplit(".", 1)[-1]),
         )
     con.print(tab)
     # paths on their own lines, never folded, so they can be copied
