@@ -115,11 +115,11 @@ CONTEXT_SIGNATURES: tuple[Signature, ...] = (
 _KERNEL_PATTERNS: tuple[re.Pattern[str], ...] = (
     # compute-sanitizer: "=========     at fmhaSm100fKernel_...+0x1a0" / "at 0x000001a0 in my_kernel" /
     # "at add(const float *, ...)+0x80 in file.cu:16".
-    re.compile(r"^=+\s+at\s+(?:0x[0-9a-fA-F]+\s+in\s+)?(?:void\s+)?(?P<k>[A-Za-z_][\w:]*(?:<[^\n(]*?>)?)", re.M),
+    re.compile(r"^=+\s+at\s+(?:0x[0-9a-fA-F]+\s+in\s+)?(?:void\s+)?(?P<k>[A-Za-z_][\w:]*)", re.M),
     # cuda-gdb on a core dump: "The exception was triggered at PC 0x7f42b04321a0  void ns::kernel<...>(...)".
-    re.compile(r"triggered at PC 0x[0-9a-fA-F]+\s+(?:void\s+)?(?P<k>[A-Za-z_][\w:]*(?:<[^\n(]*?>)?)"),
+    re.compile(r"triggered at PC 0x[0-9a-fA-F]+\s+(?:void\s+)?(?P<k>[A-Za-z_][\w:]*)"),
     # cuda-gdb frame: "#0  0x00007ff9ac5f8fa0 in void flash_bwd_kernel<...>(Flash_bwd_params)<<<...>>> ()".
-    re.compile(r"#0\s+0x[0-9a-fA-F]+\s+in\s+(?:void\s+)?(?P<k>[A-Za-z_][\w:]*(?:<[^\n(]*?>)?)"),
+    re.compile(r"#0\s+0x[0-9a-fA-F]+\s+in\s+(?:void\s+)?(?P<k>[A-Za-z_][\w:]*)"),
     # As SGLang #26957 quotes it: "in fmhaSm100fKernel_*SlidingOrChunkedCausal*" (trtllm-gen cubin names
     # start with fmhaSm<arch>); XQA (sm90 decode) and fmha_v2 (sm90 prefill) kernels by their prefixes.
     re.compile(r"\b(?P<k>fmhaSm\d+\w*Kernel\w*|fmha_v2_\w+|xqa_kernel\w*|kernel_mha\w*)"),
@@ -158,14 +158,35 @@ def find_signatures(text: str, signatures: Sequence[Signature], log: str = "serv
     return out
 
 
+def _with_template_args(text: str, end: int) -> str:
+    """The template argument list starting at ``text[end]`` (balanced ``<...>``), or ''."""
+    if end >= len(text) or text[end] != "<":
+        return ""
+    depth = 0
+    for i in range(end, min(len(text), end + 2000)):
+        ch = text[i]
+        if ch == "\n":
+            return ""
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+            if depth == 0:
+                return text[end : i + 1]
+    return ""
+
+
 def kernel_name(text: str) -> str | None:
-    """The faulting kernel's name when a log printed one (sanitizer, cuda-gdb, or a known kernel family)."""
+    """The faulting kernel's name when a log printed one (sanitizer, cuda-gdb, or a known kernel family).
+
+    C++ template arguments are kept (balanced ``<...>``); the parameter list is dropped.
+    """
     for pat in _KERNEL_PATTERNS:
         m = pat.search(text)
         if m:
             name = m.group("k").strip()
-            if name and name not in ("0x", "void"):
-                return name[:300]
+            if name:
+                return (name + _with_template_args(text, m.end("k")))[:400]
     return None
 
 
