@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 from kvtrap.kernels._validate import check_same_device, check_tensor
 
-_INT64_MIN = -(2**63)
+# A constexpr global: Triton kernels may only read globals declared this way.
+_INT64_MIN = tl.constexpr(-(2**63))
 
 
 @triton.jit
