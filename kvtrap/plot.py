@@ -21,6 +21,7 @@ from kvtrap.tables import (
     live_mask,
     live_pages,
     page_size_of,
+    pool_pages,
     summarize_tables,
     summarize_vectors,
 )
@@ -115,37 +116,55 @@ def plot_dump(
         for ax, s in zip(axes[:, 0], summaries, strict=True):
             g = table_grid(dump.tensors[s.name], seqlens, ps, s.lower, s.bound, max_rows, max_cols)
             rows_d, cols_d = g["frac"].shape
-            extent = (0, cols_d * g["fc"], rows_d * g["fr"], 0)
+            fr, fc = g["fr"], g["fc"]
+            # cell (i, j) of the drawn grid is centred on row i*fr + (fr-1)/2, column j*fc + (fc-1)/2
+            extent = (-0.5, cols_d * fc - 0.5, rows_d * fr - 0.5, -0.5)
             im = ax.imshow(
                 np.ma.masked_invalid(g["frac"]), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto",
                 interpolation="nearest", extent=extent,
             )
             ax.imshow(np.ma.masked_where(~g["bad"], np.ones_like(g["frac"])), cmap=red, aspect="auto",
                       interpolation="nearest", extent=extent, vmin=0, vmax=1)
+            raw = np.asarray(dump.tensors[s.name])
             br, bc = np.nonzero(g["bad"])
-            if br.size:  # make single bad cells visible at any size: outlined markers + row ticks on the left
+            if fr == 1 and fc == 1 and rows_d * cols_d <= 600:  # small table: print every live id in its cell
+                for i, j in zip(*np.nonzero(g["live"]), strict=True):
+                    bad = bool(g["bad"][i, j])
+                    ax.text(j, i, str(int(raw[i, j])), ha="center", va="center", fontsize=7 if cols_d <= 40 else 5,
+                            color="white" if bad or g["frac"][i, j] < 0.6 else "black",
+                            fontweight="bold" if bad else "normal")
+            elif br.size:  # make single bad cells visible at any size: outlined markers
                 keep = slice(0, 4000)
-                ax.scatter((bc[keep] + 0.5) * g["fc"], (br[keep] + 0.5) * g["fr"], marker="s", s=22,
+                ax.scatter(bc[keep] * fc + (fc - 1) / 2, br[keep] * fr + (fr - 1) / 2, marker="s", s=22,
                            facecolors="none", edgecolors="#e8000b", linewidths=1.0)
+            if br.size:  # bad rows marked on the left edge
                 rows_bad = np.unique(br)
-                ax.scatter(np.zeros(rows_bad.size), (rows_bad + 0.5) * g["fr"], marker=">", c="#e8000b", s=30,
-                           clip_on=False, zorder=5)
+                ax.scatter(np.full(rows_bad.size, -0.5), rows_bad * fr + (fr - 1) / 2, marker=">", c="#e8000b",
+                           s=30, clip_on=False, zorder=5)
             if g["ends"] is not None:
                 ends = g["ends"]
-                y = np.arange(len(ends)) + 0.5
-                ax.scatter(np.minimum(ends, g["cols"]), y, marker="|", s=max(4.0, 600.0 / max(len(ends), 1)),
-                           c="black", linewidths=0.8, label="cache_seqlens end (live pages)")
+                y = np.arange(len(ends))
+                ax.scatter(np.minimum(ends, g["cols"]) - 0.5, y, marker="|", s=max(30.0, 3000.0 / max(len(ends), 1)),
+                           c="black", linewidths=1.2, label="cache_seqlens end (live pages)", zorder=4)
                 over = ends > g["cols"]
                 if over.any():
-                    ax.scatter(np.full(int(over.sum()), g["cols"]), y[over], marker=">", c="#e8000b", s=18,
-                               label="cache_seqlens past table width")
-            ax.set_xlim(0, g["cols"])
-            ax.set_ylim(g["rows"], 0)
+                    ax.scatter(np.full(int(over.sum()), g["cols"] - 0.5), y[over], marker=">", c="#e8000b", s=18,
+                               label="cache_seqlens past table width", zorder=5)
+            from matplotlib.ticker import MaxNLocator
+
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlim(-0.5, g["cols"] - 0.5)
+            ax.set_ylim(g["rows"] - 0.5, -0.5)
             handed = " - handed to this layer" if s.handed_to_layer else ""
+            bad_vals = raw[:, : g["cols"]][bad_mask(raw[:, : g["cols"]], s.lower, s.bound) & live_mask(
+                raw[:, : g["cols"]], live_pages(seqlens, ps) if seqlens is not None else None)]
+            pools = ", ".join(f"{k} {v} pages" for k, v in sorted(pool_pages(dump.manifest).items()))
+            bad_txt = f"; bad ids {int(bad_vals.min())}..{int(bad_vals.max())}" if bad_vals.size else ""
             ds = f"; shown in {g['fr']}x{g['fc']} blocks (red if any cell is bad)" if g["fr"] > 1 or g["fc"] > 1 else ""
             ax.set_title(
                 f"{s.name} [{s.shape[0]}x{s.shape[1]}] vs {s.pool} pool, valid [{s.lower}, {s.bound}){handed}\n"
-                f"{s.bad} bad of {s.live_ids} live ids in {len(s.bad_rows)} row(s){ds}",
+                f"{s.bad} bad of {s.live_ids} live ids in {len(s.bad_rows)} row(s){bad_txt} (pools: {pools}){ds}",
                 fontsize=9,
             )
             ax.set_xlabel("page (column)")
