@@ -195,10 +195,10 @@ def ls_cmd(dirs: tuple[Path, ...], as_json: bool) -> None:
         + (f" on host {hosts[0]}" if len(hosts) == 1 else f" on {len(hosts)} hosts")
         + f"; first failure at {recs[0]['time_iso']} (#1)"
     )
-    tab = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    tab = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))
     cols: list[tuple[str, dict[str, Any]]] = [
         ("#", {"justify": "right"}), ("time (UTC)", {}), ("kind", {}), ("layer", {}), ("table", {}),
-        ("value vs bound", {}), ("bad", {"justify": "right"}), ("rank/pid", {}), ("hook", {}),
+        ("value vs bound", {}), ("bad", {"justify": "right"}), ("rank/pid", {}), ("hook", {"min_width": 14}),
     ]
     if len(hosts) > 1:
         cols.insert(-1, ("host", {}))
