@@ -224,7 +224,7 @@ def full_pool_ids_on_swa_layer(f: Facts) -> Finding | None:
         "Check the draft worker's TRTLLMHAAttnBackend: `_swa_kv_pool` / `use_sliding_window_kv_pool` must come from"
         " the live (target) SWAKVPool, not from the draft runner's own pool (SGLang PRs #26966 / #27491 fixed this).",
         "If you run an SGLang build from main between PR #25103 and those fixes, upgrade to a release >= 0.5.13,"
-        " or arm kvtrap with KVTRAP_FIX=auto to apply its lockstep fix.",
+        " or keep KVTRAP_FIX=auto (the default) so kvtrap applies its lockstep fix where the live build has the bug.",
         "If the backend swaps `token_to_kv_pool` at forward time (frozen-KV views), refresh its SWA state"
         " (`_swa_kv_pool`, `_swa_full_to_swa_mapping`, SWA page-table buffers) in the same place.",
     ]

@@ -532,7 +532,7 @@ def diff_cmd(a: Path, b: Path, as_json: bool) -> None:
         else:
             tab = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
             for col in ("section", "key", "A", "B"):
-                tab.add_column(col, overflow="fold")
+                tab.add_column(col, overflow="fold", no_wrap=col in ("section", "key"))
             for c in changes:
                 tab.add_row(c.section, escape(c.key), escape(_short(c.a)), escape(_short(c.b)))
             con.print(tab)
