@@ -8,14 +8,20 @@ import triton
 NUM_WARPS_OVERRIDE: int | None = None
 
 
-def row_config(n: int) -> tuple[int, int]:
-    """(BLOCK_N, num_warps) for one program per row of ``n`` elements.
+def row_config(n: int, m: int = 1, wide: bool = False) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) for one program per row of ``n`` elements, ``m`` rows.
 
-    The whole row stays in registers (single pass over HBM). About 512 row elements per warp keeps 16
-    fp32 values per thread and tensor, so the three-to-four live row tensors of the widest kernel (triple
-    norm at n = 2816 -> 4096) stay well under the register limit; more warps per row also means more
-    loads in flight per program, which is what single-row (decode) latency needs.
+    The whole row stays in registers (one pass over HBM). Measured on an H200 (benchmarks/results,
+    warps sweep of the dense cross-layer and triple kernels): decode sizes (m <= 256) are fastest at
+    8 warps for 4096- and 8192-wide blocks (more loads in flight per row); at m = 8192 4 warps win for
+    the two-output kernels (97 vs 108-114 us at n = 5376) while the four-output triple norm (``wide``)
+    keeps 8 at n <= 4096. Narrow rows get ~512 elements per warp.
     """
     block_n = triton.next_power_of_2(n)
-    num_warps = max(1, min(16, block_n // 512))
+    if block_n <= 2048:
+        num_warps = max(1, block_n // 512)
+    elif m <= 256 or (wide and block_n <= 4096):
+        num_warps = 8
+    else:
+        num_warps = 4
     return block_n, NUM_WARPS_OVERRIDE or num_warps

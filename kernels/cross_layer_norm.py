@@ -124,7 +124,7 @@ def post_ffn_dense_next_norm(
     stream = torch.empty((M, N), dtype=mlp_out.dtype, device=mlp_out.device)
     nxt = torch.empty_like(stream)
     if M > 0:
-        block_n, nw = row_config(N)
+        block_n, nw = row_config(N, M)
         _dense_next_kernel[(M,)](
             mlp_out, residual, w_post_ff, scalar, w_next, stream, nxt,
             N, mlp_out.stride(0), residual.stride(0), eps, BLOCK_N=block_n, num_warps=nw,
@@ -158,7 +158,7 @@ def post_ffn_moe_next_norm(
     stream = torch.empty((M, N), dtype=dense_out.dtype, device=dense_out.device)
     nxt = torch.empty_like(stream)
     if M > 0:
-        block_n, nw = row_config(N)
+        block_n, nw = row_config(N, M)
         _moe_next_kernel[(M,)](
             dense_out, moe_out, residual, w_post_ff_1, w_post_ff_2, w_post_ff, scalar, w_next, stream, nxt,
             N, dense_out.stride(0), moe_out.stride(0), residual.stride(0), eps, BLOCK_N=block_n, num_warps=nw,

@@ -96,7 +96,7 @@ def post_attn_triple_rmsnorm(
     eps = check_eps(eps)
     outs = [torch.empty((M, N), dtype=attn_out.dtype, device=attn_out.device) for _ in range(4)]
     if M > 0:
-        block_n, nw = row_config(N)
+        block_n, nw = row_config(N, M, wide=True)
         _triple_rmsnorm_kernel[(M,)](
             attn_out, residual, w_post_attn, w_pre_ff, w_router, w_pre_ff_2, *outs,
             N, attn_out.stride(0), residual.stride(0), eps, BLOCK_N=block_n, num_warps=nw,
