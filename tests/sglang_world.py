@@ -149,6 +149,7 @@ def make_backend(pool, alloc, *, stale_swa_state: bool = False, draft_pool=None)
     backend.is_nvfp4_kvcache = False
     backend.is_xqa_impl = True
     backend.workspace_buffer = torch.zeros(1024, dtype=torch.uint8)
+    backend.decode_seq_len_splits = 1  # SGLang default: one FlashInfer launch per decode
     if stale_swa_state:
         backend.token_to_kv_pool = draft_pool if draft_pool is not None else pool
         backend._swa_kv_pool = None
@@ -189,6 +190,11 @@ def set_metadata(backend, full, swa, seqlens, *, with_swa_table: bool = True):
     return md
 
 
+def set_write_locs(backend, alloc, fb):
+    """The SWA write targets ``init_forward_metadata`` translates once per forward (swa_out_cache_loc)."""
+    backend.forward_metadata.swa_out_cache_loc = alloc.full_to_swa_index_mapping[fb.out_cache_loc]
+
+
 def make_forward_batch(batch: Batch, out_cache_loc: torch.Tensor | None = None):
     sg = sglang()
     bs = len(batch.seq_lens)
@@ -212,3 +218,11 @@ def qkv(bs: int, seed: int = 0):
     k = torch.randn(bs, 1, 8, generator=g).to(torch.bfloat16)
     v = torch.randn(bs, 1, 8, generator=g).to(torch.bfloat16)
     return q, k, v
+
+
+def allocate_requests_or_none(alloc, seq_lens: list[int]) -> Batch | None:
+    """Like :func:`allocate_requests`, but ``None`` when SGLang's allocator is out of pages."""
+    try:
+        return allocate_requests(alloc, seq_lens)
+    except AssertionError:
+        return None

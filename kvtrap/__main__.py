@@ -1,0 +1,5 @@
+import sys
+
+from kvtrap.cli import main
+
+sys.exit(main())

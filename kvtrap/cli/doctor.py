@@ -1,0 +1,210 @@
+"""``kvtrap doctor``: is kvtrap usable here, and does the trap really fire on this machine's SGLang?"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+
+import click
+
+from kvtrap import __version__
+from kvtrap.config import ENV_ARM, ConfigError, env_armed
+
+MIN_SGLANG = (0, 5, 13)  # SWA allocator moved to mem_cache/allocator/swa.py; _resolve_swa_kv_pool exists
+TESTED_SGLANG = ("0.5.23",)
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # "ok", "fail", "info"
+    detail: str
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """Leading numeric release of a version string: '0.5.24.dev3+gabc' -> (0, 5, 24)."""
+    out: list[int] = []
+    for part in text.split("+")[0].split("."):
+        digits = ""
+        for ch in part:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        out.append(int(digits))
+        if len(digits) != len(part):
+            break
+    return tuple(out)
+
+
+def check_versions() -> list[Check]:
+    checks = [Check("kvtrap", "info", __version__)]
+    sgl = _version("sglang")
+    if sgl is None:
+        checks.append(Check("sglang", "fail", "not installed (pip install 'kvtrap[test]' installs the tested 0.5.23)"))
+    else:
+        v = parse_version(sgl)
+        if v < MIN_SGLANG:
+            checks.append(Check("sglang", "fail", f"{sgl} is older than the oldest supported 0.5.13"))
+        elif sgl in TESTED_SGLANG:
+            checks.append(Check("sglang", "ok", f"{sgl} (supported, tested)"))
+        else:
+            checks.append(Check("sglang", "ok", f"{sgl} (supported >= 0.5.13; tested: {', '.join(TESTED_SGLANG)})"))
+    for dist, label in (("torch", "torch"), ("triton", "triton"), ("flashinfer-python", "flashinfer")):
+        checks.append(Check(label, "info", _version(dist) or "not installed"))
+    return checks
+
+
+def check_gpu() -> Check:
+    try:
+        import torch
+    except ImportError:
+        return Check("gpu", "info", "torch not installed")
+    if not torch.cuda.is_available():
+        return Check("gpu", "info", "no CUDA device: host traps work; the device guard is off")
+    idx = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(idx)
+    return Check("gpu", "info", f"{torch.cuda.get_device_name(idx)} (sm_{major}{minor})")
+
+
+def check_plugin() -> list[Check]:
+    eps = [ep for ep in metadata.entry_points(group="sglang.srt.plugins") if ep.name == "kvtrap"]
+    out = []
+    if not eps:
+        out.append(Check("plugin entry point", "fail", "sglang.srt.plugins:kvtrap not found; reinstall kvtrap"))
+    elif eps[0].value != "kvtrap.plugin:register":
+        out.append(Check("plugin entry point", "fail", f"points at {eps[0].value}, expected kvtrap.plugin:register"))
+    else:
+        out.append(Check("plugin entry point", "ok", "sglang.srt.plugins: kvtrap = kvtrap.plugin:register"))
+    allow = os.environ.get("SGLANG_PLUGINS")
+    if allow is not None and "kvtrap" not in [p.strip() for p in allow.split(",")]:
+        out.append(Check("SGLANG_PLUGINS", "fail", f"whitelist {allow!r} excludes kvtrap"))
+    try:
+        state = "1: armed in every SGLang process" if env_armed() else "unset/0: SGLang runs without kvtrap"
+        out.append(Check(ENV_ARM, "info", state))
+    except ConfigError as exc:
+        out.append(Check(ENV_ARM, "fail", str(exc)))
+    return out
+
+
+def check_targets() -> list[Check]:
+    from kvtrap.hooks import all_targets
+    from kvtrap.patching import resolve
+
+    # Targets listed under several modules (older SGLang layouts) need one module that resolves.
+    by_method: dict[tuple[str, str], list[tuple[str, bool, str]]] = {}
+    for target in all_targets():
+        ok, why = resolve(target)
+        by_method.setdefault((target.cls, target.attr), []).append((target.module, ok, why))
+    out = []
+    for (cls, attr), results in by_method.items():
+        good = [m for m, ok, _ in results if ok]
+        if good:
+            out.append(Check(f"hook {cls}.{attr}", "ok", good[0]))
+        else:
+            out.append(Check(f"hook {cls}.{attr}", "fail", "; ".join(why for _, _, why in results)))
+    return out
+
+
+def prove_allocator_trap() -> Check:
+    """Inject a real fault into a real CPU SWAKVPool + allocator, trap it, read the dump back."""
+    import torch
+
+    import kvtrap
+    from kvtrap.dumpfile import load_dump
+
+    try:
+        from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
+
+        try:
+            from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
+        except ImportError:  # SGLang < 0.5.13 layout
+            from sglang.srt.mem_cache.swa_memory_pool import SWATokenToKVPoolAllocator
+    except Exception as exc:
+        return Check("allocator trap", "fail", f"cannot import SGLang's SWA pool/allocator: {exc}")
+    page, full_pages, swa_pages = 16, 32, 8
+    pool = SWAKVPool(
+        size=full_pages * page, size_swa=swa_pages * page, page_size=page, dtype=torch.bfloat16,
+        head_num=1, head_dim=8, swa_attention_layer_ids=[0], full_attention_layer_ids=[1], device="cpu",
+    )
+    alloc = SWATokenToKVPoolAllocator(
+        size=pool.size, size_swa=pool.size_swa, page_size=page, dtype=torch.bfloat16, device="cpu",
+        kvcache=pool, need_sort=False,
+    )
+    zeros = torch.zeros(1, dtype=torch.int64)
+    seq = torch.tensor([2 * page])
+    extend: Callable[[], object] = lambda: alloc.alloc_extend(  # noqa: E731
+        zeros, zeros.clone(), seq, seq.clone(), torch.tensor([-1]), 2 * page
+    )
+    bad_page = swa_pages + 40
+    with tempfile.TemporaryDirectory(prefix="kvtrap-doctor-") as tmp, kvtrap.armed(mode="raise", dump_dir=tmp):
+        if extend() is None:
+            return Check("allocator trap", "fail", "a clean allocation returned None")
+        alloc.swa_attn_allocator.free_pages[0] = bad_page  # the injected fault: a corrupt free list
+        try:
+            extend()
+        except kvtrap.KVTrapError as err:
+            if err.dump_path is None:
+                return Check("allocator trap", "fail", f"trapped but no dump: {err.dump_error}")
+            dump = load_dump(err.dump_path)
+            v = dump.violation
+            if v.kind != "swa_slot_out_of_range" or v.value != bad_page * page:
+                return Check("allocator trap", "fail", f"trapped with unexpected finding {v.kind} value={v.value}")
+            return Check(
+                "allocator trap", "ok",
+                f"injected SWA page {bad_page} into a real SWAKVPool ({swa_pages} pages): trapped, dump read back "
+                f"({len(dump.tensors)} tensors)",
+            )
+    return Check("allocator trap", "fail", "the injected fault was NOT trapped")
+
+
+def run_checks() -> list[Check]:
+    checks = check_versions()
+    checks.append(check_gpu())
+    checks.extend(check_plugin())
+    if any(c.name == "sglang" and c.status == "fail" for c in checks):
+        checks.append(Check("hooks", "fail", "skipped: SGLang is missing or unsupported"))
+        return checks
+    checks.extend(check_targets())
+    try:
+        checks.append(prove_allocator_trap())
+    except Exception as exc:  # the doctor reports, it does not crash
+        checks.append(Check("allocator trap", "fail", f"{type(exc).__name__}: {exc}"))
+    return checks
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def doctor(as_json: bool) -> None:
+    """Check versions, the plugin entry point and hook targets, and prove the allocator trap here."""
+    import logging
+
+    logging.getLogger("sglang").setLevel(logging.ERROR)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    checks = run_checks()
+    if as_json:
+        import orjson
+
+        click.echo(orjson.dumps([c.__dict__ for c in checks], option=orjson.OPT_INDENT_2).decode())
+    else:
+        marks = {"ok": "ok  ", "fail": "FAIL", "info": "    "}
+        for c in checks:
+            click.echo(f"{marks[c.status]} {c.name}: {c.detail}")
+    failed = [c for c in checks if c.status == "fail"]
+    if not as_json:
+        click.echo(f"{len(failed)} check(s) failed" if failed else "all checks passed")
+    sys.exit(1 if failed else 0)

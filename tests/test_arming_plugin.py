@@ -1,0 +1,110 @@
+"""armed() installs and restores the real SGLang methods; the plugin arms lazily in SGLang processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import kvtrap
+from kvtrap.patching import ORIGINAL_ATTR
+
+pytest.importorskip("sglang")
+
+from sglang.srt.layers.attention.trtllm_mha_backend import TRTLLMHAAttnBackend  # noqa: E402
+from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator  # noqa: E402
+
+METHODS = [
+    (SWATokenToKVPoolAllocator, "alloc_extend"),
+    (SWATokenToKVPoolAllocator, "alloc_decode"),
+    (TRTLLMHAAttnBackend, "forward_decode"),
+    (TRTLLMHAAttnBackend, "forward_extend"),
+]
+
+
+def snapshot():
+    return {(cls.__name__, name): cls.__dict__[name] for cls, name in METHODS}
+
+
+def test_armed_patches_and_restores_originals(tmp_path):
+    before = snapshot()
+    with kvtrap.armed(dump_dir=str(tmp_path)):
+        during = snapshot()
+        for key, fn in during.items():
+            assert fn is not before[key] and getattr(fn, ORIGINAL_ATTR) is before[key]
+    assert snapshot() == before
+
+
+def test_armed_restores_on_exception_and_nesting_is_safe(tmp_path):
+    before = snapshot()
+    with pytest.raises(ZeroDivisionError):
+        with kvtrap.armed(dump_dir=str(tmp_path)):
+            raise ZeroDivisionError("inside the armed block")
+    assert snapshot() == before
+    from kvtrap.arming import current
+
+    with kvtrap.armed(dump_dir=str(tmp_path), mode="raise") as outer:
+        patched = snapshot()
+        with kvtrap.armed(dump_dir=str(tmp_path), mode="log") as inner:
+            assert current() is inner and snapshot() == patched
+        assert current() is outer and snapshot() == patched
+    assert current() is None and snapshot() == before
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(kvtrap.ConfigError, match="mode must be one of raise, log"):
+        with kvtrap.armed(mode="explode"):
+            pass
+
+
+PROBE = textwrap.dedent(
+    """
+    import sys, json
+    from sglang.srt.plugins import load_plugins
+    load_plugins()
+    lazy = "sglang.srt.layers.attention.trtllm_mha_backend" not in sys.modules
+    import torch
+    cuda_ctx = torch.cuda.is_available() and torch.cuda.is_initialized()
+    from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator as A
+    from sglang.srt.layers.attention.trtllm_mha_backend import TRTLLMHAAttnBackend as B
+    print(json.dumps({
+        "lazy": lazy, "cuda_ctx": cuda_ctx,
+        "alloc": hasattr(A.__dict__["alloc_extend"], "__kvtrap_original__"),
+        "backend": hasattr(B.__dict__["forward_decode"], "__kvtrap_original__"),
+    }))
+    """
+)
+
+
+def run_probe(env_extra: dict[str, str], tmp_path) -> tuple[dict, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KVTRAP_", "SGLANG_TRTLLM"))}
+    env.update(env_extra)
+    env["KVTRAP_DUMP_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def test_plugin_arms_every_hook_lazily_when_variable_set(tmp_path):
+    out, err = run_probe({"SGLANG_TRTLLM_MHA_DEBUG": "1"}, tmp_path)
+    assert out == {"lazy": True, "cuda_ctx": False, "alloc": True, "backend": True}
+    assert "[kvtrap" in err and "armed in pid" in err
+
+
+@pytest.mark.parametrize("value", [None, "0"])
+def test_plugin_patches_nothing_when_unset_or_zero(tmp_path, value):
+    env = {} if value is None else {"SGLANG_TRTLLM_MHA_DEBUG": value}
+    out, err = run_probe(env, tmp_path)
+    assert out["alloc"] is False and out["backend"] is False
+    assert "armed in pid" not in err
+
+
+def test_plugin_reports_bad_setting_and_stays_disarmed(tmp_path):
+    out, err = run_probe({"SGLANG_TRTLLM_MHA_DEBUG": "1", "KVTRAP_MODE": "loud"}, tmp_path)
+    assert out["alloc"] is False
+    assert "kvtrap is NOT armed: mode must be one of raise, log; got 'loud'" in err
