@@ -34,7 +34,10 @@ class MethodTarget:
     module: str
     cls: str
     attr: str
-    make_wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]
+    make_wrapper: Callable[[Any], Any]
+    # True: the class has no such attribute yet (e.g. a descriptor over an instance attribute); it is
+    # added on install and deleted on uninstall. ``make_wrapper`` then receives ``None``.
+    add: bool = False
 
     @property
     def dotted(self) -> str:
@@ -48,6 +51,7 @@ class _Installed:
     original: Any  # the raw attribute from the class __dict__ (function, staticmethod, ...)
 
 
+_ABSENT = object()  # marks an attribute kvtrap added (nothing to restore)
 _lock = threading.RLock()
 _installed: dict[tuple[str, str, str], _Installed] = {}
 _pending: dict[str, list[MethodTarget]] = {}  # module name -> targets waiting for its import
@@ -62,13 +66,22 @@ def _apply(target: MethodTarget, module: ModuleType) -> bool:
     if key in _installed:
         return True
     owner = getattr(module, target.cls, None)
-    if not isinstance(owner, type) or target.attr not in owner.__dict__:
+    if not isinstance(owner, type):
+        return False
+    if target.add:
+        if target.attr in owner.__dict__:
+            return False  # SGLang grew an attribute of that name: do not shadow it
+        setattr(owner, target.attr, target.make_wrapper(None))
+        _installed[key] = _Installed(target, owner, _ABSENT)
+        return True
+    if target.attr not in owner.__dict__:
         return False  # not in this SGLang version; the doctor reports it
     raw = owner.__dict__[target.attr]
     if getattr(raw, ORIGINAL_ATTR, None) is not None:
         return True
     wrapper = target.make_wrapper(raw)
-    functools.update_wrapper(wrapper, raw)
+    if not isinstance(wrapper, (staticmethod, classmethod)):
+        functools.update_wrapper(wrapper, raw)
     setattr(wrapper, ORIGINAL_ATTR, raw)
     setattr(owner, target.attr, wrapper)
     _installed[key] = _Installed(target, owner, raw)
@@ -96,7 +109,9 @@ def uninstall(targets: list[MethodTarget]) -> None:
         for target in targets:
             key = (target.module, target.cls, target.attr)
             rec = _installed.pop(key, None)
-            if rec is not None:
+            if rec is not None and rec.original is _ABSENT:
+                delattr(rec.owner, target.attr)
+            elif rec is not None:
                 setattr(rec.owner, target.attr, rec.original)
             waiting = _pending.get(target.module)
             if waiting and target in waiting:

@@ -160,7 +160,7 @@ def make_backend(pool, alloc, *, stale_swa_state: bool = False, draft_pool=None)
         backend._swa_kv_pool = pool
         backend.use_sliding_window_kv_pool = True
         backend._swa_full_to_swa_mapping = pool.full_to_swa_index_mapping
-    backend.kv_cache_quant_method = backend.token_to_kv_pool.get_kv_cache_quant_method()
+    backend.kv_cache_quant_method = pool.get_kv_cache_quant_method()
     backend.forward_metadata = None
     return backend
 
@@ -226,3 +226,48 @@ def allocate_requests_or_none(alloc, seq_lens: list[int]) -> Batch | None:
         return allocate_requests(alloc, seq_lens)
     except AssertionError:
         return None
+
+
+def make_draft_runner(target_pool, alloc):
+    """A real ``ModelRunner`` (partially constructed) for a frozen-KV MTP draft worker.
+
+    It has what ``TRTLLMHAAttnBackend._resolve_swa_kv_pool`` reads: its own small plain pool, the
+    target's allocator (shared, as SGLang shares it), ``is_draft_worker`` and the speculative algorithm.
+    """
+    from sglang.srt.model_executor.model_runner import ModelRunner
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    runner = object.__new__(ModelRunner)
+    runner.token_to_kv_pool = make_draft_pool()
+    runner.token_to_kv_pool_allocator = alloc
+    runner.is_draft_worker = True
+    runner.spec_algorithm = SpeculativeAlgorithm.FROZEN_KV_MTP
+    return runner
+
+
+def make_draft_backend(runner, target_pool):
+    """The draft's TRTLLMHAAttnBackend, its SWA state set by SGLang's own resolver, as ``__init__`` does."""
+    sg = sglang()
+    backend = make_backend(target_pool, None)
+    backend.token_to_kv_pool = runner.token_to_kv_pool  # __init__: the runner's own pool
+    swa = sg["TRTLLMHAAttnBackend"]._resolve_swa_kv_pool(runner)
+    backend._swa_kv_pool = swa
+    backend.use_sliding_window_kv_pool = swa is not None
+    backend._swa_full_to_swa_mapping = None if swa is None else swa.full_to_swa_index_mapping
+    return backend
+
+
+def frozen_kv_context(target_pool):
+    from sglang.srt.speculative.frozen_kv_mtp_info import FrozenKVMTPContext
+
+    layer_ids = SWA_LAYERS + FULL_LAYERS
+    return FrozenKVMTPContext(target_token_to_kv_pool=target_pool, physical_layer_ids={i: i for i in layer_ids})
+
+
+def init_metadata_like_sglang(backend, alloc, batch, fb):
+    """What ``init_forward_metadata`` leaves behind: an SWA table only when the backend has an SWA pool."""
+    full, swa, seqlens = page_tables(alloc, batch)
+    md = set_metadata(backend, full, swa, seqlens, with_swa_table=backend._swa_kv_pool is not None)
+    if backend._swa_kv_pool is not None:
+        set_write_locs(backend, alloc, fb)
+    return md

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from kvtrap import checks
@@ -130,6 +131,38 @@ def _forward_mode(forward_batch: Any) -> str | None:
     return getattr(mode, "name", None) if mode is not None else None
 
 
+@dataclass
+class LayerCheck:
+    """Everything the checks need about one layer's attention call, gathered from live objects.
+
+    The trtllm_mha hook fills it from SGLang's backend; the weight-free repro (which cannot import
+    SGLang's pools on the GPU machine) fills it directly. Either way :func:`evaluate` decides.
+    """
+
+    where: str
+    layer_id: int
+    layer_type: str
+    window: int | None
+    index_in_pool: int | None
+    page_size: int
+    bound: int  # pages of the pool this layer reads
+    handed_name: str
+    tables: dict[str, Any]  # "page_table", "swa_page_table" (None when absent)
+    cache_seqlens: Any
+    drift: dict[str, str]
+    pools: dict[str, Any]
+    backend: dict[str, Any]
+    live_pool: dict[str, Any]
+    table_bounds: dict[str, Any]
+    forward_mode: str | None = None
+    req_pool_indices: Any = None
+    capturing: bool = False
+
+    @property
+    def expected_name(self) -> str:
+        return "swa_page_table" if self.layer_type == SWA else "page_table"
+
+
 def check_forward(backend: Any, layer: Any, forward_batch: Any, where: str) -> None:
     session = current()
     if session is None:
@@ -152,69 +185,91 @@ def check_forward(backend: Any, layer: Any, forward_batch: Any, where: str) -> N
         handed_name = "page_table"
     else:
         handed_name = "other"
-    expected_name = "swa_page_table" if layer_type == SWA else "page_table"
-    mismatch = handed_name != expected_name
     drift = find_drift(backend, live)
     capturing = checks.is_capturing(handed)
-
-    scan = None
-    bound = None
-    if not capturing:
-        bound = layer_pages(live, layer_id, page_size)
-        scan = _scan(backend, md, handed_name, handed, page_size, bound)
-    elif not (mismatch or drift):
-        session.warn_once(
-            "capture",
-            "page-table values are not checked inside CUDA-graph capture or replay (host checks only); "
-            "run eager (--cuda-graph-backend-decode disabled) or enable the device guard",
-        )
-        return
+    mismatch = handed_name != ("swa_page_table" if layer_type == SWA else "page_table")
+    bound = layer_pages(live, layer_id, page_size)
+    scan = None if capturing else _scan(backend, md, handed_name, handed, page_size, bound)
     if not (mismatch or drift) and (scan is None or scan.ok):
-        return
-
+        if capturing:
+            session.warn_once(
+                "capture",
+                "page-table values are not checked inside CUDA-graph capture or replay (host checks only); "
+                "run eager (--cuda-graph-backend-decode disabled) or enable the device guard",
+            )
+        return  # the common case: a few attribute reads, no sync
     window = getattr(layer, "sliding_window_size", None)
-    pools = pool_summary(live, page_size)
-    if bound is None:
-        bound = layer_pages(live, layer_id, page_size)
+    view = LayerCheck(
+        where=f"{CLASS}.{where}",
+        layer_id=layer_id,
+        layer_type=layer_type,
+        window=None if window is None else int(window),
+        index_in_pool=index_in_pool,
+        page_size=page_size,
+        bound=bound,
+        handed_name=handed_name,
+        tables={"page_table": full_t, "swa_page_table": swa_t},
+        cache_seqlens=md.cache_seqlens_int32,
+        drift=drift,
+        pools=pool_summary(live, page_size),
+        backend=_backend_state(backend, live),
+        live_pool={"class": type(live).__name__, "id": f"{id(live):#x}"},
+        table_bounds=_tables(md, handed_name, live, layer_id, page_size),
+        forward_mode=_forward_mode(forward_batch),
+        req_pool_indices=getattr(forward_batch, "req_pool_indices", None),
+        capturing=capturing,
+    )
+    evaluate(session, view, scan)
+
+
+def evaluate(session: Any, view: LayerCheck, scan: checks.TableScan | None) -> None:
+    """Report the most telling violation for this layer call, if any (raises in raise mode).
+
+    Order: index space (the concrete consequence for this layer), then drift (the stale state behind
+    it), then out-of-range values, then rows wider than the table. ``scan`` is the value scan of the
+    handed table against ``view.bound`` (``None`` while capturing a CUDA graph).
+    """
+    mismatch = view.handed_name != view.expected_name
+    if not (mismatch or view.drift) and (scan is None or scan.ok):
+        return
     fatal = scan is not None and not scan.ok
-    base = {
-        "where": f"{CLASS}.{where}",
-        "layer_id": layer_id,
-        "layer_type": layer_type,
-        "window": None if window is None else int(window),
-        "table": handed_name,
-        "pool": layer_type,
+    base: dict[str, Any] = {
+        "where": view.where,
+        "layer_id": view.layer_id,
+        "layer_type": view.layer_type,
+        "window": view.window,
+        "table": view.handed_name,
+        "pool": view.layer_type,
         "lower": 0,
-        "bound": bound,
+        "bound": view.bound,
         "fatal": fatal,
     }
     bad = scan.bad if scan is not None else None
     if bad is not None:
         base.update(row=bad.row, column=bad.column, value=bad.value, count=bad.count, rows=bad.rows)
-    details: dict[str, Any] = {"expected_table": expected_name, "handed_table": handed_name}
-    if drift:
-        details["drift"] = drift
+    details: dict[str, Any] = {"expected_table": view.expected_name, "handed_table": view.handed_name}
+    if view.drift:
+        details["drift"] = view.drift
     if scan is not None and scan.overflow is not None:
         o = scan.overflow
         details["overflow"] = {"row": o.row, "needed_pages": o.needed_pages, "width": o.width, "rows": o.count}
 
     if mismatch:
+        stale = " (backend SWA state is stale: " + ", ".join(view.drift) + ")" if view.drift else ""
         violation = Violation(
             kind=INDEX_SPACE_MISMATCH,
             summary=(
-                f"{layer_type.upper()} layer {layer_id} is handed {handed_name} instead of {expected_name}: "
-                f"its ids index the wrong pool"
-                + (" (backend SWA state is stale: " + ", ".join(drift) + ")" if drift else "")
+                f"{view.layer_type.upper()} layer {view.layer_id} is handed {view.handed_name} instead of "
+                f"{view.expected_name}: its ids index the wrong pool{stale}"
             ),
             details=details,
             **base,
         )
-    elif drift:
+    elif view.drift:
         violation = Violation(
             kind=SWA_STATE_DRIFT,
-            summary="the backend's cached SWA state disagrees with the live KV pool: " + "; ".join(
-                f"{k} is {v}" for k, v in drift.items()
-            ),
+            summary="the backend's cached SWA state disagrees with the live KV pool: "
+            + "; ".join(f"{k} is {v}" for k, v in view.drift.items()),
             details=details,
             **base,
         )
@@ -222,8 +277,8 @@ def check_forward(backend: Any, layer: Any, forward_batch: Any, where: str) -> N
         violation = Violation(
             kind=PAGE_TABLE_OUT_OF_RANGE,
             summary=(
-                f"{handed_name} holds page ids outside the {layer_type} pool this layer reads "
-                f"({bound} pages)"
+                f"{view.handed_name} holds page ids outside the {view.layer_type} pool this layer reads "
+                f"({view.bound} pages)"
             ),
             details=details,
             **base,
@@ -231,37 +286,37 @@ def check_forward(backend: Any, layer: Any, forward_batch: Any, where: str) -> N
     else:
         o = scan.overflow  # type: ignore[union-attr]
         # value/bound stay empty: the numbers are pages needed vs columns, said in the summary
-        base.update(row=o.row, column=None, value=None, bound=o.width, lower=None, count=o.count)
+        base.update(row=o.row, column=None, value=None, bound=o.width, lower=None, count=o.count, table="cache_seqlens")
         violation = Violation(
             kind=SEQLENS_EXCEED_TABLE,
             summary=(
-                f"cache_seqlens row {o.row} needs {o.needed_pages} pages but {handed_name} has only "
+                f"cache_seqlens row {o.row} needs {o.needed_pages} pages but {view.handed_name} has only "
                 f"{o.width} columns"
             ),
             details=details,
-            **{**base, "table": "cache_seqlens"},
+            **base,
         )
 
     context = {
-        "hook": f"{CLASS}.{where}",
-        "forward_mode": _forward_mode(forward_batch),
-        "batch_size": int(md.cache_seqlens_int32.shape[0]),
-        "page_size": page_size,
-        "capturing": capturing,
-        "layer": {"id": layer_id, "type": layer_type, "window": base["window"], "index_in_pool": index_in_pool},
-        "pools": pools,
-        "live_pool": {"class": type(live).__name__, "id": f"{id(live):#x}"},
-        "backend": _backend_state(backend, live),
-        "tables": _tables(md, handed_name, live, layer_id, page_size),
+        "hook": view.where,
+        "forward_mode": view.forward_mode,
+        "batch_size": int(view.cache_seqlens.shape[0]),
+        "page_size": view.page_size,
+        "capturing": view.capturing,
+        "layer": {
+            "id": view.layer_id,
+            "type": view.layer_type,
+            "window": view.window,
+            "index_in_pool": view.index_in_pool,
+        },
+        "pools": view.pools,
+        "live_pool": view.live_pool,
+        "backend": view.backend,
+        "tables": view.table_bounds,
     }
     tensors: dict[str, Any] = {}
-    if not capturing:  # copying device tensors to the host inside capture would abort it
-        tensors = {
-            "page_table": full_t,
-            "swa_page_table": swa_t,
-            "cache_seqlens": md.cache_seqlens_int32,
-            "req_pool_indices": getattr(forward_batch, "req_pool_indices", None),
-        }
+    if not view.capturing:  # copying device tensors to the host inside capture would abort it
+        tensors = {**view.tables, "cache_seqlens": view.cache_seqlens, "req_pool_indices": view.req_pool_indices}
     session.report(violation, context, tensors, safe_to_continue=not fatal)
 
 
