@@ -330,7 +330,7 @@ def test_log_mode_logs_dumps_and_goes_on(tmp_path: Path, caplog: pytest.LogCaptu
     reset_dump_count()
     rec = _fake_record([[0, 2, 1, 3, 70, 64, FLAG_OUT_OF_RANGE]])
     cfg = Config(mode="log", dump_dir=tmp_path)
-    with caplog.at_level("WARNING", logger="kvtrap.guard"):
+    with caplog.at_level("WARNING", logger="kvtrap"):
         v = check_and_raise(rec, cfg, {"capturing": False})
     assert v is not None and v.value == 70
     assert "row 1, column 3 holds 70" in caplog.text

@@ -2,33 +2,30 @@
 
 Call :func:`check_and_raise` at the drain point, outside any CUDA-graph capture:
 
-* eager forward: right after the attention forward of the step (or the whole model forward);
-* CUDA-graph replay: right after the runner's ``replay`` returns (``synced=False``: one device read),
-  or after SGLang's ``copy_done.synchronize()`` for the step (``synced=True`` with
-  ``GuardRecord.publish_`` captured at the end of the graph: free when nothing was recorded).
+* eager forward: right after the guard launches, before any layer reads the tables;
+* CUDA-graph replay: after SGLang's ``copy_done.synchronize()`` for the step (``synced=True`` with
+  ``GuardRecord.publish_`` captured in the graph: free when nothing was recorded), or right after the
+  runner's replay returns (``synced=False``: one device read).
+
+Reporting goes through :meth:`kvtrap.session.Session.report`, the one path every kvtrap trap uses
+(dump, raise in ``raise`` mode, rate-limited log in ``log`` mode). Entries the guard redirected are
+safe to continue from, so ``log`` mode really continues.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Mapping
 from typing import Any
 
 from kvtrap.config import Config
-from kvtrap.dumpfile import write_dump
-from kvtrap.errors import KVTrapError, Violation
+from kvtrap.errors import Violation
 from kvtrap.guard.record import GuardRecord
-
-logger = logging.getLogger("kvtrap.guard")
-
-_log_lock = threading.Lock()
-_logged = 0
+from kvtrap.session import Session
 
 
 def check_and_raise(
     record: GuardRecord,
-    config: Config,
+    config: Config | Session,
     context: Mapping[str, Any] | None = None,
     tensors: Mapping[str, Any] | None = None,
     *,
@@ -37,10 +34,12 @@ def check_and_raise(
 ) -> Violation | None:
     """Drain ``record``; if the guard recorded anything, dump it and raise (``raise``) or log (``log``).
 
+    ``config`` is the armed session (or a bare :class:`Config`, which gets a session of its own).
     Returns ``None`` when nothing was recorded, else (``log`` mode) the violation. ``context`` and
     ``tensors`` go into the dump (the page tables in ``tensors`` already hold the redirected values;
     the original ones are in the ``guard_entries`` tensor). A failed dump never hides the trap.
     """
+    session = config if isinstance(config, Session) else Session(config)
     drained = record.drain(synced=synced)
     if not drained:
         return None
@@ -57,36 +56,5 @@ def check_and_raise(
     ctx.setdefault("hook", where)
     all_tensors: dict[str, Any] = dict(tensors or {})
     all_tensors["guard_entries"] = record.entries_array(drained)
-    path = None
-    dump_error = None
-    try:
-        path = write_dump(violation, ctx, all_tensors, config)
-    except Exception as exc:  # a full disk must not turn a trap into a silent pass
-        dump_error = f"{type(exc).__name__}: {exc}"
-    if config.mode == "raise":
-        raise KVTrapError(violation, path, dump_error)
-    _log(violation, path, dump_error, config)
+    session.report(violation, ctx, all_tensors, safe_to_continue=True)
     return violation
-
-
-def _log(violation: Violation, path: object, dump_error: str | None, config: Config) -> None:
-    global _logged
-    with _log_lock:
-        _logged += 1
-        n = _logged
-    if n > config.log_limit:
-        return
-    msg = f"kvtrap [{violation.kind}] in {violation.where}: {violation.describe()}"
-    if path is not None:
-        msg += f" Dump: {path}."
-    elif dump_error:
-        msg += f" The dump could not be written: {dump_error}."
-    if n == config.log_limit:
-        msg += " (log limit reached: later guard events are counted, not logged)"
-    logger.warning(msg)
-
-
-def reset_log_count() -> None:
-    global _logged
-    with _log_lock:
-        _logged = 0

@@ -191,11 +191,11 @@ def check_forward(backend: Any, layer: Any, forward_batch: Any, where: str) -> N
     bound = layer_pages(live, layer_id, page_size)
     scan = None if capturing else _scan(backend, md, handed_name, handed, page_size, bound)
     if not (mismatch or drift) and (scan is None or scan.ok):
-        if capturing:
+        if capturing and session.config.guard == "off":
             session.warn_once(
                 "capture",
                 "page-table values are not checked inside CUDA-graph capture or replay (host checks only); "
-                "run eager (--cuda-graph-backend-decode disabled) or enable the device guard",
+                "run eager (--cuda-graph-backend-decode disabled) or leave KVTRAP_GUARD at auto",
             )
         return  # the common case: a few attribute reads, no sync
     window = getattr(layer, "sliding_window_size", None)
