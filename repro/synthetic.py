@@ -178,7 +178,6 @@ def _shape_args(shape: Shape) -> list[str]:
 
 
 def run_synthetic(ctx: ComponentContext) -> ComponentResult:
-    from kvtrap import KVTrapError
     from kvtrap.config import Config
 
     shape = _parse(ctx.extra_args)
@@ -186,7 +185,13 @@ def run_synthetic(ctx: ComponentContext) -> ComponentResult:
     fixed = ctx.fix is True
     details: dict[str, Any] = {"shape": shape.__dict__, "fixed": fixed}
 
-    # 1. unarmed, in a child process: the raw fault
+    if not fixed:
+        _unarmed_child(ctx, shape, details)
+    return _armed(ctx, shape, config, fixed, details)
+
+
+def _unarmed_child(ctx: ComponentContext, shape: Shape, details: dict[str, Any]) -> None:
+    """Step 1: the raw fault, in a child process (it poisons its CUDA context)."""
     child = subprocess.run(
         [sys.executable, "-m", "kvtrap.repro.synthetic", "--unarmed", *_shape_args(shape)],
         capture_output=True, text=True, timeout=300,
@@ -202,8 +207,12 @@ def run_synthetic(ctx: ComponentContext) -> ComponentResult:
         "tail": raw.splitlines()[-3:],
     }
 
-    # 2./3. armed, in this process: trapped before the launch (or, fixed, a clean launch)
+
+def _armed(ctx: ComponentContext, shape: Shape, config: Any, fixed: bool, details: dict[str, Any]) -> ComponentResult:
+    """Steps 2/3, in this process: trapped before the launch (or, fixed, a clean launch)."""
     import torch
+
+    from kvtrap import KVTrapError
 
     state = build(shape)
     try:
