@@ -106,23 +106,35 @@ def find_drift(backend: Any, live: Any) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------- the check
-# backend -> (metadata object, {(table name, bound): scan}); the strong ref to the metadata keeps its
-# id from being reused, so a new forward's metadata never hits an old entry.
-_scans: weakref.WeakKeyDictionary[Any, tuple[Any, dict[tuple[str, int], checks.TableScan]]] = (
-    weakref.WeakKeyDictionary()
-)
+@dataclass
+class _ForwardCache:
+    """What stays fixed for one forward (one metadata object and one live pool): checked once, reused
+    by every layer. Holding ``md`` keeps its id from being reused, so a new forward never hits it."""
+
+    md: Any
+    live: Any
+    drift: dict[str, str]
+    pages: dict[str, int]  # layer type -> pages of the pool such layers read
+    scans: dict[tuple[str, int], checks.TableScan]
 
 
-def _scan(backend: Any, md: Any, name: str, table: Any, page_size: int, bound: int) -> checks.TableScan:
-    entry = _scans.get(backend)
-    if entry is None or entry[0] is not md:
-        entry = (md, {})
-        _scans[backend] = entry
+_forwards: weakref.WeakKeyDictionary[Any, _ForwardCache] = weakref.WeakKeyDictionary()
+
+
+def _forward_cache(backend: Any, md: Any, live: Any) -> _ForwardCache:
+    entry = _forwards.get(backend)
+    if entry is None or entry.md is not md or entry.live is not live:
+        entry = _ForwardCache(md, live, find_drift(backend, live), {}, {})
+        _forwards[backend] = entry
+    return entry
+
+
+def _scan(entry: _ForwardCache, name: str, table: Any, page_size: int, bound: int) -> checks.TableScan:
     key = (name, bound)
-    scan = entry[1].get(key)
+    scan = entry.scans.get(key)
     if scan is None:
-        scan = checks.scan_page_table(table, md.cache_seqlens_int32, page_size, bound)
-        entry[1][key] = scan
+        scan = checks.scan_page_table(table, entry.md.cache_seqlens_int32, page_size, bound)
+        entry.scans[key] = scan
     return scan
 
 
@@ -185,11 +197,14 @@ def check_forward(backend: Any, layer: Any, forward_batch: Any, where: str) -> N
         handed_name = "page_table"
     else:
         handed_name = "other"
-    drift = find_drift(backend, live)
+    entry = _forward_cache(backend, md, live)
+    drift = entry.drift
     capturing = checks.is_capturing(handed)
     mismatch = handed_name != ("swa_page_table" if layer_type == SWA else "page_table")
-    bound = layer_pages(live, layer_id, page_size)
-    scan = None if capturing else _scan(backend, md, handed_name, handed, page_size, bound)
+    bound = entry.pages.get(layer_type)
+    if bound is None:
+        bound = entry.pages[layer_type] = layer_pages(live, layer_id, page_size)
+    scan = None if capturing else _scan(entry, handed_name, handed, page_size, bound)
     if not (mismatch or drift) and (scan is None or scan.ok):
         if capturing and session.config.guard == "off":
             session.warn_once(

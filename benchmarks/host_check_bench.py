@@ -1,0 +1,101 @@
+"""Armed host-check cost per layer call vs the unarmed call, on CPU, with real sglang==0.5.23 objects.
+
+Runs SGLang's real ``TRTLLMHAAttnBackend.forward_decode`` (partially constructed backend, real SWAKVPool,
+real RadixAttention layers; see tests/sglang_world.py) up to the FlashInfer launch, which does not exist
+on a CPU machine: the call writes K/V into the pool and stops at the launch. Both sides do exactly that;
+the difference is kvtrap's wrapper and checks. Prints a table and writes JSON + markdown.
+
+    python benchmarks/host_check_bench.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+
+def _call(backend, layer, fb, q, k, v) -> None:
+    try:
+        backend.forward_decode(q, k, v, layer, fb)
+    except NameError:  # the FlashInfer launch: where a CPU machine stops
+        pass
+
+
+def _time_layers(backend, layers, fb, q, k, v, *, new_forward, reps: int) -> list[float]:
+    import sglang_world as w
+
+    per_call = []
+    md = backend.forward_metadata
+    for _ in range(reps):
+        if new_forward:  # a new forward's metadata: the first layer pays the value scan
+            w.set_metadata(backend, md.page_table, md.swa_page_table, md.cache_seqlens_int32)
+            backend.forward_metadata.swa_out_cache_loc = md.swa_out_cache_loc
+        t0 = time.perf_counter_ns()
+        for layer in layers:
+            _call(backend, layer, fb, q, k, v)
+        per_call.append((time.perf_counter_ns() - t0) / 1e3 / len(layers))
+    return per_call
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--reps", type=int, default=300)
+    args = ap.parse_args()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import sglang_world as w
+    import trapdumps as td
+
+    import kvtrap
+
+    pool, alloc, layers, batch, backend, fb = td.decode_world(seq_lens=(40, 100, 17, 30))
+    w.set_write_locs(backend, alloc, fb)
+    q, k, v = w.qkv(len(batch.seq_lens))
+    rows = {}
+    for name, new_forward in (("steady (same forward)", False), ("new forward each pass", True)):
+        _time_layers(backend, layers, fb, q, k, v, new_forward=new_forward, reps=20)  # warm-up
+        unarmed = _time_layers(backend, layers, fb, q, k, v, new_forward=new_forward, reps=args.reps)
+        with tempfile.TemporaryDirectory() as tmp, kvtrap.armed(dump_dir=tmp):
+            _time_layers(backend, layers, fb, q, k, v, new_forward=new_forward, reps=20)
+            armed = _time_layers(backend, layers, fb, q, k, v, new_forward=new_forward, reps=args.reps)
+        u, a = statistics.median(unarmed), statistics.median(armed)
+        rows[name] = {"unarmed_us_per_layer": round(u, 2), "armed_us_per_layer": round(a, 2),
+                      "overhead_us_per_layer": round(a - u, 2), "ratio": round(a / u, 3)}
+    meta = {
+        "machine": f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "versions": {d: metadata.version(d) for d in ("kvtrap", "sglang", "torch")},
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "python benchmarks/host_check_bench.py --out benchmarks/results",
+        "layers": len(layers), "batch": len(batch.seq_lens), "reps": args.reps,
+        "note": "CPU tensors: the value scan's host sync is a CPU op here; on a GPU it is one "
+                "device sync (~20-40 us) per table per forward, measured in benchmarks/results/guard-*.md",
+    }
+    lines = ["| case | unarmed us/layer | armed us/layer | overhead us/layer | ratio |", "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['unarmed_us_per_layer']} | {r['armed_us_per_layer']} | "
+                     f"{r['overhead_us_per_layer']} | {r['ratio']} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "host-check-cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        md = ["# Armed host-check cost per trtllm_mha layer call (CPU)", ""]
+        md += [f"- {k}: {v}" for k, v in meta.items()] + ["", table, ""]
+        (args.out / "host-check-cpu.md").write_text("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
