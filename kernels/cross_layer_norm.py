@@ -74,21 +74,33 @@ def _moe_next_kernel(
     stride_r,
     eps,
     BLOCK_N: tl.constexpr,
+    EARLY_R: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     ok = cols < N
+    # Load order matters: the row lives in registers, and every row-sized tensor that is live across a
+    # reduction costs BLOCK_N / (32 * num_warps) registers per thread. Loading the residual and all four
+    # weights up front (the first version) kept seven row tensors live: 214 registers per thread at
+    # 4 warps (ptxas, sm_90a), two rows per SM, 69% of the copy rate at M = 8192 on the H200. Here at most
+    # x1, x2 and then c are live together; each weight is loaded right where it is used. The residual
+    # load is issued up front (EARLY_R, the default): H200, M = 8192, 8 warps: 66.3 us (81% of the copy
+    # rate) against 72.3 us when it is loaded after the reductions; at 4 warps the extra live row costs
+    # occupancy instead (83.8 vs 71.2 us). benchmarks/results/kernels-h200.md, MoE sweep.
     x1 = tl.load(x1_ptr + row * stride_x1 + cols, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(x2_ptr + row * stride_x2 + cols, mask=ok, other=0.0).to(tl.float32)
-    r = tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
-    w1 = tl.load(w1_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    w2 = tl.load(w2_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    c = x1 * tl.rsqrt(tl.sum(x1 * x1, axis=0) / N + eps) * w1
-    c += x2 * tl.rsqrt(tl.sum(x2 * x2, axis=0) / N + eps) * w2
-    w3 = tl.load(w3_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    if EARLY_R:
+        r = tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
+    r1 = tl.rsqrt(tl.sum(x1 * x1, axis=0) / N + eps)
+    r2 = tl.rsqrt(tl.sum(x2 * x2, axis=0) / N + eps)
+    c = x1 * r1 * tl.load(w1_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    c += x2 * r2 * tl.load(w2_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    r3 = tl.rsqrt(tl.sum(c * c, axis=0) / N + eps)
+    if not EARLY_R:
+        r = tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
     s = tl.load(s_ptr).to(tl.float32)
     dt = stream_ptr.dtype.element_ty
-    h = ((c * tl.rsqrt(tl.sum(c * c, axis=0) / N + eps) * w3 + r) * s).to(dt)
+    h = ((c * r3 * tl.load(w3_ptr + cols, mask=ok, other=0.0).to(tl.float32) + r) * s).to(dt)
     o = row * N + cols
     tl.store(stream_ptr + o, h, mask=ok)
     hf = h.to(tl.float32)
@@ -142,9 +154,12 @@ def post_ffn_moe_next_norm(
     scalar: torch.Tensor,
     w_next: torch.Tensor,
     eps: float = 1e-6,
+    *,
+    early_r: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MoE form: ``stream = (rmsnorm(rmsnorm(dense_out, w1) + rmsnorm(moe_out, w2), w_post_ff) + residual)
-    * scalar``; ``next_in = rmsnorm(stream, w_next)``. Returns ``(stream, next_in)``."""
+    * scalar``; ``next_in = rmsnorm(stream, w_next)``. Returns ``(stream, next_in)``. ``early_r`` (default
+    True) issues the residual load before the reductions (a benchmark knob)."""
     check_tensor("dense_out", dense_out, ndim=2)
     M, N = dense_out.shape
     check_tensor("moe_out", moe_out, ndim=2, shape=(M, N))
@@ -158,9 +173,12 @@ def post_ffn_moe_next_norm(
     stream = torch.empty((M, N), dtype=dense_out.dtype, device=dense_out.device)
     nxt = torch.empty_like(stream)
     if M > 0:
-        block_n, nw = row_config(N, M)
+        # Wide like the triple norm (three row inputs, four weights): 8 warps at BLOCK_N <= 4096 also
+        # at M = 8192 (102 registers per thread; benchmarks/results/kernels-*: the MoE warps sweep).
+        block_n, nw = row_config(N, M, wide=True)
         _moe_next_kernel[(M,)](
             dense_out, moe_out, residual, w_post_ff_1, w_post_ff_2, w_post_ff, scalar, w_next, stream, nxt,
-            N, dense_out.stride(0), moe_out.stride(0), residual.stride(0), eps, BLOCK_N=block_n, num_warps=nw,
+            N, dense_out.stride(0), moe_out.stride(0), residual.stride(0), eps, BLOCK_N=block_n,
+            EARLY_R=early_r, num_warps=nw,
         )  # fmt: skip
     return stream, nxt

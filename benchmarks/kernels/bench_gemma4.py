@@ -46,7 +46,8 @@ def time_graph(fn: Callable[[], Any], m: int, trials: int = 5) -> float:
     """Median microseconds per call of ``fn`` under CUDA-graph replay."""
     import torch
 
-    reps = 20 if m <= 256 else 3
+    # 50 back-to-back calls per graph at decode sizes: the launch-floor kernels differ by tens of ns.
+    reps = 50 if m <= 256 else 3
     replays = 20 if m <= 256 else 10
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -95,7 +96,7 @@ def build_cases() -> dict[str, dict[str, Any]]:
     import torch
     from kvtrap.kernels import references as ref
     from kvtrap.kernels.cross_layer_norm import post_ffn_dense_next_norm, post_ffn_moe_next_norm
-    from kvtrap.kernels.ple_tail import gelu_tanh_mul, rmsnorm_add, rmsnorm_residual_scalar
+    from kvtrap.kernels.ple_tail import gelu_tanh_mul, ple_tail, rmsnorm_add, rmsnorm_residual_scalar
     from kvtrap.kernels.routing import gemma4_fused_routing
     from kvtrap.kernels.triple_norm import post_attn_triple_rmsnorm
 
@@ -165,6 +166,19 @@ def build_cases() -> dict[str, dict[str, Any]]:
             v["sglang"] = lambda: sgl_ops.gemma_rmsnorm_residual_scalar(x, w, r, scal, 1e-6)
         return v
 
+    def tail(m: int, n: int = 2560, d: int = 256) -> dict[str, Callable[[], Any]]:
+        """The whole PLE tail incl. its two GEMMs: eager 7 + 2 launches; torch.compile of the same code;
+        fused = our 3 kernels + the same two F.linear (cuBLAS) calls."""
+        h, r, w_ff, w_ple = act(m, n, 2.0), act(m, n), wt(n), wt(n)
+        ple = torch.randn(m, 42, d, device="cuda").to(bf)[:, 17, :]
+        w_gate, w_proj = act(d, n, n**-0.5), act(n, d, d**-0.5)
+        args = (h, r, ple, w_ff, w_gate, w_proj, w_ple, scal)
+        return {
+            "eager": lambda: ref.ple_tail_ref(*args),
+            "compile": lambda: comp("ple_tail", ref.ple_tail_ref)(*args),
+            "fused": lambda: ple_tail(*args),
+        }
+
     def triple(m: int, n: int = 2816) -> dict[str, Callable[[], Any]]:
         x, r = act(m, n, 2.0), act(m, n, 8.0)
         ws = [wt(n) for _ in range(4)]
@@ -202,6 +216,7 @@ def build_cases() -> dict[str, dict[str, Any]]:
         "rmsnorm_add N=2560 (E4B)": {"make": rms_add, "bytes": lambda m: 3 * m * 2560 * 2 + 2560 * 2},
         "gelu_tanh_mul 256, strided ple (E4B)": {"make": gelu, "bytes": lambda m: 3 * m * 256 * 2},
         "rmsnorm_residual_scalar N=2560 (E4B)": {"make": res_scalar, "bytes": lambda m: 3 * m * 2560 * 2 + 2560 * 2},
+        "PLE tail whole, 3 kernels + 2 GEMMs (E4B)": {"make": tail, "bytes": None},
         "post_attn_triple_rmsnorm N=2816 (26B)": {"make": triple, "bytes": lambda m: 6 * m * 2816 * 2 + 4 * 2816 * 2},
         "post_ffn_dense_next_norm N=5376 (31B)": {"make": dense, "bytes": lambda m: 4 * m * 5376 * 2 + 2 * 5376 * 2},
         "post_ffn_moe_next_norm N=2816 (26B)": {"make": moe, "bytes": lambda m: 5 * m * 2816 * 2 + 4 * 2816 * 2},
@@ -260,7 +275,39 @@ def sweep_gelu(ms: tuple[int, ...]) -> list[dict[str, Any]]:
     return rows
 
 
-def run(out: Path, ms: tuple[int, ...], sweeps: bool) -> dict[str, Any]:
+def sweep_moe_warps(ms: tuple[int, ...]) -> list[dict[str, Any]]:
+    import torch
+    from kvtrap.kernels import _launch
+    from kvtrap.kernels.cross_layer_norm import post_ffn_moe_next_norm
+
+    rows = []
+    bf, n = torch.bfloat16, 2816
+    scal = torch.ones(1, device="cuda", dtype=bf)
+    w = torch.ones(n, device="cuda", dtype=bf)
+    for m in ms:
+        x1, x2, r = (torch.randn(m, n, device="cuda").to(bf) for _ in range(3))
+        for nw in (4, 8, 16):
+            for early in (False, True):
+                _launch.NUM_WARPS_OVERRIDE = nw
+                try:
+                    us = time_graph(lambda x1=x1, x2=x2, r=r, e=early: post_ffn_moe_next_norm(
+                        x1, x2, r, w, w, w, scal, w, early_r=e), m)
+                finally:
+                    _launch.NUM_WARPS_OVERRIDE = None
+                rows.append({"m": m, "n": n, "num_warps": nw, "early_r": early, "us": us,
+                             "gbps": (5 * m * n * 2 + 4 * n * 2) / us / 1e3})
+    return rows
+
+
+SWEEPS = {
+    "routing": ("routing_sweep", sweep_routing, (1, 64, 256, 8192)),
+    "gelu": ("gelu_sweep", sweep_gelu, (1, 64, 128, 256, 8192)),
+    "row": ("row_warps_sweep", sweep_row_warps, (1, 256, 8192)),
+    "moe": ("moe_warps_sweep", sweep_moe_warps, (1, 256, 8192)),
+}
+
+
+def run(out: Path, ms: tuple[int, ...], sweeps: tuple[str, ...]) -> dict[str, Any]:
     import torch
     import triton
 
@@ -300,23 +347,19 @@ def run(out: Path, ms: tuple[int, ...], sweeps: bool) -> dict[str, Any]:
                 except Exception as e:  # noqa: BLE001
                     row[vname] = None
                     row[vname + "_error"] = f"{type(e).__name__}: {e}"[:300]
-            row["fused_gbps"] = case["bytes"](m) / (row["fused"] * 1e-6) / 1e9 if row.get("fused") else None
+            ok = row.get("fused") and case["bytes"] is not None
+            row["fused_gbps"] = case["bytes"](m) / (row["fused"] * 1e-6) / 1e9 if ok else None
             rows.append(row)
             print(name, row, f"({time.time() - t0:.1f}s)", flush=True)
             result["cases"][name] = rows
             save()
         torch.cuda.empty_cache()
-    if sweeps:
-        for key, fn, ms_ in (
-            ("routing_sweep", sweep_routing, (1, 64, 256, 8192)),
-            ("gelu_sweep", sweep_gelu, (1, 256, 8192)),
-            ("row_warps_sweep", sweep_row_warps, (1, 256, 8192)),
-        ):
-            try:
-                result[key] = fn(ms_)
-            except Exception as e:  # noqa: BLE001
-                result[key + "_error"] = f"{type(e).__name__}: {e}"[:500]
-            save()
+    for key, fn, ms_ in (SWEEPS[name] for name in sweeps):
+        try:
+            result[key] = fn(ms_)
+        except Exception as e:  # noqa: BLE001
+            result[key + "_error"] = f"{type(e).__name__}: {e}"[:500]
+        save()
     result["copy_gbps_end"] = copy_bandwidth()
     result["copy_gbps"] = max(result["copy_gbps"], result["copy_gbps_end"])
     save()
@@ -372,6 +415,12 @@ def render(result: dict[str, Any]) -> str:
         lines += ["## gelu_tanh_mul launch sweep (us)", "", "| M | block_m | warps | us |", "|---|---|---|---|"]
         lines += [f"| {r['m']} | {r['block_m']} | {r['num_warps']} | {r['us']:.2f} |" for r in result["gelu_sweep"]]
         lines.append("")
+    if "moe_warps_sweep" in result:
+        lines += ["## post_ffn_moe_next_norm warps / residual-load sweep (N=2816)", "",
+                  "| M | warps | early_r | us | GB/s | %copy |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['m']} | {r['num_warps']} | {r.get('early_r', False)} | {r['us']:.2f} | {r['gbps']:.0f} |"
+                  f" {100 * r['gbps'] / copy:.0f}% |" for r in result["moe_warps_sweep"]]
+        lines.append("")
     if "row_warps_sweep" in result:
         lines += ["## Row-kernel warps sweep (us)", "", "| M | N | warps | dense | triple |", "|---|---|---|---|---|"]
         lines += [
@@ -379,14 +428,41 @@ def render(result: dict[str, Any]) -> str:
             for r in result["row_warps_sweep"]
         ]
         lines.append("")
+    for key, val in result.get("earlier", {}).items():
+        lines += [f"## {key} (earlier run, not re-measured here)", "", val["note"], ""]
+        lines += val["md"]
+        lines.append("")
+    lines += goals(result)
     return "\n".join(lines)
+
+
+def goals(result: dict[str, Any]) -> list[str]:
+    """The issue's goals checked mechanically against this run's rows (plus notes added by hand)."""
+    copy = result["copy_gbps"]
+    out = ["## Goals against this run (computed from the tables above)", ""]
+    for name, rows in result["cases"].items():
+        worst = min(rows, key=lambda r: (r["compile"] or 0) / (r["fused"] or 1))
+        lost = [r["m"] for r in rows if r.get("compile") and r.get("fused") and r["compile"] < r["fused"]]
+        line = (f"- {name}: vs torch.compile min {worst['compile'] / worst['fused']:.2f}x (M = {worst['m']}); "
+                + ("faster or equal at every M" if not lost else f"**slower at M = {lost}**"))
+        big = [r for r in rows if r["m"] == 8192 and r.get("fused_gbps")]
+        if big and not name.startswith("routing"):
+            pct = 100 * big[0]["fused_gbps"] / copy
+            line += f"; M = 8192: {pct:.0f}% of copy" + (" (>= 80%)" if pct >= 80 else " (**< 80%**)")
+        ratios = [r["sglang"] / r["fused"] for r in rows if r.get("sglang") and r.get("fused")]
+        if name.startswith("routing") and ratios:
+            line += f"; vs SGLang {min(ratios):.2f}-{max(ratios):.2f}x"
+        out.append(line)
+    out += [""] + result.get("notes", [])
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, help="write results JSON here (runs the benchmark; needs CUDA)")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values")
-    ap.add_argument("--sweeps", action="store_true", help="also sweep launch configs")
+    ap.add_argument("--sweeps", nargs="?", const=",".join(SWEEPS), default="",
+                    help=f"also sweep launch configs: comma-separated subset of {','.join(SWEEPS)} (default all)")
     ap.add_argument("--render", nargs=2, type=Path, metavar=("JSON", "MD"), help="render a results JSON")
     args = ap.parse_args()
     if args.render:
@@ -395,7 +471,8 @@ def main() -> None:
     if args.out is None:
         ap.error("--out or --render required")
     _import_kernels()
-    res = run(args.out, tuple(int(m) for m in args.ms.split(",")), args.sweeps)
+    sweeps = tuple(x for x in args.sweeps.split(",") if x)
+    res = run(args.out, tuple(int(m) for m in args.ms.split(",")), sweeps)
     print(render(res))
 
 

@@ -28,7 +28,7 @@ if not torch.cuda.is_available():
 from kvtrap.kernels import custom_ops  # noqa: E402,F401  (registers torch.ops.kvtrap.*)
 from kvtrap.kernels import references as ref  # noqa: E402
 from kvtrap.kernels.cross_layer_norm import post_ffn_dense_next_norm, post_ffn_moe_next_norm  # noqa: E402
-from kvtrap.kernels.ple_tail import gelu_tanh_mul, rmsnorm_add, rmsnorm_residual_scalar  # noqa: E402
+from kvtrap.kernels.ple_tail import gelu_tanh_mul, ple_tail, rmsnorm_add, rmsnorm_residual_scalar  # noqa: E402
 from kvtrap.kernels.routing import gemma4_fused_routing  # noqa: E402
 from kvtrap.kernels.triple_norm import post_attn_triple_rmsnorm  # noqa: E402
 
@@ -134,6 +134,33 @@ def test_gelu_tanh_mul_strided_per_layer_input() -> None:
     assert_close_act(out, ref.gelu_tanh_mul_ref(gate, ple))
 
 
+@pytest.mark.parametrize(("m", "d", "block_m"), [(8, 256, None), (12, 256, 4), (6, 200, None), (5, 256, 2)])
+def test_gelu_tanh_mul_even_and_masked_paths(m: int, d: int, block_m: int | None) -> None:
+    """EVEN (no predicates: M % BLOCK_M == 0 and N a power of two) and the masked path (partial row block,
+    or a row width that is not a power of two)."""
+    torch.manual_seed(m * d)
+    ple = _act(m, 3, d, scale=2.0)[:, 1, :]
+    gate = _act(m, d, scale=3.0)
+    assert_close_act(gelu_tanh_mul(gate, ple, block_m=block_m), ref.gelu_tanh_mul_ref(gate, ple))
+
+
+def test_ple_tail_whole() -> None:
+    """The three fused kernels around the two GEMMs against eager's 7 + 2 launches. The GEMMs amplify a
+    one-ulp difference of their input (the interpreter truncates bf16), so only the relative error is
+    bounded here."""
+    torch.manual_seed(11)
+    m, hid, d = 3, 128, 64
+    h, res = _act(m, hid, scale=2.0), _act(m, hid)
+    ple = _act(m, 4, d)[:, 2, :]
+    w_gate, w_proj = _act(d, hid, scale=hid**-0.5), _act(hid, d, scale=d**-0.5)
+    w_ff, w_ple = _weight(hid), _weight(hid)
+    s = torch.tensor([0.625], device=DEV).to(torch.bfloat16)
+    got = ple_tail(h, res, ple, w_ff, w_gate, w_proj, w_ple, s)
+    want = ref.ple_tail_ref(h, res, ple, w_ff, w_gate, w_proj, w_ple, s)
+    assert got.shape == want.shape and got.dtype == want.dtype and torch.isfinite(got).all()
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < (4e-3 if ON_GPU else 1e-2)
+
+
 # --- triple norm / cross-layer ---------------------------------------------------------------------------
 
 
@@ -160,13 +187,14 @@ def test_post_ffn_dense_next_norm() -> None:
         assert_close_act(got, want)
 
 
-def test_post_ffn_moe_next_norm() -> None:
+@pytest.mark.parametrize("early_r", [False, True])
+def test_post_ffn_moe_next_norm(early_r: bool) -> None:
     torch.manual_seed(8)
     n = 320
     x1, x2, r = _act(5, n), _act(5, n, scale=3.0), _act(5, n, scale=6.0)
     w1, w2, w3, wn = (_weight(n) for _ in range(4))
     s = torch.tensor([1.25], device=DEV).to(torch.bfloat16)
-    got = post_ffn_moe_next_norm(x1, x2, r, w1, w2, w3, s, wn)
+    got = post_ffn_moe_next_norm(x1, x2, r, w1, w2, w3, s, wn, early_r=early_r)
     want = ref.post_ffn_moe_next_norm_ref(x1, x2, r, w1, w2, w3, s, wn)
     for a, b in zip(got, want, strict=True):
         assert_close_act(a, b)

@@ -12,7 +12,7 @@ import torch
 from kvtrap.kernels import custom_ops  # noqa: F401  (registers torch.ops.kvtrap.*)
 from kvtrap.kernels import references as ref
 from kvtrap.kernels.cross_layer_norm import post_ffn_dense_next_norm, post_ffn_moe_next_norm
-from kvtrap.kernels.ple_tail import gelu_tanh_mul, rmsnorm_add, rmsnorm_residual_scalar
+from kvtrap.kernels.ple_tail import gelu_tanh_mul, ple_tail, rmsnorm_add, rmsnorm_residual_scalar
 from kvtrap.kernels.routing import gemma4_fused_routing
 from kvtrap.kernels.triple_norm import post_attn_triple_rmsnorm
 
@@ -88,13 +88,28 @@ def test_row_kernels_real_shapes(n: int, m: int) -> None:
         _close(a, b)
 
 
-@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("m", (*ROWS, 64, 128))
 def test_gelu_tanh_mul_real_shapes(m: int) -> None:
     torch.manual_seed(m)
     per_layer_inputs = _act(m, 42, 256)  # E4B: 42 layers x 256
     ple = per_layer_inputs[:, 17, :]
     gate = _act(m, 256, scale=3.0)
     _close(gelu_tanh_mul(gate, ple), ref.gelu_tanh_mul_ref(gate, ple))
+
+
+@pytest.mark.parametrize("m", (1, 128, 8192))
+def test_ple_tail_whole_e4b(m: int) -> None:
+    torch.manual_seed(m + 1)
+    hid, d = 2560, 256
+    h, res = _act(m, hid, scale=2.0), _act(m, hid)
+    ple = _act(m, 42, d)[:, 5, :]
+    w_gate, w_proj = _act(d, hid, scale=hid**-0.5), _act(hid, d, scale=d**-0.5)
+    w_ff, w_ple = _weight(hid), _weight(hid)
+    s = torch.tensor([0.625], device="cuda").to(torch.bfloat16)
+    got = ple_tail(h, res, ple, w_ff, w_gate, w_proj, w_ple, s)
+    want = ref.ple_tail_ref(h, res, ple, w_ff, w_gate, w_proj, w_ple, s)
+    assert torch.isfinite(got).all()
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 4e-3
 
 
 @pytest.mark.parametrize("n", (2816, 5376))
