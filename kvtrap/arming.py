@@ -35,7 +35,11 @@ def _push(config: Config) -> Session:
             reset_dump_count()
         _stack.append(session)
         patching.install(all_targets())
-    _after_arm(session)
+    try:
+        _after_arm(session)
+    except BaseException:
+        _pop(session)  # a refused setting (e.g. an unknown bug name) must not leave kvtrap armed
+        raise
     return session
 
 

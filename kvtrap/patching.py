@@ -131,6 +131,10 @@ def resolve(target: MethodTarget) -> tuple[bool, str]:
     owner = getattr(module, target.cls, None)
     if not isinstance(owner, type):
         return False, f"{target.module} has no class {target.cls}"
+    if target.add:
+        if target.attr in owner.__dict__:
+            return False, f"{target.cls} already has {target.attr}: kvtrap will not shadow it"
+        return True, "ok (added on arming)"
     if target.attr not in owner.__dict__:
         return False, f"{target.cls} has no method {target.attr}"
     return True, "ok"

@@ -111,3 +111,7 @@ def test_unknown_bug_name_is_a_clear_error(tmp_path):
     with pytest.raises(kvtrap.ConfigError, match="unknown bug to inject 'sglang-1'; known: sglang-26957"):
         with kvtrap.armed(dump_dir=str(tmp_path), inject=("sglang-1",)):
             pass
+    from kvtrap.arming import current
+
+    assert current() is None  # the refused session did not stay armed
+    assert not hasattr(TRTLLMHAAttnBackend.__dict__["forward_decode"], "__kvtrap_original__")
