@@ -299,15 +299,96 @@ def sweep_moe_warps(ms: tuple[int, ...]) -> list[dict[str, Any]]:
     return rows
 
 
+def _compiled(jit: Any) -> dict[int, tuple[int, int, int]]:
+    """id -> (registers per thread, spills, warps) of every compiled variant of a Triton kernel."""
+    out = {}
+    try:
+        for cache in jit.device_caches.values():
+            for k in cache[0].values():
+                out[id(k)] = (int(k.n_regs), int(k.n_spills), int(k.metadata.num_warps))
+    except Exception:  # noqa: BLE001  (a Triton internals change must not lose the timings)
+        pass
+    return out
+
+
+# (split, low_reg, evict_first, num_warps, early_r) at M = 8192: the committed default first, then one knob
+# at a time; (False, False, False, ...) is the previous kernel's row layout.
+XL_DENSE = ((True, True, False, 8, True), (True, True, False, 4, True), (False, False, False, 4, True),
+            (True, False, False, 8, True), (True, True, True, 8, True), (True, True, False, 16, True))
+XL_MOE = ((True, True, False, 4, True), (True, True, False, 8, True), (False, False, False, 8, True),
+          (True, False, False, 4, True), (True, True, True, 4, True), (True, True, False, 4, False))
+
+
+def sweep_cross_layer(ms: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Launch knobs of the two cross-layer kernels at their real widths, with ptxas register counts."""
+    import torch
+    from kvtrap.kernels import cross_layer_norm as xl
+
+    rows = []
+    bf = torch.bfloat16
+    scal = torch.tensor([0.75], device="cuda").to(bf)
+    for kind, n, combos, jit in (("dense", 5376, XL_DENSE, xl._dense_next_kernel),
+                                 ("moe", 2816, XL_MOE, xl._moe_next_kernel)):  # fmt: skip
+        ws = [(torch.rand(n, device="cuda") + 0.5).to(bf) for _ in range(4)]  # distinct, as in the model
+        for m in ms:
+            x1, x2, r = (torch.randn(m, n, device="cuda").to(bf) for _ in range(3))
+            for split, low, ev, nw, early in combos:
+                kw = {"split": split, "low_reg": low, "evict_first": ev, "num_warps": nw}
+                if kind == "dense":
+                    def fn(x1=x1, r=r, kw=kw, ws=ws):  # noqa: ANN202
+                        return xl.post_ffn_dense_next_norm(x1, r, ws[0], scal, ws[1], **kw)
+                    nbytes = 4 * m * n * 2 + 2 * n * 2
+                else:
+                    def fn(x1=x1, x2=x2, r=r, kw=kw, early=early, ws=ws):  # noqa: ANN202
+                        return xl.post_ffn_moe_next_norm(x1, x2, r, *ws[:3], scal, ws[3], early_r=early, **kw)
+                    nbytes = 5 * m * n * 2 + 4 * n * 2
+                before = _compiled(jit)
+                fn()
+                new = [v for k, v in _compiled(jit).items() if k not in before]
+                us = time_graph(fn, m)
+                rows.append({"kernel": kind, "m": m, "n": n, "split": split, "low_reg": low, "evict_first": ev,
+                             "num_warps": nw, "early_r": early, "us": us, "gbps": nbytes / us / 1e3,
+                             "regs": new[0][0] if new else None, "spills": new[0][1] if new else None})
+                print("xl", rows[-1], flush=True)
+    return rows
+
+
+def dump_inductor(path: Path) -> None:
+    """Compile the eager dense / MoE cross-layer sequences at M = 8192 with Inductor's generated code logged
+    (run with TORCH_LOGS=output_code; the code goes to stderr) and record their kernels' times."""
+    import torch
+    from kvtrap.kernels import references as ref
+
+    bf = torch.bfloat16
+    scal = torch.tensor([0.75], device="cuda").to(bf)
+    m = 8192
+    for n, f, k in ((5376, ref.post_ffn_dense_next_norm_native_ref, 1),
+                    (2816, ref.post_ffn_moe_next_norm_native_ref, 2)):  # fmt: skip
+        xs = [torch.randn(m, n, device="cuda").to(bf) for _ in range(k + 1)]
+        ws = [(torch.rand(n, device="cuda") + 0.5).to(bf) for _ in range(k + 2)]
+        args = (*xs, *ws[:-1], scal, ws[-1]) if k == 2 else (xs[0], xs[1], ws[0], scal, ws[1])
+        g = torch.compile(f, dynamic=False)
+        g(*args)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                g(*args)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=8)
+        with path.open("a") as fh:
+            fh.write(f"== {f.__name__} N={n} M={m}\n{table}\n")
+
+
 SWEEPS = {
     "routing": ("routing_sweep", sweep_routing, (1, 64, 256, 8192)),
     "gelu": ("gelu_sweep", sweep_gelu, (1, 64, 128, 256, 8192)),
     "row": ("row_warps_sweep", sweep_row_warps, (1, 256, 8192)),
     "moe": ("moe_warps_sweep", sweep_moe_warps, (1, 256, 8192)),
+    "xl": ("cross_layer_sweep", sweep_cross_layer, (8192,)),
 }
 
 
-def run(out: Path, ms: tuple[int, ...], sweeps: tuple[str, ...]) -> dict[str, Any]:
+def run(out: Path, ms: tuple[int, ...], sweeps: tuple[str, ...], only: str = "") -> dict[str, Any]:
     import torch
     import triton
 
@@ -336,6 +417,8 @@ def run(out: Path, ms: tuple[int, ...], sweeps: tuple[str, ...]) -> dict[str, An
 
     save()
     for name, case in build_cases().items():
+        if only and not any(tok in name for tok in only.split(",")):
+            continue
         rows = []
         for m in ms:
             t0 = time.time()
@@ -421,6 +504,17 @@ def render(result: dict[str, Any]) -> str:
         lines += [f"| {r['m']} | {r['num_warps']} | {r.get('early_r', False)} | {r['us']:.2f} | {r['gbps']:.0f} |"
                   f" {100 * r['gbps'] / copy:.0f}% |" for r in result["moe_warps_sweep"]]
         lines.append("")
+    if "cross_layer_sweep" in result:
+        lines += ["## Cross-layer kernels: launch-knob sweep (first row of each kernel = the committed default)", "",
+                  "`regs`: registers per thread of the variant compiled for that row (None: compiled earlier in",
+                  "the run, so not attributed).", "",
+                  "| kernel | M | N | split | low_reg | evict_first | warps | early_r | regs (ptxas) | us | GB/s | %copy |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['kernel']} | {r['m']} | {r['n']} | {r['split']} | {r['low_reg']} | {r['evict_first']} |"
+                  f" {r['num_warps']} | {r['early_r'] if r['kernel'] == 'moe' else '-'} | {r['regs']} |"
+                  f" {r['us']:.2f} | {r['gbps']:.0f} | {100 * r['gbps'] / copy:.0f}% |"
+                  for r in result["cross_layer_sweep"]]
+        lines.append("")
     if "row_warps_sweep" in result:
         lines += ["## Row-kernel warps sweep (us)", "", "| M | N | warps | dense | triple |", "|---|---|---|---|---|"]
         lines += [
@@ -463,6 +557,10 @@ def main() -> None:
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="comma-separated M values")
     ap.add_argument("--sweeps", nargs="?", const=",".join(SWEEPS), default="",
                     help=f"also sweep launch configs: comma-separated subset of {','.join(SWEEPS)} (default all)")
+    ap.add_argument("--cases", default="", help="comma-separated substrings: time only matching cases")
+    ap.add_argument("--sweeps-only", action="store_true", help="run only the sweeps (no main tables)")
+    ap.add_argument("--inductor", type=Path, help="append Inductor's kernel times for the cross-layer"
+                    " sequences here (set TORCH_LOGS=output_code to log its code) and exit")
     ap.add_argument("--render", nargs=2, type=Path, metavar=("JSON", "MD"), help="render a results JSON")
     args = ap.parse_args()
     if args.render:
@@ -471,8 +569,12 @@ def main() -> None:
     if args.out is None:
         ap.error("--out or --render required")
     _import_kernels()
+    if args.inductor:
+        dump_inductor(args.inductor)
+        return
     sweeps = tuple(x for x in args.sweeps.split(",") if x)
-    res = run(args.out, tuple(int(m) for m in args.ms.split(",")), sweeps)
+    ms = () if args.sweeps_only else tuple(int(m) for m in args.ms.split(","))
+    res = run(args.out, ms, sweeps, args.cases)
     print(render(res))
 
 

@@ -27,7 +27,11 @@ if not torch.cuda.is_available():
 
 from kvtrap.kernels import custom_ops  # noqa: E402,F401  (registers torch.ops.kvtrap.*)
 from kvtrap.kernels import references as ref  # noqa: E402
-from kvtrap.kernels.cross_layer_norm import post_ffn_dense_next_norm, post_ffn_moe_next_norm  # noqa: E402
+from kvtrap.kernels.cross_layer_norm import (  # noqa: E402
+    post_ffn_dense_next_norm,
+    post_ffn_moe_next_norm,
+    split_blocks,
+)
 from kvtrap.kernels.ple_tail import gelu_tanh_mul, ple_tail, rmsnorm_add, rmsnorm_residual_scalar  # noqa: E402
 from kvtrap.kernels.routing import gemma4_fused_routing  # noqa: E402
 from kvtrap.kernels.triple_norm import post_attn_triple_rmsnorm  # noqa: E402
@@ -176,28 +180,45 @@ def test_post_attn_triple_rmsnorm() -> None:
     assert torch.equal(r, r_before), "the residual input must not be modified"
 
 
-def test_post_ffn_dense_next_norm() -> None:
+XL_KNOBS = [  # (n, split, low_reg, early_w): two-chunk rows (exact, masked second chunk, power of two), one chunk
+    (320, True, True, False), (200, True, False, True), (256, True, True, True), (320, False, True, False),
+    (200, False, False, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n", "split", "low_reg", "early_w"), XL_KNOBS)
+def test_post_ffn_dense_next_norm(n: int, split: bool, low_reg: bool, early_w: bool, dtype: torch.dtype) -> None:
     torch.manual_seed(7)
-    n = 320
-    x, r, w, wn = _act(5, n), _act(5, n, scale=6.0), _weight(n), _weight(n)
+    x, r = _act(5, n, dtype=dtype), _act(5, n, scale=6.0, dtype=dtype)
+    w, wn = _weight(n, dtype), _weight(n, dtype)
     s = torch.tensor([0.5], device=DEV)
-    for got, want in zip(
-        post_ffn_dense_next_norm(x, r, w, s, wn), ref.post_ffn_dense_next_norm_ref(x, r, w, s, wn), strict=True
-    ):
-        assert_close_act(got, want)
+    got = post_ffn_dense_next_norm(x, r, w, s, wn, split=split, low_reg=low_reg, evict_first=split, early_w=early_w)
+    for a, b in zip(got, ref.post_ffn_dense_next_norm_ref(x, r, w, s, wn), strict=True):
+        assert_close_act(a, b)
 
 
 @pytest.mark.parametrize("early_r", [False, True])
-def test_post_ffn_moe_next_norm(early_r: bool) -> None:
+@pytest.mark.parametrize(("n", "split", "low_reg", "early_w"), XL_KNOBS)
+def test_post_ffn_moe_next_norm(early_r: bool, n: int, split: bool, low_reg: bool, early_w: bool) -> None:
     torch.manual_seed(8)
-    n = 320
     x1, x2, r = _act(5, n), _act(5, n, scale=3.0), _act(5, n, scale=6.0)
     w1, w2, w3, wn = (_weight(n) for _ in range(4))
     s = torch.tensor([1.25], device=DEV).to(torch.bfloat16)
-    got = post_ffn_moe_next_norm(x1, x2, r, w1, w2, w3, s, wn, early_r=early_r)
+    got = post_ffn_moe_next_norm(x1, x2, r, w1, w2, w3, s, wn, early_r=early_r, split=split, low_reg=low_reg,
+                                 early_w=early_w)
     want = ref.post_ffn_moe_next_norm_ref(x1, x2, r, w1, w2, w3, s, wn)
     for a, b in zip(got, want, strict=True):
         assert_close_act(a, b)
+
+
+def test_split_blocks() -> None:
+    assert split_blocks(2816) == (2048, 1024)
+    assert split_blocks(5376) == (4096, 2048)
+    assert split_blocks(2560) == (2048, 512)
+    assert split_blocks(4096) == (2048, 2048)
+    assert split_blocks(5376, split=False) == (8192, 0)
+    assert split_blocks(40) == (64, 0)
 
 
 # --- validation -------------------------------------------------------------------------------------------

@@ -88,6 +88,28 @@ def test_row_kernels_real_shapes(n: int, m: int) -> None:
         _close(a, b)
 
 
+@pytest.mark.parametrize("n", HIDDEN)
+@pytest.mark.parametrize(("split", "low_reg", "evict_first", "early_r", "early_w"),
+                         [(True, True, False, True, False), (True, False, True, False, True),
+                          (False, True, False, True, False), (False, False, False, False, True)])  # fmt: skip
+def test_cross_layer_launch_knobs(
+    n: int, split: bool, low_reg: bool, evict_first: bool, early_r: bool, early_w: bool
+) -> None:
+    """Every benchmark-sweep variant of the cross-layer kernels computes the same thing (compiled, real N)."""
+    torch.manual_seed(n)
+    m = 300
+    x, r, x2 = _act(m, n, scale=2.0), _act(m, n, scale=8.0), _act(m, n)
+    w = [_weight(n) for _ in range(4)]
+    s = torch.tensor([0.75], device="cuda").to(torch.bfloat16)
+    knobs = {"split": split, "low_reg": low_reg, "evict_first": evict_first, "early_w": early_w}
+    for a, b in zip(post_ffn_dense_next_norm(x, r, w[0], s, w[1], **knobs),
+                    ref.post_ffn_dense_next_norm_ref(x, r, w[0], s, w[1]), strict=True):  # fmt: skip
+        _close(a, b)
+    for a, b in zip(post_ffn_moe_next_norm(x, x2, r, *w[:3], s, w[3], early_r=early_r, **knobs),
+                    ref.post_ffn_moe_next_norm_ref(x, x2, r, *w[:3], s, w[3]), strict=True):  # fmt: skip
+        _close(a, b)
+
+
 @pytest.mark.parametrize("m", (*ROWS, 64, 128))
 def test_gelu_tanh_mul_real_shapes(m: int) -> None:
     torch.manual_seed(m)
