@@ -10,8 +10,13 @@ Times (CUDA events, median of several repetitions; graph numbers are per launch 
 * (b) the host-sync check ``(pt >= n).any().item()`` (eager only: it cannot be captured);
 * (c) a 30-layer decode step of SGLang's Triton decode attention at E4B-like shapes (8 q heads,
   2 kv heads, head dim 256, page size 64, 8k tokens per request) with and without the guard, replayed
-  as a CUDA graph (the guard is captured in the same graph: the capture proves it does no host sync).
-Writes guard-<device>.json and guard-<device>.md into ``--out``.
+  as a CUDA graph (the guard is captured in the same graph: the capture proves it does no host sync);
+* (d) ``--sections fused``: SGLang's in-graph metadata builder (``update_trtllm_mha_graph_metadata``)
+  alone, kvtrap's fused builder + guard (``kvtrap.guard.fused_metadata``), and the builder followed by
+  the separate guard, each under CUDA-graph replay at the same bs x widths, full tables and with the
+  SWA table; the fused path's *added* time is (fused - builder), compared with the empty-kernel floor.
+Writes guard-<device>.json and guard-<device>.md into ``--out``. Sections not run keep what those files
+already hold (the fused section is merged into them: key ``fused`` / a marked block in the .md).
 """
 
 from __future__ import annotations
@@ -163,6 +168,134 @@ def bench_decode(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _builder_world(bs: int, width: int, ps: int, swa: bool) -> tuple[dict, dict]:
+    """One in-graph build at the worst case (every column live), as SGLang's backend calls it."""
+    full_pages = bs * width + 1
+    pages = (torch.randperm(full_pages - 1, device="cuda") + 1).reshape(bs, width)
+    r2t = torch.zeros(bs + 1, width * ps, dtype=torch.int32, device="cuda")
+    r2t[1:] = (pages[:, :, None] * ps + torch.arange(ps, device="cuda")).reshape(bs, -1).to(torch.int32)
+    kw: dict = dict(
+        req_pool_indices=torch.arange(1, bs + 1, device="cuda"),
+        seq_lens=torch.full((bs,), width * ps, dtype=torch.int64, device="cuda"),
+        req_to_token=r2t,
+        cache_seqlens=torch.zeros(bs, dtype=torch.int32, device="cuda"),
+        cu_seqlens_k=torch.zeros(bs + 1, dtype=torch.int32, device="cuda"),
+        page_table=torch.zeros(bs, width, dtype=torch.int32, device="cuda"),
+        bs=bs, seqlen_offset=0, max_seq_pages=width, page_size=ps,
+    )
+    bounds = {"full": full_pages, "swa": 0, "mapping": None}
+    if swa:
+        swa_pages = max(2, full_pages // 4)
+        fp = torch.arange(full_pages, device="cuda")
+        sp = torch.where(fp > 0, 1 + fp % (swa_pages - 1), 0)
+        mapping = torch.zeros((full_pages - 1) * ps + ps + 1, dtype=torch.int64, device="cuda")
+        mapping[: full_pages * ps] = (sp[:, None] * ps + torch.arange(ps, device="cuda")).reshape(-1)
+        kw.update(
+            swa_mapping=mapping, swa_page_table=torch.zeros_like(kw["page_table"]),
+            out_cache_loc=r2t[1:, -1].to(torch.int64), swa_out_cache_loc=torch.zeros(bs, dtype=torch.int64,
+                                                                                     device="cuda"),
+        )
+        bounds.update(swa=swa_pages, mapping=mapping)
+    return kw, bounds
+
+
+def bench_fused(args: argparse.Namespace) -> list[dict]:
+    from sglang.kernels.ops.attention.trtllm_mha_graph_metadata import update_trtllm_mha_graph_metadata
+
+    from kvtrap.guard.fused_metadata import GuardSpec, update_metadata_guarded_
+
+    ps = 64
+    x = torch.zeros(1, device="cuda")
+    floor = _graph_time_us(lambda: _empty(x), args.per_graph, args.reps, args.iters)
+    rows = []
+    for swa in (False, True):
+        for bs in args.bs:
+            for width in args.widths:
+                kw, b = _builder_world(bs, width, ps, swa)
+                rec = GuardRecord(64)
+                spec = GuardSpec(rec, b["full"], rec.register_table("page_table", "full"),
+                                 swa_bound=b["swa"] if swa else None,
+                                 swa_table_id=rec.register_table("swa_page_table", "swa"), swa_mapping=b["mapping"])
+
+                def builder(kw: dict = kw) -> None:
+                    update_trtllm_mha_graph_metadata(**kw)
+
+                def fused(kw: dict = kw, spec: GuardSpec = spec) -> None:
+                    update_metadata_guarded_(spec=spec, **kw)
+
+                def separate(kw: dict = kw, b: dict = b, rec: GuardRecord = rec, swa: bool = swa) -> None:
+                    update_trtllm_mha_graph_metadata(**kw)
+                    guard_page_table_(kw["page_table"], kw["cache_seqlens"], ps, b["full"], rec, 0)
+                    if swa:
+                        guard_page_table_(kw["swa_page_table"], kw["cache_seqlens"], ps, b["swa"], rec, 1,
+                                          swa_mapping=b["mapping"], full_table=kw["page_table"])
+
+                # one clean eager run of each: identical tables, nothing recorded
+                fused()
+                ref = {k: kw[k].clone() for k in ("page_table", "cache_seqlens", "cu_seqlens_k")}
+                builder()
+                assert all(torch.equal(ref[k], kw[k]) for k in ref)
+                t_b = _graph_time_us(builder, args.per_graph, args.reps, args.iters)
+                t_f = _graph_time_us(fused, args.per_graph, args.reps, args.iters)
+                t_s = _graph_time_us(separate, args.per_graph, args.reps, args.iters)
+                assert rec.drain().total == 0
+                row = {
+                    "swa": swa, "bs": bs, "width_pages": width, "builder_graph_us": t_b, "fused_graph_us": t_f,
+                    "builder_plus_guard_graph_us": t_s, "fused_added_us": t_f - t_b,
+                    "separate_added_us": t_s - t_b, "empty_graph_us": floor,
+                    "fused_added_over_floor": (t_f - t_b) / floor, "separate_added_over_floor": (t_s - t_b) / floor,
+                }
+                print(
+                    f"fused swa={int(swa)} bs={bs:4d} width={width:5d}: builder {t_b:6.2f} | fused {t_f:6.2f} "
+                    f"(+{t_f - t_b:5.2f}, {(t_f - t_b) / floor:5.2f}x floor) | builder+guard {t_s:6.2f} "
+                    f"(+{t_s - t_b:5.2f}, {(t_s - t_b) / floor:5.2f}x) us; floor {floor:.2f}",
+                    flush=True,
+                )
+                rows.append(row)
+                del kw, b, rec, spec
+                torch.cuda.empty_cache()
+    return rows
+
+
+FUSED_BEGIN, FUSED_END = "<!-- fused:begin -->", "<!-- fused:end -->"
+
+
+def _fused_markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [
+        FUSED_BEGIN,
+        "## Fused metadata build + guard (CUDA-graph replay, page size 64, every column live)",
+        "",
+        f"- date: {meta['date']}; device {meta['device']} ({meta['capability']}); torch {meta['torch']},"
+        f" triton {meta['triton']}, sglang {meta['sglang']}, python {meta['python']}",
+        f"- command: `{meta['command']}`",
+        f"- per launch, from a CUDA graph of {meta['per_graph']} launches replayed. builder: SGLang's"
+        " `update_trtllm_mha_graph_metadata`; fused: `kvtrap.guard.fused_metadata.update_metadata_guarded_`"
+        " (same outputs + guard, one launch); builder + guard: SGLang's builder then `guard_page_table_` per"
+        " table (the non-fused path). added = path - builder; floor = an empty Triton kernel in this run.",
+        "",
+        "| SWA | bs | width (pages) | builder us | fused us | fused added us | added / floor |"
+        " builder + guard us | separate added us | added / floor | floor us |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {'yes' if r['swa'] else 'no'} | {r['bs']} | {r['width_pages']} | {r['builder_graph_us']:.2f} |"
+            f" {r['fused_graph_us']:.2f} | {r['fused_added_us']:+.2f} | {r['fused_added_over_floor']:+.2f} |"
+            f" {r['builder_plus_guard_graph_us']:.2f} | {r['separate_added_us']:+.2f} |"
+            f" {r['separate_added_over_floor']:+.2f} | {r['empty_graph_us']:.2f} |"
+        )
+    lines += ["", FUSED_END, ""]
+    return "\n".join(lines)
+
+
+def _merge_fused(md_text: str, block: str) -> str:
+    if FUSED_BEGIN in md_text and FUSED_END in md_text:
+        head, rest = md_text.split(FUSED_BEGIN, 1)
+        tail = rest.split(FUSED_END, 1)[1].lstrip("\n")
+        return head + block + tail
+    return md_text.rstrip("\n") + "\n\n" + block
+
+
 def _markdown(meta: dict, guard_rows: list[dict], decode_rows: list[dict]) -> str:
     lines = [
         f"# Device guard benchmark: {meta['device']}",
@@ -216,7 +349,9 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--decode-iters", type=int, default=3)
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--sections", nargs="+", choices=["guard", "decode", "fused"], default=["guard", "decode"])
     args = ap.parse_args()
+    sections = set(args.sections) - ({"decode"} if args.skip_decode else set())
 
     import importlib.metadata as md
 
@@ -234,14 +369,22 @@ def main() -> int:
         "per_graph": args.per_graph,
     }
     print(json.dumps(meta), flush=True)
-    guard_rows = bench_guard(args)
-    decode_rows = [] if args.skip_decode else bench_decode(args)
+    guard_rows = bench_guard(args) if "guard" in sections else None
+    decode_rows = bench_decode(args) if "decode" in sections else []
+    fused_rows = bench_fused(args) if "fused" in sections else None
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"guard-{slug}.json").write_text(
-        json.dumps({"meta": meta, "guard": guard_rows, "decode": decode_rows}, indent=2)
-    )
-    (args.out / f"guard-{slug}.md").write_text(_markdown(meta, guard_rows, decode_rows))
+    json_path, md_path = args.out / f"guard-{slug}.json", args.out / f"guard-{slug}.md"
+    data = json.loads(json_path.read_text()) if json_path.exists() else {}
+    md_text = md_path.read_text() if md_path.exists() else ""
+    if guard_rows is not None:
+        data.update(meta=meta, guard=guard_rows, decode=decode_rows)
+        md_text = _markdown(meta, guard_rows, decode_rows)
+    if fused_rows is not None:
+        data["fused"] = {"meta": meta, "rows": fused_rows}
+        md_text = _merge_fused(md_text, _fused_markdown(meta, fused_rows))
+    json_path.write_text(json.dumps(data, indent=2))
+    md_path.write_text(md_text)
     print(f"wrote {args.out}/guard-{slug}.json and .md", flush=True)
     return 0
 

@@ -1,5 +1,8 @@
 """Installing and removing method wrappers on SGLang classes, also for modules not imported yet.
 
+Module-level functions can be wrapped too (:func:`module_function`): the name is replaced in that one
+module (``setattr`` on the module) and put back on uninstall.
+
 Why not SGLang's ``HookRegistry``: kvtrap must also arm in-process (``kvtrap.armed()``) and restore the
 originals afterwards, and ``HookRegistry`` has no undo. Its ``_propagate_patch`` also rewrites module
 globals that point at an original, which breaks code that keeps "the original" in a global (see the
@@ -44,10 +47,28 @@ class MethodTarget:
         return f"{self.module}.{self.cls}.{self.attr}"
 
 
+#: ``cls`` of a :class:`ModuleFunctionTarget`: the attribute lives on the module itself.
+MODULE_LEVEL = "<module>"
+
+
+@dataclass(frozen=True)
+class ModuleFunctionTarget(MethodTarget):
+    """A module-level name to wrap: ``module.attr`` (e.g. a function another module imported by name).
+
+    Only the name in ``module`` is replaced; other modules that imported the same function keep theirs.
+    Build it with :func:`module_function`. A subclass of :class:`MethodTarget` so that every list of
+    targets (``all_targets``, the doctor) takes it unchanged; ``cls`` is :data:`MODULE_LEVEL`.
+    """
+
+
+def module_function(module: str, attr: str, make_wrapper: Callable[[Any], Any]) -> ModuleFunctionTarget:
+    return ModuleFunctionTarget(module, MODULE_LEVEL, attr, make_wrapper)
+
+
 @dataclass
 class _Installed:
     target: MethodTarget
-    owner: type
+    owner: Any  # the class, or the module for a ModuleFunctionTarget
     original: Any  # the raw attribute from the class __dict__ (function, staticmethod, ...)
 
 
@@ -61,10 +82,29 @@ def is_installed(target: MethodTarget) -> bool:
     return (target.module, target.cls, target.attr) in _installed
 
 
+def _apply_module_function(target: MethodTarget, module: ModuleType) -> bool:
+    key = (target.module, target.cls, target.attr)
+    raw = module.__dict__.get(target.attr, _ABSENT)
+    if raw is _ABSENT or not callable(raw):
+        return False  # not in this SGLang version; the doctor reports it
+    if getattr(raw, ORIGINAL_ATTR, None) is not None:
+        return True
+    wrapper = target.make_wrapper(raw)
+    functools.update_wrapper(wrapper, raw)
+    setattr(wrapper, ORIGINAL_ATTR, raw)
+    # the original stays in _installed (a dict), never in a module global: SGLang's HookRegistry
+    # rewrites module globals that point at a function it patches (see the notes)
+    setattr(module, target.attr, wrapper)
+    _installed[key] = _Installed(target, module, raw)
+    return True
+
+
 def _apply(target: MethodTarget, module: ModuleType) -> bool:
     key = (target.module, target.cls, target.attr)
     if key in _installed:
         return True
+    if isinstance(target, ModuleFunctionTarget):
+        return _apply_module_function(target, module)
     owner = getattr(module, target.cls, None)
     if not isinstance(owner, type):
         return False
@@ -129,6 +169,10 @@ def resolve(target: MethodTarget) -> tuple[bool, str]:
     except Exception as exc:  # any import failure is a finding, not a crash
         return False, f"cannot import {target.module}: {type(exc).__name__}: {exc}"
     owner = getattr(module, target.cls, None)
+    if isinstance(target, ModuleFunctionTarget):
+        if not callable(getattr(module, target.attr, None)):
+            return False, f"{target.module} has no function {target.attr}"
+        return True, "ok"
     if not isinstance(owner, type):
         return False, f"{target.module} has no class {target.cls}"
     if target.add:

@@ -4,9 +4,16 @@ Where each piece runs (SGLang 0.5.23):
 
 * **CUDA-graph decode** (the default): the decode graph runner calls
   ``TRTLLMHAAttnBackend.init_forward_metadata_in_graph`` inside ``run_once``; it rebuilds the static
-  page tables inside the graph. Right after it, still inside the same graph and before any layer reads
-  the tables, kvtrap launches the guard once per page table (full, and SWA when present) and queues a
-  copy of the record's counter to pinned host memory. Captured once, replayed every step; no host sync.
+  page tables inside the graph through the module-level ``update_trtllm_mha_graph_metadata``. kvtrap
+  replaces that name in ``trtllm_mha_backend`` with a wrapper and, for the duration of the in-graph
+  call, sets a thread-local build context (an AROUND hook). With a context, the wrapper runs
+  :func:`kvtrap.guard.fused_metadata.update_metadata_guarded_`: SGLang's build and the guard in one
+  launch, no extra kernel. Where the fused build does not apply (``fused_unsupported`` says why: a
+  unified pool, table shapes the separate guard would check differently, a drifted SWA mapping) the
+  wrapper calls SGLang's builder unchanged and, after the call, kvtrap launches the separate guard
+  once per page table (full, and SWA when present), as before. Either way one check per table per
+  forward, then a copy of the record's counter to pinned host memory. Captured once, replayed every
+  step; no host sync. Without a context (any other caller) the wrapper is SGLang's builder.
 * **Drain**: ``SchedulerBatchResultProcessor.process_batch_result_decode`` starts by waiting for the
   step (``result.copy_done.synchronize()``). kvtrap waits on the same event first (so SGLang's own wait
   becomes a no-op), reads the pinned counter (free when zero) and, if the guard recorded anything,
@@ -21,17 +28,19 @@ Where each piece runs (SGLang 0.5.23):
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
 from kvtrap.arming import current
-from kvtrap.patching import MethodTarget
+from kvtrap.patching import MethodTarget, module_function
 
 MODULE = "sglang.srt.layers.attention.trtllm_mha_backend"
 CLASS = "TRTLLMHAAttnBackend"
 DRAIN_MODULE = "sglang.srt.managers.scheduler_components.batch_result_processor"
 DRAIN_CLASS = "SchedulerBatchResultProcessor"
+BUILDER = "update_trtllm_mha_graph_metadata"  # module-level name in MODULE, imported from sglang.kernels
 
 
 @dataclass
@@ -39,6 +48,7 @@ class GuardState:
     record: Any  # GuardRecord
     table_ids: dict[str, int]
     backend: Any  # weakref.ref to the backend, for the dump context
+    last_fallback: str | None = None  # why the last in-graph build used the separate guard (None: fused)
 
 
 _states: weakref.WeakKeyDictionary[Any, GuardState] = weakref.WeakKeyDictionary()
@@ -118,13 +128,98 @@ def drain(state: GuardState, session: Any, *, synced: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------ wrappers
-def _after_in_graph_metadata(original: Any) -> Any:
+@dataclass
+class BuildContext:
+    """Set while one backend's ``init_forward_metadata_in_graph`` runs; read by the replaced builder."""
+
+    backend: Any
+    guard: str  # the session's KVTRAP_GUARD value
+    fused: GuardState | None = None  # set when the fused build ran (then no separate guard)
+    fallback: str | None = None  # why the builder wrapper fell back to SGLang's builder
+
+
+_local = threading.local()  # .ctx: the BuildContext of the in-graph call running on this thread
+
+
+def current_build() -> BuildContext | None:
+    return getattr(_local, "ctx", None)
+
+
+def _fused_spec(ctx: BuildContext, kwargs: dict[str, Any]) -> tuple[Any, GuardState | None, str | None]:
+    """The fused build's guard arguments for this call, or why the fused build does not apply."""
+    from kvtrap.guard.fused_metadata import GuardSpec, fused_unsupported
+    from kvtrap.hooks.trtllm_mha import FULL, SWA, is_swa_pool, pool_summary
+
+    table = kwargs.get("page_table")
+    if table is None or kwargs.get("skip_page_table"):
+        return None, None, "the builder writes no page table (unified pool)"
+    if not guard_wanted(table, ctx.guard):
+        return None, None, "guard not wanted for these tables"
+    backend = ctx.backend
+    page_size = int(backend.page_size)
+    if int(kwargs.get("page_size", -1)) != page_size:
+        return None, None, f"builder page_size {kwargs.get('page_size')} != backend page_size {page_size}"
+    live = backend.token_to_kv_pool
+    pools = pool_summary(live, page_size)
+    if pools[FULL] is None:
+        return None, None, "the live pool has no size"
+    state = _state(backend, table.device)
+    # the same tables and bounds guard_metadata() would use: SWA only when the live pool is SWA
+    check_swa = kwargs.get("swa_page_table") is not None and is_swa_pool(live) and pools[SWA] is not None
+    spec = GuardSpec(
+        record=state.record,
+        full_bound=int(pools[FULL]["pages"]),
+        full_table_id=state.table_ids["page_table"],
+        swa_bound=int(pools[SWA]["pages"]) if check_swa else None,
+        swa_table_id=state.table_ids["swa_page_table"],
+        swa_mapping=live.full_to_swa_index_mapping if check_swa else None,
+    )
+    why = fused_unsupported(spec, **kwargs)
+    return (None, None, why) if why is not None else (spec, state, None)
+
+
+def _guarded_builder(original: Any) -> Any:
+    """Replacement for ``trtllm_mha_backend.update_trtllm_mha_graph_metadata``."""
+
+    def update_trtllm_mha_graph_metadata(*args: Any, **kwargs: Any) -> Any:
+        ctx = current_build()
+        if ctx is None or args:  # not inside a guarded in-graph build (or not SGLang's keyword call)
+            return original(*args, **kwargs)
+        spec, state, why = _fused_spec(ctx, kwargs)
+        if spec is None:
+            ctx.fallback = why
+            return original(*args, **kwargs)
+        from kvtrap.guard.fused_metadata import update_metadata_guarded_
+
+        update_metadata_guarded_(spec=spec, **kwargs)
+        ctx.fused = state
+        return None
+
+    return update_trtllm_mha_graph_metadata
+
+
+def _around_in_graph_metadata(original: Any) -> Any:
     def init_forward_metadata_in_graph(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = original(self, *args, **kwargs)
         session = current()
+        if session is None or session.config.guard == "off":
+            return original(self, *args, **kwargs)
+        ctx = BuildContext(self, session.config.guard)
+        outer = current_build()  # nested calls (a multi-step draft backend's inner backends)
+        _local.ctx = ctx
+        try:
+            out = original(self, *args, **kwargs)
+        finally:
+            _local.ctx = outer
+        if ctx.fused is not None:
+            # the builder checked every table it wrote: no separate guard launch
+            ctx.fused.last_fallback = None
+            ctx.fused.record.publish_()
+            return out
         md = getattr(self, "forward_metadata", None)
-        if session is not None and md is not None and guard_wanted(md.page_table, session.config.guard):
-            guard_metadata(self, md, publish=True)
+        if md is not None and md.page_table is not None and guard_wanted(md.page_table, session.config.guard):
+            # no fused build ran (SGLang's builder was not reached, e.g. ragged verify, or a
+            # precondition failed): the separate guard checks the finished tables
+            guard_metadata(self, md, publish=True).last_fallback = ctx.fallback or "builder not called"
         return out
 
     return init_forward_metadata_in_graph
@@ -158,7 +253,8 @@ def _drain_before_results(original: Any) -> Any:
 
 
 TARGETS = [
-    MethodTarget(MODULE, CLASS, "init_forward_metadata_in_graph", _after_in_graph_metadata),
+    MethodTarget(MODULE, CLASS, "init_forward_metadata_in_graph", _around_in_graph_metadata),
+    module_function(MODULE, BUILDER, _guarded_builder),
     MethodTarget(MODULE, CLASS, "init_forward_metadata", _after_eager_metadata),
     MethodTarget(DRAIN_MODULE, DRAIN_CLASS, "process_batch_result_decode", _drain_before_results),
 ]
