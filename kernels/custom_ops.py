@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from kvtrap.kernels.cross_layer_norm import post_ffn_dense_next_norm, post_ffn_moe_next_norm
 from kvtrap.kernels.ple_tail import gelu_tanh_mul, rmsnorm_add, rmsnorm_residual_scalar
+from kvtrap.kernels.qkv_norm_rope import qkv_norm_rope
 from kvtrap.kernels.routing import gemma4_fused_routing
 from kvtrap.kernels.triple_norm import post_attn_triple_rmsnorm
 
@@ -130,3 +131,80 @@ def _(
     eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor]:
     return dense_out.new_empty(dense_out.shape), dense_out.new_empty(dense_out.shape)
+
+
+@torch.library.custom_op("kvtrap::qkv_norm_rope", mutates_args=())
+def qkv_norm_rope_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_weight: Tensor,
+    k_weight: Tensor,
+    cos_sin_cache: Tensor,
+    positions: Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float = 1e-6,
+    rotary_angles: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``rotary_angles`` 0: all ``head_dim / 2`` angles rotate."""
+    qo, ko, vo = qkv_norm_rope(
+        q, k, v, q_weight, k_weight, cos_sin_cache, positions, num_q_heads, num_kv_heads, head_dim, eps,
+        rotary_angles or None,
+    )
+    return qo, ko, vo  # type: ignore[return-value]
+
+
+@qkv_norm_rope_op.register_fake
+def _(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_weight: Tensor,
+    k_weight: Tensor,
+    cos_sin_cache: Tensor,
+    positions: Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float = 1e-6,
+    rotary_angles: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    m = q.shape[0]
+    return (
+        q.new_empty((m, num_q_heads * head_dim)),
+        q.new_empty((m, num_kv_heads * head_dim)),
+        q.new_empty((m, num_kv_heads * head_dim)),
+    )
+
+
+@torch.library.custom_op("kvtrap::q_norm_rope", mutates_args=())
+def q_norm_rope_op(
+    q: Tensor,
+    q_weight: Tensor,
+    cos_sin_cache: Tensor,
+    positions: Tensor,
+    num_q_heads: int,
+    head_dim: int,
+    eps: float = 1e-6,
+    rotary_angles: int = 0,
+) -> Tensor:
+    """KV-shared layers: q only (no dummy K)."""
+    return qkv_norm_rope(
+        q, None, None, q_weight, None, cos_sin_cache, positions, num_q_heads, 1, head_dim, eps, rotary_angles or None
+    )[0]
+
+
+@q_norm_rope_op.register_fake
+def _(
+    q: Tensor,
+    q_weight: Tensor,
+    cos_sin_cache: Tensor,
+    positions: Tensor,
+    num_q_heads: int,
+    head_dim: int,
+    eps: float = 1e-6,
+    rotary_angles: int = 0,
+) -> Tensor:
+    return q.new_empty((q.shape[0], num_q_heads * head_dim))

@@ -194,3 +194,71 @@ def post_ffn_moe_next_norm_native_ref(
     h = rms_norm(h, w_post_ff, eps) + residual
     stream = h * scalar
     return stream, rms_norm(stream, w_next, eps)
+
+
+# --- q/k/v norm + RoPE (attention input) ----------------------------------------------------------------
+
+
+def gemma4_cos_sin_cache(
+    head_dim: int, max_pos: int, base: float, partial_rotary_factor: float = 1.0, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """SGLang's fp32 ``cos_sin_cache`` ``[max_pos, head_dim]`` (cos then sin) for a Gemma 4 layer:
+    ``RotaryEmbedding`` (sliding: theta 1e4, factor 1) or ``Gemma4RotaryEmbedding`` (full, "proportional":
+    theta 1e6, factor 0.25: the first ``int(D * f) // 2`` angles with exponent ``2i / D``, the rest 0)."""
+    half = head_dim // 2
+    angles = int(head_dim * partial_rotary_factor) // 2 if partial_rotary_factor < 1.0 else half
+    inv_freq = 1.0 / (base ** (torch.arange(0, 2 * angles, 2, dtype=torch.float, device=device) / head_dim))
+    inv_freq = torch.cat([inv_freq, torch.zeros(half - angles, dtype=torch.float, device=device)])
+    freqs = torch.einsum("i,j -> ij", torch.arange(max_pos, dtype=torch.float, device=device), inv_freq)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+def _head_norm(x: torch.Tensor, w: torch.Tensor | None, heads: int, head_dim: int, eps: float) -> torch.Tensor:
+    """``gemma_qkv_rmsnorm`` on one tensor: fp32 ``x * rsqrt(sum(x^2) / D + eps) [* w]``, stored in x's dtype."""
+    xf = x.reshape(x.shape[0], heads, head_dim).float()
+    out = xf * torch.rsqrt(xf.pow(2).sum(dim=-1, keepdim=True) / head_dim + eps)
+    if w is not None:
+        out = out * w.float()
+    return out.to(x.dtype)
+
+
+def _rope_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """SGLang's CUDA RoPE (``FusedRopeKernel``, NeoX): fp32 math with the fp32 cache, one rounding."""
+    xf = x.float()
+    half = x.shape[-1] // 2
+    x1, x2 = xf[..., :half], xf[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+def qkv_norm_rope_ref(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor | None,
+    cos_sin_cache: torch.Tensor,
+    positions: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float = EPS,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``Gemma4Attention.forward`` from the q/k/v split to the attention call (~L450-527): per-head norms
+    (v without weight), k/v reshaped to contiguous, NeoX RoPE of q and k; a KV-shared layer (k, v None)
+    rotates q against a zeroed dummy K that it then drops. Returns 2-D ``(q, k, v)``."""
+    m = q.shape[0]
+    cos, sin = cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
+    qn = _head_norm(q, q_weight, num_q_heads, head_dim, eps)
+    if k is None:
+        dummy_k = torch.zeros_like(q[:, : num_kv_heads * head_dim])
+        qr = _rope_neox(qn, cos, sin)
+        _rope_neox(dummy_k.view(m, num_kv_heads, head_dim), cos, sin)
+        return qr.reshape(m, -1), None, None
+    kn = _head_norm(k, k_weight, num_kv_heads, head_dim, eps)
+    vn = _head_norm(v, None, num_kv_heads, head_dim, eps)
+    return (
+        _rope_neox(qn, cos, sin).reshape(m, -1),
+        _rope_neox(kn, cos, sin).reshape(m, -1),
+        vn.reshape(m, -1),
+    )

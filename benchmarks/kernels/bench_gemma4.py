@@ -97,6 +97,7 @@ def build_cases() -> dict[str, dict[str, Any]]:
     from kvtrap.kernels import references as ref
     from kvtrap.kernels.cross_layer_norm import post_ffn_dense_next_norm, post_ffn_moe_next_norm
     from kvtrap.kernels.ple_tail import gelu_tanh_mul, ple_tail, rmsnorm_add, rmsnorm_residual_scalar
+    from kvtrap.kernels.qkv_norm_rope import qkv_norm_rope
     from kvtrap.kernels.routing import gemma4_fused_routing
     from kvtrap.kernels.triple_norm import post_attn_triple_rmsnorm
 
@@ -211,7 +212,66 @@ def build_cases() -> dict[str, dict[str, Any]]:
             v["sglang_part"] = lambda: sgl_ops.gemma_dual_rmsnorm_residual_scalar(x1, w1, x2, w2, w3, r, scal)
         return v
 
+    sgl_rope = _sglang_rope()
+
+    def qkv(m: int, hq: int, hkv: int, d: int, shared: bool = False) -> dict[str, Callable[[], Any]]:
+        """Attention input of one layer: eager = the torch op sequence (norms, reshapes, RoPE; dummy K on a
+        KV-shared layer); SGLang = gemma_qkv_rmsnorm (in place on the split views) + the k/v reshape copies +
+        its JIT CUDA RoPE (``sglang_part``: gemma_qkv_rmsnorm alone, when the RoPE cannot be built)."""
+        full = d == 512
+        qkv_buf = act(m, (hq + 2 * hkv) * d, 2.0)
+        q, k, v = qkv_buf.split([hq * d, hkv * d, hkv * d], dim=-1)
+        if shared:
+            k = v = None
+        qw, kw = wt(d), wt(d)
+        cache = ref.gemma4_cos_sin_cache(d, 32768, 1e6 if full else 1e4, 0.25 if full else 1.0, device="cuda")
+        pos = torch.randint(0, 32768, (m,), device="cuda")
+        rot = 64 if full else None
+        args = (q, k, v, qw, kw, cache, pos, hq, hkv, d)
+        name = f"qkv{hq}-{hkv}-{d}-{shared}"
+        out = {
+            "eager": lambda: ref.qkv_norm_rope_ref(*args),
+            "compile": lambda: comp(name, ref.qkv_norm_rope_ref)(*args),
+            "fused": lambda: qkv_norm_rope(*args, rotary_angles=rot),
+        }
+        if sgl_ops is None:
+            return out
+        # upstream mutates its inputs: give it its own buffer (values stay bounded: norm then rotation)
+        sb = qkv_buf.clone()
+        sq, sk, sv = sb.split([hq * d, hkv * d, hkv * d], dim=-1)
+        kvh = 0 if shared else hkv
+
+        def sgl_norm() -> None:
+            sgl_ops.gemma_qkv_rmsnorm(sq, None if shared else sk, None if shared else sv, qw, None if shared else kw,
+                                      num_q_heads=hq, num_kv_heads=kvh, head_dim=d, eps=1e-6)
+
+        out["sglang_part"] = sgl_norm
+        if sgl_rope is not None:
+            def sgl_all() -> None:
+                sgl_norm()
+                if shared:
+                    kk = torch.zeros_like(sq[:, : hkv * d])
+                else:
+                    kk = sk.reshape(-1, hkv, d)
+                    sv.reshape(-1, hkv, d)
+                sgl_rope(positions=pos, q=sq.view(m, -1, d), k=kk.reshape(m, -1, d), cos_sin_cache=cache,
+                         is_neox=True)
+
+            out["sglang"] = sgl_all
+        return out
+
+    def qkv_bytes(hq: int, hkv: int, d: int, shared: bool = False) -> Callable[[int], int]:
+        heads = hq if shared else hq + 2 * hkv
+        cs = (64 if d == 512 else d // 2) * 2 * 4
+        return lambda m: 2 * m * heads * d * 2 + m * (cs + 8) + 2 * d * 2
+
     return {
+        "qkv_norm_rope 31B sliding (32 q / 16 kv heads, D=256)": {
+            "make": lambda m: qkv(m, 32, 16, 256), "bytes": qkv_bytes(32, 16, 256)},
+        "qkv_norm_rope 31B full (32 q / 4 kv heads, D=512, 64 of 256 angles rotate)": {
+            "make": lambda m: qkv(m, 32, 4, 512), "bytes": qkv_bytes(32, 4, 512)},
+        "qkv_norm_rope KV-shared E4B sliding: q only (8 q heads, D=256; upstream: + dummy K RoPE)": {
+            "make": lambda m: qkv(m, 8, 2, 256, shared=True), "bytes": qkv_bytes(8, 2, 256, True)},
         "routing E=128 K=8 bf16": {"make": routing, "bytes": lambda m: m * 128 * 2 + m * 8 * 8 + 128 * 4},
         "rmsnorm_add N=2560 (E4B)": {"make": rms_add, "bytes": lambda m: 3 * m * 2560 * 2 + 2560 * 2},
         "gelu_tanh_mul 256, strided ple (E4B)": {"make": gelu, "bytes": lambda m: 3 * m * 256 * 2},
@@ -221,6 +281,54 @@ def build_cases() -> dict[str, dict[str, Any]]:
         "post_ffn_dense_next_norm N=5376 (31B)": {"make": dense, "bytes": lambda m: 4 * m * 5376 * 2 + 2 * 5376 * 2},
         "post_ffn_moe_next_norm N=2816 (26B)": {"make": moe, "bytes": lambda m: 5 * m * 2816 * 2 + 4 * 2816 * 2},
     }
+
+
+def _sglang_rope() -> Callable[..., Any] | None:
+    """SGLang's CUDA RoPE (``apply_rope_with_cos_sin_cache_inplace``): a JIT kernel built with nvcc on first use."""
+    import os
+    import shutil
+
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    if not (shutil.which("nvcc") or os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))):
+        print("no SGLang RoPE: nvcc not found, its JIT CUDA kernel cannot be built here")
+        return None
+    try:
+        import torch
+        from sglang.kernels.ops.attention.rope import apply_rope_with_cos_sin_cache_inplace as f
+
+        t0 = time.time()
+        q = torch.zeros(1, 1, 256, device="cuda", dtype=torch.bfloat16)
+        f(positions=torch.zeros(1, dtype=torch.int64, device="cuda"), q=q, k=q.clone(),
+          cos_sin_cache=torch.zeros(4, 256, device="cuda"), is_neox=True)
+        torch.cuda.synchronize()
+        print(f"SGLang RoPE JIT ready ({time.time() - t0:.1f}s)")
+        return f
+    except Exception as e:  # noqa: BLE001
+        print("no SGLang RoPE:", f"{type(e).__name__}: {e}"[:400])
+        return None
+
+
+def sweep_qkv(ms: tuple[int, ...]) -> list[dict[str, Any]]:
+    import torch
+    from kvtrap.kernels import references as ref
+    from kvtrap.kernels.qkv_norm_rope import qkv_norm_rope
+
+    rows = []
+    for hq, hkv, d in ((32, 16, 256), (32, 4, 512)):
+        cache = ref.gemma4_cos_sin_cache(d, 4096, 1e4, 1.0 if d == 256 else 0.25, device="cuda")
+        rot = 64 if d == 512 else None
+        for m in ms:
+            qkv_buf = (torch.randn(m, (hq + 2 * hkv) * d, device="cuda")).to(torch.bfloat16)
+            q, k, v = qkv_buf.split([hq * d, hkv * d, hkv * d], dim=-1)
+            w = torch.ones(d, device="cuda", dtype=torch.bfloat16)
+            pos = torch.randint(0, 4096, (m,), device="cuda")
+            for hb, nw in ((1, 1), (1, 2), (2, 2), (2, 4), (4, 4), (8, 4), (8, 8)):
+                a = (q, k, v, w, w, cache, pos, hq, hkv, d)
+                us = time_graph(lambda a=a, hb=hb, nw=nw, rot=rot: qkv_norm_rope(
+                    *a, rotary_angles=rot, heads_per_program=hb, num_warps=nw), m)
+                rows.append({"m": m, "d": d, "heads_per_program": hb, "num_warps": nw, "us": us})
+                print("qkv sweep", rows[-1], flush=True)
+    return rows
 
 
 def sweep_routing(ms: tuple[int, ...]) -> list[dict[str, Any]]:
@@ -385,6 +493,7 @@ SWEEPS = {
     "row": ("row_warps_sweep", sweep_row_warps, (1, 256, 8192)),
     "moe": ("moe_warps_sweep", sweep_moe_warps, (1, 256, 8192)),
     "xl": ("cross_layer_sweep", sweep_cross_layer, (8192,)),
+    "qkv": ("qkv_sweep", sweep_qkv, (1, 256, 8192)),
 }
 
 
@@ -459,9 +568,18 @@ def render(result: dict[str, Any]) -> str:
         f"Measured device-to-device copy (1 GiB; best of cudaMemcpy and an elementwise copy kernel, at the"
         f" start and end of the run): {copy:.0f} GB/s (read + write).",
         "",
+    ]
+    for key, run_ in result.get("qkv_runs", {}).items():
+        lines.append(f"The `qkv_norm_rope` {'rows come' if key == 'main_rows' else 'launch sweep comes'} from a later run:"
+                     f" {run_['device']}, torch {run_['torch']}, triton {run_['triton']}, sglang {run_['sglang']};"
+                     f" {run_['date']}; `{run_['command']}`; copy {run_['copy_gbps']:.0f} GB/s.")
+    lines += [
+        "",
         "Times in microseconds per call. `x Ind` = compile time / fused time (> 1: fused faster);",
         "`x SGL` = SGLang kernel time / fused time (`sglang_part` is upstream's post-FFN kernel alone, without",
-        "the next layer's norm that the fused kernel also does); `%copy` = fused GB/s over the copy rate.",
+        "the next layer's norm that the fused kernel also does; for `qkv_norm_rope` the SGLang column is the whole",
+        "upstream sequence: gemma_qkv_rmsnorm + k/v reshape copies + its JIT CUDA RoPE, plus the dummy K on",
+        "KV-shared layers); `%copy` = fused GB/s over the copy rate.",
         "",
     ]
     for name, rows in result["cases"].items():
@@ -514,6 +632,12 @@ def render(result: dict[str, Any]) -> str:
                   f" {r['num_warps']} | {r['early_r'] if r['kernel'] == 'moe' else '-'} | {r['regs']} |"
                   f" {r['us']:.2f} | {r['gbps']:.0f} | {100 * r['gbps'] / copy:.0f}% |"
                   for r in result["cross_layer_sweep"]]
+        lines.append("")
+    if "qkv_sweep" in result:
+        lines += ["## qkv_norm_rope launch sweep (31B; us)", "", "| M | D | heads/program | warps | us |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['m']} | {r['d']} | {r['heads_per_program']} | {r['num_warps']} | {r['us']:.2f} |"
+                  for r in result["qkv_sweep"]]
         lines.append("")
     if "row_warps_sweep" in result:
         lines += ["## Row-kernel warps sweep (us)", "", "| M | N | warps | dense | triple |", "|---|---|---|---|---|"]

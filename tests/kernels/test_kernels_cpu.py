@@ -33,6 +33,7 @@ from kvtrap.kernels.cross_layer_norm import (  # noqa: E402
     split_blocks,
 )
 from kvtrap.kernels.ple_tail import gelu_tanh_mul, ple_tail, rmsnorm_add, rmsnorm_residual_scalar  # noqa: E402
+from kvtrap.kernels.qkv_norm_rope import qkv_norm_rope  # noqa: E402
 from kvtrap.kernels.routing import gemma4_fused_routing  # noqa: E402
 from kvtrap.kernels.triple_norm import post_attn_triple_rmsnorm  # noqa: E402
 
@@ -252,12 +253,83 @@ def test_validation_errors() -> None:
         gelu_tanh_mul(_act(3, 256), _act(2, 256))
 
 
+# --- q/k/v norm + RoPE ----------------------------------------------------------------------------------
+
+
+def _qkv_inputs(m: int, hq: int, hkv: int, d: int, factor: float, base: float):  # noqa: ANN202
+    qkv = _act(m, (hq + 2 * hkv) * d + 8, scale=2.0)[:, 8:]  # row-strided views of one GEMM output
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    cache = ref.gemma4_cos_sin_cache(d, 96, base, factor, device=DEV)
+    pos = torch.randint(0, 96, (m,), device=DEV)
+    pos[0] = 95
+    return q, k, v, _weight(d), _weight(d), cache, pos
+
+
+# (m, hq, hkv, d, partial_rotary_factor, theta, rotary_angles, heads_per_program): sliding-like (full
+# rotation), full-like (Gemma4RotaryEmbedding: a quarter of the angles, with and without the skip hint),
+# a partial last head block.
+QKV_CASES = [
+    (3, 4, 2, 32, 1.0, 1e4, None, None),
+    (2, 4, 1, 64, 0.25, 1e6, 8, None),
+    (2, 4, 1, 64, 0.25, 1e6, None, 2),
+    (3, 3, 1, 32, 1.0, 1e4, None, 2),
+]
+
+
+@pytest.mark.parametrize(("m", "hq", "hkv", "d", "f", "base", "rot", "hb"), QKV_CASES)
+def test_qkv_norm_rope(m: int, hq: int, hkv: int, d: int, f: float, base: float, rot: int | None, hb: int | None) -> None:
+    torch.manual_seed(m * 100 + d + hq)
+    q, k, v, qw, kw, cache, pos = _qkv_inputs(m, hq, hkv, d, f, base)
+    got = qkv_norm_rope(q, k, v, qw, kw, cache, pos, hq, hkv, d, rotary_angles=rot, heads_per_program=hb)
+    want = ref.qkv_norm_rope_ref(q, k, v, qw, kw, cache, pos, hq, hkv, d)
+    for g, w in zip(got, want, strict=True):
+        assert g.is_contiguous()
+        assert_close_act(g, w)
+
+
+def test_q_norm_rope_kv_shared_and_int32_positions() -> None:
+    torch.manual_seed(11)
+    q, _, _, qw, _, cache, pos = _qkv_inputs(3, 4, 1, 64, 0.25, 1e6)
+    got = qkv_norm_rope(q, None, None, qw, None, cache, pos.int(), 4, 1, 64, rotary_angles=8)
+    assert got[1] is None and got[2] is None
+    assert_close_act(got[0], ref.qkv_norm_rope_ref(q, None, None, qw, None, cache, pos, 4, 1, 64)[0])
+    op = torch.ops.kvtrap.q_norm_rope(q, qw, cache, pos, 4, 64, 1e-6, 8)
+    assert torch.equal(op, got[0])
+
+
+def test_qkv_norm_rope_validation() -> None:
+    q, k, v, qw, kw, cache, pos = _qkv_inputs(2, 2, 1, 32, 1.0, 1e4)
+    with pytest.raises(ValueError, match="q: expected size 96"):
+        qkv_norm_rope(q, k, v, qw, kw, cache, pos, 3, 1, 32)
+    with pytest.raises(ValueError, match="both be tensors or both be None"):
+        qkv_norm_rope(q, k, None, qw, kw, cache, pos, 2, 1, 32)
+    with pytest.raises(TypeError, match="k_weight: a tensor is required"):
+        qkv_norm_rope(q, k, v, qw, None, cache, pos, 2, 1, 32)
+    with pytest.raises(TypeError, match="cos_sin_cache: dtype torch.bfloat16"):
+        qkv_norm_rope(q, k, v, qw, kw, cache.bfloat16(), pos, 2, 1, 32)
+    with pytest.raises(ValueError, match="cos_sin_cache: expected size 32"):
+        qkv_norm_rope(q, k, v, qw, kw, cache[:, :16], pos, 2, 1, 32)
+    with pytest.raises(TypeError, match="positions: dtype torch.float32"):
+        qkv_norm_rope(q, k, v, qw, kw, cache, pos.float(), 2, 1, 32)
+    with pytest.raises(ValueError, match="positions: expected size 2"):
+        qkv_norm_rope(q, k, v, qw, kw, cache, pos[:1], 2, 1, 32)
+    with pytest.raises(ValueError, match="rotary_angles must be"):
+        qkv_norm_rope(q, k, v, qw, kw, cache, pos, 2, 1, 32, rotary_angles=17)
+    with pytest.raises(ValueError, match="head_dim must be twice a power of two"):
+        qkv_norm_rope(q[:, :48], k[:, :24], v[:, :24], qw[:24], kw[:24], cache[:, :24], pos, 2, 1, 24)
+    with pytest.raises(TypeError, match="share one dtype"):
+        qkv_norm_rope(q, k.float(), v, qw, kw, cache, pos, 2, 1, 32)
+    with pytest.raises(ValueError, match="last dimension must have stride 1"):
+        qkv_norm_rope(_act(64, 2).t(), k, v, qw, kw, cache, pos, 2, 1, 32)
+
+
 # --- custom ops -------------------------------------------------------------------------------------------
 
 
 def test_custom_ops_opcheck() -> None:
     torch.manual_seed(9)
     x, r, w, s = _act(3, 128), _act(3, 128), _weight(128), torch.ones(1, device=DEV)
+    cs, pos = ref.gemma4_cos_sin_cache(32, 8, 1e4, device=DEV), torch.tensor([0, 5, 7], device=DEV)
     ops = torch.ops.kvtrap
     cases = [
         (ops.gemma4_fused_routing.default, (_act(3, 64), torch.rand(64, device=DEV), 4)),
@@ -267,6 +339,8 @@ def test_custom_ops_opcheck() -> None:
         (ops.post_attn_triple_rmsnorm.default, (x, r, w, w, w, w, 1e-6)),
         (ops.post_ffn_dense_next_norm.default, (x, r, w, s, w, 1e-6)),
         (ops.post_ffn_moe_next_norm.default, (x, x, r, w, w, w, s, w, 1e-6)),
+        (ops.qkv_norm_rope.default, (x[:, :64], x[:, 64:96], x[:, 96:], w[:32], w[:32], cs, pos, 2, 1, 32, 1e-6, 0)),
+        (ops.q_norm_rope.default, (x[:, :64], w[:32], cs, pos, 2, 32, 1e-6, 4)),
     ]
     for op, args in cases:
         # Only schema and fake-tensor checks: the others re-run the kernel many times (slow in the

@@ -13,6 +13,7 @@ from kvtrap.kernels import custom_ops  # noqa: F401  (registers torch.ops.kvtrap
 from kvtrap.kernels import references as ref
 from kvtrap.kernels.cross_layer_norm import post_ffn_dense_next_norm, post_ffn_moe_next_norm
 from kvtrap.kernels.ple_tail import gelu_tanh_mul, ple_tail, rmsnorm_add, rmsnorm_residual_scalar
+from kvtrap.kernels.qkv_norm_rope import qkv_norm_rope
 from kvtrap.kernels.routing import gemma4_fused_routing
 from kvtrap.kernels.triple_norm import post_attn_triple_rmsnorm
 
@@ -185,4 +186,86 @@ def test_custom_ops_in_cuda_graph_and_compile() -> None:
     g.replay()
     torch.cuda.synchronize()
     for a, b in zip(outs, step(x2, r2, l2), strict=True):
+        assert torch.equal(a, b)
+
+
+# --- q/k/v norm + RoPE: (q heads, kv heads, head dim) per released variant and layer type -------------------
+# sliding: RotaryEmbedding(D, D, theta 1e4); full: Gemma4RotaryEmbedding (factor 0.25, theta 1e6, 64 angles).
+QKV_SHAPES = {
+    "E2B-sliding": (8, 1, 256), "E4B-sliding": (8, 2, 256), "E4B-full": (8, 2, 512),
+    "26B-sliding": (16, 8, 256), "26B-full": (16, 2, 512), "31B-sliding": (32, 16, 256), "31B-full": (32, 4, 512),
+}
+
+
+def _qkv_case(m: int, hq: int, hkv: int, d: int):  # noqa: ANN202
+    qkv = _act(m, (hq + 2 * hkv) * d, scale=2.0)
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    full = d == 512
+    cache = ref.gemma4_cos_sin_cache(d, 40000, 1e6 if full else 1e4, 0.25 if full else 1.0, device="cuda")
+    pos = torch.randint(0, 40000, (m,), device="cuda")
+    return q, k, v, _weight(d), _weight(d), cache, pos, (64 if full else None)
+
+
+@pytest.mark.parametrize("m", [1, 77, 8192])
+@pytest.mark.parametrize("variant", list(QKV_SHAPES))
+def test_qkv_norm_rope_real_shapes(variant: str, m: int) -> None:
+    hq, hkv, d = QKV_SHAPES[variant]
+    torch.manual_seed(m + d)
+    q, k, v, qw, kw, cache, pos, rot = _qkv_case(m, hq, hkv, d)
+    want = ref.qkv_norm_rope_ref(q, k, v, qw, kw, cache, pos, hq, hkv, d)
+    for angles in {rot, None}:
+        for g, w in zip(qkv_norm_rope(q, k, v, qw, kw, cache, pos, hq, hkv, d, rotary_angles=angles), want, strict=True):
+            _close(g, w)
+    # KV-shared layer (E2B/E4B's last layers): q only
+    got_q = qkv_norm_rope(q, None, None, qw, None, cache, pos, hq, hkv, d, rotary_angles=rot)[0]
+    _close(got_q, ref.qkv_norm_rope_ref(q, None, None, qw, None, cache, pos, hq, hkv, d)[0])
+
+
+@pytest.mark.parametrize("variant", ["31B-sliding", "31B-full", "E2B-sliding"])
+@pytest.mark.parametrize("m", [1, 300])
+def test_qkv_norm_vs_sglang_kernel(variant: str, m: int) -> None:
+    """The norm half against upstream's gemma_qkv_rmsnorm (in place on the split views), then RoPE."""
+    sgl = _sglang_fused_ops()
+    hq, hkv, d = QKV_SHAPES[variant]
+    torch.manual_seed(m)
+    q, k, v, qw, kw, cache, pos, rot = _qkv_case(m, hq, hkv, d)
+    qkv2 = torch.cat([q, k, v], dim=-1)
+    q2, k2, v2 = qkv2.split([hq * d, hkv * d, hkv * d], dim=-1)
+    sgl.gemma_qkv_rmsnorm(q2, k2, v2, qw, kw, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, eps=1e-6)
+    cos, sin = cache.index_select(0, pos).chunk(2, dim=-1)
+    got = qkv_norm_rope(q, k, v, qw, kw, cache, pos, hq, hkv, d, rotary_angles=rot)
+    _close(got[0], ref._rope_neox(q2.reshape(m, hq, d), cos, sin).reshape(m, -1))
+    _close(got[1], ref._rope_neox(k2.reshape(m, hkv, d), cos, sin).reshape(m, -1))
+    _close(got[2], v2)
+
+
+def test_qkv_custom_op_in_cuda_graph_and_compile() -> None:
+    hq, hkv, d = QKV_SHAPES["31B-full"]
+    torch.manual_seed(5)
+    q, k, v, qw, kw, cache, pos, rot = _qkv_case(64, hq, hkv, d)
+    ops = torch.ops.kvtrap
+
+    def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> list[torch.Tensor]:
+        a = ops.qkv_norm_rope(q, k, v, qw, kw, cache, pos, hq, hkv, d, 1e-6, rot)
+        return [*a, ops.q_norm_rope(q * 2, qw, cache, pos, hq, d, 1e-6, rot)]
+
+    eager = step(q, k, v, pos)
+    for a, b in zip(torch.compile(step, fullgraph=True)(q, k, v, pos), eager, strict=True):
+        assert torch.equal(a, b)
+    sq, sk, sv, sp = q.clone(), k.clone(), v.clone(), pos.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(sq, sk, sv, sp)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = step(sq, sk, sv, sp)
+    q2, k2, v2, _, _, _, p2, _ = _qkv_case(64, hq, hkv, d)
+    sq.copy_(q2), sk.copy_(k2), sv.copy_(v2), sp.copy_(p2)
+    for o in outs:
+        o.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(outs, step(q2, k2, v2, p2), strict=True):
         assert torch.equal(a, b)
