@@ -15,6 +15,9 @@ Times (CUDA events, median of several repetitions; graph numbers are per launch 
   alone, kvtrap's fused builder + guard (``kvtrap.guard.fused_metadata``), and the builder followed by
   the separate guard, each under CUDA-graph replay at the same bs x widths, full tables and with the
   SWA table; the fused path's *added* time is (fused - builder), compared with the empty-kernel floor.
+* (e) ``--sections variants``: the fused build's kernel variants (columns per step, warps, check per row
+  or per step: ``FUSED_VARIANTS``) against SGLang's builder in the same cells; written to
+  guard-<device>-fused-variants.json / .md only.
 Writes guard-<device>.json and guard-<device>.md into ``--out``. Sections not run keep what those files
 already hold (the fused section is merged into them: key ``fused`` / a marked block in the .md).
 """
@@ -257,6 +260,88 @@ def bench_fused(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+# (columns per loop step, warps, once-per-row check) as a function of the table width, for
+# ``--sections variants``; "shipped" is what update_metadata_guarded_ picks by itself
+FUSED_VARIANTS = {
+    "step512": lambda w: (512, 4, False),  # the first fused kernel: "anything bad?" reduced every step
+    "row512": lambda w: (512, 4, True),  # one reduction per row, SGLang's 512-column steps
+    "row1024w4": lambda w: (1024 if w > 512 else 512, 4, True),  # wide rows in one step
+    "row1024w8": lambda w: (1024 if w > 512 else 512, 8 if w > 512 else 4, True),
+    "fit": lambda w: (min(triton.next_power_of_2(w), 1024), 2 if w <= 128 else 4 if w <= 512 else 8, True),
+}
+
+
+def bench_fused_variants(args: argparse.Namespace) -> list[dict]:
+    """Kernel variants of the fused build (launch shape, where the reduction sits), same cells."""
+    from sglang.kernels.ops.attention.trtllm_mha_graph_metadata import update_trtllm_mha_graph_metadata
+
+    from kvtrap.guard.fused_metadata import GuardSpec, update_metadata_guarded_
+
+    ps = 64
+    x = torch.zeros(1, device="cuda")
+    floor = _graph_time_us(lambda: _empty(x), args.per_graph, args.reps, args.iters)
+    rows = []
+    for swa in (False, True):
+        for bs in args.bs:
+            for width in args.widths:
+                kw, b = _builder_world(bs, width, ps, swa)
+                rec = GuardRecord(64)
+                spec = GuardSpec(rec, b["full"], rec.register_table("page_table", "full"),
+                                 swa_bound=b["swa"] if swa else None,
+                                 swa_table_id=rec.register_table("swa_page_table", "swa"), swa_mapping=b["mapping"])
+                update_trtllm_mha_graph_metadata(**kw)
+                ref = {k: kw[k].clone() for k in ("page_table", "cache_seqlens", "cu_seqlens_k")}
+                t_b = _graph_time_us(lambda kw=kw: update_trtllm_mha_graph_metadata(**kw), args.per_graph,
+                                     args.reps, args.iters)
+                row = {"swa": swa, "bs": bs, "width_pages": width, "builder_graph_us": t_b, "empty_graph_us": floor}
+                for name, cfg in FUSED_VARIANTS.items():
+                    v = cfg(width)
+
+                    def fused(kw: dict = kw, spec: GuardSpec = spec, v: tuple = v) -> None:
+                        update_metadata_guarded_(spec=spec, _variant=v, **kw)
+
+                    fused()
+                    assert all(torch.equal(ref[k], kw[k]) for k in ref), name
+                    row[name] = _graph_time_us(fused, args.per_graph, args.reps, args.iters)
+                row["builder_again_graph_us"] = _graph_time_us(
+                    lambda kw=kw: update_trtllm_mha_graph_metadata(**kw), args.per_graph, args.reps, args.iters)
+                assert rec.drain().total == 0
+                print(f"variants swa={int(swa)} bs={bs:4d} width={width:5d}: builder {t_b:5.2f}/"
+                      f"{row['builder_again_graph_us']:5.2f} | " + " | ".join(
+                          f"{n} +{row[n] - t_b:5.2f}" for n in FUSED_VARIANTS) + f" | floor {floor:.2f}", flush=True)
+                rows.append(row)
+                del kw, b, rec, spec
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _variants_markdown(meta: dict, rows: list[dict]) -> str:
+    names = list(FUSED_VARIANTS)
+    lines = [
+        "# Fused metadata build + guard: kernel variants (CUDA-graph replay, page size 64, every column live)",
+        "",
+        f"- date: {meta['date']}; device {meta['device']} ({meta['capability']}); torch {meta['torch']},"
+        f" triton {meta['triton']}, sglang {meta['sglang']}, python {meta['python']}",
+        f"- command: `{meta['command']}`",
+        "- per launch, from a CUDA graph of 20 launches replayed; cells: added us over SGLang's builder (its time"
+        " measured before the variants and again after them), and added / floor (empty Triton kernel).",
+        "- variants (columns per step, warps, once-per-row check): step512 = (512, 4, per step: the first fused"
+        " kernel); row512 = (512, 4, per row); row1024w4 = (1024 for width > 512 else 512, 4, per row);"
+        " row1024w8 = the same with 8 warps for width > 512; fit = (next power of two of the width up to 1024,"
+        " 2 / 4 / 8 warps, per row).",
+        "",
+        "| SWA | bs | width | builder us | builder again us | " + " | ".join(names) + " |",
+        "|---|---|---|---|---|" + "---|" * len(names),
+    ]
+    for r in rows:
+        f = r["empty_graph_us"]
+        cells = [f"{r[n] - r['builder_graph_us']:+.2f} ({(r[n] - r['builder_graph_us']) / f:+.2f}x)" for n in names]
+        lines.append(f"| {'yes' if r['swa'] else 'no'} | {r['bs']} | {r['width_pages']} | {r['builder_graph_us']:.2f}"
+                     f" | {r['builder_again_graph_us']:.2f} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
 FUSED_BEGIN, FUSED_END = "<!-- fused:begin -->", "<!-- fused:end -->"
 
 
@@ -349,7 +434,7 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--decode-iters", type=int, default=3)
     ap.add_argument("--skip-decode", action="store_true")
-    ap.add_argument("--sections", nargs="+", choices=["guard", "decode", "fused"], default=["guard", "decode"])
+    ap.add_argument("--sections", nargs="+", choices=["guard", "decode", "fused", "variants"], default=["guard", "decode"])
     args = ap.parse_args()
     sections = set(args.sections) - ({"decode"} if args.skip_decode else set())
 
@@ -372,6 +457,7 @@ def main() -> int:
     guard_rows = bench_guard(args) if "guard" in sections else None
     decode_rows = bench_decode(args) if "decode" in sections else []
     fused_rows = bench_fused(args) if "fused" in sections else None
+    variant_rows = bench_fused_variants(args) if "variants" in sections else None
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
     args.out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = args.out / f"guard-{slug}.json", args.out / f"guard-{slug}.md"
@@ -383,6 +469,13 @@ def main() -> int:
     if fused_rows is not None:
         data["fused"] = {"meta": meta, "rows": fused_rows}
         md_text = _merge_fused(md_text, _fused_markdown(meta, fused_rows))
+    if variant_rows is not None:
+        (args.out / f"guard-{slug}-fused-variants.json").write_text(
+            json.dumps({"meta": meta, "rows": variant_rows}, indent=2))
+        (args.out / f"guard-{slug}-fused-variants.md").write_text(_variants_markdown(meta, variant_rows))
+    if guard_rows is None and fused_rows is None:
+        print("wrote the variants files only", flush=True)
+        return 0
     json_path.write_text(json.dumps(data, indent=2))
     md_path.write_text(md_text)
     print(f"wrote {args.out}/guard-{slug}.json and .md", flush=True)

@@ -132,10 +132,12 @@ def run_reference(kw: dict[str, Any], bounds: dict[str, Any], swa: bool) -> tupl
     return ref, rec.drain()
 
 
-def run_fused(kw: dict[str, Any], bounds: dict[str, Any], swa: bool, capacity: int = 64) -> tuple[dict, Any]:
+def run_fused(
+    kw: dict[str, Any], bounds: dict[str, Any], swa: bool, capacity: int = 64, variant: tuple | None = None
+) -> tuple[dict, Any]:
     out = clone_outputs(kw)
     rec = GuardRecord(capacity, out["page_table"].device)
-    update_metadata_guarded_(spec=spec_for(bounds, rec, swa), **out)
+    update_metadata_guarded_(spec=spec_for(bounds, rec, swa), _variant=variant, **out)
     return out, rec.drain()
 
 
@@ -157,6 +159,7 @@ CLEAN_CASES = [
     (5, 64, 5, False, 4, 1, 0),  # target verify offset, cumsum cu_seqlens_q
     (5, 16, 7, True, 0, 1, 600),  # swa_out_cache_loc over two tiles, mostly zero tail
     (2, 16, 600, True, 0, 0, 0),  # wider than one 512-column block
+    (2, 16, 1100, True, 0, 0, 0),  # wider than one 1024-column step: the row loops
 ]
 
 
@@ -249,6 +252,31 @@ def test_child_corrupted_swa_same_entries_as_separate_guard() -> None:
         (1, 3, 5, 5, FLAG_SWA_MISMATCH),
     }
     assert int(fused["swa_page_table"][0, 1]) == 0 and int(fused["swa_page_table"][2, 4]) == wrong
+
+
+@child_only
+@pytest.mark.parametrize("variant", [None, (512, 4, False), (512, 4, True), (64, 2, True), (1024, 8, True)])
+def test_child_wide_rows_every_launch_shape_same_entries(variant: tuple | None) -> None:
+    """Rows of several loop steps, bad entries in the first and the last step of a row: the shipped
+    launch shape and the benchmark's variants (columns per step, warps, once-per-row or per-step
+    check) all give SGLang's tables and the separate guard's entries and redirections."""
+    ps = 16
+    kw, bounds = make_world(3, ps, 1100, seed=5, swa=True)
+    kw["seq_lens"][:] = 1100 * ps
+    kw["seq_lens"][1] = 700 * ps + 1  # ends inside the second 512-column step
+    fb = bounds["full_bound"]
+    # (tokens SGLang's builder can translate without reading past the mapping: it is the reference)
+    _corrupt(kw, bounds, 0, 2, -7 * ps)
+    _corrupt(kw, bounds, 0, 1090, -5 * ps)
+    _corrupt(kw, bounds, 1, 700, fb * ps)
+    _corrupt(kw, bounds, 2, 1099, -3 * ps)
+    kw["swa_mapping"][int(kw["req_to_token"][int(kw["req_pool_indices"][2]), 600 * ps])] = 10**6 * ps
+    ref, want = run_reference(kw, bounds, swa=True)
+    fused, got = run_fused(kw, bounds, swa=True, variant=variant)
+    assert got == want
+    assert_outputs_equal(ref, fused)
+    found = {(e.table_id, e.row, e.column) for e in got.entries}
+    assert {(0, 0, 2), (0, 0, 1090), (0, 1, 700), (0, 2, 1099), (1, 2, 600)} <= found
 
 
 @child_only

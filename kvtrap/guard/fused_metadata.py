@@ -52,9 +52,26 @@ Q_MODE_NONE = 0  # cu_seqlens_q preset by the caller
 Q_MODE_CUMSUM = 1  # cu_seqlens_q[1:] = cumsum(qlens)
 Q_MODE_STRIDED = 2  # cu_seqlens_q[1:] = (i + 1) * q_stride
 
-# Columns per loop step and swa_out_cache_loc tile width. The same value as SGLang's builder uses, so
-# that the benchmark's "fused minus builder" is the cost of the guard and not of a different tiling.
+# swa_out_cache_loc tile width: SGLang's (its PAGE_BLOCK), so those programs are the same as its.
 _BLOCK = 512
+# Page-table columns per loop step: at most this many (wider rows loop, checking once per row).
+_MAX_ROW_BLOCK = 1024
+
+
+def _row_config(width: int) -> tuple[int, int, bool]:
+    """(columns per loop step, warps, once-per-row check) for a table ``width`` pages wide.
+
+    One step covers the whole row up to 1024 columns (SGLang's builder steps 512 at a time), with
+    warps scaled to the step. Measured on an H200 (``benchmarks/guard_bench.py --sections variants``,
+    ``benchmarks/results/guard-nvidia-h200-fused-variants.md``): the lowest worst case of the
+    variants (0.95x the empty-kernel floor over SGLang's builder; the goal is 1.5x). With SGLang's
+    512-column steps and 4 warps the SWA table at bs 256 x 1024 pages cost 2x the floor, and with a
+    check per step instead of per row 1024-page rows cost 1.6x.
+    """
+    row_block = min(max(triton.next_power_of_2(int(width)), 64), _MAX_ROW_BLOCK)
+    num_warps = 2 if row_block <= 128 else 4 if row_block <= 512 else 8
+    return row_block, num_warps, True
+
 
 assert ENTRY_WIDTH == 7  # the kernel writes the 7 fields of kvtrap.guard.kernel.ENTRY_FIELDS
 
@@ -94,6 +111,49 @@ def _append_overflow(counter_ptr, entries_ptr, max_entries, table_id, layer_id, 
         tl.store(e + 4, need)
         tl.store(e + 5, width.to(tl.int64))
         tl.store(e + 6, tl.full([], 4, tl.int64))
+
+
+@triton.jit
+def _check_full(src, cols, m, full_bound, PAGE_SIZE: tl.constexpr, SAFE_PAGE: tl.constexpr, DT: tl.constexpr):
+    """One block of the full table: the token, the page SGLang stores, its check and the value written."""
+    tok = tl.load(src + cols.to(tl.int64) * PAGE_SIZE, mask=m, other=0)
+    # the value SGLang stores (narrowed to the table dtype), then checked as the guard reads it
+    page64 = (tok // PAGE_SIZE).to(DT).to(tl.int64)
+    oor = m & ((page64 < 0) | (page64 >= full_bound))
+    written = tl.where(oor, SAFE_PAGE, page64)
+    return tok, page64, oor, written
+
+
+@triton.jit
+def _swa_page(map_ptr, tok, m, map_numel, PAGE_SIZE: tl.constexpr):
+    """SGLang's SWA page of a token (int32), with the mapping lookup bounded above as well."""
+    tok64 = tok.to(tl.int64)
+    # bounded above as well (SGLang's is not): see the module docstring
+    in_map = m & (tok64 >= 0) & (tok64 < map_numel)
+    slot = tl.load(map_ptr + tok64, mask=in_map, other=-1)
+    spage = tl.where(slot < 0, -1, slot // PAGE_SIZE).to(tl.int32)  # SGLang narrows to int32
+    return tok64, slot, spage
+
+
+@triton.jit
+def _check_swa(map_ptr, tok64, slot, spage, written, m, map_numel, swa_bound, PAGE_SIZE: tl.constexpr,
+               SAFE_PAGE: tl.constexpr, DT: tl.constexpr):
+    """The SWA entry as the guard reads it, its flags and the value written."""
+    sval = spage.to(DT).to(tl.int64)
+    soor = m & ((sval < 0) | (sval >= swa_bound))
+    # The separate guard compares with the mapping of the full entry *as written* (after
+    # redirection). For a page-aligned token that was not redirected that is the slot already
+    # loaded, so the second gather only runs for the other lanes.
+    etok = written * PAGE_SIZE
+    reuse = etok == tok64
+    e_ok = m & (~reuse) & (etok >= 0) & (etok < map_numel)
+    eslot = tl.load(map_ptr + etok, mask=e_ok, other=-1)
+    mapped = tl.where(reuse, slot, eslot)
+    expect = tl.where(mapped < 0, -1, mapped // PAGE_SIZE)
+    mis = m & (expect != sval)
+    sflags = (tl.where(soor, 1, 0) + tl.where(mis, 2, 0)).to(tl.int64)  # FLAG_OUT_OF_RANGE, FLAG_SWA_MISMATCH
+    swritten = tl.where(soor, SAFE_PAGE, sval)
+    return sval, sflags, swritten
 
 
 @triton.jit(
@@ -144,7 +204,9 @@ def _metadata_guard_kernel(
     CHECK_SWA: tl.constexpr,
     HAS_SWA_OUT: tl.constexpr,
     Q_MODE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,  # swa_out_cache_loc tile width (SGLang's)
+    ROW_BLOCK: tl.constexpr,  # page-table columns per loop step
+    PER_ROW: tl.constexpr,  # decide "anything bad?" once per row (else once per step)
     BS_BLOCK: tl.constexpr,
     SAFE_PAGE: tl.constexpr,
 ):
@@ -158,50 +220,65 @@ def _metadata_guard_kernel(
         src = req_to_token_ptr + tl.load(req_pool_indices_ptr + row).to(tl.int64) * r2t_stride
         dst = pt_ptr + row * pt_stride
         swa_dst = swa_pt_ptr + row * swa_stride
+        PT = pt_ptr.dtype.element_ty
+        SPT = swa_pt_ptr.dtype.element_ty
         # pages needed, computed like the separate guard does (int64), so flag 4 fires identically;
         # for any seqlen that fits int32 this equals SGLang's int32 cdiv
         need = (seqlen.to(tl.int64) + PAGE_SIZE - 1) // PAGE_SIZE
         live = tl.minimum(need, max_seq_pages)
-        offs = tl.arange(0, BLOCK)
-        for start in range(0, live, BLOCK):
-            cols = start + offs
-            m = cols < live
-            tok = tl.load(src + cols.to(tl.int64) * PAGE_SIZE, mask=m, other=0)
-            # the value SGLang stores (narrowed to the table dtype), then checked as the guard reads it
-            page = (tok // PAGE_SIZE).to(pt_ptr.dtype.element_ty)
-            page64 = page.to(tl.int64)
-            oor = m & ((page64 < 0) | (page64 >= full_bound))
-            written = tl.where(oor, SAFE_PAGE, page64)
-            tl.store(dst + cols, written.to(pt_ptr.dtype.element_ty), mask=m)
-            _append_entries(counter_ptr, entries_ptr, max_entries, oor, full_table_id, layer_id, row, cols,
-                            page64, full_bound, oor.to(tl.int64))
-            if HAS_SWA:
-                tok64 = tok.to(tl.int64)
-                # bounded above as well (SGLang's is not): see the module docstring
-                in_map = m & (tok64 >= 0) & (tok64 < map_numel)
-                slot = tl.load(map_ptr + tok64, mask=in_map, other=-1)
-                spage = tl.where(slot < 0, -1, slot // PAGE_SIZE).to(tl.int32)  # SGLang narrows to int32
-                if CHECK_SWA:
-                    sval = spage.to(swa_pt_ptr.dtype.element_ty).to(tl.int64)
-                    soor = m & ((sval < 0) | (sval >= swa_bound))
-                    # The separate guard compares with the mapping of the full entry *as written*
-                    # (after redirection). For a page-aligned token that was not redirected that is
-                    # the slot already loaded, so the second gather only runs for the other lanes.
-                    etok = written * PAGE_SIZE
-                    reuse = etok == tok64
-                    e_ok = m & (~reuse) & (etok >= 0) & (etok < map_numel)
-                    eslot = tl.load(map_ptr + etok, mask=e_ok, other=-1)
-                    mapped = tl.where(reuse, slot, eslot)
-                    expect = tl.where(mapped < 0, -1, mapped // PAGE_SIZE)
-                    mis = m & (expect != sval)
-                    sflags = tl.where(soor, 1, 0) + tl.where(mis, 2, 0)  # FLAG_OUT_OF_RANGE, FLAG_SWA_MISMATCH
-                    sflags = sflags.to(tl.int64)
-                    swritten = tl.where(soor, SAFE_PAGE, sval)
-                    tl.store(swa_dst + cols, swritten.to(swa_pt_ptr.dtype.element_ty), mask=m)
-                    _append_entries(counter_ptr, entries_ptr, max_entries, sflags != 0, swa_table_id,
-                                    layer_id, row, cols, sval, swa_bound, sflags)
-                else:
-                    tl.store(swa_dst + cols, spage, mask=m)
+        offs = tl.arange(0, ROW_BLOCK)
+        if PER_ROW:
+            # Common path: build, check and write; only a per-lane flag is carried across the steps,
+            # and one block-wide reduction per row decides whether anything is to be recorded.
+            bad = tl.zeros([ROW_BLOCK], dtype=tl.int32)
+            for start in range(0, live, ROW_BLOCK):
+                cols = start + offs
+                m = cols < live
+                tok, page64, oor, written = _check_full(src, cols, m, full_bound, PAGE_SIZE, SAFE_PAGE, PT)
+                tl.store(dst + cols, written.to(PT), mask=m)
+                bad = bad | oor.to(tl.int32)
+                if HAS_SWA:
+                    tok64, slot, spage = _swa_page(map_ptr, tok, m, map_numel, PAGE_SIZE)
+                    if CHECK_SWA:
+                        sval, sflags, swritten = _check_swa(map_ptr, tok64, slot, spage, written, m, map_numel,
+                                                            swa_bound, PAGE_SIZE, SAFE_PAGE, SPT)
+                        tl.store(swa_dst + cols, swritten.to(SPT), mask=m)
+                        bad = bad | (sflags != 0).to(tl.int32)
+                    else:
+                        tl.store(swa_dst + cols, spage, mask=m)
+            if tl.max(bad, axis=0) > 0:
+                # Rare path (something is wrong): recompute the row's checks from the unchanged inputs
+                # and record, step by step in the same order as below (full entries, then SWA ones).
+                for start2 in range(0, live, ROW_BLOCK):
+                    cols2 = start2 + offs
+                    m2 = cols2 < live
+                    tok2, page2, oor2, written2 = _check_full(src, cols2, m2, full_bound, PAGE_SIZE, SAFE_PAGE, PT)
+                    _append_entries(counter_ptr, entries_ptr, max_entries, oor2, full_table_id, layer_id, row,
+                                    cols2, page2, full_bound, oor2.to(tl.int64))
+                    if CHECK_SWA:
+                        stok2, sslot2, spage2 = _swa_page(map_ptr, tok2, m2, map_numel, PAGE_SIZE)
+                        sval2, sflags2, sw2 = _check_swa(map_ptr, stok2, sslot2, spage2, written2, m2, map_numel,
+                                                         swa_bound, PAGE_SIZE, SAFE_PAGE, SPT)
+                        _append_entries(counter_ptr, entries_ptr, max_entries, sflags2 != 0, swa_table_id,
+                                        layer_id, row, cols2, sval2, swa_bound, sflags2)
+        else:
+            for start in range(0, live, ROW_BLOCK):
+                cols = start + offs
+                m = cols < live
+                tok, page64, oor, written = _check_full(src, cols, m, full_bound, PAGE_SIZE, SAFE_PAGE, PT)
+                tl.store(dst + cols, written.to(PT), mask=m)
+                _append_entries(counter_ptr, entries_ptr, max_entries, oor, full_table_id, layer_id, row, cols,
+                                page64, full_bound, oor.to(tl.int64))
+                if HAS_SWA:
+                    tok64, slot, spage = _swa_page(map_ptr, tok, m, map_numel, PAGE_SIZE)
+                    if CHECK_SWA:
+                        sval, sflags, swritten = _check_swa(map_ptr, tok64, slot, spage, written, m, map_numel,
+                                                            swa_bound, PAGE_SIZE, SAFE_PAGE, SPT)
+                        tl.store(swa_dst + cols, swritten.to(SPT), mask=m)
+                        _append_entries(counter_ptr, entries_ptr, max_entries, sflags != 0, swa_table_id,
+                                        layer_id, row, cols, sval, swa_bound, sflags)
+                    else:
+                        tl.store(swa_dst + cols, spage, mask=m)
         if need > max_seq_pages:
             _append_overflow(counter_ptr, entries_ptr, max_entries, full_table_id, layer_id, row,
                              max_seq_pages, need)
@@ -329,12 +406,14 @@ def update_metadata_guarded_(
     q_stride: int = 0,
     q_mode: int = Q_MODE_NONE,
     skip_page_table: bool = False,
+    _variant: tuple[int, int, bool] | None = None,
 ) -> None:
     """SGLang's ``update_trtllm_mha_graph_metadata`` plus the guard, in one launch (capturable).
 
     Same keyword arguments and outputs as SGLang 0.5.23's function, plus ``spec``. Reads no device
     value. Raises ``ValueError`` where :func:`fused_unsupported` says the fused build does not apply
-    (callers that want a fallback check that first).
+    (callers that want a fallback check that first). ``_variant`` (benchmark and tests only):
+    ``(columns per step, warps, once-per-row check)`` instead of :func:`_row_config`'s choice.
     """
     if bs == 0:
         return
@@ -359,6 +438,7 @@ def update_metadata_guarded_(
     swa_out = swa_out_cache_loc if swa_out_cache_loc is not None else cache_seqlens
     tiles = triton.cdiv(swa_out_len, _BLOCK) if has_swa_out else 0
     record = spec.record
+    row_block, num_warps, per_row = _variant if _variant is not None else _row_config(max_seq_pages)
     _metadata_guard_kernel[(bs + 1 + tiles,)](
         req_pool_indices, seq_lens, req_to_token, mapping, out_loc,
         qlens if qlens is not None else cache_seqlens,
@@ -377,8 +457,11 @@ def update_metadata_guarded_(
         HAS_SWA_OUT=has_swa_out,
         Q_MODE=int(q_mode),
         BLOCK=_BLOCK,
+        ROW_BLOCK=int(row_block),
+        PER_ROW=bool(per_row),
         BS_BLOCK=triton.next_power_of_2(bs),
         SAFE_PAGE=int(spec.safe_page),
+        num_warps=int(num_warps),
     )
 
 
