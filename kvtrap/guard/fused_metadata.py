@@ -39,7 +39,13 @@ from typing import TYPE_CHECKING, Any
 import triton
 import triton.language as tl
 
-from kvtrap.guard.kernel import ENTRY_WIDTH, FLAG_OUT_OF_RANGE, FLAG_SEQLEN_EXCEEDS_TABLE, FLAG_SWA_MISMATCH
+from kvtrap.guard.kernel import (
+    ENTRY_WIDTH,
+    FLAG_OUT_OF_RANGE,
+    FLAG_SEQLEN_EXCEEDS_TABLE,
+    FLAG_SWA_MISMATCH,
+    _append_overflow,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -96,21 +102,6 @@ def _append_entries(
         tl.store(e + 4, values, mask=keep)
         tl.store(e + 5, zero + bound, mask=keep)
         tl.store(e + 6, flags, mask=keep)
-
-
-@triton.jit
-def _append_overflow(counter_ptr, entries_ptr, max_entries, table_id, layer_id, row, width, need):
-    """Flag 4: the row needs more pages than the table has (column=width, value=pages needed)."""
-    slot = tl.atomic_add(counter_ptr, 1)
-    if slot < max_entries:
-        e = entries_ptr + slot.to(tl.int64) * 7
-        tl.store(e + 0, table_id.to(tl.int64))
-        tl.store(e + 1, layer_id.to(tl.int64))
-        tl.store(e + 2, row)
-        tl.store(e + 3, width.to(tl.int64))
-        tl.store(e + 4, need)
-        tl.store(e + 5, width.to(tl.int64))
-        tl.store(e + 6, tl.full([], 4, tl.int64))
 
 
 @triton.jit

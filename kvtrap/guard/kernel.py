@@ -39,6 +39,21 @@ FLAG_SEQLEN_EXCEEDS_TABLE = 4  # cdiv(seqlen, page_size) > table width (column=w
 _MAX_BLOCK = 1024
 
 
+@triton.jit
+def _append_overflow(counter_ptr, entries_ptr, max_entries, table_id, layer_id, row, width, need):
+    """Flag 4 (shared by this guard and the fused metadata build): the row needs more pages than the table has (column=width, value=pages needed)."""
+    slot = tl.atomic_add(counter_ptr, 1)
+    if slot < max_entries:
+        e = entries_ptr + slot.to(tl.int64) * 7
+        tl.store(e + 0, table_id.to(tl.int64))
+        tl.store(e + 1, layer_id.to(tl.int64))
+        tl.store(e + 2, row)
+        tl.store(e + 3, width.to(tl.int64))
+        tl.store(e + 4, need)
+        tl.store(e + 5, width.to(tl.int64))
+        tl.store(e + 6, tl.full([], 4, tl.int64))
+
+
 @triton.jit(do_not_specialize=["width", "bound", "table_id", "layer_id", "map_numel"])
 def _guard_kernel(
     table_ptr,  # [bs, stride] int32/int64 page ids, checked and redirected in place
@@ -103,16 +118,7 @@ def _guard_kernel(
 
     # after the loop, so the row load above is issued before the seqlen load has returned
     if need > width:  # the kernel would read past the row: record once, nothing to redirect
-        slot = tl.atomic_add(counter_ptr, 1)
-        if slot < max_entries:
-            e = entries_ptr + slot.to(tl.int64) * 7
-            tl.store(e + 0, table_id.to(tl.int64))
-            tl.store(e + 1, layer_id.to(tl.int64))
-            tl.store(e + 2, row)
-            tl.store(e + 3, width.to(tl.int64))
-            tl.store(e + 4, need)
-            tl.store(e + 5, width.to(tl.int64))
-            tl.store(e + 6, tl.full([], 4, tl.int64))
+        _append_overflow(counter_ptr, entries_ptr, max_entries, table_id, layer_id, row, width, need)
 
 
 def block_for_width(width: int) -> int:
