@@ -49,23 +49,28 @@ def _pop(session: Session) -> None:
     with _lock:
         if session in _stack:
             _stack.remove(session)
+        _after_disarm()
         if not _stack:
             patching.uninstall(all_targets())
-            _after_disarm()
 
 
 def _after_arm(session: Session) -> None:
-    # Historical-bug injection (issue #26957 et al.) rides on the same arming; imported lazily.
-    if session.config.inject:
-        from kvtrap import inject
-
-        inject.enable(session.config.inject)
+    _sync_injections()
 
 
 def _after_disarm() -> None:
+    _sync_injections()
+
+
+def _sync_injections() -> None:
+    """Historical-bug injections are the union of what the armed sessions ask for: a bug injected by an
+    inner ``armed()`` block goes away when that block ends, even if an outer session stays armed."""
     from kvtrap import inject
 
-    inject.disable_all()
+    wanted: list[str] = []
+    for session in _stack:
+        wanted.extend(name for name in session.config.inject if name not in wanted)
+    inject.sync(wanted)
 
 
 @contextmanager

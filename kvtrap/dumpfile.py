@@ -141,30 +141,45 @@ def write_dump(
     with _lock:
         if _written >= config.max_dumps:
             return None
-        _written += 1
+        _written += 1  # reserved now (no two threads take the last slot), given back if the write fails
         seq = next(_counter)
+    try:
+        return _write(violation, context, tensors, config, seq)
+    except BaseException:
+        with _lock:
+            _written -= 1
+        raise
 
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    size = 4 if str(value.dtype) == "torch.bfloat16" else value.element_size()  # bf16 is widened
+    return int(value.numel()) * int(size)
+
+
+def _write(
+    violation: Violation, context: Mapping[str, Any], tensors: Mapping[str, Any], config: Config, seq: int
+) -> Path:
     when = time.time()
     rank = _rank()
+    # Budget on the metadata first, so an oversized device tensor is never copied to the host.
+    present = {name: value for name, value in tensors.items() if value is not None}
+    budget = config.max_dump_bytes
     arrays: dict[str, np.ndarray] = {}
     index: dict[str, dict[str, Any]] = {}
     omitted: dict[str, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if value is None:
-            continue
-        arr = _to_numpy(value)
-        arrays[name] = arr
-    budget = config.max_dump_bytes
-    for name in sorted(arrays, key=lambda n: arrays[n].nbytes):
-        arr = arrays[name]
-        meta = {"shape": list(arr.shape), "dtype": str(arr.dtype), "nbytes": int(arr.nbytes)}
-        if arr.nbytes <= budget:
-            budget -= arr.nbytes
-            index[name] = meta
+    for name in sorted(present, key=lambda n: _nbytes(present[n])):
+        nbytes = _nbytes(present[name])
+        if nbytes <= budget:
+            budget -= nbytes
+            arr = _to_numpy(present[name])
+            arrays[name] = arr
+            index[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "nbytes": int(arr.nbytes)}
         else:
-            omitted[name] = meta
-    for name in omitted:
-        del arrays[name]
+            value = present[name]
+            dtype = str(value.dtype).replace("torch.", "")
+            omitted[name] = {"shape": list(value.shape), "dtype": dtype, "nbytes": nbytes}
 
     manifest = {
         "schema": SCHEMA,
@@ -196,15 +211,27 @@ def write_dump(
             from safetensors.numpy import save_file
 
             save_file(arrays, str(tmp / TENSORS))
+            _fsync(tmp / TENSORS)
         with open(tmp / MANIFEST, "wb") as fh:
             fh.write(orjson.dumps(manifest, default=_json_default, option=orjson.OPT_INDENT_2))
             fh.flush()
             os.fsync(fh.fileno())
         os.rename(tmp, final)
+        _fsync(root)  # the rename itself survives a crash of the host
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; the data files are already synced
+        pass
+    finally:
+        os.close(fd)
 
 
 def reset_dump_count() -> None:

@@ -28,6 +28,15 @@ def register(bug: Bug) -> None:
     BUGS[bug.name] = bug
 
 
+def sync(names: Iterable[str]) -> None:
+    """Make exactly ``names`` enabled: enable the missing ones (unknown names raise), disable the rest."""
+    wanted = list(names)
+    enable(wanted)
+    for name in [n for n in _enabled if n not in wanted]:
+        BUGS[name].disable()
+        _enabled.remove(name)
+
+
 def enable(names: Iterable[str]) -> None:
     _load_builtin()
     for name in names:

@@ -30,14 +30,15 @@ def _ensure_stderr_logging() -> None:
 def register() -> None:
     from kvtrap.config import Config, ConfigError, env_armed
 
-    _ensure_stderr_logging()
     try:
         if not env_armed():
-            return
+            return  # not armed: no handler, no patch, nothing
         config = Config.from_env()
     except ConfigError as exc:
+        _ensure_stderr_logging()
         logger.error("kvtrap is NOT armed: %s", exc)
         return
+    _ensure_stderr_logging()
     from kvtrap.arming import arm_process
 
     arm_process(config)

@@ -35,7 +35,7 @@ def test_guard_wiring_in_child_process(tmp_path):
         env=env, capture_output=True, text=True, timeout=600, cwd=HERE.parent,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "2 passed" in proc.stdout
+    assert "3 passed" in proc.stdout
 
 
 child_only = pytest.mark.skipif(not IN_CHILD, reason="runs in the child process")
@@ -91,3 +91,20 @@ def test_child_clean_tables_pass_untouched(tmp_path):
         device_guard.drain(state, kvtrap.arming.current(), synced=False)
     assert torch.equal(md.page_table, before[0]) and torch.equal(md.swa_page_table, before[1])
     assert not list(tmp_path.iterdir())
+
+
+@child_only
+def test_child_pool_without_token_mapping_guards_bounds_only(tmp_path):
+    """Unified SWA pools keep ``full_to_swa_index_mapping = None``: the guard must still run (bounds only)."""
+    import kvtrap
+    from kvtrap.hooks import device_guard
+
+    pool, alloc, backend = _world()
+    md = backend.forward_metadata
+    pool.full_to_swa_index_mapping = None  # what UnifiedSWAKVPool holds
+    md.swa_page_table[0, 1] = 999
+    with kvtrap.armed(dump_dir=str(tmp_path)):
+        state = device_guard.guard_metadata(backend, md, publish=False)
+        with pytest.raises(kvtrap.KVTrapError) as info:
+            device_guard.drain(state, kvtrap.arming.current(), synced=False)
+    assert (info.value.violation.table, info.value.violation.value) == ("swa_page_table", 999)

@@ -135,8 +135,18 @@ def _ensure_swa_graph_buffers(backend: Any, max_num_tokens: int | None) -> None:
         for swa_key, full_key in (("swa_page_table", "page_table"), ("swa_page_table_draft_decode", "page_table_draft_decode")):
             if swa_key in buffers and buffers[swa_key] is None and isinstance(buffers.get(full_key), torch.Tensor):
                 buffers[swa_key] = alloc(buffers[full_key])
-    if getattr(backend, "cuda_graph_swa_out_cache_loc", 0) is None and max_num_tokens:
-        backend.cuda_graph_swa_out_cache_loc = torch.zeros(max_num_tokens, dtype=torch.int64, device=backend.device)
+    if getattr(backend, "cuda_graph_swa_out_cache_loc", 0) is None:
+        if not max_num_tokens:
+            # armed after init_cuda_graph_state ran: size it the way the graph runners do (max_bs rows
+            # times the tokens each request carries in a graph step)
+            decode = getattr(backend, "decode_cuda_graph_metadata", None) or {}
+            rows = decode.get("page_table")
+            per_req = max(1, int(getattr(backend, "speculative_num_draft_tokens", None) or 1))
+            max_num_tokens = None if rows is None else int(rows.shape[0]) * per_req
+        if max_num_tokens:
+            backend.cuda_graph_swa_out_cache_loc = torch.zeros(
+                max_num_tokens, dtype=torch.int64, device=backend.device
+            )
 
 
 def _record_graph_tokens(original: Any) -> Any:

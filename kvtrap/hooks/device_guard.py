@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvtrap.arming import current
+from kvtrap.hooks.trtllm_mha import translating
 from kvtrap.patching import MethodTarget, module_function
 
 MODULE = "sglang.srt.layers.attention.trtllm_mha_backend"
@@ -89,9 +90,11 @@ def guard_metadata(backend: Any, md: Any, *, publish: bool) -> GuardState:
                       state.table_ids["page_table"])
     swa = getattr(md, "swa_page_table", None)
     if swa is not None and is_swa_pool(live):
+        # The SWA translation check needs the token-level mapping; unified pools have none (None).
+        mapping = getattr(live, "full_to_swa_index_mapping", None)
         guard_page_table_(
             swa, seqlens, page_size, pools[SWA]["pages"], state.record, state.table_ids["swa_page_table"],
-            swa_mapping=live.full_to_swa_index_mapping, full_table=md.page_table,
+            swa_mapping=mapping, full_table=None if mapping is None else md.page_table,
         )
     if publish:
         state.record.publish_()
@@ -201,7 +204,8 @@ def _guarded_builder(original: Any) -> Any:
 def _around_in_graph_metadata(original: Any) -> Any:
     def init_forward_metadata_in_graph(self: Any, *args: Any, **kwargs: Any) -> Any:
         session = current()
-        if session is None or session.config.guard == "off":
+        if session is None or session.config.guard == "off" or translating(self):
+            # unified pools address pages by virtual ids: the guard's pool bounds do not apply there
             return original(self, *args, **kwargs)
         ctx = BuildContext(self, session.config.guard)
         outer = current_build()  # nested calls (a multi-step draft backend's inner backends)
@@ -231,7 +235,7 @@ def _after_eager_metadata(original: Any) -> Any:
         session = current()
         md = getattr(self, "forward_metadata", None)
         if session is not None and session.config.guard == "on" and md is not None and md.page_table is not None:
-            if guard_wanted(md.page_table, "on"):
+            if guard_wanted(md.page_table, "on") and not translating(self):
                 drain(guard_metadata(self, md, publish=False), session, synced=False)
         return out
 

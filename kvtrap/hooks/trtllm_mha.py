@@ -55,9 +55,21 @@ def is_swa_pool(pool: Any) -> bool:
     return getattr(pool, "swa_kv_pool", None) is not None and getattr(pool, "layers_mapping", None) is not None
 
 
-def layer_pages(live: Any, layer_id: int, page_size: int) -> int:
-    """Pages of the buffer this layer reads: its K buffer has ``size + page_size`` rows (page 0 padding)."""
-    return int(live.get_key_buffer(layer_id).shape[0]) // page_size
+def layer_pages(live: Any, layer_type: str, page_size: int) -> int | None:
+    """Pages of the pool a layer of ``layer_type`` reads: ``size + page_size`` token rows (page 0 padding).
+
+    From the (sub-)pool's ``size``, not from ``get_key_buffer``: that is not a pure accessor (FP4 pools
+    dequantize a whole layer there, HiCache waits for a layer load) and its shape is token-major only in
+    the NHD layout (``SGLANG_USE_HND_KVCACHE=1`` gives ``[pages, H, page, D]``). ``None``: no size known.
+    """
+    sub = (live.swa_kv_pool if layer_type == SWA else live.full_kv_pool) if is_swa_pool(live) else live
+    info = _sub_pool_pages(sub, page_size)
+    return None if info is None else info["pages"]
+
+
+def translating(backend: Any) -> bool:
+    """Unified KV pools address pages through virtual ids (``kv_index_translator``): other bounds apply."""
+    return bool(getattr(getattr(backend, "kv_index_translator", None), "is_translating", False))
 
 
 def _sub_pool_pages(pool: Any, page_size: int) -> dict[str, int] | None:
@@ -157,7 +169,7 @@ class LayerCheck:
     window: int | None
     index_in_pool: int | None
     page_size: int
-    bound: int  # pages of the pool this layer reads
+    bound: int | None  # pages of the pool this layer reads (None: unknown, values not checked)
     handed_name: str
     tables: dict[str, Any]  # "page_table", "swa_page_table" (None when absent)
     cache_seqlens: Any
@@ -201,10 +213,16 @@ def check_forward(backend: Any, layer: Any, forward_batch: Any, where: str) -> N
     drift = entry.drift
     capturing = checks.is_capturing(handed)
     mismatch = handed_name != ("swa_page_table" if layer_type == SWA else "page_table")
-    bound = entry.pages.get(layer_type)
+    if layer_type not in entry.pages:
+        entry.pages[layer_type] = None if translating(backend) else layer_pages(live, layer_type, page_size)
+    bound = entry.pages[layer_type]
     if bound is None:
-        bound = entry.pages[layer_type] = layer_pages(live, layer_id, page_size)
-    scan = None if capturing else _scan(entry, handed_name, handed, page_size, bound)
+        session.warn_once(
+            "no-bound",
+            f"page-table values are not checked for {type(live).__name__} (virtual ids or no pool size); "
+            "index-space and drift checks still run",
+        )
+    scan = None if capturing or bound is None else _scan(entry, handed_name, handed, page_size, bound)
     if not (mismatch or drift) and (scan is None or scan.ok):
         if capturing and session.config.guard == "off":
             session.warn_once(
@@ -248,6 +266,10 @@ def evaluate(session: Any, view: LayerCheck, scan: checks.TableScan | None) -> N
     if not (mismatch or view.drift) and (scan is None or scan.ok):
         return
     fatal = scan is not None and not scan.ok
+    # During capture nothing checks the values of a table handed to the wrong layer type: the device
+    # guard bounds each table by its own pool, not by the pool of every layer that reads it. So a
+    # mismatch found while capturing is never safe to continue from, even in log mode.
+    unsafe = fatal or (mismatch and scan is None)
     base: dict[str, Any] = {
         "where": view.where,
         "layer_id": view.layer_id,
@@ -332,7 +354,7 @@ def evaluate(session: Any, view: LayerCheck, scan: checks.TableScan | None) -> N
     tensors: dict[str, Any] = {}
     if not view.capturing:  # copying device tensors to the host inside capture would abort it
         tensors = {**view.tables, "cache_seqlens": view.cache_seqlens, "req_pool_indices": view.req_pool_indices}
-    session.report(violation, context, tensors, safe_to_continue=not fatal)
+    session.report(violation, context, tensors, safe_to_continue=not unsafe)
 
 
 def _backend_state(backend: Any, live: Any) -> dict[str, Any]:
