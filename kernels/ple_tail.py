@@ -94,6 +94,7 @@ def _gelu_tanh_mul_kernel(
     BLOCK_N: tl.constexpr,
     EVEN: tl.constexpr,
     INDEX_64: tl.constexpr,
+    EXP2: tl.constexpr,
 ):
     # At decode sizes this kernel is a few hundred bytes: its time is the launch plus one L2 round trip,
     # so the code on that path is kept as short as Inductor's pointwise kernel: the row width is a
@@ -119,11 +120,19 @@ def _gelu_tanh_mul_kernel(
     # gelu_tanh(g) = 0.5 g (1 + tanh(y)) = g * sigmoid(2y) = g / (1 + exp(-2y)), y = sqrt(2/pi)(g + 0.044715 g^3).
     # The sigmoid form needs one exp and no tanh (absent from the interpreter). Clamping the exponent at
     # 80 keeps exp finite for very negative g (g / 5.5e34 is already -0 in bf16).
-    y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
     dt = out_ptr.dtype.element_ty
+    if EXP2:
+        # Same function, constants folded: exp(-2y) = exp2(g * (A + B g^2)), A = -2 sqrt(2/pi) log2(e),
+        # B = 0.044715 A: g*g, one FMA, one multiply into ex2 (the exp form adds 3 multiplies on that
+        # dependent chain, plus exp's own scaling by log2(e)). Clamp 80 / ln 2 = 115.4 as above.
+        z = g * (-2.302208198144325 + -0.1029432395800235 * (g * g))
+        e = tl.exp2(tl.minimum(z, 115.41560327111707))
+    else:
+        y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        e = tl.exp(tl.minimum(-2.0 * y, 80.0))
     # Approximate division (div.full.f32, ~2 fp32 ulp): invisible after the bf16 rounding, and several
     # times cheaper than the IEEE division sequence.
-    act = tl.fdiv(g, 1.0 + tl.exp(tl.minimum(-2.0 * y, 80.0))).to(dt).to(tl.float32)  # eager stores gelu's output first
+    act = tl.fdiv(g, 1.0 + e).to(dt).to(tl.float32)  # eager stores gelu's output first
     res = (act * p).to(dt)
     if EVEN:
         tl.store(out_ptr + o_offs, res)
@@ -175,10 +184,15 @@ def rmsnorm_residual_scalar(
     return out
 
 
+# The tanh as exp2 with folded constants (True) or the original exp form (False); benchmarks flip it per call.
+GELU_EXP2 = True
+
+
 def _gelu_config(M: int, block_n: int) -> tuple[int, int]:
-    """(BLOCK_M, num_warps). H200 sweep at N = 256 (benchmarks/results/kernels-*): one row per 2-warp
-    program at M <= 8, ~1K elements per 4-warp program above (the launch shape Inductor picks too)."""
-    if M <= 8:
+    """(BLOCK_M, num_warps). H200 interleaved runs at N = 256 (benchmarks/results/kernels-h200.md): one row
+    per 2-warp program up to M = 64 (1x2 vs 4x4: 0.998x vs 0.991x Inductor at M = 32, 1.042x vs 1.026x at 64),
+    ~1K elements per 4-warp program above (1.010x vs 1.005x at M = 128)."""
+    if M <= 64:
         return 1, 2
     return max(1, 1024 // block_n), 4
 
@@ -189,6 +203,7 @@ def gelu_tanh_mul(
     *,
     block_m: int | None = None,
     num_warps: int | None = None,
+    exp2: bool | None = None,
 ) -> torch.Tensor:
     """``gelu_tanh(gate) * per_layer_input``; ``per_layer_input`` may be the strided ``[M, 256]`` view
     (row stride ``num_layers * 256``) of the per-layer embeddings. Returns a contiguous new tensor."""
@@ -209,7 +224,7 @@ def gelu_tanh_mul(
     _gelu_tanh_mul_kernel[(grid,)](
         gate, per_layer_input, out, M, gate.stride(0), per_layer_input.stride(0),
         N=N, BLOCK_M=bm, BLOCK_N=block_n, EVEN=(M % bm == 0 and N == block_n), INDEX_64=last >= 2**31,
-        num_warps=nw,
+        EXP2=GELU_EXP2 if exp2 is None else exp2, num_warps=nw,
     )  # fmt: skip
     return out
 

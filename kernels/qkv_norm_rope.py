@@ -111,13 +111,22 @@ def _qkv_norm_rope_kernel(
     HB: tl.constexpr,
     ROT: tl.constexpr,
     HAS_KV: tl.constexpr,
+    TOKEN_MAJOR: tl.constexpr,
 ):
     # grid (M, head blocks): blocks [0, NQB) are q, then k, then v; the branch is uniform per program
     # (the BY_HEAD launch of upstream's gemma_qkv_rmsnorm, with RoPE and the output store folded in).
-    tok = tl.program_id(0).to(tl.int64)
-    hb = tl.program_id(1)
     NQB: tl.constexpr = (HQ + HB - 1) // HB
     NKB: tl.constexpr = (HKV + HB - 1) // HB
+    if TOKEN_MAJOR:
+        # 1-D grid, all head blocks of one token adjacent: one token's q/k/v row (and its cos/sin row,
+        # read by every q/k block) is touched by neighbouring programs instead of M programs apart.
+        NB: tl.constexpr = NQB + (2 * NKB if HAS_KV else 0)
+        pid = tl.program_id(0)
+        tok = (pid // NB).to(tl.int64)
+        hb = pid % NB
+    else:
+        tok = tl.program_id(0).to(tl.int64)
+        hb = tl.program_id(1)
     cs = cs_ptr + tl.load(pos_ptr + tok).to(tl.int64) * stride_cs
     if hb < NQB:
         _norm_rope_block(q_ptr, qo_ptr, qw_ptr, cs, tok, hb, stride_q, eps, HQ, HALF, HB, ROT, True, True)
@@ -130,12 +139,21 @@ def _qkv_norm_rope_kernel(
             )
 
 
+# Token-major 1-D grid from this M on (None: never); see the kernel. Interleaved H200 runs: 1.025x the 2-D
+# grid at M = 256 and 1.02-1.05x at M = 8192 (all three 31B / E4B shapes), 0.98-0.99x at M = 1 and 8.
+TOKEN_MAJOR_MIN_M: int | None = 256
+
+
 def launch_config(m: int, head_dim: int, total_heads: int) -> tuple[int, int]:
     """(heads per program, num_warps). Measured on an H200 (benchmarks/results/kernels-h200.md, qkv launch
     sweep, 31B shapes): one head per program is fastest at M = 1 (1.52 us at D = 256 vs 1.85 with two), but
     at M = 256 it makes 16k tiny programs (11.2 us vs 4.7-4.9 with 8 heads); at M = 8192 8 heads at 4 warps
     are best or within 0.5%. Rule: about one program per 1024 (token, head) pairs' worth of heads, up to
     8 heads per program; warps = heads per program, at most 4 (the best measured warps for each tile)."""
+    if head_dim <= 256 and m * total_heads >= 1 << 18:
+        # Interleaved sweep (kernels-h200.md, 31B sliding, M = 8192, token-major grid): 16 heads x 4 warps
+        # 142.5 us (89.5% of copy) vs 8 x 4 153.9 us, 8 x 8 153.7 us, 4 x 4 162.7 us.
+        return 16, 4
     hb = 1
     while hb < 8 and hb * 2 * 1024 <= m * total_heads:
         hb *= 2
@@ -158,6 +176,7 @@ def qkv_norm_rope(
     *,
     heads_per_program: int | None = None,
     num_warps: int | None = None,
+    token_major: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Normalise q, k, v per head (v without weight) and apply NeoX RoPE to q and k; one launch.
 
@@ -209,7 +228,9 @@ def qkv_norm_rope(
     if hb & (hb - 1):
         raise ValueError(f"heads_per_program must be a power of two, got {hb}")
     nblocks = triton.cdiv(num_q_heads, hb) + (2 * triton.cdiv(num_kv_heads, hb) if has_kv else 0)
-    _qkv_norm_rope_kernel[(m, nblocks)](
+    if token_major is None:
+        token_major = TOKEN_MAJOR_MIN_M is not None and m >= TOKEN_MAJOR_MIN_M
+    _qkv_norm_rope_kernel[(m * nblocks,) if token_major else (m, nblocks)](
         q,
         k if has_kv else q,
         v if has_kv else q,
@@ -231,6 +252,7 @@ def qkv_norm_rope(
         HB=hb,
         ROT=rotary_angles,
         HAS_KV=has_kv,
+        TOKEN_MAJOR=token_major,
         num_warps=num_warps or nw,
     )
     return qo, ko, vo

@@ -331,6 +331,148 @@ def sweep_qkv(ms: tuple[int, ...]) -> list[dict[str, Any]]:
     return rows
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], m: int, trials: int = 20,
+                     reps: int | None = None) -> dict[str, list[float]]:
+    """Per-call microseconds of each variant in each of ``trials`` rounds. Every variant is captured once
+    as a graph of ``reps`` back-to-back calls; each round replays every graph once, in an order rotated by
+    one per round, so slow drift of clocks or of the launch floor hits all variants alike and two variants
+    are compared trial by trial (paired) instead of through two medians taken seconds apart."""
+    import torch
+
+    reps = reps or (50 if m <= 256 else 10)
+    graphs = {}
+    side = torch.cuda.Stream()
+    for name, fn in fns.items():
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                fn()
+        g.replay()
+        graphs[name] = g
+    torch.cuda.synchronize()
+    names = list(graphs)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(2):  # warm-up rounds, not recorded
+        for n in names:
+            graphs[n].replay()
+    for t in range(trials):
+        order = names[t % len(names):] + names[: t % len(names)]
+        ev = {n: (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for n in order}
+        for n in order:
+            ev[n][0].record()
+            graphs[n].replay()
+            ev[n][1].record()
+        torch.cuda.synchronize()
+        for n in order:
+            times[n].append(ev[n][0].elapsed_time(ev[n][1]) * 1e3 / reps)
+    del graphs
+    return times
+
+
+def _ab_rows(case: str, m: int, times: dict[str, list[float]], base: str | None,
+             nbytes: int | None = None) -> list[dict[str, Any]]:
+    """Median and spread per variant; against ``base``: median of the per-trial ratios base / variant
+    (> 1: variant faster) and the number of trials the variant was faster."""
+    rows = []
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=10)
+        row = {"case": case, "m": m, "variant": name, "median": statistics.median(ts), "p10": q[0], "p90": q[-1],
+               "min": min(ts), "max": max(ts), "trials": len(ts)}
+        if base is not None and name != base:
+            ratios = [b / v for b, v in zip(times[base], ts, strict=True)]
+            row["x_base"] = statistics.median(ratios)
+            row["x_base_p10"] = statistics.quantiles(ratios, n=10)[0]
+            row["wins"] = sum(r > 1 for r in ratios)
+        if nbytes is not None:
+            row["gbps"] = nbytes / row["median"] / 1e3
+        rows.append(row)
+        print("ab", row, flush=True)
+    return rows
+
+
+# (block_m, num_warps) candidates of gelu_tanh_mul at N = 256; None = the launch rule (_gelu_config).
+GELU_AB = (None, (1, 1), (1, 2), (2, 2), (4, 4), (8, 2), (8, 4))
+
+
+def ab_gelu(ms: tuple[int, ...]) -> list[dict[str, Any]]:
+    """gelu_tanh_mul (E4B: 256 wide, strided per_layer_input) against Inductor, interleaved: the committed
+    exp form at the launch rule, the exp2 form at the rule and at other launch shapes."""
+    import torch
+    from kvtrap.kernels import references as ref
+    from kvtrap.kernels.ple_tail import _gelu_config, gelu_tanh_mul
+
+    torch._dynamo.config.cache_size_limit = 64
+    ind = torch.compile(ref.gelu_tanh_mul_ref, dynamic=False)
+    rows = []
+    for m in ms:
+        pli = torch.randn(m, 42, 256, device="cuda").to(torch.bfloat16)
+        ple, g = pli[:, 17, :], (torch.randn(m, 256, device="cuda") * 3).to(torch.bfloat16)
+        rule = _gelu_config(m, 256)
+        fns: dict[str, Callable[[], Any]] = {"inductor": lambda g=g, ple=ple: ind(g, ple)}
+        fns[f"exp rule {rule[0]}x{rule[1]}"] = lambda g=g, ple=ple: gelu_tanh_mul(g, ple, exp2=False)
+        fns[f"exp2 rule {rule[0]}x{rule[1]}"] = lambda g=g, ple=ple: gelu_tanh_mul(g, ple, exp2=True)
+        for cfg in GELU_AB[1:]:
+            bm, nw = cfg
+            if cfg == rule or bm > m or m % bm or (m > 256 and bm * 256 < 1024):
+                continue
+            fns[f"exp2 {bm}x{nw}"] = lambda g=g, ple=ple, bm=bm, nw=nw: gelu_tanh_mul(
+                g, ple, block_m=bm, num_warps=nw, exp2=True)
+        for f in fns.values():
+            f()
+        rows += _ab_rows("gelu_tanh_mul 256 strided", m, time_interleaved(fns, m), "inductor", 3 * m * 256 * 2)
+    return rows
+
+
+# (heads per program, num_warps, token-major grid); None = launch_config's choice at that M.
+QKV_AB = ((None, None, False), (None, None, True), (4, 4, False), (4, 4, True), (8, 8, True), (16, 8, False),
+          (16, 8, True), (16, 4, True), (4, 2, True), (2, 2, True))
+
+
+def ab_qkv(ms: tuple[int, ...]) -> list[dict[str, Any]]:
+    """qkv_norm_rope launch shapes interleaved, with the main table's inputs (32768-row cos/sin cache, random
+    positions, distinct weights): the 31B sliding shape at every M given (all QKV_AB shapes at M = 8192,
+    rule vs token-major below), the full and KV-shared shapes rule vs token-major at M = 8192."""
+    import torch
+    from kvtrap.kernels import references as ref
+    from kvtrap.kernels.qkv_norm_rope import launch_config, qkv_norm_rope
+
+    rows = []
+    bf = torch.bfloat16
+    for hq, hkv, d, shared in ((32, 16, 256, False), (32, 4, 512, False), (8, 2, 256, True)):
+        full = d == 512
+        cache = ref.gemma4_cos_sin_cache(d, 32768, 1e6 if full else 1e4, 0.25 if full else 1.0, device="cuda")
+        rot = 64 if full else None
+        heads = hq if shared else hq + 2 * hkv
+        cs = (64 if full else d // 2) * 2 * 4
+        for m in ms if (hq, hkv, d) == (32, 16, 256) else (8192,):
+            buf = (torch.randn(m, (hq + 2 * hkv) * d, device="cuda") * 2).to(bf)
+            q, k, v = buf.split([hq * d, hkv * d, hkv * d], dim=-1)
+            if shared:
+                k = v = None
+            qw, kw = ((torch.rand(d, device="cuda") + 0.5).to(bf) for _ in range(2))
+            pos = torch.randint(0, 32768, (m,), device="cuda")
+            a = (q, k, v, qw, kw, cache, pos, hq, hkv, d)
+            rule = launch_config(m, d, heads)
+            combos = QKV_AB if (m == 8192 and not full and not shared) else QKV_AB[:2]
+            fns: dict[str, Callable[[], Any]] = {}
+            for hb, nw, tm in combos:
+                label = f"{'rule ' if hb is None else ''}{hb or rule[0]}h x{nw or rule[1]}w {'token-major' if tm else '2-D'}"
+                fns[label] = lambda a=a, hb=hb, nw=nw, tm=tm, rot=rot: qkv_norm_rope(
+                    *a, rotary_angles=rot, heads_per_program=hb, num_warps=nw, token_major=tm)
+            for f in fns.values():
+                f()
+            nbytes = 2 * m * heads * d * 2 + m * (cs + 8) + 2 * d * 2
+            name = f"qkv {hq}/{hkv} D={d}{' q-only' if shared else ''}"
+            rows += _ab_rows(name, m, time_interleaved(fns, m), next(iter(fns)), nbytes)
+    return rows
+
+
 def sweep_routing(ms: tuple[int, ...]) -> list[dict[str, Any]]:
     import torch
     from kvtrap.kernels.routing import gemma4_fused_routing
@@ -494,6 +636,8 @@ SWEEPS = {
     "moe": ("moe_warps_sweep", sweep_moe_warps, (1, 256, 8192)),
     "xl": ("cross_layer_sweep", sweep_cross_layer, (8192,)),
     "qkv": ("qkv_sweep", sweep_qkv, (1, 256, 8192)),
+    "ab_gelu": ("ab_gelu", ab_gelu, MS),
+    "ab_qkv": ("ab_qkv", ab_qkv, (1, 8, 256, 8192)),
 }
 
 
@@ -638,6 +782,31 @@ def render(result: dict[str, Any]) -> str:
                   "|---|---|---|---|---|"]
         lines += [f"| {r['m']} | {r['d']} | {r['heads_per_program']} | {r['num_warps']} | {r['us']:.2f} |"
                   for r in result["qkv_sweep"]]
+        lines.append("")
+    for key, title in (("ab_gelu", "gelu_tanh_mul vs Inductor, interleaved"),
+                       ("ab_qkv", "qkv_norm_rope launch shapes, interleaved")):
+        if key not in result:
+            continue
+        ab_run = result.get("ab_runs", result)  # a later run merged into this file, or this run itself
+        ab_copy = ab_run["copy_gbps"]
+        lines += [f"## {title} (us per call)", "",
+                  f"Run: {ab_run['device']}, torch {ab_run['torch']}, triton {ab_run['triton']}; {ab_run['date']};"
+                  f" `{ab_run['command']}`; `%copy` against that run's copy rate, {ab_copy:.0f} GB/s.", "",
+                  "Each variant a CUDA graph of 50 calls (10 at M = 8192), replayed once per round in rotating"
+                  " order, 20 rounds. `p10-p90`: spread of the 20 per-call times; `x base` / `p10`: median and"
+                  " 10th percentile of the per-round ratios base / variant (> 1: variant faster; base = the first"
+                  " row of each M, Inductor for gelu, the launch rule for qkv); `wins`: rounds the variant was"
+                  " faster than the base.", "",
+                  "| case | M | variant | median | p10-p90 | x base | p10 | wins | GB/s | %copy |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in result[key]:
+            xb = f"{r['x_base']:.3f}" if "x_base" in r else "-"
+            xp = f"{r['x_base_p10']:.3f}" if "x_base_p10" in r else "-"
+            wins = f"{r['wins']}/{r['trials']}" if "wins" in r else "-"
+            gb = r.get("gbps")
+            lines.append(f"| {r['case']} | {r['m']} | {r['variant']} | {r['median']:.3f} | {r['p10']:.3f}-{r['p90']:.3f}"
+                         f" | {xb} | {xp} | {wins} | {'-' if gb is None else f'{gb:.0f}'} |"
+                         f" {'-' if gb is None else f'{100 * gb / ab_copy:.1f}%'} |")
         lines.append("")
     if "row_warps_sweep" in result:
         lines += ["## Row-kernel warps sweep (us)", "", "| M | N | warps | dense | triple |", "|---|---|---|---|---|"]

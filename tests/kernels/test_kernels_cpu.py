@@ -139,14 +139,16 @@ def test_gelu_tanh_mul_strided_per_layer_input() -> None:
     assert_close_act(out, ref.gelu_tanh_mul_ref(gate, ple))
 
 
+@pytest.mark.parametrize("exp2", [False, True])
 @pytest.mark.parametrize(("m", "d", "block_m"), [(8, 256, None), (12, 256, 4), (6, 200, None), (5, 256, 2)])
-def test_gelu_tanh_mul_even_and_masked_paths(m: int, d: int, block_m: int | None) -> None:
+def test_gelu_tanh_mul_even_and_masked_paths(m: int, d: int, block_m: int | None, exp2: bool) -> None:
     """EVEN (no predicates: M % BLOCK_M == 0 and N a power of two) and the masked path (partial row block,
-    or a row width that is not a power of two)."""
+    or a row width that is not a power of two); the exp and the folded exp2 forms of the tanh."""
     torch.manual_seed(m * d)
     ple = _act(m, 3, d, scale=2.0)[:, 1, :]
     gate = _act(m, d, scale=3.0)
-    assert_close_act(gelu_tanh_mul(gate, ple, block_m=block_m), ref.gelu_tanh_mul_ref(gate, ple))
+    gate[0, :4] = torch.tensor([-60.0, 60.0, 0.0, -0.0])  # exponent clamp, saturation, zeros
+    assert_close_act(gelu_tanh_mul(gate, ple, block_m=block_m, exp2=exp2), ref.gelu_tanh_mul_ref(gate, ple))
 
 
 def test_ple_tail_whole() -> None:
@@ -276,11 +278,16 @@ QKV_CASES = [
 ]
 
 
+@pytest.mark.parametrize("token_major", [False, True])
 @pytest.mark.parametrize(("m", "hq", "hkv", "d", "f", "base", "rot", "hb"), QKV_CASES)
-def test_qkv_norm_rope(m: int, hq: int, hkv: int, d: int, f: float, base: float, rot: int | None, hb: int | None) -> None:
+def test_qkv_norm_rope(
+    m: int, hq: int, hkv: int, d: int, f: float, base: float, rot: int | None, hb: int | None, token_major: bool
+) -> None:
+    """Both grids: (M, head blocks) and the token-major 1-D grid (head blocks of one token adjacent)."""
     torch.manual_seed(m * 100 + d + hq)
     q, k, v, qw, kw, cache, pos = _qkv_inputs(m, hq, hkv, d, f, base)
-    got = qkv_norm_rope(q, k, v, qw, kw, cache, pos, hq, hkv, d, rotary_angles=rot, heads_per_program=hb)
+    got = qkv_norm_rope(q, k, v, qw, kw, cache, pos, hq, hkv, d, rotary_angles=rot, heads_per_program=hb,
+                        token_major=token_major)
     want = ref.qkv_norm_rope_ref(q, k, v, qw, kw, cache, pos, hq, hkv, d)
     for g, w in zip(got, want, strict=True):
         assert g.is_contiguous()
