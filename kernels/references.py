@@ -15,13 +15,16 @@ import torch
 EPS = 1e-6
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float = EPS) -> torch.Tensor:
-    """``RMSNorm.forward_native`` / ``Gemma4RMSNorm.forward_native`` (scale_shift 0): fp32 math, one cast."""
+def rms_norm_fp32(x: torch.Tensor, w: torch.Tensor | None, eps: float = EPS) -> torch.Tensor:
+    """Gemma 4 RMSNorm in fp32, not cast back: ``x * rsqrt(mean(x^2) + eps) [* w]`` (no ``1 + w``)."""
     xf = x.float()
     out = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
-    if w is not None:
-        out = out * w.float()
-    return out.to(x.dtype)
+    return out if w is None else out * w.float()
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float = EPS) -> torch.Tensor:
+    """``RMSNorm.forward_native`` / ``Gemma4RMSNorm.forward_native`` (scale_shift 0): fp32 math, one cast."""
+    return rms_norm_fp32(x, w, eps).to(x.dtype)
 
 
 # --- routing -------------------------------------------------------------------------------------------
@@ -113,7 +116,7 @@ def post_attn_triple_rmsnorm_ref(
     h = rms_norm(attn_out, w_post_attn, eps)
     s = h.float() + residual.float()
     residual_new = s.to(residual.dtype)
-    dense_in = (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps) * w_pre_ff.float()).to(h.dtype)
+    dense_in = rms_norm_fp32(s, w_pre_ff, eps).to(h.dtype)
     router_in = rms_norm(residual_new, w_router, eps)
     moe_in = rms_norm(residual_new, w_pre_ff_2, eps)
     return residual_new, dense_in, router_in, moe_in
@@ -134,8 +137,7 @@ def post_ffn_dense_next_norm_ref(
     the next layer's ``input_layernorm`` (or ``model.norm`` after the last layer): 2 launches.
 
     Returns ``(hidden_stream, next_layer_input)``."""
-    xf = mlp_out.float()
-    n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w_post_ff.float()
+    n = rms_norm_fp32(mlp_out, w_post_ff, eps)
     stream = ((n + residual.float()) * scalar.float()).to(mlp_out.dtype)
     return stream, rms_norm(stream, w_next, eps)
 
@@ -153,13 +155,8 @@ def post_ffn_moe_next_norm_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MoE layer end on CUDA: SGLang's ``gemma_dual_rmsnorm_residual_scalar`` (fp32 throughout), then the next
     layer's input norm: 2 launches. Returns ``(hidden_stream, next_layer_input)``."""
-
-    def nf(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.float()
-
-    combined = nf(dense_out, w_post_ff_1) + nf(moe_out, w_post_ff_2)
-    stream = ((nf(combined, w_post_ff) + residual.float()) * scalar.float()).to(dense_out.dtype)
+    combined = rms_norm_fp32(dense_out, w_post_ff_1, eps) + rms_norm_fp32(moe_out, w_post_ff_2, eps)
+    stream = ((rms_norm_fp32(combined, w_post_ff, eps) + residual.float()) * scalar.float()).to(dense_out.dtype)
     return stream, rms_norm(stream, w_next, eps)
 
 
