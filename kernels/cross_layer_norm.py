@@ -65,7 +65,7 @@ def _dense_next_kernel(
     oka = ca < N
     # EARLY_W (decode sizes): both weights are loaded with the row, so the kernel's critical path has one
     # memory round trip; loaded after the reduction they cost ~0.45 us at M = 1 (H200: 2.99 us in
-    # kernels-h200-run1.json, 2.54 us with EARLY_W in kernels-h200.json); at M = 8192 (EARLY_W off) they
+    # kernels-h200-run1.json, 2.54 us with EARLY_W in kernels-h200-earlier.json); at M = 8192 (EARLY_W off) they
     # would only hold registers across the reductions.
     if EARLY_W:
         wa = tl.load(w_post_ptr + ca, mask=oka, other=0.0)
@@ -261,7 +261,7 @@ def _xl_launch(
     loaded with the row. At m > 256 (bandwidth-bound) the row is split in two chunks, the weights are
     loaded where they are used, and the warps give ~24 lanes per thread per row tensor: 8 warps for the
     dense kernel at N = 5376 (6144 lanes), 4 for the MoE kernel at N = 2816 (3072 lanes), the fastest in
-    the H200 sweep (benchmarks/results/kernels-h200.md, cross-layer sweep)."""
+    the H200 sweep (benchmarks/results/kernels-h200-earlier.md, cross-layer sweep)."""
     decode = m <= 256
     split = not decode if split is None else split
     early_w = decode if early_w is None else early_w

@@ -94,7 +94,6 @@ def _gelu_tanh_mul_kernel(
     BLOCK_N: tl.constexpr,
     EVEN: tl.constexpr,
     INDEX_64: tl.constexpr,
-    EXP2: tl.constexpr,
 ):
     # At decode sizes this kernel is a few hundred bytes: its time is the launch plus one L2 round trip,
     # so the code on that path is kept as short as Inductor's pointwise kernel: the row width is a
@@ -118,18 +117,15 @@ def _gelu_tanh_mul_kernel(
         g = tl.load(g_ptr + g_offs, mask=ok, other=0.0).to(tl.float32)
         p = tl.load(p_ptr + p_offs, mask=ok, other=0.0).to(tl.float32)
     # gelu_tanh(g) = 0.5 g (1 + tanh(y)) = g * sigmoid(2y) = g / (1 + exp(-2y)), y = sqrt(2/pi)(g + 0.044715 g^3).
-    # The sigmoid form needs one exp and no tanh (absent from the interpreter). Clamping the exponent at
-    # 80 keeps exp finite for very negative g (g / 5.5e34 is already -0 in bf16).
+    # The sigmoid form needs one exponential and no tanh (Inductor calls libdevice's tanh, a much longer
+    # dependent chain per element, which is why its kernel wants one element per thread). Constants folded
+    # into the exponent: exp(-2y) = exp2(g * (A + B g^2)), A = -2 sqrt(2/pi) log2(e), B = 0.044715 A, i.e.
+    # g*g, one FMA, one multiply into ex2 (the plain exp form measured 1.6% slower at M = 8 in the earlier
+    # interleaved run, kernels-h200-earlier.md). Clamping at 80 / ln 2 keeps it finite for very negative g
+    # (g / 5.5e34 is already -0 in bf16).
     dt = out_ptr.dtype.element_ty
-    if EXP2:
-        # Same function, constants folded: exp(-2y) = exp2(g * (A + B g^2)), A = -2 sqrt(2/pi) log2(e),
-        # B = 0.044715 A: g*g, one FMA, one multiply into ex2 (the exp form adds 3 multiplies on that
-        # dependent chain, plus exp's own scaling by log2(e)). Clamp 80 / ln 2 = 115.4 as above.
-        z = g * (-2.302208198144325 + -0.1029432395800235 * (g * g))
-        e = tl.exp2(tl.minimum(z, 115.41560327111707))
-    else:
-        y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        e = tl.exp(tl.minimum(-2.0 * y, 80.0))
+    z = g * (-2.302208198144325 + -0.1029432395800235 * (g * g))
+    e = tl.exp2(tl.minimum(z, 115.41560327111707))
     # Approximate division (div.full.f32, ~2 fp32 ulp): invisible after the bf16 rounding, and several
     # times cheaper than the IEEE division sequence.
     act = tl.fdiv(g, 1.0 + e).to(dt).to(tl.float32)  # eager stores gelu's output first
@@ -184,16 +180,17 @@ def rmsnorm_residual_scalar(
     return out
 
 
-# The tanh as exp2 with folded constants (True) or the original exp form (False); benchmarks flip it per call.
-GELU_EXP2 = True
-
-
 def _gelu_config(M: int, block_n: int) -> tuple[int, int]:
-    """(BLOCK_M, num_warps). H200 interleaved runs at N = 256 (benchmarks/results/kernels-h200.md): one row
-    per 2-warp program up to M = 64 (1x2 vs 4x4: 0.998x vs 0.991x Inductor at M = 32, 1.042x vs 1.026x at 64),
-    ~1K elements per 4-warp program above (1.010x vs 1.005x at M = 128)."""
-    if M <= 64:
-        return 1, 2
+    """(BLOCK_M, num_warps). Up to M = 256 the kernel is a handful of instructions around two loads and a
+    store, so what sets its time is how long each thread's chain is: about 2 elements per thread. H200,
+    interleaved against Inductor's generated kernel at 11 launch shapes (N = 256; benchmarks/results/
+    kernels-h200-gelu-launch-sweep.md, re-measured in kernels-h200.md): 2 rows x 8 warps fastest or within 1%
+    at M = 8-128, one row x 4 warps at M = 1 and 256; the earlier 1 x 2 rule (4 per thread) lost 0.5-1.6% to
+    Inductor's fastest (1 per thread) launches at M = 1-256. Larger M is bandwidth-bound: ~1K elements per
+    4-warp program."""
+    if M <= 256:
+        bm = 2 if M % 2 == 0 and M <= 128 else 1
+        return bm, max(1, min(8, bm * block_n // 64))
     return max(1, 1024 // block_n), 4
 
 
@@ -203,7 +200,6 @@ def gelu_tanh_mul(
     *,
     block_m: int | None = None,
     num_warps: int | None = None,
-    exp2: bool | None = None,
 ) -> torch.Tensor:
     """``gelu_tanh(gate) * per_layer_input``; ``per_layer_input`` may be the strided ``[M, 256]`` view
     (row stride ``num_layers * 256``) of the per-layer embeddings. Returns a contiguous new tensor."""
@@ -223,8 +219,7 @@ def gelu_tanh_mul(
     last = (grid * bm - 1) * max(gate.stride(0), per_layer_input.stride(0), N) + block_n
     _gelu_tanh_mul_kernel[(grid,)](
         gate, per_layer_input, out, M, gate.stride(0), per_layer_input.stride(0),
-        N=N, BLOCK_M=bm, BLOCK_N=block_n, EVEN=(M % bm == 0 and N == block_n), INDEX_64=last >= 2**31,
-        EXP2=GELU_EXP2 if exp2 is None else exp2, num_warps=nw,
+        N=N, BLOCK_M=bm, BLOCK_N=block_n, EVEN=(M % bm == 0 and N == block_n), INDEX_64=last >= 2**31, num_warps=nw,
     )  # fmt: skip
     return out
 

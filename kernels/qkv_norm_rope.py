@@ -145,18 +145,23 @@ TOKEN_MAJOR_MIN_M: int | None = 256
 
 
 def launch_config(m: int, head_dim: int, total_heads: int) -> tuple[int, int]:
-    """(heads per program, num_warps). Measured on an H200 (benchmarks/results/kernels-h200.md, qkv launch
+    """(heads per program, num_warps). Measured on an H200 (benchmarks/results/kernels-h200-earlier.md, qkv launch
     sweep, 31B shapes): one head per program is fastest at M = 1 (1.52 us at D = 256 vs 1.85 with two), but
     at M = 256 it makes 16k tiny programs (11.2 us vs 4.7-4.9 with 8 heads); at M = 8192 8 heads at 4 warps
     are best or within 0.5%. Rule: about one program per 1024 (token, head) pairs' worth of heads, up to
     8 heads per program; warps = heads per program, at most 4 (the best measured warps for each tile)."""
     if head_dim <= 256 and m * total_heads >= 1 << 18:
-        # Interleaved sweep (kernels-h200.md, 31B sliding, M = 8192, token-major grid): 16 heads x 4 warps
+        # Interleaved sweep (kernels-h200-earlier.md, 31B sliding, M = 8192, token-major grid): 16 heads x 4 warps
         # 142.5 us (89.5% of copy) vs 8 x 4 153.9 us, 8 x 8 153.7 us, 4 x 4 162.7 us.
         return 16, 4
     hb = 1
     while hb < 8 and hb * 2 * 1024 <= m * total_heads:
         hb *= 2
+    if hb >= total_heads and m * total_heads >= 1 << 16:
+        # A whole token per program at large M (E2B/E4B KV-shared q-only layers, 8 heads). Interleaved H200
+        # run at M = 8192 (kernels-h200-qkv-tb-experiment.md): 8 warps 21.0 us (83.8% of copy), 2 warps 21.4,
+        # 4 warps 22.6; two or four tokens per program (a knob tried there, then removed) never did better.
+        return hb, 8
     return hb, min(4, hb)
 
 
