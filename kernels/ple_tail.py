@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 from kvtrap.kernels._launch import row_config
+from kvtrap.kernels._rownorm import load_row_pair, rmsnorm_rounded
 from kvtrap.kernels._validate import (
     check_eps,
     check_same_device,
@@ -40,14 +41,9 @@ def _rmsnorm_add_kernel(
     BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    ok = cols < N
-    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-    r = tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+    cols, ok, x, r, w = load_row_pair(x_ptr, r_ptr, w_ptr, row, N, stride_x, stride_r, BLOCK_N)
     dt = out_ptr.dtype.element_ty
-    n = (x * rstd * w).to(dt).to(tl.float32)  # eager stores the norm output before the add
+    n = rmsnorm_rounded(x, w, N, eps, dt)
     tl.store(out_ptr + row * stride_o + cols, (n + r).to(dt), mask=ok)
 
 
@@ -66,17 +62,12 @@ def _rmsnorm_residual_scalar_kernel(
     BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    ok = cols < N
-    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-    r = tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    cols, ok, x, r, w = load_row_pair(x_ptr, r_ptr, w_ptr, row, N, stride_x, stride_r, BLOCK_N)
     dt = out_ptr.dtype.element_ty
     # The scalar is stored in its own dtype; eager multiplies the activation by it after casting it to
     # the activation dtype (type promotion of a 1-element tensor), hence the round trip.
     s = tl.load(s_ptr).to(dt).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
-    n = (x * rstd * w).to(dt).to(tl.float32)
+    n = rmsnorm_rounded(x, w, N, eps, dt)
     h = (r + n).to(dt).to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, (h * s).to(dt), mask=ok)
 

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 from kvtrap.kernels._launch import row_config
+from kvtrap.kernels._rownorm import load_row_pair, rmsnorm_rounded
 from kvtrap.kernels._validate import check_eps, check_same_device, check_same_dtype, check_tensor
 
 
@@ -45,14 +46,9 @@ def _triple_rmsnorm_kernel(
     BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    ok = cols < N
-    x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-    r = tl.load(r_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
-    w_post = tl.load(w_post_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    cols, ok, x, r, w_post = load_row_pair(x_ptr, r_ptr, w_post_ptr, row, N, stride_x, stride_r, BLOCK_N)
     dt = res_out_ptr.dtype.element_ty
-    rstd1 = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
-    post = ((x * rstd1 * w_post).to(dt).to(tl.float32) + r).to(dt)
+    post = (rmsnorm_rounded(x, w_post, N, eps, dt) + r).to(dt)
     o = row * N + cols  # outputs are fresh contiguous tensors
     tl.store(res_out_ptr + o, post, mask=ok)
     p = post.to(tl.float32)

@@ -43,13 +43,11 @@ def _import_kernels() -> None:
         sys.modules["kvtrap.kernels"] = sub
 
 
-def time_graph(fn: Callable[[], Any], m: int, trials: int = 5) -> float:
-    """Median microseconds per call of ``fn`` under CUDA-graph replay."""
+def capture(fn: Callable[[], Any], reps: int) -> Any:
+    """``fn`` warmed up on a side stream (3 calls: compiles, allocator pools), then captured as a CUDA graph
+    of ``reps`` back-to-back calls and replayed once."""
     import torch
 
-    # 50 back-to-back calls per graph at decode sizes: the launch-floor kernels differ by tens of ns.
-    reps = 50 if m <= 256 else 3
-    replays = 20 if m <= 256 else 10
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -62,6 +60,17 @@ def time_graph(fn: Callable[[], Any], m: int, trials: int = 5) -> float:
         for _ in range(reps):
             fn()
     g.replay()
+    return g
+
+
+def time_graph(fn: Callable[[], Any], m: int, trials: int = 5) -> float:
+    """Median microseconds per call of ``fn`` under CUDA-graph replay."""
+    import torch
+
+    # 50 back-to-back calls per graph at decode sizes: the launch-floor kernels differ by tens of ns.
+    reps = 50 if m <= 256 else 3
+    replays = 20 if m <= 256 else 10
+    g = capture(fn, reps)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     per_call = []
@@ -341,21 +350,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], m: int, trials: int = 20
     import torch
 
     reps = reps or (50 if m <= 256 else 10)
-    graphs = {}
-    side = torch.cuda.Stream()
-    for name, fn in fns.items():
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(reps):
-                fn()
-        g.replay()
-        graphs[name] = g
+    graphs = {name: capture(fn, reps) for name, fn in fns.items()}
     torch.cuda.synchronize()
     names = list(graphs)
     times: dict[str, list[float]] = {n: [] for n in names}
