@@ -439,6 +439,100 @@ def allocator_swa_slot(f: Facts) -> Finding | None:
     )
 
 
+@dataclass(frozen=True)
+class SpecOverflow:
+    """Rows of a speculative forward that run past the context length the page table was sized for."""
+
+    table: TableSummary
+    rows: list[int]
+    longest: int  # longest cache_seqlens among them
+    context_len: int | None  # backend.max_context_len (None: dump from before it was recorded)
+    draft_tokens: int | None  # backend.speculative_num_draft_tokens
+    mode_known: bool  # the dump names a speculative forward mode (device-guard dumps carry none)
+
+
+def _spec_overflow(f: Facts) -> SpecOverflow | None:
+    """The overflow of a TARGET_VERIFY / DRAFT_* forward that is at most what speculative decoding adds
+    on top of a request at the context limit (SGLang keeps 4 + num_draft_tokens spare req_to_token
+    columns for those tokens, trtllm_mha's page table is ceil(context_len / page_size) wide)."""
+    mode = str(f.context.get("forward_mode") or "")
+    backend = f.context.get("backend") or {}
+    ctx, draft = backend.get("max_context_len"), backend.get("speculative_num_draft_tokens")
+    mode_known = "VERIFY" in mode or "DRAFT" in mode
+    # no forward mode (device-guard dumps): only when the backend runs speculative decoding at all
+    if not mode_known and (mode or not draft or draft < 2 or ctx is None):
+        return None
+    for t in f.tables:
+        over = [r for r in t.overflowing_rows if r.seqlen is not None]
+        if not over or (t.handed_to_layer is False):
+            continue
+        longest = max(r.seqlen for r in over)  # type: ignore[type-var]
+        width_tokens = int(t.shape[1]) * f.page_size
+        if ctx is not None:
+            # the table is the one sized from the context length, and every row is past that length by
+            # less than the draft adds (when the draft size is known)
+            if -(-ctx // f.page_size) != t.shape[1] or any(r.seqlen <= ctx for r in over):  # type: ignore[operator]
+                continue
+            if draft is not None and longest > ctx - 1 + draft:
+                continue
+        elif longest - width_tokens > f.page_size:  # older dump: only a one-page overflow is plausible
+            continue
+        return SpecOverflow(t, [r.row for r in over], longest, ctx, draft, mode_known)
+    return None
+
+
+@rule("spec-rows-past-context")
+def spec_rows_past_context(f: Facts) -> Finding | None:
+    """Speculative verify / draft rows near the context limit need one page more than trtllm_mha's table has."""
+    so = _spec_overflow(f)
+    if so is None:
+        return None
+    t, p = so.table, f.page_size
+    width = int(t.shape[1])
+    evidence = [
+        f"forward mode {f.context.get('forward_mode') or 'not recorded (device guard)'}; `{t.name}` is {width} pages x {p} tokens ="
+        f" {width * p} tokens wide; row(s) {_rows(so.rows)} need more (longest cache_seqlens {so.longest})",
+    ]
+    if so.context_len is not None:
+        evidence.append(
+            f"backend.max_context_len = {so.context_len} (the table width is ceil({so.context_len} / {p}) = {width});"
+            f" the longest row is {so.longest - so.context_len} token(s) past it"
+            + (f", within the {so.draft_tokens} draft tokens a verify row adds" if so.draft_tokens else "")
+        )
+    steps = []
+    if so.draft_tokens:
+        steps.append(
+            f"Workaround: serve with --context-length {width * p - so.draft_tokens + 1} (= {width * p} -"
+            f" {so.draft_tokens} draft tokens + 1), so a request at the limit plus its draft still fits the"
+            f" {width}-page table; requests then stop {so.draft_tokens - 1} tokens earlier."
+        )
+    else:
+        steps.append(
+            "Workaround: serve with --context-length lowered by num_draft_tokens - 1 from a page multiple, so a"
+            " request at the limit plus its draft tokens still fits the table."
+        )
+    steps += [
+        "Or cap max_new_tokens so that input + max_new_tokens + num_draft_tokens - 1 stays within the context length.",
+        "Upstream fix: size trtllm_mha's page table (max_num_pages) for context_len + num_draft_tokens, the slack"
+        " req_to_token already has.",
+    ]
+    return Finding(
+        rule="spec-rows-past-context",
+        title="speculative rows run past the context length: the page table is one page short",
+        confidence="high" if so.context_len is not None and so.mode_known else "medium",
+        cause=(
+            "SGLang lets a request at the context limit still run a verify step, whose rows are seq_lens + draft"
+            " tokens long (up to context_len + num_draft_tokens - 1), but trtllm_mha sizes its page table at"
+            " ceil(context_len / page_size) columns. The last page has no column, so the kernel would read the"
+            " next row's first page id, or memory past the table for the last row. Reachable in SGLang 0.5.23"
+            " whenever the context length exceeds width x page_size - num_draft_tokens + 1 (any page multiple,"
+            " with 2 or more draft tokens)."
+        ),
+        evidence=evidence,
+        next_steps=steps,
+    )
+
+
 @rule("seqlens-exceed-table")
 def seqlens_exceed_table(f: Facts) -> Finding | None:
     """cache_seqlens needs more pages than the page table is wide."""
@@ -460,7 +554,8 @@ def seqlens_exceed_table(f: Facts) -> Finding | None:
     return Finding(
         rule="seqlens-exceed-table",
         title="cache_seqlens needs more pages than the page table is wide",
-        confidence="high",
+        # the specific rule above names the cause when the rows are speculative ones at the context limit
+        confidence="medium" if _spec_overflow(f) is not None else "high",
         cause=(
             "A row's length runs past the table's last column, so the kernel would read page ids from beyond the"
             " row (the next row or unallocated memory): the table was sized for a shorter context than the batch has."

@@ -125,7 +125,8 @@ def page_tables(alloc, batch: Batch, page_size: int = PAGE_SIZE, width: int = MA
     full = torch.full((bs, width), 987654, dtype=torch.int32)
     swa = torch.full((bs, width), -777, dtype=torch.int32)
     for r, slots in enumerate(batch.token_slots):
-        firsts = slots[::page_size]
+        # SGLang's builder has no column for pages past the width (a row longer than the table loses them)
+        firsts = slots[::page_size][:width]
         full[r, : firsts.numel()] = (firsts // page_size).to(torch.int32)
         swa[r, : firsts.numel()] = (alloc.full_to_swa_index_mapping[firsts] // page_size).to(torch.int32)
     seqlens = torch.tensor(batch.seq_lens, dtype=torch.int32)

@@ -35,6 +35,7 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Dump]:
         "stale": trapdumps.make_stale_row_dump(root / "stale"),
         "swa_slot": trapdumps.make_swa_slot_dump(root / "swa_slot"),
         "seqlens": trapdumps.make_seqlens_exceed_dump(root / "seqlens"),
+        "spec_context": trapdumps.make_spec_context_limit_dump(root / "spec_context"),
     }
     return {k: load_dump(_path(p)) for k, p in made.items()}
 
@@ -49,7 +50,8 @@ def _numbers(text: str) -> list[int]:
 
 def test_registry_is_ordered_and_unique() -> None:
     ids = rule_ids()
-    assert ids == ["sglang-26957", "negative-id", "stale-row", "swa-slot-out-of-range", "seqlens-exceed-table"]
+    assert ids == ["sglang-26957", "negative-id", "stale-row", "swa-slot-out-of-range", "spec-rows-past-context",
+                   "seqlens-exceed-table"]
     assert len(set(ids)) == len(RULES)
 
 
@@ -137,12 +139,50 @@ def test_seqlens_exceed_table(real: dict[str, Dump]) -> None:
     f = found["seqlens-exceed-table"]
     width = d.tensors["page_table"].shape[1]
     assert any(f"{width} page(s) wide" in e for e in f.evidence)
+    # a plain DECODE batch wider than its table is not the speculative context-limit case
+    assert "spec-rows-past-context" not in found and f.confidence == "high"
+
+
+def test_spec_rows_past_context(real: dict[str, Dump]) -> None:
+    """A verify step of a request at SGLang's length limit (context_len - 1 committed + 4 draft tokens): the
+    specific rule names it first, computes the workaround context length, and the generic rule steps down."""
+    d = real["spec_context"]
+    assert d.context["forward_mode"] == "TARGET_VERIFY"
+    assert d.context["backend"]["max_context_len"] == 512 and d.context["backend"]["speculative_num_draft_tokens"] == 4
+    findings = explain(d)
+    top = findings[0]
+    assert top.rule == "spec-rows-past-context" and top.confidence == "high"
+    assert any("longest cache_seqlens 515" in e for e in top.evidence)
+    assert any("3 token(s) past it, within the 4 draft tokens" in e for e in top.evidence)
+    assert any("--context-length 509" in s for s in top.next_steps)  # 32 pages x 16 - 4 + 1
+    generic = _by_rule(findings)["seqlens-exceed-table"]
+    assert generic.confidence == "medium"
+
+
+def test_spec_rule_needs_a_speculative_forward(real: dict[str, Dump]) -> None:
+    d = real["spec_context"]
+    ctx = d.manifest["context"]
+    try:
+        # relabelled as a DECODE forward: no speculative rows, only the generic finding
+        ctx["forward_mode"] = "DECODE"
+        assert "spec-rows-past-context" not in _by_rule(explain(d))
+        # no forward mode (a device-guard dump): still named, one step less sure
+        ctx["forward_mode"] = None
+        assert _by_rule(explain(d))["spec-rows-past-context"].confidence == "medium"
+        # ... but not for a backend without speculative decoding
+        ctx["backend"]["speculative_num_draft_tokens"] = None
+        assert "spec-rows-past-context" not in _by_rule(explain(d))
+    finally:
+        ctx["forward_mode"] = "TARGET_VERIFY"
+        ctx["backend"]["speculative_num_draft_tokens"] = 4
 
 
 def test_rules_do_not_fire_on_other_scenarios(real: dict[str, Dump]) -> None:
     # each scenario's own rule is the most certain; the allocator rule never fires on attention dumps
-    for name in ("26957", "26957-high-fill", "drift", "negative", "stale", "seqlens"):
+    for name in ("26957", "26957-high-fill", "drift", "negative", "stale", "seqlens", "spec_context"):
         assert "swa-slot-out-of-range" not in _by_rule(explain(real[name])), name
+    for name in ("26957", "26957-high-fill", "drift", "negative", "stale", "off-by-one"):
+        assert "spec-rows-past-context" not in _by_rule(explain(real[name])), name
     assert _by_rule(explain(real["swa_slot"])).keys() == {"swa-slot-out-of-range"}
 
 

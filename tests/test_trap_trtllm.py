@@ -170,6 +170,20 @@ def test_seqlens_wider_than_table(tmp_path):
     assert v.kind == "seqlens_exceed_table" and v.row == 0 and v.details["overflow"]["width"] == 2
 
 
+def test_spec_verify_at_the_context_limit_traps_before_the_kernel(tmp_path):
+    """SGLang 0.5.23 lets a request with context_len - 1 committed tokens run a verify step: its rows need one
+    page more than trtllm_mha's ceil(context_len / page_size)-wide table has. Trapped in forward_extend
+    (TARGET_VERIFY), with the backend's context length and draft size in the dump."""
+    path, err = td.make_spec_context_limit_dump(tmp_path)
+    v = err.violation
+    assert v.kind == "seqlens_exceed_table" and v.where.endswith("forward_extend")
+    assert v.details["overflow"] == {"row": 0, "needed_pages": w.MAX_PAGES + 1, "width": w.MAX_PAGES, "rows": 1}
+    dump = load_dump(path)
+    assert dump.context["forward_mode"] == "TARGET_VERIFY"
+    assert dump.context["backend"]["max_context_len"] == w.MAX_PAGES * w.PAGE_SIZE
+    assert int(dump.tensors["cache_seqlens"][0]) == w.MAX_PAGES * w.PAGE_SIZE + 3
+
+
 def test_value_scan_runs_once_per_table_per_forward(tmp_path, monkeypatch):
     pool, alloc, layers, batch, backend, fb = world()
     calls = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import sglang_world as w
+import torch
 
 import kvtrap
 
@@ -121,6 +122,29 @@ def make_seqlens_exceed_dump(dump_dir: Path):
     return _fire(dump_dir, lambda: _decode(backend, full_layer, fb, len(batch.seq_lens)))
 
 
+def make_spec_context_limit_dump(dump_dir: Path, draft_tokens: int = 4):
+    """A speculative verify step of a request at SGLang's length limit (context_len - 1 committed tokens):
+    its rows are ``draft_tokens - 1`` tokens longer than the context length that sized the page table."""
+    pool = w.make_pool(full_pages=64, swa_pages=40)
+    alloc = w.make_allocator(pool)
+    context_len = w.MAX_PAGES * w.PAGE_SIZE
+    committed = context_len - 1  # max_req_len = context_len - 1 in SGLang's scheduler
+    batch = w.allocate_requests(alloc, [committed + draft_tokens])  # the prefix + the draft slots of this step
+    full, swa, seqlens = w.page_tables(alloc, batch)  # cache_seqlens = seq_lens + draft tokens
+    backend = w.make_backend(pool, alloc)
+    assert backend.max_context_len == context_len
+    backend.speculative_num_draft_tokens = draft_tokens
+    w.set_metadata(backend, full, swa, seqlens)
+    fb = w.make_forward_batch(batch, out_cache_loc=batch.token_slots[0][-draft_tokens:])
+    fb.forward_mode = w.sglang()["ForwardMode"].TARGET_VERIFY
+    fb.seq_lens = torch.tensor([committed])
+    fb.input_ids = torch.zeros(draft_tokens, dtype=torch.int64)
+    w.set_write_locs(backend, alloc, fb)
+    full_layer = next(layer for layer in w.make_layers() if layer.layer_id in w.FULL_LAYERS)
+    q, k, v = w.qkv(draft_tokens)
+    return _fire(dump_dir, lambda: backend.forward_extend(q, k, v, full_layer, fb))
+
+
 ALL = {
     "swa-slot": make_swa_slot_dump,
     "26957": make_26957_dump,
@@ -130,4 +154,5 @@ ALL = {
     "negative-id": make_negative_id_dump,
     "stale-row": make_stale_row_dump,
     "seqlens-exceed": make_seqlens_exceed_dump,
+    "spec-context-limit": make_spec_context_limit_dump,
 }

@@ -368,7 +368,15 @@ def _backend_state(backend: Any, live: Any) -> dict[str, Any]:
         "has_swa_full_to_swa_mapping": mapping is not None,
         "swa_mapping_is_live": mapping is not None
         and mapping is getattr(live, "full_to_swa_index_mapping", None),
+        # what the page-table width is sized from (ceil(max_context_len / page_size)), and how far
+        # speculative verify rows may run past it (explain: spec-rows-past-context)
+        "max_context_len": _int_or_none(getattr(backend, "max_context_len", None)),
+        "speculative_num_draft_tokens": _int_or_none(getattr(backend, "speculative_num_draft_tokens", None)),
     }
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _tables(md: Any, handed_name: str, live: Any, layer_id: int, page_size: int) -> dict[str, Any]:
