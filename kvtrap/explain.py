@@ -473,7 +473,7 @@ def _spec_overflow(f: Facts) -> SpecOverflow | None:
             # less than the draft adds (when the draft size is known)
             if -(-ctx // f.page_size) != t.shape[1] or any(r.seqlen <= ctx for r in over):  # type: ignore[operator]
                 continue
-            if draft is not None and longest > ctx - 1 + draft:
+            if draft is not None and longest > ctx + draft:
                 continue
         elif longest - width_tokens > f.page_size:  # older dump: only a one-page overflow is plausible
             continue
@@ -502,17 +502,17 @@ def spec_rows_past_context(f: Facts) -> Finding | None:
     steps = []
     if so.draft_tokens:
         steps.append(
-            f"Workaround: serve with --context-length {width * p - so.draft_tokens + 1} (= {width * p} -"
-            f" {so.draft_tokens} draft tokens + 1), so a request at the limit plus its draft still fits the"
-            f" {width}-page table; requests then stop {so.draft_tokens - 1} tokens earlier."
+            f"Workaround: serve with --context-length {width * p - so.draft_tokens} (= {width * p} -"
+            f" {so.draft_tokens} draft tokens), so a request at the limit plus its draft still fits the"
+            f" {width}-page table; requests then stop {so.draft_tokens} tokens earlier."
         )
     else:
         steps.append(
-            "Workaround: serve with --context-length lowered by num_draft_tokens - 1 from a page multiple, so a"
+            "Workaround: serve with --context-length lowered by num_draft_tokens from a page multiple, so a"
             " request at the limit plus its draft tokens still fits the table."
         )
     steps += [
-        "Or cap max_new_tokens so that input + max_new_tokens + num_draft_tokens - 1 stays within the context length.",
+        "Or cap max_new_tokens so that input + max_new_tokens + num_draft_tokens stays within the context length.",
         "Upstream fix: size trtllm_mha's page table (max_num_pages) for context_len + num_draft_tokens, the slack"
         " req_to_token already has.",
     ]
@@ -521,12 +521,12 @@ def spec_rows_past_context(f: Facts) -> Finding | None:
         title="speculative rows run past the context length: the page table is one page short",
         confidence="high" if so.context_len is not None and so.mode_known else "medium",
         cause=(
-            "SGLang lets a request at the context limit still run a verify step, whose rows are seq_lens + draft"
-            " tokens long (up to context_len + num_draft_tokens - 1), but trtllm_mha sizes its page table at"
-            " ceil(context_len / page_size) columns. The last page has no column, so the kernel would read the"
-            " next row's first page id, or memory past the table for the last row. Reachable in SGLang 0.5.23"
-            " whenever the context length exceeds width x page_size - num_draft_tokens + 1 (any page multiple,"
-            " with 2 or more draft tokens)."
+            "SGLang lets a request near the context limit still run a verify step, whose rows are seq_lens + draft"
+            " tokens long (a few tokens past context_len; req_to_token keeps 4 + num_draft_tokens spare columns"
+            " for them), but trtllm_mha sizes its page table at ceil(context_len / page_size) columns. The last"
+            " page has no column, so the kernel would read the next row's first page id, or memory past the table"
+            " for the last row. Reachable in SGLang 0.5.23 when the context length is a page multiple or just"
+            " below one (by reading its code; not yet seen on a server)."
         ),
         evidence=evidence,
         next_steps=steps,

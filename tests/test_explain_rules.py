@@ -154,7 +154,7 @@ def test_spec_rows_past_context(real: dict[str, Dump]) -> None:
     assert top.rule == "spec-rows-past-context" and top.confidence == "high"
     assert any("longest cache_seqlens 515" in e for e in top.evidence)
     assert any("3 token(s) past it, within the 4 draft tokens" in e for e in top.evidence)
-    assert any("--context-length 509" in s for s in top.next_steps)  # 32 pages x 16 - 4 + 1
+    assert any("--context-length 508" in s for s in top.next_steps)  # 32 pages x 16 - 4
     generic = _by_rule(findings)["seqlens-exceed-table"]
     assert generic.confidence == "medium"
 
