@@ -13,9 +13,10 @@ import kvtrap
 from kvtrap.patching import ORIGINAL_ATTR
 
 pytest.importorskip("sglang")
+from srt import import_srt  # noqa: E402
 
-from sglang.srt.layers.attention.trtllm_mha_backend import TRTLLMHAAttnBackend  # noqa: E402
-from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator  # noqa: E402
+TRTLLMHAAttnBackend = import_srt("sglang.srt.layers.attention.trtllm_mha_backend").TRTLLMHAAttnBackend
+SWATokenToKVPoolAllocator = import_srt("sglang.srt.mem_cache.allocator.swa").SWATokenToKVPoolAllocator
 
 METHODS = [
     (SWATokenToKVPoolAllocator, "alloc_extend"),

@@ -15,10 +15,11 @@ import kvtrap
 from kvtrap import inject
 
 pytest.importorskip("sglang")
+from srt import import_srt  # noqa: E402
 
+TRTLLMHAAttnBackend = import_srt("sglang.srt.layers.attention.trtllm_mha_backend").TRTLLMHAAttnBackend
+frozen_kv_target_view = import_srt("sglang.srt.speculative.frozen_kv_mtp_utils").frozen_kv_target_view
 import sglang_world as w  # noqa: E402
-from sglang.srt.layers.attention.trtllm_mha_backend import TRTLLMHAAttnBackend  # noqa: E402
-from sglang.srt.speculative.frozen_kv_mtp_utils import frozen_kv_target_view  # noqa: E402
 
 KERNEL = "name 'flashinfer' is not defined"
 
