@@ -109,7 +109,7 @@ def _gelu_tanh_mul_kernel(
         p = tl.load(p_ptr + p_offs, mask=ok, other=0.0).to(tl.float32)
     # gelu_tanh(g) = 0.5 g (1 + tanh(y)) = g * sigmoid(2y) = g / (1 + exp(-2y)), y = sqrt(2/pi)(g + 0.044715 g^3).
     # The sigmoid form needs one exponential and no tanh (Inductor calls libdevice's tanh, a much longer
-    # dependent chain per element, which is why its kernel wants one element per thread). Constants folded
+    # dependent chain per element: at decode sizes its fastest launches keep one element per thread). Constants folded
     # into the exponent: exp(-2y) = exp2(g * (A + B g^2)), A = -2 sqrt(2/pi) log2(e), B = 0.044715 A, i.e.
     # g*g, one FMA, one multiply into ex2 (the plain exp form measured 1.6% slower at M = 8 in the earlier
     # interleaved run, kernels-h200-earlier.md). Clamping at 80 / ln 2 keeps it finite for very negative g
@@ -175,7 +175,7 @@ def _gelu_config(M: int, block_n: int) -> tuple[int, int]:
     """(BLOCK_M, num_warps). Up to M = 256 the kernel is a handful of instructions around two loads and a
     store, so what sets its time is how long each thread's chain is: about 2 elements per thread. H200,
     interleaved against Inductor's generated kernel at 11 launch shapes (N = 256; benchmarks/results/
-    kernels-h200-gelu-launch-sweep.md, re-measured in kernels-h200.md): 2 rows x 8 warps fastest or within 1%
+    kernels-h200-gelu-launch-sweep.md, re-measured in kernels-h200.md): 2 rows x 8 warps fastest or within ~1%
     at M = 8-128, one row x 4 warps at M = 1 and 256; the earlier 1 x 2 rule (4 per thread) lost 0.5-1.6% to
     Inductor's fastest (1 per thread) launches at M = 1-256. Larger M is bandwidth-bound: ~1K elements per
     4-warp program."""

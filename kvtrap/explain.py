@@ -448,34 +448,47 @@ class SpecOverflow:
     longest: int  # longest cache_seqlens among them
     context_len: int | None  # backend.max_context_len (None: dump from before it was recorded)
     draft_tokens: int | None  # backend.speculative_num_draft_tokens
-    mode_known: bool  # the dump names a speculative forward mode (device-guard dumps carry none)
+    mode_known: bool  # the dump says the forward is speculative (device-guard dumps carry no mode)
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def spec_margin(draft_tokens: int) -> int:
+    """How far past the context length a speculative row can reach in SGLang 0.5.23, rounded up to
+    ``2 x num_draft_tokens``. Why (read from its code): max_new_tokens is clipped so input + max_new <=
+    context_len - 2; a verify row is seq_lens + num_draft_tokens; under the default overlap scheduler one
+    more step is scheduled before the previous result finishes the request, and that step's seq_lens already
+    includes up to num_draft_tokens accepted tokens: rows up to context_len + 2 x num_draft_tokens - 5
+    (draft-decode rows, seq_lens + step + 1, stay below that)."""
+    return 2 * draft_tokens
 
 
 def _spec_overflow(f: Facts) -> SpecOverflow | None:
-    """The overflow of a TARGET_VERIFY / DRAFT_* forward that is at most what speculative decoding adds
-    on top of a request at the context limit (SGLang keeps 4 + num_draft_tokens spare req_to_token
-    columns for those tokens, trtllm_mha's page table is ceil(context_len / page_size) wide)."""
+    """An overflow on a speculative forward (TARGET_VERIFY / DRAFT_*, or DECODE of a batch carrying
+    spec_info, i.e. the draft's decode steps) that lies within :func:`spec_margin` of the context length,
+    on the table sized from it (``ceil(context_len / page_size)`` columns)."""
     mode = str(f.context.get("forward_mode") or "")
     backend = f.context.get("backend") or {}
-    ctx, draft = backend.get("max_context_len"), backend.get("speculative_num_draft_tokens")
-    mode_known = "VERIFY" in mode or "DRAFT" in mode
+    ctx = _int(backend.get("max_context_len"))
+    draft = _int(backend.get("speculative_num_draft_tokens"))
+    mode_known = "VERIFY" in mode or "DRAFT" in mode or f.context.get("speculative") is True
     # no forward mode (device-guard dumps): only when the backend runs speculative decoding at all
     if not mode_known and (mode or not draft or draft < 2 or ctx is None):
         return None
+    p = f.page_size
     for t in f.tables:
         over = [r for r in t.overflowing_rows if r.seqlen is not None]
-        if not over or (t.handed_to_layer is False):
+        if not over or t.handed_to_layer is False or p <= 0:
             continue
-        longest = max(r.seqlen for r in over)  # type: ignore[type-var]
-        width_tokens = int(t.shape[1]) * f.page_size
+        longest = max(int(r.seqlen) for r in over)  # type: ignore[arg-type]
         if ctx is not None:
-            # the table is the one sized from the context length, and every row is past that length by
-            # less than the draft adds (when the draft size is known)
-            if -(-ctx // f.page_size) != t.shape[1] or any(r.seqlen <= ctx for r in over):  # type: ignore[operator]
+            if -(-ctx // p) != t.width or any(int(r.seqlen) <= ctx for r in over):  # type: ignore[arg-type]
                 continue
-            if draft is not None and longest > ctx + draft:
+            if draft is not None and longest > ctx + spec_margin(draft):
                 continue
-        elif longest - width_tokens > f.page_size:  # older dump: only a one-page overflow is plausible
+        elif longest - t.width * p > p:  # older dump: only a one-page overflow is plausible
             continue
         return SpecOverflow(t, [r.row for r in over], longest, ctx, draft, mode_known)
     return None
@@ -483,50 +496,64 @@ def _spec_overflow(f: Facts) -> SpecOverflow | None:
 
 @rule("spec-rows-past-context")
 def spec_rows_past_context(f: Facts) -> Finding | None:
-    """Speculative verify / draft rows near the context limit need one page more than trtllm_mha's table has."""
+    """Speculative rows near the context limit need more pages than trtllm_mha's table has."""
     so = _spec_overflow(f)
     if so is None:
         return None
     t, p = so.table, f.page_size
-    width = int(t.shape[1])
+    width = t.width
+    mode = f.context.get("forward_mode") or "not recorded (device guard)"
+    if f.context.get("speculative") is True and "VERIFY" not in str(mode) and "DRAFT" not in str(mode):
+        mode = f"{mode} of a speculative batch (spec_info set: a draft decode step)"
     evidence = [
-        f"forward mode {f.context.get('forward_mode') or 'not recorded (device guard)'}; `{t.name}` is {width} pages x {p} tokens ="
-        f" {width * p} tokens wide; row(s) {_rows(so.rows)} need more (longest cache_seqlens {so.longest})",
+        f"forward mode {mode}; `{t.name}` is {width} pages x {p} tokens = {width * p} tokens wide;"
+        f" row(s) {_rows(so.rows)} need more (longest cache_seqlens {so.longest})",
     ]
     if so.context_len is not None:
         evidence.append(
             f"backend.max_context_len = {so.context_len} (the table width is ceil({so.context_len} / {p}) = {width});"
             f" the longest row is {so.longest - so.context_len} token(s) past it"
-            + (f", within the {so.draft_tokens} draft tokens a verify row adds" if so.draft_tokens else "")
+            + (f", within 2 x {so.draft_tokens} draft tokens" if so.draft_tokens else "")
         )
     steps = []
-    if so.draft_tokens:
+    margin = spec_margin(so.draft_tokens) if so.draft_tokens else None
+    if margin is not None and margin < p:
         steps.append(
-            f"Workaround: serve with --context-length {width * p - so.draft_tokens} (= {width * p} -"
-            f" {so.draft_tokens} draft tokens), so a request at the limit plus its draft still fits the"
-            f" {width}-page table; requests then stop {so.draft_tokens} tokens earlier."
+            f"Workaround: serve with --context-length {width * p - margin} (= {width * p} - 2 x {so.draft_tokens}"
+            f" draft tokens): requests stop earlier, and the rows of their last speculative steps still fit the"
+            f" {width}-page table."
+        )
+    elif margin is not None:
+        steps.append(
+            f"No --context-length avoids it at page size {p}: 2 x {so.draft_tokens} draft tokens is a page or more"
+            " of overshoot. Use fewer draft tokens or a larger page size, or the upstream fix below."
         )
     else:
         steps.append(
-            "Workaround: serve with --context-length lowered by num_draft_tokens from a page multiple, so a"
-            " request at the limit plus its draft tokens still fits the table."
+            "Workaround: serve with --context-length lowered by 2 x num_draft_tokens from a page multiple, so the"
+            " rows of a request's last speculative steps still fit the table."
         )
     steps += [
-        "Or cap max_new_tokens so that input + max_new_tokens + num_draft_tokens stays within the context length.",
-        "Upstream fix: size trtllm_mha's page table (max_num_pages) for context_len + num_draft_tokens, the slack"
-        " req_to_token already has.",
+        "Or cap max_new_tokens so that input + max_new_tokens + 2 x num_draft_tokens stays within the table"
+        f" ({width * p} tokens).",
+        "Upstream fix: size trtllm_mha's page table (max_num_pages) for context_len + 2 x num_draft_tokens, or stop"
+        " scheduling a speculative step for a request that the step in flight may finish.",
     ]
+    confident = so.context_len is not None and so.draft_tokens is not None and so.mode_known
     return Finding(
         rule="spec-rows-past-context",
-        title="speculative rows run past the context length: the page table is one page short",
-        confidence="high" if so.context_len is not None and so.mode_known else "medium",
+        title="speculative rows run past the context length: the page table is too narrow for them",
+        confidence="high" if confident else "medium",
         cause=(
-            "SGLang lets a request near the context limit still run a verify step, whose rows are seq_lens + draft"
-            " tokens long (a few tokens past context_len; req_to_token keeps 4 + num_draft_tokens spare columns"
-            " for them), but trtllm_mha sizes its page table at ceil(context_len / page_size) columns. The last"
-            " page has no column, so the kernel would read the next row's first page id, or memory past the table"
-            " for the last row. Reachable in SGLang 0.5.23 when the context length is a page multiple or just"
-            " below one (by reading its code; not yet seen on a server)."
+            "Near the length limit SGLang still runs speculative steps whose rows (seq_lens + draft tokens) reach"
+            " past context_len: up to about 2 x num_draft_tokens under the default overlap scheduler, which"
+            " schedules one more step before the previous one finishes the request (req_to_token keeps"
+            " 4 + num_draft_tokens spare columns). trtllm_mha sizes its page table at ceil(context_len /"
+            " page_size) columns, so those rows have no column for their last page: the attention kernel would"
+            " read page ids from the next row or past the table, and in eager mode SGLang's table builder writes"
+            " the missing page id into the next row's first column (a live neighbour request) or past the buffer."
+            " Reachable in SGLang 0.5.23 when the context length is a page multiple or just below one (read from"
+            " its code; not seen on a server)."
         ),
         evidence=evidence,
         next_steps=steps,

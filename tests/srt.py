@@ -17,10 +17,10 @@ import pytest
 def import_srt(name: str) -> ModuleType:
     try:
         return importlib.import_module(name)
-    except ImportError as err:
+    except ModuleNotFoundError as err:
         import torch
 
-        if torch.cuda.is_available() and "sgl_kernel" in str(err):
+        if torch.cuda.is_available() and err.name == "sgl_kernel":
             # allow_module_level: also valid when called at import time of a test module
             pytest.skip(f"{name} needs sgl_kernel, which the GPU machine does not have", allow_module_level=True)
         raise

@@ -36,6 +36,7 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Dump]:
         "swa_slot": trapdumps.make_swa_slot_dump(root / "swa_slot"),
         "seqlens": trapdumps.make_seqlens_exceed_dump(root / "seqlens"),
         "spec_context": trapdumps.make_spec_context_limit_dump(root / "spec_context"),
+        "spec_draft_decode": trapdumps.make_spec_context_limit_dump(root / "spec_draft_decode", draft_decode=True),
     }
     return {k: load_dump(_path(p)) for k, p in made.items()}
 
@@ -144,8 +145,8 @@ def test_seqlens_exceed_table(real: dict[str, Dump]) -> None:
 
 
 def test_spec_rows_past_context(real: dict[str, Dump]) -> None:
-    """A verify step of a request at SGLang's length limit (context_len - 1 committed + 4 draft tokens): the
-    specific rule names it first, computes the workaround context length, and the generic rule steps down."""
+    """The last verify step of a request at SGLang's length limit (trapdumps): the specific rule names it
+    first, computes the workaround context length, and the generic rule steps down."""
     d = real["spec_context"]
     assert d.context["forward_mode"] == "TARGET_VERIFY"
     assert d.context["backend"]["max_context_len"] == 512 and d.context["backend"]["speculative_num_draft_tokens"] == 4
@@ -153,33 +154,57 @@ def test_spec_rows_past_context(real: dict[str, Dump]) -> None:
     top = findings[0]
     assert top.rule == "spec-rows-past-context" and top.confidence == "high"
     assert any("longest cache_seqlens 515" in e for e in top.evidence)
-    assert any("3 token(s) past it, within the 4 draft tokens" in e for e in top.evidence)
-    assert any("--context-length 508" in s for s in top.next_steps)  # 32 pages x 16 - 4
+    assert any("3 token(s) past it, within 2 x 4 draft tokens" in e for e in top.evidence)
+    assert any("--context-length 504" in s for s in top.next_steps)  # 32 pages x 16 - 2 x 4
     generic = _by_rule(findings)["seqlens-exceed-table"]
     assert generic.confidence == "medium"
 
 
-def test_spec_rule_needs_a_speculative_forward(real: dict[str, Dump]) -> None:
+def test_spec_rows_past_context_on_a_draft_decode_step(real: dict[str, Dump]) -> None:
+    # DECODE with spec_info set (the draft's own decode steps) is speculative too
+    d = real["spec_draft_decode"]
+    top = explain(d)[0]
+    assert top.rule == "spec-rows-past-context" and top.confidence == "high"
+    assert any("DECODE of a speculative batch" in e for e in top.evidence)
+
+
+def test_spec_rule_edges(real: dict[str, Dump]) -> None:
     d = real["spec_context"]
     ctx = d.manifest["context"]
+    backend = ctx["backend"]
     try:
-        # relabelled as a DECODE forward: no speculative rows, only the generic finding
-        ctx["forward_mode"] = "DECODE"
+        # relabelled as a plain DECODE forward: no speculative rows, only the generic finding
+        ctx["forward_mode"], ctx["speculative"] = "DECODE", False
         assert "spec-rows-past-context" not in _by_rule(explain(d))
         # no forward mode (a device-guard dump): still named, one step less sure
-        ctx["forward_mode"] = None
+        ctx["forward_mode"], ctx["speculative"] = None, None
         assert _by_rule(explain(d))["spec-rows-past-context"].confidence == "medium"
         # ... but not for a backend without speculative decoding
-        ctx["backend"]["speculative_num_draft_tokens"] = None
+        backend["speculative_num_draft_tokens"] = None
+        assert "spec-rows-past-context" not in _by_rule(explain(d))
+        # a speculative mode with no draft size: named, medium, generic workaround
+        ctx["forward_mode"] = "TARGET_VERIFY"
+        f = _by_rule(explain(d))["spec-rows-past-context"]
+        assert f.confidence == "medium" and any("2 x num_draft_tokens" in s for s in f.next_steps)
+        # malformed fields in a hand-edited dump: no crash, treated as unknown
+        backend["speculative_num_draft_tokens"], backend["max_context_len"] = "4", [512]
+        assert "spec-rows-past-context" in _by_rule(explain(d))
+        # so many draft tokens that no context length helps at this page size (2 x 8 >= 16)
+        backend["speculative_num_draft_tokens"], backend["max_context_len"] = 8, 512
+        f = _by_rule(explain(d))["spec-rows-past-context"]
+        assert any("No --context-length avoids it" in s for s in f.next_steps)
+        # rows further past the context length than speculation can explain: only the generic rule
+        backend["speculative_num_draft_tokens"] = 1
         assert "spec-rows-past-context" not in _by_rule(explain(d))
     finally:
-        ctx["forward_mode"] = "TARGET_VERIFY"
-        ctx["backend"]["speculative_num_draft_tokens"] = 4
+        ctx["forward_mode"], ctx["speculative"] = "TARGET_VERIFY", True
+        backend["speculative_num_draft_tokens"], backend["max_context_len"] = 4, 512
 
 
 def test_rules_do_not_fire_on_other_scenarios(real: dict[str, Dump]) -> None:
     # each scenario's own rule is the most certain; the allocator rule never fires on attention dumps
-    for name in ("26957", "26957-high-fill", "drift", "negative", "stale", "seqlens", "spec_context"):
+    for name in ("26957", "26957-high-fill", "drift", "negative", "stale", "seqlens", "spec_context",
+                 "spec_draft_decode"):
         assert "swa-slot-out-of-range" not in _by_rule(explain(real[name])), name
     for name in ("26957", "26957-high-fill", "drift", "negative", "stale", "off-by-one"):
         assert "spec-rows-past-context" not in _by_rule(explain(real[name])), name

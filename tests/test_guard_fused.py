@@ -401,7 +401,9 @@ def test_child_armed_in_graph_build_uses_fused_once_and_restores(tmp_path: Path,
     """Arming replaces the module-level builder in SGLang's backend module and puts it back; a real
     ``TRTLLMHAAttnBackend.init_forward_metadata_in_graph`` then runs the fused build and no separate
     guard."""
-    be = pytest.importorskip("sglang.srt.layers.attention.trtllm_mha_backend")
+    from srt import import_srt
+
+    be = import_srt("sglang.srt.layers.attention.trtllm_mha_backend")
     from sglang.srt.layers.attention.trtllm_mha_backend import TRTLLMHAAttnBackend, TRTLLMMHAMetadata
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 

@@ -171,17 +171,31 @@ def test_seqlens_wider_than_table(tmp_path):
 
 
 def test_spec_verify_at_the_context_limit_traps_before_the_kernel(tmp_path):
-    """SGLang 0.5.23 lets a request with context_len - 1 committed tokens run a verify step: its rows need one
-    page more than trtllm_mha's ceil(context_len / page_size)-wide table has. Trapped in forward_extend
-    (TARGET_VERIFY), with the backend's context length and draft size in the dump."""
+    """The last speculative step of a request at SGLang 0.5.23's length limit (see trapdumps): its verify rows
+    need one page more than trtllm_mha's ceil(context_len / page_size)-wide table has. Trapped in
+    forward_extend (TARGET_VERIFY), with the backend's context length and draft size in the dump."""
     path, err = td.make_spec_context_limit_dump(tmp_path)
     v = err.violation
     assert v.kind == "seqlens_exceed_table" and v.where.endswith("forward_extend")
     assert v.details["overflow"] == {"row": 0, "needed_pages": w.MAX_PAGES + 1, "width": w.MAX_PAGES, "rows": 1}
     dump = load_dump(path)
-    assert dump.context["forward_mode"] == "TARGET_VERIFY"
+    assert dump.context["forward_mode"] == "TARGET_VERIFY" and dump.context["speculative"] is True
     assert dump.context["backend"]["max_context_len"] == w.MAX_PAGES * w.PAGE_SIZE
     assert int(dump.tensors["cache_seqlens"][0]) == w.MAX_PAGES * w.PAGE_SIZE + 3
+
+
+def test_spec_draft_decode_at_the_context_limit_traps_too(tmp_path):
+    # the draft's decode steps come first in each iteration and run as DECODE with spec_info set
+    path, err = td.make_spec_context_limit_dump(tmp_path, draft_decode=True)
+    assert err.violation.kind == "seqlens_exceed_table" and err.violation.where.endswith("forward_decode")
+    dump = load_dump(path)
+    assert dump.context["forward_mode"] == "DECODE" and dump.context["speculative"] is True
+    assert int(dump.tensors["cache_seqlens"][0]) == w.MAX_PAGES * w.PAGE_SIZE + 2
+
+
+def test_plain_decode_records_not_speculative(tmp_path):
+    _, err = td.make_seqlens_exceed_dump(tmp_path)
+    assert load_dump(err.dump_path).context["speculative"] is False
 
 
 def test_value_scan_runs_once_per_table_per_forward(tmp_path, monkeypatch):

@@ -122,27 +122,41 @@ def make_seqlens_exceed_dump(dump_dir: Path):
     return _fire(dump_dir, lambda: _decode(backend, full_layer, fb, len(batch.seq_lens)))
 
 
-def make_spec_context_limit_dump(dump_dir: Path, draft_tokens: int = 4):
-    """A speculative verify step of a request at SGLang's length limit (context_len - 1 committed tokens):
-    its rows are ``draft_tokens - 1`` tokens longer than the context length that sized the page table."""
+def make_spec_context_limit_dump(dump_dir: Path, draft_tokens: int = 4, *, draft_decode: bool = False):
+    """The last speculative step of a request at SGLang's length limit, built from real SGLang objects.
+
+    SGLang 0.5.23 clips max_new_tokens so input + max_new <= context_len - 2; under the overlap scheduler one
+    more step runs after the step that finishes the request, with up to ``draft_tokens`` more tokens already
+    in seq_lens: seq_lens up to context_len + draft_tokens - 5 (context_len - 1 for 4 draft tokens). Its
+    verify rows are seq_lens + draft_tokens long (TARGET_VERIFY through ``forward_extend``), its draft decode
+    steps seq_lens + step + 1 (``draft_decode``: DECODE with spec_info through ``forward_decode``). The table
+    has ceil(context_len / page_size) columns, as trtllm_mha sizes it.
+    """
+    from sglang.srt.speculative.eagle_info import EagleDraftInput
+
     pool = w.make_pool(full_pages=64, swa_pages=40)
     alloc = w.make_allocator(pool)
     context_len = w.MAX_PAGES * w.PAGE_SIZE
-    committed = context_len - 1  # max_req_len = context_len - 1 in SGLang's scheduler
-    batch = w.allocate_requests(alloc, [committed + draft_tokens])  # the prefix + the draft slots of this step
-    full, swa, seqlens = w.page_tables(alloc, batch)  # cache_seqlens = seq_lens + draft tokens
+    seq_len = context_len + draft_tokens - 5
+    row = draft_tokens if not draft_decode else draft_tokens - 1  # verify: + draft; last draft step: + step + 1
+    batch = w.allocate_requests(alloc, [seq_len + row])
+    full, swa, seqlens = w.page_tables(alloc, batch)
     backend = w.make_backend(pool, alloc)
     assert backend.max_context_len == context_len
     backend.speculative_num_draft_tokens = draft_tokens
     w.set_metadata(backend, full, swa, seqlens)
-    fb = w.make_forward_batch(batch, out_cache_loc=batch.token_slots[0][-draft_tokens:])
-    fb.forward_mode = w.sglang()["ForwardMode"].TARGET_VERIFY
-    fb.seq_lens = torch.tensor([committed])
-    fb.input_ids = torch.zeros(draft_tokens, dtype=torch.int64)
+    new = 1 if draft_decode else draft_tokens
+    fb = w.make_forward_batch(batch, out_cache_loc=batch.token_slots[0][-new:])
+    sg = w.sglang()
+    fb.forward_mode = sg["ForwardMode"].DECODE if draft_decode else sg["ForwardMode"].TARGET_VERIFY
+    fb.spec_info = EagleDraftInput()
+    fb.seq_lens = torch.tensor([seq_len])
+    fb.input_ids = torch.zeros(new, dtype=torch.int64)
     w.set_write_locs(backend, alloc, fb)
     full_layer = next(layer for layer in w.make_layers() if layer.layer_id in w.FULL_LAYERS)
-    q, k, v = w.qkv(draft_tokens)
-    return _fire(dump_dir, lambda: backend.forward_extend(q, k, v, full_layer, fb))
+    q, k, v = w.qkv(new)
+    method = "forward_decode" if draft_decode else "forward_extend"  # looked up once armed (hooked)
+    return _fire(dump_dir, lambda: getattr(backend, method)(q, k, v, full_layer, fb))
 
 
 ALL = {
@@ -155,4 +169,5 @@ ALL = {
     "stale-row": make_stale_row_dump,
     "seqlens-exceed": make_seqlens_exceed_dump,
     "spec-context-limit": make_spec_context_limit_dump,
+    "spec-context-limit-draft-decode": lambda d: make_spec_context_limit_dump(d, draft_decode=True),
 }

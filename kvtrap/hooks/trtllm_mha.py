@@ -179,6 +179,7 @@ class LayerCheck:
     live_pool: dict[str, Any]
     table_bounds: dict[str, Any]
     forward_mode: str | None = None
+    speculative: bool | None = None  # the batch carries spec_info (draft decode steps run as DECODE)
     req_pool_indices: Any = None
     capturing: bool = False
 
@@ -249,6 +250,7 @@ def check_forward(backend: Any, layer: Any, forward_batch: Any, where: str) -> N
         live_pool={"class": type(live).__name__, "id": f"{id(live):#x}"},
         table_bounds=_tables(md, handed_name, live, layer_id, page_size),
         forward_mode=_forward_mode(forward_batch),
+        speculative=None if forward_batch is None else getattr(forward_batch, "spec_info", None) is not None,
         req_pool_indices=getattr(forward_batch, "req_pool_indices", None),
         capturing=capturing,
     )
@@ -337,6 +339,7 @@ def evaluate(session: Any, view: LayerCheck, scan: checks.TableScan | None) -> N
     context = {
         "hook": view.where,
         "forward_mode": view.forward_mode,
+        "speculative": view.speculative,
         "batch_size": int(view.cache_seqlens.shape[0]),
         "page_size": view.page_size,
         "capturing": view.capturing,
