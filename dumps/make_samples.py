@@ -23,6 +23,7 @@ GOLDEN = ROOT / "tests" / "golden"
 SCENARIOS = {
     "sglang-26957": "make_26957_dump",
     "swa-slot-out-of-range": "make_swa_slot_dump",
+    "spec-rows-past-context": "make_spec_context_limit_dump",
 }
 
 KWARGS: dict[str, dict[str, object]] = {"sglang-26957": {"high_fill": True}}

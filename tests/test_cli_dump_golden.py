@@ -25,6 +25,7 @@ GOLDENS = {
     "show-sglang-26957.txt": ("show", "sglang-26957"),
     "explain-sglang-26957.txt": ("explain", "sglang-26957"),
     "show-swa-slot-out-of-range.txt": ("show", "swa-slot-out-of-range"),
+    "explain-spec-rows-past-context.txt": ("explain", "spec-rows-past-context"),
 }
 
 
