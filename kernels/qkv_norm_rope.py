@@ -150,9 +150,10 @@ def launch_config(m: int, head_dim: int, total_heads: int) -> tuple[int, int]:
     at M = 256 it makes 16k tiny programs (11.2 us vs 4.7-4.9 with 8 heads); at M = 8192 8 heads at 4 warps
     are best or within 0.5%. Rule: about one program per 1024 (token, head) pairs' worth of heads, up to
     8 heads per program; warps = heads per program, at most 4 (the best measured warps for each tile)."""
-    if head_dim <= 256 and m * total_heads >= 1 << 18:
+    if head_dim <= 256 and total_heads > 8 and m * total_heads >= 1 << 18:
         # Interleaved sweep (kernels-h200-earlier.md, 31B sliding, M = 8192, token-major grid): 16 heads x 4 warps
-        # 142.5 us (89.5% of copy) vs 8 x 4 153.9 us, 8 x 8 153.7 us, 4 x 4 162.7 us.
+        # 142.5 us (89.5% of copy) vs 8 x 4 153.9 us, 8 x 8 153.7 us, 4 x 4 162.7 us. Not for layers of <= 8
+        # heads (q-only): a 16-head tile would be half masked; they take the whole-token rule below.
         return 16, 4
     hb = 1
     while hb < 8 and hb * 2 * 1024 <= m * total_heads:
