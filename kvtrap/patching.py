@@ -210,8 +210,34 @@ class _PatchingLoader(importlib.abc.Loader):
         return getattr(self._inner, name)
 
 
+def _apply_finished_pending() -> None:
+    """Patch pending targets whose module is already in ``sys.modules`` and has finished executing.
+
+    Those modules were mid-import when :func:`install` ran (arming from inside an import chain): the
+    finder never sees them again, because Python serves a module in ``sys.modules`` without asking the
+    meta path. The finder calls this on every later import instead, so they are patched as soon as the
+    importing process moves on to any other module. Never blocks: an import inside ``_apply`` must not
+    wait on the lock another thread holds while importing.
+    """
+    if not _lock.acquire(blocking=False):
+        return
+    try:
+        for name in list(_pending):
+            module = sys.modules.get(name)
+            if module is None or getattr(module, "__spec__", None) is None or not _module_ready(module):
+                continue
+            for target in _pending.pop(name):
+                _apply(target, module)
+        # the finder stays in sys.meta_path even when nothing is pending: this runs while the import
+        # system iterates that list, and removing an entry there would skip the next finder. An idle
+        # finder costs one dict lookup per import; the next install/uninstall/exec_module tidies it.
+    finally:
+        _lock.release()
+
+
 class _PostImportFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        _apply_finished_pending()
         if fullname not in _pending:
             return None
         for finder in sys.meta_path:
