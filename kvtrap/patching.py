@@ -226,7 +226,7 @@ def _apply_finished_pending() -> None:
             module = sys.modules.get(name)
             if module is None or getattr(module, "__spec__", None) is None or not _module_ready(module):
                 continue
-            for target in _pending.pop(name):
+            for target in _pending.pop(name, []):  # a nested import may have taken it already
                 _apply(target, module)
         # the finder stays in sys.meta_path even when nothing is pending: this runs while the import
         # system iterates that list, and removing an entry there would skip the next finder. An idle
