@@ -132,9 +132,9 @@ def make_spec_context_limit_dump(dump_dir: Path, draft_tokens: int = 4, *, draft
     steps seq_lens + step + 1 (``draft_decode``: DECODE with spec_info through ``forward_decode``). The table
     has ceil(context_len / page_size) columns, as trtllm_mha sizes it.
     """
+    pool = w.make_pool(full_pages=64, swa_pages=40)  # first: skips on a machine without SGLang's runtime
     from sglang.srt.speculative.eagle_info import EagleDraftInput
 
-    pool = w.make_pool(full_pages=64, swa_pages=40)
     alloc = w.make_allocator(pool)
     context_len = w.MAX_PAGES * w.PAGE_SIZE
     seq_len = context_len + draft_tokens - 5
