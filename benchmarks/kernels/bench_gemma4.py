@@ -305,56 +305,65 @@ def build_cases() -> dict[str, dict[str, Any]]:
     }
 
 
-def _sglang_rmsnorm() -> Callable[..., Any] | None:
-    """SGLang's JIT CUDA RMSNorm (``sglang.kernels.ops.layernorm.norm.rmsnorm``, built with nvcc on first use):
-    the stand-in for the next layer's ``input_layernorm``, which a server runs through ``sgl_kernel.rmsnorm``
-    (not importable on the device machine). Both compute ``x * rsqrt(mean(x^2) + eps) * w``."""
+def _sglang_jit(label: str, load: Callable[[], Callable[..., Any]], warm: Callable[[Callable[..., Any]], None]
+                ) -> Callable[..., Any] | None:
+    """One of SGLang's JIT CUDA kernels (built with nvcc on first use): ``load()`` imports it, ``warm(f)``
+    builds it with a first call. ``None`` (said on stdout) when nvcc is missing or the build fails."""
     import os
     import shutil
 
     cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     if not (shutil.which("nvcc") or os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))):
-        print("no SGLang rmsnorm: nvcc not found, its JIT CUDA kernel cannot be built here")
+        print(f"no SGLang {label}: nvcc not found, its JIT CUDA kernel cannot be built here")
         return None
     try:
         import torch
-        from sglang.kernels.ops.layernorm.norm import rmsnorm as f
 
+        f = load()
         t0 = time.time()
+        warm(f)
+        torch.cuda.synchronize()
+        print(f"SGLang {label} JIT ready ({time.time() - t0:.1f}s)")
+        return f
+    except Exception as e:  # noqa: BLE001
+        print(f"no SGLang {label}:", f"{type(e).__name__}: {e}"[:400])
+        return None
+
+
+def _sglang_rmsnorm() -> Callable[..., Any] | None:
+    """SGLang's JIT CUDA RMSNorm (``sglang.kernels.ops.layernorm.norm.rmsnorm``): the stand-in for the next
+    layer's ``input_layernorm``, which a server runs through ``sgl_kernel.rmsnorm`` (not importable on the
+    device machine). Both compute ``x * rsqrt(mean(x^2) + eps) * w``."""
+    import torch
+
+    def load() -> Callable[..., Any]:
+        from sglang.kernels.ops.layernorm.norm import rmsnorm
+
+        return rmsnorm
+
+    def warm(f: Callable[..., Any]) -> None:
         for n in (5376, 2816):
             x = torch.ones(2, n, device="cuda", dtype=torch.bfloat16)
             f(x, torch.ones(n, device="cuda", dtype=torch.bfloat16), out=torch.empty_like(x), eps=1e-6)
-        torch.cuda.synchronize()
-        print(f"SGLang rmsnorm JIT ready ({time.time() - t0:.1f}s)")
-        return f
-    except Exception as e:  # noqa: BLE001
-        print("no SGLang rmsnorm:", f"{type(e).__name__}: {e}"[:400])
-        return None
+
+    return _sglang_jit("rmsnorm", load, warm)
 
 
 def _sglang_rope() -> Callable[..., Any] | None:
-    """SGLang's CUDA RoPE (``apply_rope_with_cos_sin_cache_inplace``): a JIT kernel built with nvcc on first use."""
-    import os
-    import shutil
+    """SGLang's CUDA RoPE (``apply_rope_with_cos_sin_cache_inplace``)."""
+    import torch
 
-    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    if not (shutil.which("nvcc") or os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))):
-        print("no SGLang RoPE: nvcc not found, its JIT CUDA kernel cannot be built here")
-        return None
-    try:
-        import torch
-        from sglang.kernels.ops.attention.rope import apply_rope_with_cos_sin_cache_inplace as f
+    def load() -> Callable[..., Any]:
+        from sglang.kernels.ops.attention.rope import apply_rope_with_cos_sin_cache_inplace
 
-        t0 = time.time()
+        return apply_rope_with_cos_sin_cache_inplace
+
+    def warm(f: Callable[..., Any]) -> None:
         q = torch.zeros(1, 1, 256, device="cuda", dtype=torch.bfloat16)
         f(positions=torch.zeros(1, dtype=torch.int64, device="cuda"), q=q, k=q.clone(),
           cos_sin_cache=torch.zeros(4, 256, device="cuda"), is_neox=True)
-        torch.cuda.synchronize()
-        print(f"SGLang RoPE JIT ready ({time.time() - t0:.1f}s)")
-        return f
-    except Exception as e:  # noqa: BLE001
-        print("no SGLang RoPE:", f"{type(e).__name__}: {e}"[:400])
-        return None
+
+    return _sglang_jit("RoPE", load, warm)
 
 
 def sweep_qkv(ms: tuple[int, ...]) -> list[dict[str, Any]]:
