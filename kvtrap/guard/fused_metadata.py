@@ -44,6 +44,7 @@ from kvtrap.guard.kernel import (
     FLAG_OUT_OF_RANGE,
     FLAG_SEQLEN_EXCEEDS_TABLE,
     FLAG_SWA_MISMATCH,
+    _append_entries,
     _append_overflow,
 )
 
@@ -80,28 +81,6 @@ def _row_config(width: int) -> tuple[int, int, bool]:
 
 
 assert ENTRY_WIDTH == 7  # the kernel writes the 7 fields of kvtrap.guard.kernel.ENTRY_FIELDS
-
-
-@triton.jit
-def _append_entries(
-    counter_ptr, entries_ptr, max_entries, bad, table_id, layer_id, row, cols, values, bound, flags
-):
-    """Append one entry per set lane of ``bad`` (one atomic for the whole block)."""
-    bad_i = bad.to(tl.int32)
-    nbad = tl.sum(bad_i, axis=0)
-    if nbad > 0:
-        base = tl.atomic_add(counter_ptr, nbad)
-        slot = (base + tl.cumsum(bad_i, axis=0) - 1).to(tl.int64)
-        keep = bad & (slot < max_entries)
-        zero = tl.zeros_like(values)
-        e = entries_ptr + slot * 7
-        tl.store(e + 0, zero + table_id, mask=keep)
-        tl.store(e + 1, zero + layer_id, mask=keep)
-        tl.store(e + 2, zero + row, mask=keep)
-        tl.store(e + 3, cols.to(tl.int64), mask=keep)
-        tl.store(e + 4, values, mask=keep)
-        tl.store(e + 5, zero + bound, mask=keep)
-        tl.store(e + 6, flags, mask=keep)
 
 
 @triton.jit

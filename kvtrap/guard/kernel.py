@@ -54,6 +54,29 @@ def _append_overflow(counter_ptr, entries_ptr, max_entries, table_id, layer_id, 
         tl.store(e + 6, tl.full([], 4, tl.int64))
 
 
+@triton.jit
+def _append_entries(
+    counter_ptr, entries_ptr, max_entries, bad, table_id, layer_id, row, cols, values, bound, flags
+):
+    """Append one entry per set lane of ``bad`` (one atomic for the whole block); shared by this guard and
+    the fused metadata build, like :func:`_append_overflow`."""
+    bad_i = bad.to(tl.int32)
+    nbad = tl.sum(bad_i, axis=0)
+    if nbad > 0:
+        base = tl.atomic_add(counter_ptr, nbad)
+        slot = (base + tl.cumsum(bad_i, axis=0) - 1).to(tl.int64)
+        keep = bad & (slot < max_entries)
+        zero = tl.zeros_like(values)
+        e = entries_ptr + slot * 7
+        tl.store(e + 0, zero + table_id, mask=keep)
+        tl.store(e + 1, zero + layer_id, mask=keep)
+        tl.store(e + 2, zero + row, mask=keep)
+        tl.store(e + 3, cols.to(tl.int64), mask=keep)
+        tl.store(e + 4, values, mask=keep)
+        tl.store(e + 5, zero + bound, mask=keep)
+        tl.store(e + 6, flags, mask=keep)
+
+
 @triton.jit(do_not_specialize=["width", "bound", "table_id", "layer_id", "map_numel"])
 def _guard_kernel(
     table_ptr,  # [bs, stride] int32/int64 page ids, checked and redirected in place
@@ -100,20 +123,9 @@ def _guard_kernel(
             expect = tl.where(mapped < 0, -1, mapped // PAGE_SIZE)
             flags += tl.where(m & (expect != vals), 2, 0).to(tl.int64)
         bad = flags != 0
-        bad_i = bad.to(tl.int32)
-        nbad = tl.sum(bad_i, axis=0)
-        if nbad > 0:
-            base = tl.atomic_add(counter_ptr, nbad)
-            idx = (base + tl.cumsum(bad_i, axis=0) - 1).to(tl.int64)
-            keep = bad & (idx < max_entries)
-            e = entries_ptr + idx * 7
-            tl.store(e + 0, zero + table_id, mask=keep)
-            tl.store(e + 1, zero + layer_id, mask=keep)
-            tl.store(e + 2, zero + row, mask=keep)
-            tl.store(e + 3, cols.to(tl.int64), mask=keep)
-            tl.store(e + 4, vals, mask=keep)
-            tl.store(e + 5, zero + bound, mask=keep)
-            tl.store(e + 6, flags, mask=keep)
+        if tl.sum(bad.to(tl.int32), axis=0) > 0:
+            _append_entries(counter_ptr, entries_ptr, max_entries, bad, table_id, layer_id, row, cols, vals, bound,
+                            flags)
             tl.store(row_ptr + cols, (zero + SAFE_PAGE).to(table_ptr.dtype.element_ty), mask=oor)
 
     # after the loop, so the row load above is issued before the seqlen load has returned
