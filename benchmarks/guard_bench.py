@@ -202,6 +202,24 @@ def _builder_world(bs: int, width: int, ps: int, swa: bool) -> tuple[dict, dict]
     return kw, bounds
 
 
+def _fused_cells(args: argparse.Namespace, ps: int):
+    """Every (swa, bs, width) cell of the fused-build benchmarks: SGLang's builder inputs and bounds, a fresh
+    guard record and the GuardSpec over it; freed after the caller is done with the cell."""
+    from kvtrap.guard.fused_metadata import GuardSpec
+
+    for swa in (False, True):
+        for bs in args.bs:
+            for width in args.widths:
+                kw, b = _builder_world(bs, width, ps, swa)
+                rec = GuardRecord(64)
+                spec = GuardSpec(rec, b["full"], rec.register_table("page_table", "full"),
+                                 swa_bound=b["swa"] if swa else None,
+                                 swa_table_id=rec.register_table("swa_page_table", "swa"), swa_mapping=b["mapping"])
+                yield swa, bs, width, kw, b, rec, spec
+                del kw, b, rec, spec
+                torch.cuda.empty_cache()
+
+
 def bench_fused(args: argparse.Namespace) -> list[dict]:
     from sglang.kernels.ops.attention.trtllm_mha_graph_metadata import update_trtllm_mha_graph_metadata
 
@@ -211,52 +229,43 @@ def bench_fused(args: argparse.Namespace) -> list[dict]:
     x = torch.zeros(1, device="cuda")
     floor = _graph_time_us(lambda: _empty(x), args.per_graph, args.reps, args.iters)
     rows = []
-    for swa in (False, True):
-        for bs in args.bs:
-            for width in args.widths:
-                kw, b = _builder_world(bs, width, ps, swa)
-                rec = GuardRecord(64)
-                spec = GuardSpec(rec, b["full"], rec.register_table("page_table", "full"),
-                                 swa_bound=b["swa"] if swa else None,
-                                 swa_table_id=rec.register_table("swa_page_table", "swa"), swa_mapping=b["mapping"])
+    for swa, bs, width, kw, b, rec, spec in _fused_cells(args, ps):
 
-                def builder(kw: dict = kw) -> None:
-                    update_trtllm_mha_graph_metadata(**kw)
+        def builder(kw: dict = kw) -> None:
+            update_trtllm_mha_graph_metadata(**kw)
 
-                def fused(kw: dict = kw, spec: GuardSpec = spec) -> None:
-                    update_metadata_guarded_(spec=spec, **kw)
+        def fused(kw: dict = kw, spec: GuardSpec = spec) -> None:
+            update_metadata_guarded_(spec=spec, **kw)
 
-                def separate(kw: dict = kw, b: dict = b, rec: GuardRecord = rec, swa: bool = swa) -> None:
-                    update_trtllm_mha_graph_metadata(**kw)
-                    guard_page_table_(kw["page_table"], kw["cache_seqlens"], ps, b["full"], rec, 0)
-                    if swa:
-                        guard_page_table_(kw["swa_page_table"], kw["cache_seqlens"], ps, b["swa"], rec, 1,
-                                          swa_mapping=b["mapping"], full_table=kw["page_table"])
+        def separate(kw: dict = kw, b: dict = b, rec: GuardRecord = rec, swa: bool = swa) -> None:
+            update_trtllm_mha_graph_metadata(**kw)
+            guard_page_table_(kw["page_table"], kw["cache_seqlens"], ps, b["full"], rec, 0)
+            if swa:
+                guard_page_table_(kw["swa_page_table"], kw["cache_seqlens"], ps, b["swa"], rec, 1,
+                                  swa_mapping=b["mapping"], full_table=kw["page_table"])
 
-                # one clean eager run of each: identical tables, nothing recorded
-                fused()
-                ref = {k: kw[k].clone() for k in ("page_table", "cache_seqlens", "cu_seqlens_k")}
-                builder()
-                assert all(torch.equal(ref[k], kw[k]) for k in ref)
-                t_b = _graph_time_us(builder, args.per_graph, args.reps, args.iters)
-                t_f = _graph_time_us(fused, args.per_graph, args.reps, args.iters)
-                t_s = _graph_time_us(separate, args.per_graph, args.reps, args.iters)
-                assert rec.drain().total == 0
-                row = {
-                    "swa": swa, "bs": bs, "width_pages": width, "builder_graph_us": t_b, "fused_graph_us": t_f,
-                    "builder_plus_guard_graph_us": t_s, "fused_added_us": t_f - t_b,
-                    "separate_added_us": t_s - t_b, "empty_graph_us": floor,
-                    "fused_added_over_floor": (t_f - t_b) / floor, "separate_added_over_floor": (t_s - t_b) / floor,
-                }
-                print(
-                    f"fused swa={int(swa)} bs={bs:4d} width={width:5d}: builder {t_b:6.2f} | fused {t_f:6.2f} "
-                    f"(+{t_f - t_b:5.2f}, {(t_f - t_b) / floor:5.2f}x floor) | builder+guard {t_s:6.2f} "
-                    f"(+{t_s - t_b:5.2f}, {(t_s - t_b) / floor:5.2f}x) us; floor {floor:.2f}",
-                    flush=True,
-                )
-                rows.append(row)
-                del kw, b, rec, spec
-                torch.cuda.empty_cache()
+        # one clean eager run of each: identical tables, nothing recorded
+        fused()
+        ref = {k: kw[k].clone() for k in ("page_table", "cache_seqlens", "cu_seqlens_k")}
+        builder()
+        assert all(torch.equal(ref[k], kw[k]) for k in ref)
+        t_b = _graph_time_us(builder, args.per_graph, args.reps, args.iters)
+        t_f = _graph_time_us(fused, args.per_graph, args.reps, args.iters)
+        t_s = _graph_time_us(separate, args.per_graph, args.reps, args.iters)
+        assert rec.drain().total == 0
+        row = {
+            "swa": swa, "bs": bs, "width_pages": width, "builder_graph_us": t_b, "fused_graph_us": t_f,
+            "builder_plus_guard_graph_us": t_s, "fused_added_us": t_f - t_b,
+            "separate_added_us": t_s - t_b, "empty_graph_us": floor,
+            "fused_added_over_floor": (t_f - t_b) / floor, "separate_added_over_floor": (t_s - t_b) / floor,
+        }
+        print(
+            f"fused swa={int(swa)} bs={bs:4d} width={width:5d}: builder {t_b:6.2f} | fused {t_f:6.2f} "
+            f"(+{t_f - t_b:5.2f}, {(t_f - t_b) / floor:5.2f}x floor) | builder+guard {t_s:6.2f} "
+            f"(+{t_s - t_b:5.2f}, {(t_s - t_b) / floor:5.2f}x) us; floor {floor:.2f}",
+            flush=True,
+        )
+        rows.append(row)
     return rows
 
 
@@ -281,37 +290,28 @@ def bench_fused_variants(args: argparse.Namespace) -> list[dict]:
     x = torch.zeros(1, device="cuda")
     floor = _graph_time_us(lambda: _empty(x), args.per_graph, args.reps, args.iters)
     rows = []
-    for swa in (False, True):
-        for bs in args.bs:
-            for width in args.widths:
-                kw, b = _builder_world(bs, width, ps, swa)
-                rec = GuardRecord(64)
-                spec = GuardSpec(rec, b["full"], rec.register_table("page_table", "full"),
-                                 swa_bound=b["swa"] if swa else None,
-                                 swa_table_id=rec.register_table("swa_page_table", "swa"), swa_mapping=b["mapping"])
-                update_trtllm_mha_graph_metadata(**kw)
-                ref = {k: kw[k].clone() for k in ("page_table", "cache_seqlens", "cu_seqlens_k")}
-                t_b = _graph_time_us(lambda kw=kw: update_trtllm_mha_graph_metadata(**kw), args.per_graph,
-                                     args.reps, args.iters)
-                row = {"swa": swa, "bs": bs, "width_pages": width, "builder_graph_us": t_b, "empty_graph_us": floor}
-                for name, cfg in FUSED_VARIANTS.items():
-                    v = cfg(width)
+    for swa, bs, width, kw, _b, rec, spec in _fused_cells(args, ps):
+        update_trtllm_mha_graph_metadata(**kw)
+        ref = {k: kw[k].clone() for k in ("page_table", "cache_seqlens", "cu_seqlens_k")}
+        t_b = _graph_time_us(lambda kw=kw: update_trtllm_mha_graph_metadata(**kw), args.per_graph,
+                             args.reps, args.iters)
+        row = {"swa": swa, "bs": bs, "width_pages": width, "builder_graph_us": t_b, "empty_graph_us": floor}
+        for name, cfg in FUSED_VARIANTS.items():
+            v = cfg(width)
 
-                    def fused(kw: dict = kw, spec: GuardSpec = spec, v: tuple = v) -> None:
-                        update_metadata_guarded_(spec=spec, _variant=v, **kw)
+            def fused(kw: dict = kw, spec: GuardSpec = spec, v: tuple = v) -> None:
+                update_metadata_guarded_(spec=spec, _variant=v, **kw)
 
-                    fused()
-                    assert all(torch.equal(ref[k], kw[k]) for k in ref), name
-                    row[name] = _graph_time_us(fused, args.per_graph, args.reps, args.iters)
-                row["builder_again_graph_us"] = _graph_time_us(
-                    lambda kw=kw: update_trtllm_mha_graph_metadata(**kw), args.per_graph, args.reps, args.iters)
-                assert rec.drain().total == 0
-                print(f"variants swa={int(swa)} bs={bs:4d} width={width:5d}: builder {t_b:5.2f}/"
-                      f"{row['builder_again_graph_us']:5.2f} | " + " | ".join(
-                          f"{n} +{row[n] - t_b:5.2f}" for n in FUSED_VARIANTS) + f" | floor {floor:.2f}", flush=True)
-                rows.append(row)
-                del kw, b, rec, spec
-                torch.cuda.empty_cache()
+            fused()
+            assert all(torch.equal(ref[k], kw[k]) for k in ref), name
+            row[name] = _graph_time_us(fused, args.per_graph, args.reps, args.iters)
+        row["builder_again_graph_us"] = _graph_time_us(
+            lambda kw=kw: update_trtllm_mha_graph_metadata(**kw), args.per_graph, args.reps, args.iters)
+        assert rec.drain().total == 0
+        print(f"variants swa={int(swa)} bs={bs:4d} width={width:5d}: builder {t_b:5.2f}/"
+              f"{row['builder_again_graph_us']:5.2f} | " + " | ".join(
+                  f"{n} +{row[n] - t_b:5.2f}" for n in FUSED_VARIANTS) + f" | floor {floor:.2f}", flush=True)
+        rows.append(row)
     return rows
 
 
