@@ -118,6 +118,25 @@ def check_targets() -> list[Check]:
     return out
 
 
+def use_cpu_allocator_path(alloc: object) -> bool:
+    """Make a CPU-built SWA allocator take SGLang's torch path; True when that changed anything.
+
+    SGLang decides per process whether its paged allocators launch Triton kernels
+    (``current_platform.capabilities.supports_triton``): on a CUDA machine they do, and a Triton kernel
+    cannot read the CPU tensors of the doctor's small pool ("Pointer argument ... cannot be accessed from
+    Triton"). The doctor's pool stays on the CPU on purpose (no CUDA context, no GPU memory taken from a
+    server running beside it), so it switches the sub-allocators to SGLang's own torch implementation of
+    the same allocation, which the trap wraps exactly as it wraps the Triton one.
+    """
+    changed = False
+    for name in ("full_attn_allocator", "swa_attn_allocator"):
+        sub = getattr(alloc, name, None)
+        if sub is not None and getattr(sub, "use_triton_kernels", False) and str(sub.device) == "cpu":
+            sub.use_triton_kernels = False
+            changed = True
+    return changed
+
+
 def prove_allocator_trap() -> Check:
     """Inject a real fault into a real CPU SWAKVPool + allocator, trap it, read the dump back."""
     import torch
@@ -143,6 +162,7 @@ def prove_allocator_trap() -> Check:
         size=pool.size, size_swa=pool.size_swa, page_size=page, dtype=torch.bfloat16, device="cpu",
         kvcache=pool, need_sort=False,
     )
+    bypassed = use_cpu_allocator_path(alloc)
     zeros = torch.zeros(1, dtype=torch.int64)
     seq = torch.tensor([2 * page])
     extend: Callable[[], object] = lambda: alloc.alloc_extend(  # noqa: E731
@@ -162,10 +182,11 @@ def prove_allocator_trap() -> Check:
             v = dump.violation
             if v.kind != "swa_slot_out_of_range" or v.value != bad_page * page:
                 return Check("allocator trap", "fail", f"trapped with unexpected finding {v.kind} value={v.value}")
+            how = " (CPU pool: SGLang's torch allocation path, its Triton kernels need CUDA tensors)" if bypassed else ""
             return Check(
                 "allocator trap", "ok",
                 f"injected SWA page {bad_page} into a real SWAKVPool ({swa_pages} pages): trapped, dump read back "
-                f"({len(dump.tensors)} tensors)",
+                f"({len(dump.tensors)} tensors){how}",
             )
     return Check("allocator trap", "fail", "the injected fault was NOT trapped")
 
