@@ -92,4 +92,6 @@ def test_cpu_path_is_needed_where_sglang_would_launch_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "FAIL allocator trap" in proc.stdout and "cannot be accessed from Triton" in proc.stdout
+    # A Triton launch fails: on a GPU machine on the CPU pointers, on a CPU machine for want of a driver.
+    assert "FAIL allocator trap" in proc.stdout, proc.stdout
+    assert "cannot be accessed from Triton" in proc.stdout or "0 active drivers" in proc.stdout, proc.stdout
