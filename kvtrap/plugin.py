@@ -32,7 +32,9 @@ def register() -> None:
 
     try:
         if not env_armed():
-            return  # not armed: no handler, no patch, nothing
+            if os.environ.get("KVTRAP_INJECT", "").strip():
+                _inject_only(Config.from_env())
+            return  # not armed: no handler, no patch, nothing (unless a bug was asked for on purpose)
         config = Config.from_env()
     except ConfigError as exc:
         _ensure_stderr_logging()
@@ -48,4 +50,21 @@ def register() -> None:
         config.mode,
         config.dump_dir.resolve(),
         f", inject={','.join(config.inject)}" if config.inject else "",
+    )
+
+
+def _inject_only(config: object) -> None:
+    """``KVTRAP_INJECT`` without ``SGLANG_TRTLLM_MHA_DEBUG=1``: the bug goes in, nothing traps it.
+
+    This is how a repro shows what a historical bug really does on this machine (an illegal address, silent
+    corruption, or nothing); said loudly, since it makes the server wrong on purpose.
+    """
+    from kvtrap import inject
+
+    _ensure_stderr_logging()
+    names = list(getattr(config, "inject", ()))
+    inject.enable(names)
+    logger.warning(
+        "kvtrap is NOT armed in pid %d, but re-introduces %s on purpose (KVTRAP_INJECT): no trap will fire",
+        os.getpid(), ",".join(names),
     )

@@ -81,6 +81,8 @@ def report_data(result: RunResult) -> dict[str, Any]:
         "plan": result.plan.to_json(),
         "options": {
             "eager": result.options.eager,
+            "armed": result.options.armed,
+            "mode": result.options.mode,
             "inject": list(result.options.inject),
             "fix": result.options.fix,
             "model_path": result.options.model_path,
@@ -112,7 +114,23 @@ def report_data(result: RunResult) -> dict[str, Any]:
         "logs": result.logs,
         "log_tails": result.log_tails,
         "component_details": result.component_details,
+        "models": None if result.plan.models is None else result.plan.models.to_json(),
+        "probe": _probe_summary(result.probe),
     }
+
+
+def _probe_summary(probe: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the report keeps of outputs.json: the spec, how many prompts answered, a digest to compare by eye."""
+    if probe is None:
+        return None
+    import hashlib
+
+    outs = probe["outputs"]
+    answered = [o["output_ids"] for o in outs if o.get("output_ids") is not None]
+    digest = hashlib.sha256(repr([o.get("output_ids") for o in outs]).encode()).hexdigest()[:16]
+    errors = sorted({o["error"] for o in outs if o.get("error")})
+    return {"spec": probe["spec"], "answered": len(answered), "prompts": len(outs), "sha256_16": digest,
+            "errors": errors[:5], "file": "outputs.json"}  # fmt: skip
 
 
 def _fence(text: str, lang: str = "") -> str:
@@ -139,9 +157,25 @@ def render_markdown(data: dict[str, Any]) -> str:
         out.append(f"- models: `{sc['model']}` + draft `{sc.get('draft_model')}`")
     opts = data["options"]
     out.append(
-        f"- options: eager={opts['eager']}, inject={','.join(opts['inject']) or '-'}, "
+        f"- options: armed={opts.get('armed', True)}, mode={opts.get('mode') or 'raise'}, eager={opts['eager']}, "
+        f"inject={','.join(opts['inject']) or '-'}, "
         f"fix={'-' if opts['fix'] is None else ('on' if opts['fix'] else 'off')}"
     )
+    models = data.get("models")
+    if models:
+        m = models["model"]
+        out.append(f"- weight-free models ({m['name']}-like, shapes of `{m['like']}`): `{models['target']}`, "
+                   f"draft `{models['draft']}`")  # fmt: skip
+        for why in m.get("deviations") or []:
+            out.append(f"  - {why}")
+    probe = data.get("probe")
+    if probe:
+        sp = probe["spec"]
+        out.append(f"- output probe: {probe['answered']}/{probe['prompts']} prompts answered ({sp['input_len']} in / "
+                   f"{sp['output_len']} out, greedy, one at a time, seed {sp['seed']}); ids digest "
+                   f"`{probe['sha256_16']}` (compare runs: `kvtrap repro compare RUN_A RUN_B`)")  # fmt: skip
+        for e in probe.get("errors") or []:
+            out.append(f"  - probe error: {e}")
     for w in data.get("warnings") or []:
         out.append(f"- warning: {w}")
     out.append("")

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from kvtrap.repro.classify import EXIT_USAGE, Classification, Outcome, RunFacts, classify, summarize_dumps
+from kvtrap.repro.models import DummyModel, ModelDirs
+from kvtrap.repro.probe import ProbeSpec
 from kvtrap.repro.scenarios import EAGER_ARGS, ComponentContext, ComponentResult, Scenario
 
 HOST = "127.0.0.1"
@@ -64,18 +66,32 @@ class RunOptions:
     python: str = sys.executable
     follow: bool = True  # echo the logs while running
     base_env: Mapping[str, str] | None = None  # default: os.environ
+    armed: bool = True  # False: SGLANG_TRTLLM_MHA_DEBUG=0 (KVTRAP_INJECT still re-introduces the bug, untrapped)
+    mode: str | None = None  # KVTRAP_MODE (raise|log); None: kvtrap's default (raise)
+    dummy: DummyModel | None = None  # weight-free model dirs written into the run dir, --load-format dummy
+    probe: ProbeSpec | None = None  # greedy prompts sent one by one before the benchmark (outputs.json)
 
 
 CommandBuilder = Callable[[Scenario, RunOptions, int, Path], list[str]]
 
 
+def dummy_dirs(options: RunOptions, run_dir: Path) -> ModelDirs | None:
+    """Where a ``--dummy-weights`` run's model dirs go: ``<run dir>/models/{target,draft}``."""
+    if options.dummy is None:
+        return None
+    return ModelDirs(run_dir / "models" / "target", run_dir / "models" / "draft", options.dummy)
+
+
 def default_server_cmd(scenario: Scenario, options: RunOptions, port: int, run_dir: Path) -> list[str]:
-    model = options.model_path or scenario.model
-    draft = options.draft_model_path or scenario.draft_model
+    dirs = dummy_dirs(options, run_dir)
+    model = options.model_path or (dirs.target if dirs else scenario.model)
+    draft = options.draft_model_path or (dirs.draft if dirs else scenario.draft_model)
     cmd = [options.python, "-m", "sglang.launch_server", "--model-path", str(model)]
     if draft:
         cmd += ["--speculative-draft-model-path", str(draft)]
     cmd += list(scenario.server_args)
+    if dirs is not None:
+        cmd += ["--load-format", "dummy"]  # SGLang initialises the weights itself; nothing is downloaded
     if options.eager:
         cmd += list(EAGER_ARGS)
     cmd += ["--host", HOST, "--port", str(port)]
@@ -115,6 +131,7 @@ class Plan:
     env_changes: dict[str, str]  # on top of the base environment, for the server (and the component)
     server_cmd: tuple[str, ...] = ()
     bench_cmd: tuple[str, ...] = ()
+    models: ModelDirs | None = None  # weight-free model dirs the run writes before starting the server
 
     @property
     def health_url(self) -> str:
@@ -123,6 +140,10 @@ class Plan:
     def shell(self) -> str:
         """The run as shell commands a person can paste."""
         lines = [f"export {k}={shlex.quote(v)}" for k, v in self.env_changes.items()]
+        if self.models is not None:
+            m = self.models
+            lines.append(f"kvtrap repro models write {shlex.quote(str(m.target.parent))} --variant {m.model.name}"
+                         f" --layers {m.model.layers}")
         if self.scenario.kind == "server":
             lines.append(shlex.join(self.server_cmd) + " &")
             lines.append(f"# wait until {self.health_url} answers 200, then:")
@@ -142,6 +163,7 @@ class Plan:
             "env": dict(self.env_changes),
             "server_cmd": list(self.server_cmd),
             "bench_cmd": list(self.bench_cmd),
+            "models": None if self.models is None else self.models.to_json(),
             "shell": self.shell(),
         }
 
@@ -159,7 +181,9 @@ def default_run_dir(scenario: Scenario) -> Path:
 
 def kvtrap_env(options: RunOptions, dump_dir: Path, base: Mapping[str, str]) -> dict[str, str]:
     """The variables the run sets for SGLang (and a component): arm kvtrap, dump into the run dir."""
-    env = {ENV_ARM: "1", "KVTRAP_DUMP_DIR": str(dump_dir)}
+    env = {ENV_ARM: "1" if options.armed else "0", "KVTRAP_DUMP_DIR": str(dump_dir)}
+    if options.mode is not None:
+        env["KVTRAP_MODE"] = options.mode
     if options.inject:
         env["KVTRAP_INJECT"] = ",".join(options.inject)
     if options.fix is not None:
@@ -192,7 +216,7 @@ def build_plan(
     if scenario.kind == "server":
         return Plan(scenario, run_dir, dump_dir, port, env,
                     tuple(server_cmd(scenario, options, port, run_dir)),
-                    tuple(bench_cmd(scenario, options, port, run_dir)))  # fmt: skip
+                    tuple(bench_cmd(scenario, options, port, run_dir)), dummy_dirs(options, run_dir))  # fmt: skip
     return Plan(scenario, run_dir, dump_dir, port, env)
 
 
@@ -504,6 +528,7 @@ class RunResult:
     warnings: list[str] = field(default_factory=list)
     cleanup: dict[str, str | None] = field(default_factory=dict)
     component_details: dict[str, Any] = field(default_factory=dict)
+    probe: dict[str, Any] | None = None  # outputs.json of a --probe run (see kvtrap.repro.probe)
 
     @property
     def outcome(self) -> Outcome:
@@ -569,6 +594,10 @@ def run(
     plan = plan or build_plan(options, server_cmd=server_cmd, bench_cmd=bench_cmd)
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     plan.dump_dir.mkdir(parents=True, exist_ok=True)
+    if plan.models is not None:
+        from kvtrap.repro.models import write_model_dirs
+
+        write_model_dirs(plan.models.target.parent, plan.models.model)
     sink = echo if (echo is not None and options.follow) else None
     for w in warnings:
         if echo is not None:
@@ -598,6 +627,7 @@ def _run_server(plan: Plan, options: RunOptions, sink: Callable[[str], None] | N
     healthy = health_timed_out = bench_timed_out = server_exited_early = False
     interrupted = False
     error: str | None = None
+    probe: dict[str, Any] | None = None
     started = time.time()
     sigs.install()
     try:
@@ -614,7 +644,16 @@ def _run_server(plan: Plan, options: RunOptions, sink: Callable[[str], None] | N
                 health_timed_out = True
             else:
                 server_exited_early = True
-            if healthy:
+            if healthy and options.probe is not None:
+                from kvtrap.repro.probe import run_probe, write_probe
+
+                tp = time.monotonic()
+                probe = run_probe(f"http://{HOST}:{plan.port}", options.probe, alive=lambda: server.poll() is None)
+                write_probe(plan.run_dir, probe)
+                timings["probe_s"] = round(time.monotonic() - tp, 3)
+                if server.poll() is not None:
+                    server_exited_early = True
+            if healthy and not server_exited_early:
                 t1 = time.monotonic()
                 bench.start()
                 deadline = t1 + options.bench_timeout_s
@@ -665,7 +704,7 @@ def _run_server(plan: Plan, options: RunOptions, sink: Callable[[str], None] | N
         plan=plan, options=options, classification=verdict, facts=facts, dumps=summarize_dumps(dump_paths),
         logs={k: str(v) for k, v in logs.items()}, log_tails={k: tail(v) for k, v in logs.items()},
         timings=timings, started=started, ended=ended, warnings=warnings,
-        cleanup={"server": server.stop_how, "bench": bench.stop_how},
+        cleanup={"server": server.stop_how, "bench": bench.stop_how}, probe=probe,
     )  # fmt: skip
 
 

@@ -109,3 +109,25 @@ def test_plugin_reports_bad_setting_and_stays_disarmed(tmp_path):
     out, err = run_probe({"SGLANG_TRTLLM_MHA_DEBUG": "1", "KVTRAP_MODE": "loud"}, tmp_path)
     assert out["alloc"] is False
     assert "kvtrap is NOT armed: mode must be one of raise, log; got 'loud'" in err
+
+
+@pytest.mark.parametrize("value", [None, "0"])
+def test_plugin_injects_without_traps_when_only_kvtrap_inject_is_set(tmp_path, value):
+    """KVTRAP_INJECT alone re-introduces the bug (to see what it does unguarded) and arms no trap."""
+    env = {"KVTRAP_INJECT": "sglang-26957"}
+    if value is not None:
+        env["SGLANG_TRTLLM_MHA_DEBUG"] = value
+    probe = PROBE.replace(
+        '"backend": hasattr(B.__dict__["forward_decode"], "__kvtrap_original__"),',
+        '"backend": hasattr(B.__dict__["forward_decode"], "__kvtrap_original__"),\n'
+        '        "resolver": hasattr(B.__dict__["_resolve_swa_kv_pool"], "__kvtrap_original__"),',
+    )
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("KVTRAP_", "SGLANG_TRTLLM"))}
+    e.update(env, KVTRAP_DUMP_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", probe], env=e, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"lazy": True, "cuda_ctx": False, "alloc": False, "backend": False, "resolver": True}
+    assert "NOT armed" in proc.stderr and "re-introduces sglang-26957 on purpose" in proc.stderr

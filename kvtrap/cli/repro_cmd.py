@@ -62,10 +62,45 @@ def _print_list(as_json: bool) -> None:
         click.echo("")
 
 
+def _workload(scenario: Scenario, kw: dict[str, Any]) -> Scenario:
+    """The scenario with the workload options applied (``--num-prompts`` etc.)."""
+    import dataclasses
+
+    changes = {field: kw[opt] for opt, field in (("num_prompts", "num_prompts"), ("concurrency", "max_concurrency"),
+               ("input_len", "input_len"), ("output_len", "output_len")) if kw.get(opt) is not None}  # fmt: skip
+    if not changes or scenario.workload is None:
+        return scenario
+    return dataclasses.replace(scenario, workload=dataclasses.replace(scenario.workload, **changes))
+
+
+def _dummy_model(scenario: Scenario, kw: dict[str, Any]) -> Any:
+    if not kw["dummy_weights"]:
+        if kw["dummy_layers"] is not None:
+            raise click.UsageError("--dummy-layers needs --dummy-weights")
+        return None
+    from kvtrap.repro.models import variant
+
+    if scenario.dummy_variant is None:
+        raise click.UsageError(f"scenario {scenario.name!r} has no weight-free model")
+    if kw["model_path"] or kw["draft_model_path"]:
+        raise click.UsageError("--dummy-weights writes its own model dirs: leave out --model-path/--draft-model-path")
+    try:
+        return variant(scenario.dummy_variant, kw["dummy_layers"])
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 def _run_scenario(scenario: Scenario, **kw: Any) -> None:
     from kvtrap.repro import runner
+    from kvtrap.repro.probe import ProbeSpec
 
     fix = kw["fix"]
+    scenario = _workload(scenario, kw)
+    dummy = _dummy_model(scenario, kw)
+    probe = None
+    if kw["probe"]:
+        probe = ProbeSpec(prompts=kw["probe"], input_len=kw["probe_input_len"], output_len=kw["probe_output_len"],
+                          vocab=dummy.vocab if dummy is not None else ProbeSpec.vocab)  # fmt: skip
     options = runner.RunOptions(
         scenario=scenario,
         out_dir=Path(kw["out"]) if kw["out"] else None,
@@ -80,6 +115,10 @@ def _run_scenario(scenario: Scenario, **kw: Any) -> None:
         bench_timeout_s=kw["bench_timeout"],
         grace_s=kw["grace"],
         follow=not kw["quiet"],
+        armed=not kw["unarmed"],
+        mode=kw["mode"],
+        dummy=dummy,
+        probe=probe,
     )
     if scenario.kind == "server" and not (options.model_path or scenario.model):
         raise click.UsageError(f"scenario {scenario.name!r} has no model; pass --model-path")
@@ -89,6 +128,13 @@ def _run_scenario(scenario: Scenario, **kw: Any) -> None:
         click.echo(f"# scenario: {scenario.name} ({scenario.kind}): {scenario.description}")
         click.echo(f"# run directory: {plan.run_dir} (dumps: {plan.dump_dir})")
         click.echo(f"# needs: {_needs_line(scenario)}; {scenario.needs.gpu}")
+        if scenario.workload is not None:
+            w = scenario.workload
+            click.echo(f"# workload: random-ids {w.input_len} in / {w.output_len} out x {w.num_prompts} prompts, "
+                       f"max concurrency {w.max_concurrency}, seed {w.seed}")  # fmt: skip
+        if probe is not None:
+            click.echo(f"# before the benchmark: {probe.prompts} greedy prompts ({probe.input_len} in / "
+                       f"{probe.output_len} out) one at a time to /generate -> outputs.json")  # fmt: skip
         try:
             warns = runner.check_environment(options)
         except runner.EnvironmentProblem as exc:
@@ -102,6 +148,9 @@ def _run_scenario(scenario: Scenario, **kw: Any) -> None:
         result = runner.run(options, plan=plan, echo=_echo_err)
     except runner.EnvironmentProblem as exc:
         click.echo(f"kvtrap repro: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except OSError as exc:  # the run directory or the model dirs cannot be written
+        click.echo(f"kvtrap repro: cannot write {exc.filename or plan.run_dir}: {exc.strerror or exc}", err=True)
         sys.exit(EXIT_USAGE)
     c = result.classification
     click.echo(f"{scenario.name}: {c.outcome.value}: {c.reason}")
@@ -138,6 +187,24 @@ def _run_command(scenario: Scenario) -> click.Command:
         click.Option(["--grace"], type=float, default=20.0, show_default=True,
                      help="Seconds between SIGTERM and SIGKILL when stopping a process group."),
         click.Option(["--quiet", "-q"], is_flag=True, help="Do not echo the server and benchmark logs."),
+        click.Option(["--dummy-weights"], is_flag=True,
+                     help="Weight-free: write the scenario's Gemma 4-like model dirs (configs + tokenizer) into the "
+                          "run dir and start SGLang with --load-format dummy. No download, any GPU."),
+        click.Option(["--dummy-layers"], type=click.IntRange(min=1), default=None,
+                     help="With --dummy-weights: this many decoder layers (same 5:1 pattern; faster start-up)."),
+        click.Option(["--unarmed"], is_flag=True,
+                     help="SGLANG_TRTLLM_MHA_DEBUG=0: no traps. --inject still re-introduces the bug (to see it crash)."),
+        click.Option(["--mode"], type=click.Choice(["raise", "log"]), default=None,
+                     help="KVTRAP_MODE. Not given: kvtrap's default (raise)."),
+        click.Option(["--num-prompts"], type=click.IntRange(min=1), default=None, help="Benchmark prompts."),
+        click.Option(["--concurrency"], type=click.IntRange(min=1), default=None, help="Benchmark max concurrency."),
+        click.Option(["--input-len"], type=click.IntRange(min=1), default=None, help="Benchmark input tokens."),
+        click.Option(["--output-len"], type=click.IntRange(min=1), default=None, help="Benchmark output tokens."),
+        click.Option(["--probe"], type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Before the benchmark, send N greedy random-id prompts one at a time and keep the output "
+                          "ids (outputs.json) to compare runs with `kvtrap repro compare`."),
+        click.Option(["--probe-input-len"], type=click.IntRange(min=1), default=256, show_default=True),
+        click.Option(["--probe-output-len"], type=click.IntRange(min=1), default=64, show_default=True),
         click.Argument(["server_args"], nargs=-1, type=click.UNPROCESSED),
     ]  # fmt: skip
 
@@ -162,13 +229,86 @@ def list_cmd(as_json: bool) -> None:
     _print_list(as_json)
 
 
+@click.group("models")
+def models_group() -> None:
+    """Weight-free Gemma 4-like models (configs + tokenizer) for `--load-format dummy` servers."""
+
+
+@models_group.command("list")
+def models_list() -> None:
+    """The variants, their shapes and where they differ from the real checkpoints."""
+    from kvtrap.repro.models import VARIANTS
+
+    for m in VARIANTS.values():
+        moe = f", MoE {m.moe.experts} experts top-{m.moe.top_k}" if m.moe else ""
+        ple = f", PLE {m.ple_dim}" if m.ple_dim else ""
+        click.echo(f"{m.name}: like {m.like}: {m.layers} layers ({m.kv_shared_layers} KV-shared), hidden {m.hidden}, "
+                   f"{m.q_heads} q heads, kv {m.kv_heads_sliding} sliding / {m.kv_heads_full} full, head_dim "
+                   f"{m.head_dim}, window {m.sliding_window}{moe}{ple}")  # fmt: skip
+        for why in m.deviations:
+            click.echo(f"    differs: {why}")
+
+
+@models_group.command("write")
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--variant", "name", type=click.Choice(["e4b", "26b-a4b", "31b"]), default="e4b", show_default=True)
+@click.option("--layers", type=click.IntRange(min=1), default=None, help="Decoder layers (default: the real count).")
+def models_write(dest: str, name: str, layers: int | None) -> None:
+    """Write DEST/target and DEST/draft (frozen-KV MTP assistant) for `sglang.launch_server --load-format dummy`."""
+    from kvtrap.repro.models import variant, write_model_dirs
+
+    try:
+        model = variant(name, layers)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        dirs = write_model_dirs(dest, model)
+    except OSError as exc:
+        click.echo(f"kvtrap repro models write: cannot write {exc.filename or dest}: {exc.strerror or exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    click.echo(f"target: {dirs.target}")
+    click.echo(f"draft:  {dirs.draft}")
+    click.echo(f"serve:  python -m sglang.launch_server --model-path {dirs.target} --speculative-draft-model-path "
+               f"{dirs.draft} --load-format dummy ...")  # fmt: skip
+
+
+@click.command("compare")
+@click.argument("run_a", type=click.Path())
+@click.argument("run_b", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def compare_cmd(run_a: str, run_b: str, as_json: bool) -> None:
+    """Compare the greedy outputs (outputs.json of `--probe N`) of two runs token by token.
+
+    Exit 0 when every prompt's output ids are identical, 1 when any differ, 2 on unreadable input."""
+    from kvtrap.repro.probe import ProbeError, compare, load_probe
+
+    try:
+        result = compare(load_probe(run_a), load_probe(run_b))
+    except ProbeError as exc:
+        click.echo(f"kvtrap repro compare: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    if as_json:
+        import orjson
+
+        click.echo(orjson.dumps(result.to_json(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(f"{result.exact}/{result.prompts} prompts identical, {result.failed} without output in a run; "
+                   f"{result.matched_tokens}/{result.total_tokens} tokens equal before the first mismatch")  # fmt: skip
+        if result.first_divergence is not None:
+            p, t = result.first_divergence
+            click.echo(f"first divergence: prompt {p}, token {t}")
+    sys.exit(0 if result.identical else 1)
+
+
 class _ReproGroup(click.Group):
+    _FIXED = {"list": list_cmd, "models": models_group, "compare": compare_cmd}
+
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return ["list"] + [s.name for s in _scenarios.all_scenarios()]
+        return list(self._FIXED) + [s.name for s in _scenarios.all_scenarios()]
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name == "list":
-            return list_cmd
+        if cmd_name in self._FIXED:
+            return self._FIXED[cmd_name]
         try:
             return _run_command(_scenarios.get(cmd_name))
         except KeyError:

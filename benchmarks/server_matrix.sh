@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The real-server runs of docs/repro.md ("What a real server shows"), all started at once on one GPU, each through
+# `kvtrap repro` with the weight-free E4B-like model (12 layers). Every run writes its own report under $OUT_DIR.
+# Usage (GPU machine with SGLang's full runtime): bash benchmarks/server_matrix.sh runs/matrix
+# Then: bash benchmarks/server_matrix.sh --wait runs/matrix  (waits for every run, prints the outcome lines)
+set -u
+if [ "${1:-}" = "--wait" ]; then
+  d=$2; deadline=$(( $(date +%s) + ${3:-560} ))
+  while [ "$(date +%s)" -lt "$deadline" ]; do
+    if [ -f "$d/plain-piecewise.pid" ] && grep -qE "fired up|Uvicorn running" "$d/plain-piecewise.log" 2>/dev/null; then
+      kill -TERM -- "-$(cat "$d/plain-piecewise.pid")" 2>/dev/null; echo "plain-piecewise: server became healthy" >> "$d/plain-piecewise.log"
+    fi
+    left=$(for p in "$d"/*.pid; do kill -0 "$(cat "$p")" 2>/dev/null && echo "$p"; done | wc -l)
+    [ "$left" = 0 ] && break; sleep 5
+  done
+  for o in "$d"/*.out; do echo "== $(basename "$o" .out): $(grep -E '^[a-z0-9-]+: [A-Z]+:' "$o" | tail -n 1)"; done
+  exit 0
+fi
+d=${1:-runs/matrix}; mkdir -p "$d"
+L=${LAYERS:-12}
+# Nine servers share the GPU: each caps its KV pool (--max-total-tokens) and sizes its budget from the memory free
+# when it starts (--mem-fraction-static 0.8 of that), graphs up to batch 16.
+SHARE=(--mem-fraction-static 0.8 --max-total-tokens 120000 --max-running-requests 16 --cuda-graph-max-bs-decode 16)
+SMALL=(--num-prompts 32 --concurrency 8 --input-len 1000 --output-len 200)
+FILL=(--num-prompts 32 --concurrency 16 --input-len 8000 --output-len 200)  # long prompts: the SWA pool fills fast
+run() {
+  local name=$1; shift
+  setsid nohup kvtrap repro e4b-chat --dummy-weights --dummy-layers "$L" -q --health-timeout 900 \
+    --bench-timeout 600 --out "$d/$name" "$@" > "$d/$name.out" 2>&1 < /dev/null &
+  echo $! > "$d/$name.pid"
+}
+run unarmed-clean      --unarmed --probe 8 "${SMALL[@]}" "${SHARE[@]}"
+run armed-clean        --probe 8 "${SMALL[@]}" "${SHARE[@]}"
+run armed-inject       --inject sglang-26957 --no-fix "${SMALL[@]}" "${SHARE[@]}"
+run armed-inject-fix   --inject sglang-26957 --fix --probe 8 "${SMALL[@]}" "${SHARE[@]}"
+run armed-inject-log   --inject sglang-26957 --no-fix --mode log "${FILL[@]}" "${SHARE[@]}" --swa-full-tokens-ratio 0.1
+run unarmed-inject     --unarmed --inject sglang-26957 --no-fix "${FILL[@]}" "${SHARE[@]}" --swa-full-tokens-ratio 0.1
+run eager-armed-clean  --eager "${SMALL[@]}" "${SHARE[@]}"
+run eager-armed-inject --eager --inject sglang-26957 --no-fix "${SMALL[@]}" "${SHARE[@]}"
+# SGLang alone, without --cuda-graph-backend-prefill disabled: does its piecewise prefill capture fail on KV-shared
+# layers without kvtrap too? (the e4b scenarios pass the flag because of it)
+kvtrap repro models write "$d/plain-models" --variant e4b --layers "$L" > /dev/null
+SGLANG_TRTLLM_MHA_DEBUG=0 setsid nohup python3 -m sglang.launch_server --model-path "$d/plain-models/target" \
+  --speculative-draft-model-path "$d/plain-models/draft" --load-format dummy --speculative-algorithm NEXTN \
+  --speculative-num-steps 3 --speculative-eagle-topk 1 --speculative-num-draft-tokens 4 --attention-backend trtllm_mha \
+  --page-size 64 "${SHARE[@]}" --host 127.0.0.1 --port 39999 > "$d/plain-piecewise.log" 2>&1 < /dev/null &
+echo $! > "$d/plain-piecewise.pid"
+echo "started: $(ls "$d"/*.pid | wc -l) runs under $d"

@@ -1,0 +1,147 @@
+"""Greedy output probes: the same random-id prompts sent to a server, one at a time, and the token ids it
+generates, so two runs (unarmed vs armed, bug fixed vs clean, kernels on vs off) can be compared token by token.
+
+Prompts go one by one (concurrency 1) so that every request runs alone in its batch: the same kernels with
+the same shapes run for it in every run, and a difference means the runs computed something different, not
+that the scheduler batched them differently. ``ignore_eos`` keeps every output at full length.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PROBE_FILE = "outputs.json"
+PROBE_SCHEMA = "kvtrap.repro.outputs"
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    prompts: int = 8
+    input_len: int = 256
+    output_len: int = 64
+    seed: int = 1
+    first_id: int = 4  # ids below are the dummy tokenizer's specials (pad, eos, bos, unk)
+    vocab: int = 262144
+
+    def prompt_ids(self) -> list[list[int]]:
+        rng = random.Random(self.seed)
+        return [[rng.randrange(self.first_id, self.vocab) for _ in range(self.input_len)] for _ in range(self.prompts)]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prompts": self.prompts, "input_len": self.input_len, "output_len": self.output_len,
+                "seed": self.seed, "first_id": self.first_id, "vocab": self.vocab}  # fmt: skip
+
+
+def generate(base_url: str, input_ids: Sequence[int], output_len: int, timeout_s: float = 300.0) -> list[int]:
+    """One greedy request to SGLang's native ``/generate``; the generated token ids."""
+    body = {
+        "input_ids": list(input_ids),
+        "sampling_params": {"temperature": 0.0, "max_new_tokens": output_len, "ignore_eos": True},
+    }
+    req = urllib.request.Request(f"{base_url}/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(req, timeout=timeout_s) as resp:
+        out = json.loads(resp.read())
+    ids = out.get("output_ids") if isinstance(out, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+        raise ValueError(f"/generate answered without a list of output_ids: {str(out)[:200]}")
+    return ids
+
+
+def run_probe(base_url: str, spec: ProbeSpec, timeout_s: float = 300.0,
+              alive: Callable[[], bool] = lambda: True) -> dict[str, Any]:  # fmt: skip
+    """Send every prompt in order; a failed request is recorded (``error``) and the rest still go, unless
+    ``alive()`` says the server is gone (the remaining prompts are then recorded as not sent)."""
+    outputs: list[dict[str, Any]] = []
+    for i, ids in enumerate(spec.prompt_ids()):
+        if not alive():
+            outputs.append({"prompt": i, "output_ids": None, "error": "not sent: the server had exited"})
+            continue
+        try:
+            outputs.append({"prompt": i, "output_ids": generate(base_url, ids, spec.output_len, timeout_s)})
+        except (OSError, ValueError, urllib.error.URLError) as exc:
+            outputs.append({"prompt": i, "output_ids": None, "error": f"{type(exc).__name__}: {exc}"})
+    return {"schema": PROBE_SCHEMA, "spec": spec.to_json(), "outputs": outputs}
+
+
+def write_probe(run_dir: Path, data: dict[str, Any]) -> Path:
+    path = Path(run_dir) / PROBE_FILE
+    path.write_text(json.dumps(data) + "\n", encoding="utf-8")
+    return path
+
+
+class ProbeError(ValueError):
+    """An outputs file that cannot be compared (missing, unreadable, not a probe, different prompts)."""
+
+
+def load_probe(path: Path | str) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / PROBE_FILE
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ProbeError(f"{p}: no such file (was the run started with --probe N?)") from None
+    except OSError as exc:
+        raise ProbeError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProbeError(f"{p}: not JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("schema") != PROBE_SCHEMA or not isinstance(data.get("outputs"), list):
+        raise ProbeError(f"{p}: not a kvtrap outputs file (schema {PROBE_SCHEMA!r})")
+    for o in data["outputs"]:
+        ids = o.get("output_ids") if isinstance(o, dict) else None
+        if not isinstance(o, dict) or not (ids is None or isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
+            raise ProbeError(f"{p}: malformed output entry {str(o)[:80]}")
+    return data
+
+
+@dataclass(frozen=True)
+class Comparison:
+    prompts: int
+    exact: int  # prompts whose whole output matched
+    failed: int  # prompts without output in either run
+    first_divergence: tuple[int, int] | None  # (prompt, token position) of the earliest mismatch
+    matched_tokens: int  # tokens equal before each prompt's first mismatch, summed
+    total_tokens: int
+
+    @property
+    def identical(self) -> bool:
+        return self.exact == self.prompts and self.failed == 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prompts": self.prompts, "exact": self.exact, "failed": self.failed,
+                "exact_match_rate": self.exact / self.prompts if self.prompts else None,
+                "first_divergence": list(self.first_divergence) if self.first_divergence else None,
+                "matched_tokens": self.matched_tokens, "total_tokens": self.total_tokens,
+                "identical": self.identical}  # fmt: skip
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> Comparison:
+    if a.get("spec") != b.get("spec"):
+        raise ProbeError(f"the runs probed different prompts: {a.get('spec')} vs {b.get('spec')}")
+    exact = failed = matched = total = 0
+    first: tuple[int, int] | None = None
+    pairs = list(zip(a["outputs"], b["outputs"], strict=False))
+    for i, (oa, ob) in enumerate(pairs):
+        xa, xb = oa.get("output_ids"), ob.get("output_ids")
+        if xa is None or xb is None:
+            failed += 1
+            continue
+        total += max(len(xa), len(xb))
+        n = 0
+        while n < min(len(xa), len(xb)) and xa[n] == xb[n]:
+            n += 1
+        matched += n
+        if xa == xb:
+            exact += 1
+        elif first is None or n < first[1]:
+            first = (i, n)
+    return Comparison(len(pairs), exact, failed, first, matched, total)
