@@ -72,6 +72,25 @@ class Health(BaseHTTPRequestHandler):
             self.send_response(404)
             self.end_headers()
 
+    def do_POST(self) -> None:  # noqa: N802 - SGLang's native /generate, greedy and deterministic here
+        if self.path != "/generate" or not STATE["ready"]:
+            self.send_response(404 if self.path != "/generate" else 503)
+            self.end_headers()
+            return
+        import json
+
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        ids = body["input_ids"]
+        n = body["sampling_params"]["max_new_tokens"]
+        salt = int(os.environ.get("FAKE_SERVER_SALT", "0"))  # a "different computation" for compare tests
+        out = [(sum(ids) + 7 * i + (salt if i >= n // 2 else 0)) % 262144 for i in range(n)]
+        data = json.dumps({"text": " ".join(f"t{i}" for i in out), "output_ids": out, "meta_info": {}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         pass
 
