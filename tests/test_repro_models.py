@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
-from kvtrap.cli import main
 from kvtrap.repro import runner, scenarios
 from kvtrap.repro.models import VARIANTS, variant, write_model_dirs
 from kvtrap.repro.probe import ProbeSpec, compare, load_probe
+
+from kvtrap.cli import main
 
 pytest.importorskip("sglang")
 
