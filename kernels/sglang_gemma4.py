@@ -249,6 +249,8 @@ def _cross_reason(layer: Any, next_norm: Any, tp: str | None) -> str:
              layer.post_feedforward_layernorm]  # fmt: skip
     names = ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"]
     if layer.enable_moe_block:
+        if not (hasattr(layer.router, "_scale_fused") and hasattr(layer.router, "fuse_scale")):
+            return "Gemma4Router without the lazy scale folding of SGLang 0.5.23"
         norms += [layer.post_feedforward_layernorm_1, layer.post_feedforward_layernorm_2,
                   layer.pre_feedforward_layernorm_2]  # fmt: skip
         names += ["post_feedforward_layernorm_1", "post_feedforward_layernorm_2", "pre_feedforward_layernorm_2"]
@@ -374,11 +376,40 @@ def _wrap_model_forward(original: Any) -> Any:
 def _wrap_attention_forward(original: Any) -> Any:
     def forward(self: Any, positions: Any, hidden_states: Any, forward_batch: Any, **kwargs: Any) -> Any:
         plan = _attn_plan(self)
-        if plan.status != ON or kwargs or positions.dim() != 1 or hidden_states.dim() != 2:
+        if (
+            plan.status != ON
+            or kwargs
+            or hidden_states.dim() != 2
+            or not _positions_ok(positions, hidden_states.shape[0])
+            or self.rotary_emb.cos_sin_cache.dtype != _fp32()
+        ):
             return original(self, positions, hidden_states, forward_batch, **kwargs)
         return _attention_fused(self, plan, positions, hidden_states, forward_batch)
 
     return forward
+
+
+def _fp32() -> Any:
+    import torch
+
+    return torch.float32
+
+
+def _positions_ok(positions: Any, rows: int) -> bool:
+    import torch
+
+    return (
+        positions.dim() == 1
+        and positions.shape[0] == rows
+        and positions.dtype in (torch.int32, torch.int64)
+        and positions.is_contiguous()
+    )
+
+
+def _compiling() -> bool:
+    import torch
+
+    return torch.compiler.is_compiling()
 
 
 def _attention_fused(self: Any, plan: AttnPlan, positions: Any, hidden_states: Any, forward_batch: Any) -> Any:
@@ -449,6 +480,7 @@ def _wrap_next_stream(original: Any) -> Any:
             or per_layer_input is None
             or hidden_states.dim() != 2
             or per_layer_input.dim() != 2
+            or per_layer_input.stride(-1) != 1
             or per_layer_input.dtype != hidden_states.dtype
         ):
             return original(self, hidden_states, residual, per_layer_input, forward_batch)
@@ -503,6 +535,7 @@ def _wrap_layer_forward(original: Any) -> Any:
             or stream.pending is not None
             or stream.transport is not None
             or not (stream.residual is None or stream.residual is hidden_states)
+            or _compiling()  # the override keeps Python state between layers; leave tracing to SGLang's code
         ):
             if self.__dict__.get(_STASH) is not None:
                 object.__setattr__(self, _STASH, None)
@@ -562,7 +595,7 @@ def _layer_fused(self: Any, plan: LayerPlan, positions: Any, x: Any, forward_bat
 
 def _wrap_final_norm_pair(original: Any) -> Any:
     def final_norm_pair(hidden_states: Any, residual: Any, norm: Any, capture: Any = None, **read_kwargs: Any) -> Any:
-        if residual is None and norm.__dict__.get(_STASH) is not None:
+        if residual is None and getattr(norm, "__dict__", {}).get(_STASH) is not None:
             normed = _take_stash(norm, hidden_states)
             if normed is not None and not read_kwargs:
                 if capture is not None:

@@ -9,7 +9,10 @@ structure, and runs one prefill (two requests, 5 + 3 tokens) and one decode step
 1. ``off``: SGLang's own code (the switch was never on in this process);
 2. ``on``: after :func:`kvtrap.kernels.sglang_gemma4.enable` (the same model object, patched in place);
 3. ``on2``: again, to check the WARNING is logged once;
-4. ``off_again``: after :func:`~kvtrap.kernels.sglang_gemma4.disable`.
+4. ``off_again``: after :func:`~kvtrap.kernels.sglang_gemma4.disable`;
+
+and, for the 26B-like model, ``fallback``: switched on where no layer qualifies (a CPU host without the
+Triton interpreter at planning time).
 
 It saves every decoder layer's output stream, the model output, which kernels ran, the plan and the log
 lines to the ``.pt`` file named on the command line. A separate process because SGLang's distributed state,
@@ -309,6 +312,22 @@ def main(out_path: str, variants: list[str]) -> None:
         res["log"] = list(records)
         records.clear()
         results[variant] = res
+    # Nothing qualifies: planned while compiled Triton is the only option on this CPU host, so every layer
+    # must take SGLang's path (bit-identical) and the WARNING must say why.
+    runner = Runner("moe")
+    fallback = {"off": runner.run()}
+    sglang_gemma4.enable()
+    os.environ["TRITON_INTERPRET"] = "0"  # read by the plan only; the kernels were decorated already
+    try:
+        before = dict(counts)
+        fallback["on"] = runner.run()
+        fallback["calls"] = {k: counts[k] - before[k] for k in counts}
+    finally:
+        os.environ["TRITON_INTERPRET"] = "1"
+        sglang_gemma4.disable()
+    fallback["plan"] = [lp.fusions for lp in runner.model.__dict__["_kvtrap_gemma4_plan"].layers]
+    fallback["log"] = list(records)
+    results["fallback"] = fallback
     results["plugin"] = plugin
     torch.save(results, out_path)
 

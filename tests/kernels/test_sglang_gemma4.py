@@ -196,6 +196,20 @@ def test_switch_off_is_bit_identical(world, variant):
         assert torch.equal(res["on"][step]["out"], res["on2"][step]["out"])
 
 
+def test_layers_that_do_not_qualify_run_sglangs_path_bit_identically(world):
+    res = world["fallback"]
+    assert not any(res["calls"].values()), res["calls"]
+    why = "device cpu (needs CUDA, or TRITON_INTERPRET=1 on CPU)"
+    for fusions in res["plan"]:
+        assert fusions["qkv_norm_rope"] == fusions["routing"] == fusions["cross_layer"] == why, fusions
+    assert len(res["log"]) == 1 and f"qkv_norm_rope: none; SGLang's path on layers 0-3 ({why})" in res["log"][0]
+    for step in STEPS:
+        for key, off in res["off"][step].items():
+            on = res["on"][step][key]
+            for x, y in zip(*((off, on) if isinstance(off, tuple) else ((off,), (on,))), strict=True):
+                assert torch.equal(x, y), (step, key)
+
+
 # --------------------------------------------------------------------------------- equivalence per layer
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("layer", range(LAYERS))
