@@ -15,6 +15,7 @@ test) and two orders of magnitude below what a wrong weight, scalar, RoPE angle 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,10 @@ NEAR_TIE_LOGIT_ULPS = 8
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("gemma4") / "world.pt"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KVTRAP_", "SGLANG_TRTLLM"))}
-    env.update(TRITON_INTERPRET="1", KVTRAP_GEMMA4_KERNELS="1")
+    with socket.socket() as sock:  # gloo's rendezvous port: a free one, so parallel runs do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env.update(TRITON_INTERPRET="1", KVTRAP_GEMMA4_KERNELS="1", KVTRAP_TEST_PORT=str(port), MASTER_PORT=str(port))
     proc = subprocess.run(
         [sys.executable, str(WORLD), str(out)], env=env, capture_output=True, text=True, timeout=900
     )
