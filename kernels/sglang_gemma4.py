@@ -180,7 +180,6 @@ def _first(*reasons: str | None) -> str:
 @dataclass
 class AttnPlan:
     status: str  # ON or why not
-    kv_shared: bool = False
     rotary_angles: int = 0  # 0: all head_dim/2 angles rotate
 
 
@@ -210,13 +209,12 @@ def _plan_attention(attn: Any) -> AttnPlan:
     if reason is None and not (q_norm.eps == k_norm.eps == v_norm.eps):
         reason = "q/k/v norms use different eps"
     reason = reason or _device_reason(q_norm.weight) or _dtype_reason(q_norm.weight)
-    kv_shared = bool(attn.is_kv_shared_layer and attn.kv_shared_layer_index is not None)
     angles = 0
     if reason is None and rope_kind == "Gemma4RotaryEmbedding":
         angles = int(getattr(rope, "rope_angles", 0))
         if not 0 < angles <= hd // 2:
             reason = f"Gemma4RotaryEmbedding.rope_angles {angles}"
-    return AttnPlan(_first(reason), kv_shared, angles)
+    return AttnPlan(_first(reason), angles)
 
 
 @dataclass
@@ -423,7 +421,9 @@ def _attention_fused(self: Any, plan: AttnPlan, positions: Any, hidden_states: A
     qkv, _ = self.qkv_proj(hidden_states)
     q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
     rope = self.rotary_emb
-    if plan.kv_shared:
+    # read per call: the frozen-KV MTP draft (gemma4_mtp.bind_frozen_kv_context) turns its layers into
+    # KV-shared ones after they are built
+    if self.is_kv_shared_layer and self.kv_shared_layer_index is not None:
         # upstream rotates a zeroed dummy K it then drops; the kernel rotates q alone
         q = ops.q_norm_rope(
             q, self.q_norm.weight, rope.cos_sin_cache, positions, self.num_heads, self.head_dim,
