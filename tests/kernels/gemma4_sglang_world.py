@@ -1,6 +1,7 @@
 """SGLang 0.5.23's real Gemma 4 text model on the CPU, run with the fused kernels off and on.
 
-Run as a script in a fresh process (``test_sglang_gemma4.py`` does): it initialises SGLang's distributed
+Run as a script in a fresh process (``test_sglang_gemma4.py`` does; ``KVTRAP_TEST_DEVICE=cuda`` runs it on a
+GPU against SGLang's CUDA kernels, where ``sglang.srt`` imports there): it initialises SGLang's distributed
 state with gloo at world size 1 (``sglang.test.layer_ut_utils.init_single_process_dist``, SGLang's own helper
 for layer tests), builds ``Gemma4TextModel`` from a small ``Gemma4TextConfig`` with the released variants'
 structure, and runs one prefill (two requests, 5 + 3 tokens) and one decode step through SGLang's
@@ -26,7 +27,7 @@ the runtime context and two CPU-host settings below would otherwise leak into th
 
 Layer shapes are small (hidden 64) but keep the structure: sliding + full layers with different RoPE
 (default theta 1e4 / "proportional" 1e6 with partial factor 0.25), GQA, KV-shared layers and PLE (E4B-like),
-MoE with router + dense MLP (26B-A4B-like), plain dense (31B-like). One head_dim (32) for both layer types:
+MoE with router + dense MLP (26B-A4B-like), plain dense (31B-like). One head_dim (64) for both layer types:
 the test pool (``MHATokenToKVPool``) holds one head size.
 """
 
@@ -47,7 +48,10 @@ VARIANTS = {
     "dense": dict(hidden_size_per_layer_input=0, num_kv_shared_layers=0),
 }  # fmt: skip
 HIDDEN = 64
-HEAD_DIM = 32
+# SGLang's CUDA RoPE takes head sizes 64/128/256/512 with the fp32 cache (other sizes cast it to bf16)
+HEAD_DIM = 64
+# cpu (CI: Triton interpreter, SGLang's native paths) or cuda (SGLang's CUDA kernels on the off side)
+DEVICE = os.environ.get("KVTRAP_TEST_DEVICE", "cpu")
 LAYERS = 4
 KERNELS = (
     "qkv_norm_rope", "gemma4_fused_routing", "rmsnorm_add", "gelu_tanh_mul", "rmsnorm_residual_scalar",
@@ -87,6 +91,11 @@ def init_weights(model, seed: int) -> None:
                 # (Gemma4RMSNorm.forward_native, with_scale=False) ignores the folded weight that its CUDA
                 # path and the kernel apply; with 1 both agree. The kernel tests cover other weights.
                 p.fill_(HIDDEN**0.5)
+            elif "q_norm" in name or "k_norm" in name:
+                # Attention scaling is 1 after the q/k norms: weights ~0.35 keep the random model's attention
+                # logits at std ~1 (weights ~1 give logits of std ~8, an argmax that any rounding can flip,
+                # which would hide the fused ops' error behind chaotic attention in the all-layers test).
+                p.copy_(0.35 + 0.05 * torch.randn(p.shape, generator=g))
             elif "norm" in name:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
             elif name.endswith("per_expert_scale"):
@@ -111,13 +120,14 @@ class Runner:
         finally:
             torch.set_default_dtype(torch.float32)
         init_weights(self.model, seed=sum(map(ord, variant)))
+        self.model.to(DEVICE)
         self.kv = MHATokenToKVPool(
             size=64, page_size=1, dtype=torch.bfloat16, head_num=1, head_dim=HEAD_DIM, layer_num=LAYERS,
-            device="cpu", enable_memory_saver=False,
+            device=DEVICE, enable_memory_saver=False,
         )  # fmt: skip
-        self.r2t = ReqToTokenPool(size=4, max_context_len=32, device="cpu", enable_memory_saver=False)
+        self.r2t = ReqToTokenPool(size=4, max_context_len=32, device=DEVICE, enable_memory_saver=False)
         self.backend = TorchNativeAttnBackend(
-            _ModelRunnerFacts(device="cpu", req_to_token_pool=self.r2t, token_to_kv_pool=self.kv)
+            _ModelRunnerFacts(device=DEVICE, req_to_token_pool=self.r2t, token_to_kv_pool=self.kv)
         )
         set_forward_context(ForwardContext(attn_backend=self.backend))
         self.rec: dict[str, list] = {}
@@ -177,6 +187,10 @@ class Runner:
             req_pool_indices=torch.arange(2), seq_lens=torch.tensor([6, 4]), out_cache_loc=torch.tensor([6, 10]),
             seq_lens_sum=10, positions=torch.tensor([5, 3]),
         )  # fmt: skip
+        for fb in (prefill, decode):
+            for name, value in vars(fb).items():
+                if isinstance(value, torch.Tensor):
+                    setattr(fb, name, value.to(DEVICE))
         return [("prefill", prefill), ("decode", decode)]
 
     def run(self) -> dict:
@@ -256,14 +270,16 @@ def _count_kernel_calls() -> dict[str, int]:
 
 def main(out_path: str, variants: list[str]) -> None:
     os.environ["SGLANG_ROPE_CACHE_FP32"] = "1"
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if DEVICE == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
     from sglang.test.layer_ut_utils import init_single_process_dist
 
     init_single_process_dist(master_port=int(os.environ.get("KVTRAP_TEST_PORT", "29731")))
     import sglang.srt.layers.rotary_embedding.base as rope_base
 
-    rope_base._is_cpu = True  # see the module docstring
+    if DEVICE == "cpu":
+        rope_base._is_cpu = True  # see the module docstring
     from kvtrap.kernels import sglang_gemma4
 
     # The switch through SGLang's plugin loader, as in every SGLang process (the caller sets
@@ -314,6 +330,10 @@ def main(out_path: str, variants: list[str]) -> None:
         results[variant] = res
     # Nothing qualifies: planned while compiled Triton is the only option on this CPU host, so every layer
     # must take SGLang's path (bit-identical) and the WARNING must say why.
+    if DEVICE != "cpu":
+        results["plugin"] = plugin
+        torch.save(results, out_path)
+        return
     runner = Runner("moe")
     fallback = {"off": runner.run()}
     sglang_gemma4.enable()

@@ -31,6 +31,8 @@ WORLD = Path(__file__).with_name("gemma4_sglang_world.py")
 VARIANTS = {"e4b": dict(ple=True, moe=False), "moe": dict(ple=False, moe=True), "dense": dict(ple=False, moe=False)}
 LAYERS = 4
 STEPS = ("prefill", "decode")
+# On a GPU where sglang.srt imports, the same comparisons run against SGLang's CUDA kernels (closer to ours).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Layer output (the residual stream a layer writes) against SGLang's layer on the same input: the layer's end
 # rounds 3 times in SGLang's CPU path (norm, + residual, * layer scalar) and once in the kernels; q/k round
@@ -38,7 +40,7 @@ STEPS = ("prefill", "decode")
 # sum. Those half-ulp differences reach the output through the attention and MLP GEMMs. Measured: <= 5.
 LAYER_ROW_ULPS = 8
 # Attention output (o_proj) with q/k/v norm + RoPE fused: q and k differ by <= 1 ulp before attention, then
-# softmax and two GEMMs. Measured: <= 5.2.
+# softmax and two GEMMs. Measured: <= 3.
 ATTN_ROW_ULPS = 8
 # Next layer's input norm (or model.norm) written by the cross-layer kernel, against SGLang's norm of the same
 # stream: both normalise the same bf16 stream in fp32 and round once; only the fp32 operation order differs.
@@ -48,9 +50,9 @@ NEXT_NORM_ULPS = 1
 # weight rounded, then multiplied by the bf16-cast scale and rounded again), the kernel's in fp32.
 ROUTING_RTOL = 2**-6
 # A token's top-k may legitimately change when its k-th and (k+1)-th logits are closer than the logit
-# difference a one-ulp change of the router input makes through the router GEMM (bf16 logits). Measured
-# logit differences: <= 0.037 at |logit| < 3, i.e. <= 4 ulps of the logit.
-NEAR_TIE_LOGIT_ULPS = 8
+# difference that a one-ulp change of the router input makes through the router GEMM (bf16 logits; the error
+# scales with the row's largest logit, not with the k-th one). Measured: <= 1.5 row ulps of the logits.
+NEAR_TIE_ROW_ULPS = 4
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,9 @@ def world(tmp_path_factory):
     with socket.socket() as sock:  # gloo's rendezvous port: a free one, so parallel runs do not collide
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env.update(TRITON_INTERPRET="1", KVTRAP_GEMMA4_KERNELS="1", KVTRAP_TEST_PORT=str(port), MASTER_PORT=str(port))
+    env.update(KVTRAP_GEMMA4_KERNELS="1", KVTRAP_TEST_PORT=str(port), MASTER_PORT=str(port), KVTRAP_TEST_DEVICE=DEVICE)
+    if DEVICE == "cpu":
+        env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(
         [sys.executable, str(WORLD), str(out)], env=env, capture_output=True, text=True, timeout=900
     )
@@ -92,8 +96,8 @@ def routed_alike(on: dict, off: dict, layer: int) -> torch.Tensor:
     k = ids_off.shape[1]
     top = logits.sort(dim=-1, descending=True).values
     gap = top[:, k - 1] - top[:, k]
-    ulp = torch.exp2(torch.floor(torch.log2(top[:, k - 1].abs().clamp_min(2.0**-100))) - 7)
-    near_tie = gap <= NEAR_TIE_LOGIT_ULPS * ulp
+    row_ulp = torch.exp2(torch.floor(torch.log2(logits.abs().amax(dim=-1).clamp_min(2.0**-100))) - 7)
+    near_tie = gap <= NEAR_TIE_ROW_ULPS * row_ulp
     assert bool((same | near_tie).all()), f"layer {layer}: tokens {(~same).nonzero().flatten().tolist()} re-routed"
     assert int(same.sum()) >= len(same) - 1, "more than one token re-routed: not bf16 noise"
     return same
@@ -200,6 +204,7 @@ def test_switch_off_is_bit_identical(world, variant):
         assert torch.equal(res["on"][step]["out"], res["on2"][step]["out"])
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU host without the interpreter is what disqualifies here")
 def test_layers_that_do_not_qualify_run_sglangs_path_bit_identically(world):
     res = world["fallback"]
     assert not any(res["calls"].values()), res["calls"]
@@ -228,7 +233,7 @@ def test_fused_layer_matches_sglang_layer(world, variant, layer):
             assert torch.equal(on[f"out{earlier}"], off[f"out{earlier}"]), (step, earlier)
         assert torch.equal(on[f"in{layer}"], off[f"in{layer}"])
         assert row_ulps(on[f"attn{layer}"], off[f"attn{layer}"]) <= ATTN_ROW_ULPS, step
-        rows = routed_alike(on, off, layer) if moe else torch.ones(len(on["out"]), dtype=torch.bool)
+        rows = routed_alike(on, off, layer) if moe else torch.ones(len(on["out"]), dtype=torch.bool, device=on["out"].device)
         assert row_ulps(on[f"out{layer}"][rows], off[f"out{layer}"][rows]) <= LAYER_ROW_ULPS, step
         if "cross_layer" in sglang_gemma4.expected_fusions(**VARIANTS[variant]):
             # the next layer's input norm (the model's final norm after the last layer) came from this layer
@@ -264,7 +269,7 @@ def test_routing_kernel_matches_sglang_routing_on_the_same_logits(world):
 @pytest.mark.parametrize("variant", ["e4b", "dense"])
 def test_all_layers_fused_model_output_close(world, variant):
     """Every layer fused: a few row ulps per layer compound through 4 layers of random GEMMs (measured relative
-    Frobenius error 2.4-4.1%, cosine >= 0.9991). The MoE variant is left to the per-layer test: a bf16 near
+    Frobenius error 2.5-3.0%, cosine >= 0.9995). The MoE variant is left to the per-layer test: a bf16 near
     tie that re-routes one token changes that token's later layers entirely."""
     res = world[variant]
     for step in STEPS:
