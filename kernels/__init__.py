@@ -3,7 +3,8 @@
 Plain functions live in the submodules (``routing``, ``ple_tail``, ``triple_norm``, ``cross_layer_norm``,
 ``qkv_norm_rope``);
 ``kvtrap.kernels.custom_ops`` registers them as ``torch.ops.kvtrap.*``; ``references`` holds the eager
-SGLang 0.5.23 op sequences they replace. Submodules import triton, so this package imports nothing eagerly.
+SGLang 0.5.23 op sequences they replace; ``sglang_gemma4`` routes SGLang's Gemma 4 model code to them
+(``KVTRAP_GEMMA4_KERNELS=1``). Submodules import triton, so this package imports nothing eagerly.
 """
 
 if __name__ == "kernels":

@@ -13,6 +13,9 @@ from pathlib import Path
 
 #: Arms kvtrap in every SGLang process through the plugin entry point.
 ENV_ARM = "SGLANG_TRTLLM_MHA_DEBUG"
+#: Routes SGLang's Gemma 4 model code to the fused kernels (``kvtrap.kernels``), through the same plugin
+#: entry point and independent of ``ENV_ARM``.
+ENV_GEMMA4_KERNELS = "KVTRAP_GEMMA4_KERNELS"
 
 MODES = ("raise", "log")
 GUARD_MODES = ("auto", "on", "off")
@@ -120,13 +123,22 @@ class Config:
 
 def env_armed(environ: Mapping[str, str] | None = None) -> bool:
     """True when ``SGLANG_TRTLLM_MHA_DEBUG`` asks for kvtrap. Unset, empty, ``0``, ``false``, ``off``: no."""
+    return _env_switch(ENV_ARM, environ)
+
+
+def env_gemma4_kernels(environ: Mapping[str, str] | None = None) -> bool:
+    """True when ``KVTRAP_GEMMA4_KERNELS`` asks for the fused Gemma 4 kernels; same values as ``env_armed``."""
+    return _env_switch(ENV_GEMMA4_KERNELS, environ)
+
+
+def _env_switch(var: str, environ: Mapping[str, str] | None) -> bool:
     env = os.environ if environ is None else environ
-    raw = env.get(ENV_ARM, "").strip().lower()
+    raw = env.get(var, "").strip().lower()
     if raw in ("", "0", "false", "no", "off"):
         return False
     if raw in ("1", "true", "yes", "on"):
         return True
-    raise ConfigError(f"{ENV_ARM} must be 1 or 0; got {raw!r}")
+    raise ConfigError(f"{var} must be 1 or 0; got {raw!r}")
 
 
 def _split_list(raw: str) -> tuple[str, ...]:

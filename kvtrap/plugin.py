@@ -3,6 +3,8 @@
 SGLang calls ``register()`` once in every process (main, schedulers, detokenizer, DP controller)
 before logging is configured there, and swallows exceptions from plugins. So this:
 - does nothing at all unless ``SGLANG_TRTLLM_MHA_DEBUG=1`` (zero cost when unset or ``0``);
+- separately, ``KVTRAP_GEMMA4_KERNELS=1`` routes SGLang's Gemma 4 model code to the fused kernels
+  (:mod:`kvtrap.kernels.sglang_gemma4`); either switch works without the other;
 - imports nothing heavy and creates no CUDA context: the hooks attach to SGLang modules when SGLang
   itself imports them (see :mod:`kvtrap.patching`);
 - logs at WARNING to stderr, and logs (rather than raises) a bad setting, since SGLang would swallow it.
@@ -28,6 +30,27 @@ def _ensure_stderr_logging() -> None:
 
 
 def register() -> None:
+    _register_gemma4_kernels()
+    _register_trap()
+
+
+def _register_gemma4_kernels() -> None:
+    from kvtrap.config import ConfigError, env_gemma4_kernels
+
+    try:
+        if not env_gemma4_kernels():
+            return
+    except ConfigError as exc:
+        _ensure_stderr_logging()
+        logger.error("Gemma 4 kernels are NOT enabled: %s", exc)
+        return
+    _ensure_stderr_logging()
+    from kvtrap.kernels.sglang_gemma4 import enable
+
+    enable()
+
+
+def _register_trap() -> None:
     from kvtrap.config import Config, ConfigError, env_armed
 
     try:

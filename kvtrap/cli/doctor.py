@@ -191,6 +191,27 @@ def prove_allocator_trap() -> Check:
     return Check("allocator trap", "fail", "the injected fault was NOT trapped")
 
 
+def check_gemma4_kernels() -> list[Check]:
+    """``KVTRAP_GEMMA4_KERNELS``: on or off, do the SGLang methods it routes exist, which fusions apply."""
+    from kvtrap.config import ENV_GEMMA4_KERNELS, env_gemma4_kernels
+    from kvtrap.kernels.sglang_gemma4 import RELEASED, expected_fusions, targets
+    from kvtrap.patching import resolve
+
+    try:
+        on = env_gemma4_kernels()
+    except ConfigError as exc:
+        return [Check(ENV_GEMMA4_KERNELS, "fail", str(exc))]
+    state = "1: fused kernels where a layer qualifies (the model logs its plan at WARNING)" if on else "unset/0: off"
+    missing = [f"{t.cls}.{t.attr}: {why}" for t in targets() for ok, why in [resolve(t)] if not ok]
+    fusions = "; ".join(f"{name}: {', '.join(expected_fusions(ple=p, moe=m))}" for name, (p, m) in RELEASED.items())
+    return [
+        Check(ENV_GEMMA4_KERNELS, "info", state),
+        Check("gemma4 routes", ("fail" if on else "info") if missing else "ok",
+              "; ".join(missing) or f"{len(targets())} SGLang methods found"),  # fmt: skip
+        Check("gemma4 fusions", "info", f"TP=1 bf16: {fusions}; TP>1: triple_norm and cross_layer fall back"),
+    ]
+
+
 def run_checks() -> list[Check]:
     checks = check_versions()
     checks.append(check_gpu())
@@ -199,6 +220,7 @@ def run_checks() -> list[Check]:
         checks.append(Check("hooks", "fail", "skipped: SGLang is missing or unsupported"))
         return checks
     checks.extend(check_targets())
+    checks.extend(check_gemma4_kernels())
     try:
         checks.append(prove_allocator_trap())
     except Exception as exc:  # the doctor reports, it does not crash

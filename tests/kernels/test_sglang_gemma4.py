@@ -1,0 +1,294 @@
+"""``KVTRAP_GEMMA4_KERNELS=1`` inside SGLang 0.5.23's real Gemma 4 model, on the CPU (Triton interpreter).
+
+One subprocess (``gemma4_sglang_world.py``, about 30 s) builds SGLang's ``Gemma4TextModel`` for three
+small variants with the released models' structure (E4B-like: PLE + KV-shared layers; 26B-A4B-like: MoE;
+31B-like: dense), runs a prefill and a decode step with the switch off, on (all layers), on for one layer at a
+time, and off again, and saves what every layer produced. The tests here compare those records.
+
+Tolerances, per op. "Row ulps" are bf16 ulps of the largest magnitude in the token's row (1 ulp = 2^-7
+relative to the leading power of two), the scale at which a residual stream's rounding happens. SGLang's path
+on a CPU host is its ``forward_native`` code, which rounds to bf16 after every op; the kernels keep fp32 and
+round once where SGLang's CUDA kernels do. The bounds are a few times the measured worst case (given in each
+test) and two orders of magnitude below what a wrong weight, scalar, RoPE angle or residual produces.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sglang")
+
+from kvtrap.kernels import sglang_gemma4  # noqa: E402
+
+WORLD = Path(__file__).with_name("gemma4_sglang_world.py")
+VARIANTS = {"e4b": dict(ple=True, moe=False), "moe": dict(ple=False, moe=True), "dense": dict(ple=False, moe=False)}
+LAYERS = 4
+STEPS = ("prefill", "decode")
+# On a GPU where sglang.srt imports, the same comparisons run against SGLang's CUDA kernels (closer to ours).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Layer output (the residual stream a layer writes) against SGLang's layer on the same input: the layer's end
+# rounds 3 times in SGLang's CPU path (norm, + residual, * layer scalar) and once in the kernels; q/k round
+# twice (norm, RoPE) instead of once, and the triple norm's outputs are taken from fp32 instead of a rounded
+# sum. Those half-ulp differences reach the output through the attention and MLP GEMMs. Measured: <= 5.
+LAYER_ROW_ULPS = 8
+# Attention output (o_proj) with q/k/v norm + RoPE fused: q and k differ by <= 1 ulp before attention, then
+# softmax and two GEMMs. Measured: <= 3.
+ATTN_ROW_ULPS = 8
+# Next layer's input norm (or model.norm) written by the cross-layer kernel, against SGLang's norm of the same
+# stream: both normalise the same bf16 stream in fp32 and round once; only the fp32 operation order differs.
+# Per element. Measured: 1.
+NEXT_NORM_ULPS = 1
+# Routing weights against SGLang's CPU routing on the same logits: SGLang's softmax runs in bf16 (each
+# weight rounded, then multiplied by the bf16-cast scale and rounded again), the kernel's in fp32.
+ROUTING_RTOL = 2**-6
+# A token's top-k may legitimately change when its k-th and (k+1)-th logits are closer than the logit
+# difference that a one-ulp change of the router input makes through the router GEMM (bf16 logits; the error
+# scales with the row's largest logit, not with the k-th one). Measured: <= 1.5 row ulps of the logits.
+NEAR_TIE_ROW_ULPS = 4
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gemma4") / "world.pt"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KVTRAP_", "SGLANG_TRTLLM"))}
+    with socket.socket() as sock:  # gloo's rendezvous port: a free one, so parallel runs do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env.update(KVTRAP_GEMMA4_KERNELS="1", KVTRAP_TEST_PORT=str(port), MASTER_PORT=str(port), KVTRAP_TEST_DEVICE=DEVICE)
+    if DEVICE == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run(
+        [sys.executable, str(WORLD), str(out)], env=env, capture_output=True, text=True, timeout=900
+    )
+    if proc.returncode != 0 and "No module named 'sgl_kernel'" in proc.stderr and torch.cuda.is_available():
+        pytest.skip("sglang.srt needs sgl_kernel, which the GPU machine does not have")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out, weights_only=False)
+
+
+def row_ulps(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.float(), want.float()
+    row_max = want.abs().amax(dim=-1, keepdim=True).clamp_min(2.0**-100)
+    ulp = torch.exp2(torch.floor(torch.log2(row_max)) - 7)
+    return ((got - want).abs() / ulp).max().item()
+
+
+def elem_ulps(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.float(), want.float()
+    ulp = torch.exp2(torch.floor(torch.log2(want.abs().clamp_min(2.0**-100))) - 7)
+    return ((got - want).abs() / ulp).max().item()
+
+
+def routed_alike(on: dict, off: dict, layer: int) -> torch.Tensor:
+    """Tokens whose expert set is the same with the switch on and off (tie order aside). Every other token
+    must be a near tie of SGLang's own logits (asserted here)."""
+    ids_on, ids_off = on[f"topk{layer}"][1].sort(dim=-1).values, off[f"topk{layer}"][1].sort(dim=-1).values
+    same = (ids_on == ids_off).all(dim=-1)
+    logits = off[f"logits{layer}"].float()
+    k = ids_off.shape[1]
+    top = logits.sort(dim=-1, descending=True).values
+    gap = top[:, k - 1] - top[:, k]
+    row_ulp = torch.exp2(torch.floor(torch.log2(logits.abs().amax(dim=-1).clamp_min(2.0**-100))) - 7)
+    near_tie = gap <= NEAR_TIE_ROW_ULPS * row_ulp
+    assert bool((same | near_tie).all()), f"layer {layer}: tokens {(~same).nonzero().flatten().tolist()} re-routed"
+    assert int(same.sum()) >= len(same) - 1, "more than one token re-routed: not bf16 noise"
+    return same
+
+
+# --------------------------------------------------------------------------------- the switch and the plan
+PROBE = (
+    "import sys, kvtrap.plugin as p; p.register(); from kvtrap.kernels import sglang_gemma4 as s; "
+    "from kvtrap import patching; print(s.enabled(), sorted(patching._pending), len(patching._installed), "
+    "'torch' in sys.modules)"
+)
+
+
+def run_plugin(value: str | None) -> tuple[str, str]:
+    """SGLang's plugin call in a fresh process, without SGLang: what would it patch?"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KVTRAP_", "SGLANG_TRTLLM"))}
+    if value is not None:
+        env["KVTRAP_GEMMA4_KERNELS"] = value
+    proc = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip(), proc.stderr.strip()
+
+
+@pytest.mark.parametrize("value", [None, "", "0", "off"])
+def test_switch_off_patches_nothing(value):
+    assert run_plugin(value) == ("False [] 0 False", "")
+
+
+def test_switch_on_waits_for_sglang_to_import_the_model():
+    out, err = run_plugin("1")
+    pending = "['sglang.srt.layers.layer_boundary.residual.access', 'sglang.srt.models.gemma4_causal']"
+    assert out == f"True {pending} 0 False"  # nothing imported or patched yet, torch not even loaded
+    assert err == ""
+
+
+def test_bad_switch_value_is_one_clear_line_and_patches_nothing():
+    out, err = run_plugin("maybe")
+    assert out == "False [] 0 False"
+    assert len(err.splitlines()) == 1
+    assert err.endswith("ERROR Gemma 4 kernels are NOT enabled: KVTRAP_GEMMA4_KERNELS must be 1 or 0; got 'maybe'")
+
+
+def test_expected_fusions_of_the_released_variants():
+    f = sglang_gemma4.expected_fusions
+    assert f(ple=True, moe=False) == ("qkv_norm_rope", "ple_tail")
+    assert f(ple=False, moe=True) == ("qkv_norm_rope", "routing", "triple_norm", "cross_layer")
+    assert f(ple=False, moe=False) == ("qkv_norm_rope", "cross_layer")
+    assert f(ple=False, moe=True, tp=2) == ("qkv_norm_rope", "routing")
+
+
+def test_plugin_switch_patches_gemma4_on_import_without_arming_the_trap(world):
+    plugin = world["plugin"]
+    assert plugin["lazy"], "the plugin must not import SGLang's model code itself"
+    assert plugin["wrapped"] and all(plugin["wrapped"].values()), plugin["wrapped"]
+    assert plugin["trap_armed"] is False  # KVTRAP_GEMMA4_KERNELS is independent of SGLANG_TRTLLM_MHA_DEBUG
+    assert not any(plugin["after_disable"].values()), "disable() must put SGLang's methods back"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_plan_matches_the_variant_and_the_kernels_ran(world, variant):
+    res = world[variant]
+    expected = set(sglang_gemma4.expected_fusions(**VARIANTS[variant]))
+    for fusions in res["plan"]:
+        assert {name for name, status in fusions.items() if status == "on"} == expected, fusions
+    # every layer, both steps: one launch per layer per fused op
+    calls = res["calls"]
+    per_layer = 2 * LAYERS
+    assert calls["qkv_norm_rope"] == per_layer
+    assert calls["gemma4_fused_routing"] == (per_layer if "routing" in expected else 0)
+    for name in ("rmsnorm_add", "gelu_tanh_mul", "rmsnorm_residual_scalar"):
+        assert calls[name] == (per_layer if "ple_tail" in expected else 0)
+    assert calls["post_attn_triple_rmsnorm"] == (per_layer if "triple_norm" in expected else 0)
+    cross = "cross_layer" in expected
+    assert calls["post_ffn_moe_next_norm"] == (per_layer if cross and VARIANTS[variant]["moe"] else 0)
+    assert calls["post_ffn_dense_next_norm"] == (per_layer if cross and not VARIANTS[variant]["moe"] else 0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_warning_once_per_model_names_layers_and_fallbacks(world, variant):
+    log = world[variant]["log"]
+    assert len(log) == 1, log  # three full runs and four single-layer runs with the switch on
+    line = log[0]
+    assert line.startswith("WARNING Gemma 4 fused kernels (KVTRAP_GEMMA4_KERNELS=1): qkv_norm_rope: layers 0-3")
+    if variant == "e4b":
+        assert "ple_tail: layers 0-3" in line
+        assert "cross_layer: none; SGLang's path on layers 0-3 (PLE layer" in line
+    if variant == "moe":
+        assert "routing: layers 0-3" in line and "triple_norm: layers 0-3" in line
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_switch_off_is_bit_identical(world, variant):
+    """After disable() the model (same object, plans and routing objects still attached) is SGLang's again."""
+    res = world[variant]
+    for step in STEPS:
+        off, again = res["off"][step], res["off_again"][step]
+        assert off.keys() == again.keys()
+        for key in off:
+            a, b = off[key], again[key]
+            pairs = zip(a, b, strict=True) if isinstance(a, tuple) else [(a, b)]
+            for x, y in pairs:
+                assert torch.equal(x, y), (step, key)
+        # and with the switch on, runs repeat exactly (no state carried between forwards)
+        assert torch.equal(res["on"][step]["out"], res["on2"][step]["out"])
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU host without the interpreter is what disqualifies here")
+def test_layers_that_do_not_qualify_run_sglangs_path_bit_identically(world):
+    res = world["fallback"]
+    assert not any(res["calls"].values()), res["calls"]
+    why = "device cpu (needs CUDA, or TRITON_INTERPRET=1 on CPU)"
+    for fusions in res["plan"]:
+        assert fusions["qkv_norm_rope"] == fusions["routing"] == fusions["cross_layer"] == why, fusions
+    assert len(res["log"]) == 1 and f"qkv_norm_rope: none; SGLang's path on layers 0-3 ({why})" in res["log"][0]
+    for step in STEPS:
+        for key, off in res["off"][step].items():
+            on = res["on"][step][key]
+            for x, y in zip(*((off, on) if isinstance(off, tuple) else ((off,), (on,))), strict=True):
+                assert torch.equal(x, y), (step, key)
+
+
+# --------------------------------------------------------------------------------- equivalence per layer
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("layer", range(LAYERS))
+def test_fused_layer_matches_sglang_layer(world, variant, layer):
+    """Only ``layer`` fused: earlier layers are bit-identical, then attention output, the layer's stream and
+    the norm its end writes for the next consumer match SGLang's within the stated tolerances."""
+    res = world[variant]
+    moe = VARIANTS[variant]["moe"]
+    for step in STEPS:
+        on, off = res["solo"][layer][step], res["off"][step]
+        for earlier in range(layer):
+            assert torch.equal(on[f"out{earlier}"], off[f"out{earlier}"]), (step, earlier)
+        assert torch.equal(on[f"in{layer}"], off[f"in{layer}"])
+        assert row_ulps(on[f"attn{layer}"], off[f"attn{layer}"]) <= ATTN_ROW_ULPS, step
+        rows = routed_alike(on, off, layer) if moe else torch.ones(len(on["out"]), dtype=torch.bool, device=on["out"].device)
+        assert row_ulps(on[f"out{layer}"][rows], off[f"out{layer}"][rows]) <= LAYER_ROW_ULPS, step
+        if "cross_layer" in sglang_gemma4.expected_fusions(**VARIANTS[variant]):
+            # the next layer's input norm (the model's final norm after the last layer) came from this layer
+            written = on[f"stash{layer + 1}"] if layer + 1 < LAYERS else on["out"]
+            assert elem_ulps(written, on["next_norm_ref"]) <= NEXT_NORM_ULPS, step
+        else:
+            assert f"stash{layer + 1}" not in on
+
+
+def test_routing_kernel_matches_sglang_routing_on_the_same_logits(world):
+    """The kernel on the router logits SGLang's own layer produced, against SGLang's routing of them."""
+    from kvtrap.kernels.routing import gemma4_fused_routing
+
+    res = world["moe"]
+    for layer in range(LAYERS):
+        for step in STEPS:
+            off = res["off"][step]
+            weights_off, ids_off = off[f"topk{layer}"]
+            logits = off[f"logits{layer}"]
+            k = ids_off.shape[1]
+            weights, ids = gemma4_fused_routing(logits, res["per_expert_scale"][layer], k)
+            by_id_off, by_id = ids_off.sort(dim=-1), ids.sort(dim=-1)
+            # an exact tie at the k-th place may pick either expert (SGLang's CPU topk: unspecified order)
+            top = logits.float().sort(dim=-1, descending=True).values
+            rows = top[:, k - 1] != top[:, k]
+            assert torch.equal(by_id.values[rows], by_id_off.values[rows]), (layer, step)
+            torch.testing.assert_close(
+                weights.gather(1, by_id.indices)[rows], weights_off.gather(1, by_id_off.indices)[rows],
+                rtol=ROUTING_RTOL, atol=0,
+            )  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", ["e4b", "dense"])
+def test_all_layers_fused_model_output_close(world, variant):
+    """Every layer fused: a few row ulps per layer compound through 4 layers of random GEMMs (measured relative
+    Frobenius error 2.5-3.0%, cosine >= 0.9995). The MoE variant is left to the per-layer test: a bf16 near
+    tie that re-routes one token changes that token's later layers entirely."""
+    res = world[variant]
+    for step in STEPS:
+        on, off = res["on"][step]["out"].float(), res["off"][step]["out"].float()
+        assert torch.nn.functional.cosine_similarity(on.flatten(), off.flatten(), dim=0) > 0.998
+        assert (on - off).norm() / off.norm() < 0.06
+
+
+@pytest.mark.parametrize(("value", "status"), [(None, "info"), ("1", "info"), ("maybe", "fail")])
+def test_doctor_reports_the_switch_and_the_fusions(monkeypatch, value, status):
+    from kvtrap.cli.doctor import check_gemma4_kernels
+
+    monkeypatch.delenv("KVTRAP_GEMMA4_KERNELS", raising=False)
+    if value is not None:
+        monkeypatch.setenv("KVTRAP_GEMMA4_KERNELS", value)
+    checks = {c.name: c for c in check_gemma4_kernels()}
+    assert checks["KVTRAP_GEMMA4_KERNELS"].status == status
+    if status == "fail":
+        assert checks["KVTRAP_GEMMA4_KERNELS"].detail == "KVTRAP_GEMMA4_KERNELS must be 1 or 0; got 'maybe'"
+        return
+    assert checks["gemma4 routes"].status == "ok", checks["gemma4 routes"].detail
+    assert "26B-A4B-it: qkv_norm_rope, routing, triple_norm, cross_layer" in checks["gemma4 fusions"].detail
