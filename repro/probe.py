@@ -12,7 +12,7 @@ import json
 import random
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,14 @@ class ProbeSpec:
     first_id: int = 4  # ids below are the dummy tokenizer's specials (pad, eos, bos, unk)
     vocab: int = 262144
 
-    def prompt_ids(self) -> list[list[int]]:
+    def prompt_ids(self) -> Iterator[list[int]]:
         rng = random.Random(self.seed)
-        return [[rng.randrange(self.first_id, self.vocab) for _ in range(self.input_len)] for _ in range(self.prompts)]
+        for _ in range(self.prompts):
+            yield [rng.randrange(self.first_id, self.vocab) for _ in range(self.input_len)]
+
+    def failed(self, probe: dict[str, Any]) -> list[str]:
+        """The errors of the prompts that got no output (empty: every prompt answered)."""
+        return [f"prompt {o['prompt']}: {o.get('error')}" for o in probe["outputs"] if o.get("output_ids") is None]
 
     def to_json(self) -> dict[str, Any]:
         return {"prompts": self.prompts, "input_len": self.input_len, "output_len": self.output_len,
@@ -58,15 +63,21 @@ def generate(base_url: str, input_ids: Sequence[int], output_len: int, timeout_s
 
 def run_probe(base_url: str, spec: ProbeSpec, timeout_s: float = 300.0,
               alive: Callable[[], bool] = lambda: True) -> dict[str, Any]:  # fmt: skip
-    """Send every prompt in order; a failed request is recorded (``error``) and the rest still go, unless
-    ``alive()`` says the server is gone (the remaining prompts are then recorded as not sent)."""
+    """Send every prompt in order within ``timeout_s`` in all; a failed request is recorded (``error``) and the
+    rest still go, unless ``alive()`` says the server is gone or the time is up (the remaining prompts are then
+    recorded as not sent)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
     outputs: list[dict[str, Any]] = []
     for i, ids in enumerate(spec.prompt_ids()):
-        if not alive():
-            outputs.append({"prompt": i, "output_ids": None, "error": "not sent: the server had exited"})
+        left = deadline - time.monotonic()
+        if not alive() or left <= 0:
+            why = "the server had exited" if not alive() else f"the probe's {timeout_s:g} s were up"
+            outputs.append({"prompt": i, "output_ids": None, "error": f"not sent: {why}"})
             continue
         try:
-            outputs.append({"prompt": i, "output_ids": generate(base_url, ids, spec.output_len, timeout_s)})
+            outputs.append({"prompt": i, "output_ids": generate(base_url, ids, spec.output_len, left)})
         except (OSError, ValueError, urllib.error.URLError) as exc:
             outputs.append({"prompt": i, "output_ids": None, "error": f"{type(exc).__name__}: {exc}"})
     return {"schema": PROBE_SCHEMA, "spec": spec.to_json(), "outputs": outputs}
@@ -92,14 +103,23 @@ def load_probe(path: Path | str) -> dict[str, Any]:
         raise ProbeError(f"{p}: no such file (was the run started with --probe N?)") from None
     except OSError as exc:
         raise ProbeError(f"{p}: cannot read: {exc.strerror or exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProbeError(f"{p}: not JSON: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ProbeError(f"{p}: not JSON: {str(exc)[:120]}") from None
     if not isinstance(data, dict) or data.get("schema") != PROBE_SCHEMA or not isinstance(data.get("outputs"), list):
         raise ProbeError(f"{p}: not a kvtrap outputs file (schema {PROBE_SCHEMA!r})")
-    for o in data["outputs"]:
+    spec = data.get("spec")
+    if not isinstance(spec, dict) or not isinstance(spec.get("prompts"), int) or isinstance(spec["prompts"], bool):
+        raise ProbeError(f"{p}: the probe's spec is missing or malformed")
+    outs = data["outputs"]
+    if not outs:
+        raise ProbeError(f"{p}: no prompts to compare")
+    if len(outs) != spec["prompts"]:
+        raise ProbeError(f"{p}: {len(outs)} outputs for a probe of {spec['prompts']} prompts")
+    for i, o in enumerate(outs):
         ids = o.get("output_ids") if isinstance(o, dict) else None
-        if not isinstance(o, dict) or not (ids is None or isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
-            raise ProbeError(f"{p}: malformed output entry {str(o)[:80]}")
+        ok_ids = ids is None or isinstance(ids, list) and all(type(t) is int for t in ids)
+        if not isinstance(o, dict) or o.get("prompt") != i or not ok_ids:
+            raise ProbeError(f"{p}: malformed output entry {i}: {str(o)[:80]}")
     return data
 
 
@@ -129,7 +149,9 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> Comparison:
         raise ProbeError(f"the runs probed different prompts: {a.get('spec')} vs {b.get('spec')}")
     exact = failed = matched = total = 0
     first: tuple[int, int] | None = None
-    pairs = list(zip(a["outputs"], b["outputs"], strict=False))
+    if len(a["outputs"]) != len(b["outputs"]):
+        raise ProbeError(f"the runs hold {len(a['outputs'])} and {len(b['outputs'])} outputs")
+    pairs = list(zip(a["outputs"], b["outputs"], strict=True))
     for i, (oa, ob) in enumerate(pairs):
         xa, xb = oa.get("output_ids"), ob.get("output_ids")
         if xa is None or xb is None:

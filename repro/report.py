@@ -153,7 +153,7 @@ def render_markdown(data: dict[str, Any]) -> str:
     out.append(f"- exit code: {data['exit_code']}")
     out.append(f"- started {data['started']}, ended {data['ended']} ({data['duration_s']} s)")
     out.append(f"- scenario: {sc['description']}")
-    if sc.get("model"):
+    if sc.get("model") and not data.get("models"):
         out.append(f"- models: `{sc['model']}` + draft `{sc.get('draft_model')}`")
     opts = data["options"]
     out.append(

@@ -93,7 +93,9 @@ def default_server_cmd(scenario: Scenario, options: RunOptions, port: int, run_d
     if dirs is not None:
         cmd += ["--load-format", "dummy"]  # SGLang initialises the weights itself; nothing is downloaded
     if options.eager:
-        cmd += list(EAGER_ARGS)
+        for flag, value in zip(EAGER_ARGS[::2], EAGER_ARGS[1::2], strict=True):
+            if flag not in cmd:  # the scenario may already pass one of them (e4b: prefill graphs off)
+                cmd += [flag, value]
     cmd += ["--host", HOST, "--port", str(port)]
     cmd += list(options.extra_server_args)
     return cmd
@@ -221,6 +223,17 @@ def build_plan(
 
 
 # ------------------------------------------------------------------------------------ environment check
+def refuse_used_run_dir(run_dir: Path) -> None:
+    """A run directory that already holds a run would mix its dumps and outputs into this one's verdict."""
+    leftovers = [name for name in ("report.json", "outputs.json", "server.log", "component.log")
+                 if (run_dir / name).exists()]  # fmt: skip
+    dumps = run_dir / "dumps"
+    if dumps.is_dir() and any(dumps.iterdir()):
+        leftovers.append("dumps/")
+    if leftovers:
+        raise EnvironmentProblem(f"{run_dir} already holds a run ({', '.join(leftovers)}); choose a new --out")
+
+
 def _looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or os.sep in path and path.count("/") != 1
 
@@ -275,6 +288,21 @@ def sglang_installed() -> bool:
     return importlib.util.find_spec("sglang") is not None
 
 
+def _unknown_bugs(names: tuple[str, ...]) -> str | None:
+    """A typo in --inject would otherwise leave the server unarmed and the run CLEAN: say it before starting."""
+    if not names:
+        return None
+    try:
+        from kvtrap import inject
+
+        inject._load_builtin()
+        known = set(inject.BUGS)
+    except ImportError:  # no torch here: the server would say it (and refuse to arm)
+        return None
+    bad = [n for n in names if n not in known]
+    return f"unknown bug to inject {', '.join(map(repr, bad))}; known: {', '.join(sorted(known))}" if bad else None
+
+
 def check_environment(options: RunOptions, *, environ: Mapping[str, str] | None = None) -> list[str]:
     """Warnings (returned) and blocking problems (raised as :class:`EnvironmentProblem`)."""
     scenario = options.scenario
@@ -293,7 +321,7 @@ def check_environment(options: RunOptions, *, environ: Mapping[str, str] | None 
         if not gpus:
             problems.append(
                 f"no CUDA GPU is visible; scenario {scenario.name!r} needs {scenario.needs.gpu}"
-                f" with >= {scenario.needs.min_gpu_mem_gib} GiB (use --dry-run to see the commands)"
+                f" with >= {scenario.needs.min_gpu_mem_gib} GiB"
             )
         else:
             mems = [g["memory_gib"] for g in gpus if g.get("memory_gib")]
@@ -302,6 +330,9 @@ def check_environment(options: RunOptions, *, environ: Mapping[str, str] | None 
                     f"the largest visible GPU has {max(mems)} GiB; {scenario.name!r} is estimated to need "
                     f">= {scenario.needs.min_gpu_mem_gib} GiB per GPU ({scenario.needs.note})"
                 )
+    unknown = _unknown_bugs(options.inject)
+    if unknown:
+        problems.append(unknown)
     for label, path in (("--model-path", options.model_path), ("--draft-model-path", options.draft_model_path)):
         if path and _looks_local(path) and not Path(path).expanduser().exists():
             problems.append(f"{label} {path}: no such file or directory")
@@ -592,6 +623,7 @@ def run(
 
     warnings = check_environment(options) if check_env else []
     plan = plan or build_plan(options, server_cmd=server_cmd, bench_cmd=bench_cmd)
+    refuse_used_run_dir(plan.run_dir)
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     plan.dump_dir.mkdir(parents=True, exist_ok=True)
     if plan.models is not None:
@@ -648,7 +680,8 @@ def _run_server(plan: Plan, options: RunOptions, sink: Callable[[str], None] | N
                 from kvtrap.repro.probe import run_probe, write_probe
 
                 tp = time.monotonic()
-                probe = run_probe(f"http://{HOST}:{plan.port}", options.probe, alive=lambda: server.poll() is None)
+                probe = run_probe(f"http://{HOST}:{plan.port}", options.probe, timeout_s=options.bench_timeout_s,
+                                  alive=lambda: server.poll() is None)  # fmt: skip
                 write_probe(plan.run_dir, probe)
                 timings["probe_s"] = round(time.monotonic() - tp, 3)
                 if server.poll() is not None:
@@ -700,6 +733,14 @@ def _run_server(plan: Plan, options: RunOptions, sink: Callable[[str], None] | N
         error=error,
     )
     verdict = classify(texts, dump_paths, facts)
+    failed = options.probe.failed(probe) if (options.probe is not None and probe is not None) else []
+    if failed and verdict.outcome == Outcome.CLEAN:
+        # The benchmark passed but the output probe did not: the outputs a comparison needs are missing.
+        from kvtrap.repro.classify import EXIT_CODES
+
+        reason = f"{len(failed)} of {options.probe.prompts} probe prompts got no output ({failed[0]})"  # type: ignore[union-attr]
+        verdict = Classification(Outcome.UNHEALTHY, reason, EXIT_CODES[Outcome.UNHEALTHY], verdict.kernel,
+                                 verdict.site, verdict.trap_kinds, verdict.matches, verdict.metrics)  # fmt: skip
     return RunResult(
         plan=plan, options=options, classification=verdict, facts=facts, dumps=summarize_dumps(dump_paths),
         logs={k: str(v) for k, v in logs.items()}, log_tails={k: tail(v) for k, v in logs.items()},

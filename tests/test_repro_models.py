@@ -93,7 +93,7 @@ def test_models_write_cli(tmp_path):
     res = CliRunner().invoke(main, ["repro", "models", "write", str(blocker / "sub")])
     assert res.exit_code == 2 and "cannot write" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(main, ["repro", "models", "write", str(tmp_path / "n"), "--layers", "3"])
-    assert res.exit_code == 2 and "at least 6 layers" in res.output
+    assert res.exit_code == 2 and "6<=x<=256" in res.output
 
 
 def test_dummy_weights_dry_run_and_usage_errors():
@@ -108,12 +108,12 @@ def test_dummy_weights_dry_run_and_usage_errors():
     assert "4 greedy prompts" in out
     for bad, msg in ((["--dummy-layers", "12"], "--dummy-layers needs --dummy-weights"),
                      (["--dummy-weights", "--model-path", "/x"], "leave out --model-path"),
-                     (["--dummy-weights", "--dummy-layers", "2"], "at least 6 layers")):  # fmt: skip
+                     (["--dummy-weights", "--dummy-layers", "2"], "6<=x<=256")):  # fmt: skip
         res = CliRunner().invoke(main, ["repro", "e4b-chat", *bad, "--dry-run"])
         assert res.exit_code == 2 and msg in res.output, res.output
 
 
-def _probe_run(tmp_path: Path, salt: str, *, armed: bool) -> runner.RunResult:
+def _probe_run(tmp_path: Path, salt: str, *, armed: bool, **env: str) -> runner.RunResult:
     def server_cmd(sc, o, port, rd):
         return [sys.executable, str(STANDINS / "fake_server.py"), "--port", str(port), "--mode", "healthy",
                 "--pid-dir", str(rd / "pids"), "--delay", "0.2"]  # fmt: skip
@@ -126,7 +126,7 @@ def _probe_run(tmp_path: Path, salt: str, *, armed: bool) -> runner.RunResult:
     options = runner.RunOptions(
         scenario=scenarios.get("e4b-chat"), out_dir=tmp_path, dummy=variant("e4b", 6), armed=armed,
         probe=ProbeSpec(prompts=3, input_len=16, output_len=10), health_timeout_s=15.0, bench_timeout_s=20.0,
-        grace_s=3.0, follow=False, base_env={**os.environ, "FAKE_SERVER_SALT": salt},
+        grace_s=3.0, follow=False, base_env={**os.environ, "FAKE_SERVER_SALT": salt, **env},
     )  # fmt: skip
     return runner.run(options, server_cmd=server_cmd, bench_cmd=bench_cmd, check_env=False)
 
@@ -155,13 +155,32 @@ def test_probe_runs_before_the_benchmark_and_compare_reads_two_runs(tmp_path):
     assert json.loads(as_json.output)["exact_match_rate"] == 0.0
 
 
-@pytest.mark.parametrize("content,msg", [(None, "no such file"), ("{not json", "not JSON"),
-                                         ('{"schema": "x"}', "not a kvtrap outputs file"),
-                                         ('{"schema": "kvtrap.repro.outputs", "outputs": [{"output_ids": "abc"}]}',
-                                          "malformed output entry")])  # fmt: skip
+def test_probe_without_answers_makes_the_run_unhealthy_and_a_used_run_dir_is_refused(tmp_path):
+    res = _probe_run(tmp_path / "a", "0", armed=True, FAKE_SERVER_GENERATE_FAILS="1")
+    assert res.outcome.value == "UNHEALTHY" and "3 of 3 probe prompts got no output" in res.classification.reason
+    with pytest.raises(runner.EnvironmentProblem, match="already holds a run"):
+        _probe_run(tmp_path / "a", "0", armed=True)
+
+
+def _outputs(n: int, **over: object) -> str:
+    data = {"schema": "kvtrap.repro.outputs", "spec": {"prompts": n, "seed": 1},
+            "outputs": [{"prompt": i, "output_ids": [1, 2, 3]} for i in range(n)]}  # fmt: skip
+    data.update(over)
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize("content,msg", [
+    (None, "no such file"), ("{not json", "not JSON"), ("[" * 100000 + "]" * 100000, "not JSON"),
+    ('{"schema": "x"}', "not a kvtrap outputs file"),
+    (_outputs(2, outputs=[{"prompt": 0, "output_ids": "abc"}, {"prompt": 1, "output_ids": []}]), "malformed output"),
+    (_outputs(1, outputs=[{"prompt": 0, "output_ids": [True, 2]}]), "malformed output"),
+    (_outputs(2, outputs=[{"prompt": 1, "output_ids": [1]}, {"prompt": 0, "output_ids": [1]}]), "malformed output"),
+    (_outputs(0), "no prompts to compare"), (_outputs(2, spec=None), "spec is missing"),
+    (_outputs(3, outputs=[{"prompt": 0, "output_ids": [1]}]), "1 outputs for a probe of 3 prompts"),
+])  # fmt: skip
 def test_compare_bad_input_is_one_line_exit_2(tmp_path, content, msg):
     good = tmp_path / "good.json"
-    good.write_text(json.dumps({"schema": "kvtrap.repro.outputs", "spec": {}, "outputs": []}))
+    good.write_text(_outputs(2))
     bad = tmp_path / "bad.json"
     if content is not None:
         bad.write_text(content)
@@ -170,8 +189,27 @@ def test_compare_bad_input_is_one_line_exit_2(tmp_path, content, msg):
 
 
 def test_compare_refuses_runs_that_probed_different_prompts(tmp_path):
-    for name, seed in (("a.json", 1), ("b.json", 2)):
-        (tmp_path / name).write_text(json.dumps({"schema": "kvtrap.repro.outputs", "spec": {"seed": seed},
-                                                 "outputs": []}))  # fmt: skip
+    (tmp_path / "a.json").write_text(_outputs(2))
+    (tmp_path / "b.json").write_text(_outputs(2, spec={"prompts": 2, "seed": 2}))
     res = CliRunner().invoke(main, ["repro", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     assert res.exit_code == 2 and "different prompts" in res.output
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["synthetic", "--probe", "4"], "only for server scenarios"),
+    (["synthetic", "--unarmed"], "only for server scenarios"),
+    (["e4b-chat", "--unarmed", "--fix"], "--fix and --mode need it armed"),
+    (["e4b-chat", "--unarmed", "--mode", "log"], "--fix and --mode need it armed"),
+    (["e4b-chat", "--out", " "], "--out needs a directory name"),
+    (["e4b-chat", "--dummy-weights", "--dummy-layers", "100000"], "100000"),
+    (["e4b-chat", "--probe", "99999999999"], "99999999999"),
+])  # fmt: skip
+def test_repro_options_that_make_no_sense_are_usage_errors(args, msg):
+    res = CliRunner().invoke(main, ["repro", *args, "--dry-run"])
+    assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.output, res.output
+
+
+def test_unknown_bug_name_stops_a_real_run_before_starting():
+    options = runner.RunOptions(scenario=scenarios.get("e4b-chat"), inject=("sglang-26975",))
+    with pytest.raises(runner.EnvironmentProblem, match="unknown bug to inject 'sglang-26975'; known: sglang-26957"):
+        runner.check_environment(options, environ={"CUDA_VISIBLE_DEVICES": ""})

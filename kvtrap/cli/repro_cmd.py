@@ -90,10 +90,26 @@ def _dummy_model(scenario: Scenario, kw: dict[str, Any]) -> Any:
         raise click.UsageError(str(exc)) from None
 
 
+#: Options that only mean something for a server scenario (a component repro runs in-process, armed, in raise mode).
+_SERVER_ONLY = ("dummy_weights", "unarmed", "mode", "num_prompts", "concurrency", "input_len", "output_len", "probe")
+
+
+def _refuse_nonsense(scenario: Scenario, kw: dict[str, Any]) -> None:
+    if scenario.kind != "server":
+        given = [f"--{k.replace('_', '-')}" for k in _SERVER_ONLY if kw.get(k)]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: only for server scenarios ({scenario.name!r} is a component)")
+    if kw["unarmed"] and (kw["fix"] or kw["mode"]):
+        raise click.UsageError("--unarmed runs without kvtrap: --fix and --mode need it armed")
+    if kw["out"] is not None and not str(kw["out"]).strip():
+        raise click.UsageError("--out needs a directory name")
+
+
 def _run_scenario(scenario: Scenario, **kw: Any) -> None:
     from kvtrap.repro import runner
     from kvtrap.repro.probe import ProbeSpec
 
+    _refuse_nonsense(scenario, kw)
     fix = kw["fix"]
     scenario = _workload(scenario, kw)
     dummy = _dummy_model(scenario, kw)
@@ -190,7 +206,7 @@ def _run_command(scenario: Scenario) -> click.Command:
         click.Option(["--dummy-weights"], is_flag=True,
                      help="Weight-free: write the scenario's Gemma 4-like model dirs (configs + tokenizer) into the "
                           "run dir and start SGLang with --load-format dummy. No download, any GPU."),
-        click.Option(["--dummy-layers"], type=click.IntRange(min=1), default=None,
+        click.Option(["--dummy-layers"], type=click.IntRange(min=6, max=256), default=None,
                      help="With --dummy-weights: this many decoder layers (same 5:1 pattern; faster start-up)."),
         click.Option(["--unarmed"], is_flag=True,
                      help="SGLANG_TRTLLM_MHA_DEBUG=0: no traps. --inject still re-introduces the bug (to see it crash)."),
@@ -200,11 +216,14 @@ def _run_command(scenario: Scenario) -> click.Command:
         click.Option(["--concurrency"], type=click.IntRange(min=1), default=None, help="Benchmark max concurrency."),
         click.Option(["--input-len"], type=click.IntRange(min=1), default=None, help="Benchmark input tokens."),
         click.Option(["--output-len"], type=click.IntRange(min=1), default=None, help="Benchmark output tokens."),
-        click.Option(["--probe"], type=click.IntRange(min=0), default=0, show_default=True,
+        click.Option(["--probe"], type=click.IntRange(min=0, max=10000), default=0, show_default=True,
                      help="Before the benchmark, send N greedy random-id prompts one at a time and keep the output "
-                          "ids (outputs.json) to compare runs with `kvtrap repro compare`."),
-        click.Option(["--probe-input-len"], type=click.IntRange(min=1), default=256, show_default=True),
-        click.Option(["--probe-output-len"], type=click.IntRange(min=1), default=64, show_default=True),
+                          "ids (outputs.json) to compare runs with `kvtrap repro compare`. All of them must answer "
+                          "within --bench-timeout, else the run is UNHEALTHY."),
+        click.Option(["--probe-input-len"], type=click.IntRange(min=1, max=131072), default=256, show_default=True,
+                     help="Tokens per probe prompt (with --probe)."),
+        click.Option(["--probe-output-len"], type=click.IntRange(min=1, max=131072), default=64, show_default=True,
+                     help="Greedy tokens generated per probe prompt (with --probe)."),
         click.Argument(["server_args"], nargs=-1, type=click.UNPROCESSED),
     ]  # fmt: skip
 
@@ -252,11 +271,14 @@ def models_list() -> None:
 @models_group.command("write")
 @click.argument("dest", type=click.Path(file_okay=False))
 @click.option("--variant", "name", type=click.Choice(["e4b", "26b-a4b", "31b"]), default="e4b", show_default=True)
-@click.option("--layers", type=click.IntRange(min=1), default=None, help="Decoder layers (default: the real count).")
+@click.option("--layers", type=click.IntRange(min=6, max=256), default=None,
+              help="Decoder layers (default: the real count).")
 def models_write(dest: str, name: str, layers: int | None) -> None:
     """Write DEST/target and DEST/draft (frozen-KV MTP assistant) for `sglang.launch_server --load-format dummy`."""
     from kvtrap.repro.models import variant, write_model_dirs
 
+    if not dest.strip():
+        raise click.UsageError("DEST needs a directory name")
     try:
         model = variant(name, layers)
     except ValueError as exc:

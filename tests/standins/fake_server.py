@@ -73,7 +73,7 @@ class Health(BaseHTTPRequestHandler):
             self.end_headers()
 
     def do_POST(self) -> None:  # noqa: N802 - SGLang's native /generate, greedy and deterministic here
-        if self.path != "/generate" or not STATE["ready"]:
+        if self.path != "/generate" or not STATE["ready"] or os.environ.get("FAKE_SERVER_GENERATE_FAILS"):
             self.send_response(404 if self.path != "/generate" else 503)
             self.end_headers()
             return
