@@ -5,7 +5,10 @@ from the arming), then benchmarked one at a time, configuration order rotated pe
 only one server has requests at any moment, the others sit idle. Prints ratios to the unarmed server and
 writes ``server-overhead-<device>.md/.json``. Needs a CUDA GPU and SGLang's full runtime.
 
-  python benchmarks/server_overhead.py --out benchmarks/results --layers 12 --rounds 2
+  python benchmarks/server_overhead.py --out benchmarks/results --layers 12 --rounds 4
+
+Each round times every configuration once at every concurrency (about 20-40 s per benchmark with the defaults):
+start it with setsid/nohup on a device machine and poll if the run outlasts one call.
 """
 
 from __future__ import annotations
@@ -42,12 +45,14 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--input-len", type=int, default=1000)
     ap.add_argument("--output-len", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--mem-fraction", type=float, default=0.8)
     ap.add_argument("--max-total-tokens", type=int, default=160000)
     ap.add_argument("--health-timeout", type=float, default=900)
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     a = ap.parse_args()
+    if "unarmed" not in a.configs:
+        ap.error("--configs needs 'unarmed': every ratio is to it")
 
     scenario = get(a.scenario)
     model = variant(scenario.dummy_variant or "e4b", a.layers)
@@ -82,12 +87,14 @@ def main() -> int:
                 print(runner.tail(child.log_path, 40))
                 return 3
         rows: list[dict[str, Any]] = []
-        for r in range(a.rounds + 1):  # round 0 warms every server (JIT, allocator, caches); not reported
+        # Round 0 warms every server at every concurrency (JIT of new shapes, graph pools, allocator, caches) and
+        # is not reported: in an earlier run the first server benchmarked at a new concurrency was the slow one.
+        for r in range(a.rounds + 1):
             order = a.configs[r % len(a.configs):] + a.configs[: r % len(a.configs)]
-            for conc in a.concurrency if r else [max_conc]:
+            for conc in a.concurrency:
                 for name in order:
                     child, plan = servers[name]
-                    prompts = max(8, 2 * conc) if r else max_conc
+                    prompts = max(8, 2 * conc)
                     wl = Workload(input_len=a.input_len, output_len=a.output_len if r else 32, num_prompts=prompts,
                                   max_concurrency=conc)  # fmt: skip
                     sc = dataclasses.replace(scenario, workload=wl)
@@ -133,6 +140,10 @@ def write_results(a: argparse.Namespace, model: Any, rows: list[dict[str, Any]],
         for name in a.configs:
             mine = [r for r in rows if r["config"] == name and r["concurrency"] == conc]
             s: dict[str, Any] = {"config": name, "concurrency": conc, "rounds": len(mine)}
+            # Paired per-round ratios (same round = adjacent in time) show the spread the medians hide.
+            paired = [m["median_tpot_ms"] / b["median_tpot_ms"] for m in mine for b in base
+                      if m["round"] == b["round"] and m["median_tpot_ms"] and b["median_tpot_ms"]]  # fmt: skip
+            s["tpot_ratio_per_round"] = paired
             for k in METRICS:
                 vals = [r[k] for r in mine if r[k] is not None]
                 s[k] = statistics.median(vals) if vals else None
@@ -152,18 +163,20 @@ def write_results(a: argparse.Namespace, model: Any, rows: list[dict[str, Any]],
              "- versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items() if v),
              f"- model: weight-free {model.name}-like, {model.layers} layers, frozen-KV MTP (3 steps, 4 draft tokens),"
              " trtllm_mha, page 64, CUDA graphs (decode); prefill eager",
-             f"- {a.rounds} rounds per cell (order rotated), medians; {a.input_len} in / {a.output_len} out,"
-             " prompts = max(8, 2 x concurrency); servers side by side on one GPU, one benchmarked at a time",
+             f"- {a.rounds} rounds per cell after a warm-up round at every concurrency (order rotated), medians;"
+             f" {a.input_len} in / {a.output_len} out, prompts = max(8, 2 x concurrency); servers side by side on"
+             " one GPU, one benchmarked at a time",
              f"- traps in the armed server: {len(traps)}", "",
-             "| concurrency | config | median TPOT ms | vs unarmed | median ITL ms | vs unarmed | output tok/s |"
-             " vs unarmed | accept len |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| concurrency | config | median TPOT ms | vs unarmed | TPOT ratio per round | median ITL ms | vs unarmed |"
+             " output tok/s | vs unarmed | accept len |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
 
     def f(v: Any, p: str = ".3f") -> str:
         return "-" if v is None else format(v, p)
 
     for s in summary:
+        per_round = ", ".join(format(x, ".3f") for x in s["tpot_ratio_per_round"]) or "-"
         lines.append(f"| {s['concurrency']} | {s['config']} | {f(s['median_tpot_ms'])} | "
-                     f"{f(s.get('median_tpot_ms_vs_unarmed'), '.4f')} | {f(s['median_itl_ms'])} | "
+                     f"{f(s.get('median_tpot_ms_vs_unarmed'), '.4f')} | {per_round} | {f(s['median_itl_ms'])} | "
                      f"{f(s.get('median_itl_ms_vs_unarmed'), '.4f')} | {f(s['output_throughput'], '.1f')} | "
                      f"{f(s.get('output_throughput_vs_unarmed'), '.4f')} | {f(s['accept_length'], '.2f')} |")  # fmt: skip
     (a.out / f"server-overhead-{slug}.md").write_text("\n".join(lines) + "\n")
