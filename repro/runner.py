@@ -323,6 +323,9 @@ def check_environment(options: RunOptions, *, environ: Mapping[str, str] | None 
                 f"no CUDA GPU is visible; scenario {scenario.name!r} needs {scenario.needs.gpu}"
                 f" with >= {scenario.needs.min_gpu_mem_gib} GiB"
             )
+        elif len(gpus) < scenario.needs.gpus:
+            problems.append(f"{len(gpus)} CUDA GPU(s) visible; scenario {scenario.name!r} needs {scenario.needs.gpus}"
+                            f" ({scenario.needs.gpu})")  # fmt: skip
         else:
             mems = [g["memory_gib"] for g in gpus if g.get("memory_gib")]
             if mems and max(mems) < scenario.needs.min_gpu_mem_gib:

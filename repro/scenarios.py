@@ -289,6 +289,26 @@ _SERVER_ARGS = SPEC_ARGS + ATTN_ARGS
 KV_SHARED_ARGS: tuple[str, ...] = ("--cuda-graph-backend-prefill", "disabled")
 
 
+#: Tensor parallelism over two GPUs: every rank's scheduler runs its own backend, allocator and CUDA graphs,
+#: and each rank dumps on its own (issue: first failing rank first).
+TP2_ARGS: tuple[str, ...] = ("--tp-size", "2")
+
+NEEDS_31B_TP2 = Needs(
+    gpu="2 x H100/H200/B200 of one host (NVLink or PCIe)",
+    min_gpu_mem_gib=48,
+    gpus=2,
+    weights_gib=59.0,
+    note="31B split over two GPUs (~30 GiB of weights each); weight-free with --dummy-weights",
+)
+NEEDS_26B_TP2 = Needs(
+    gpu="2 x H100/H200/B200 of one host (NVLink or PCIe)",
+    min_gpu_mem_gib=40,
+    gpus=2,
+    weights_gib=50.0,
+    note="26B-A4B (MoE) split over two GPUs; weight-free with --dummy-weights",
+)
+
+
 def _server(name: str, model: str, draft: str, workload: Workload, needs: Needs, what: str,
             dummy: str, extra: tuple[str, ...] = ()) -> Scenario:  # fmt: skip
     return Scenario(
@@ -317,6 +337,10 @@ for _s in (
     _server("e4b-chat", E4B, E4B_DRAFT, CHAT, NEEDS_E4B, "Gemma 4 E4B, short prompts (slow SWA fill)", "e4b",
             KV_SHARED_ARGS),
     _server("26b-chat", A26B, A26B_DRAFT, CHAT, NEEDS_26B, "Gemma 4 26B-A4B (MoE), short prompts", "26b-a4b"),
+    _server("31b-tp2-chat", D31B, D31B_DRAFT, CHAT, NEEDS_31B_TP2, "Gemma 4 31B (dense), TP=2, short prompts", "31b",
+            TP2_ARGS),
+    _server("26b-tp2-chat", A26B, A26B_DRAFT, CHAT, NEEDS_26B_TP2, "Gemma 4 26B-A4B (MoE), TP=2, short prompts",
+            "26b-a4b", TP2_ARGS),
 ):
     register(_s)
 del _s

@@ -213,3 +213,16 @@ def test_unknown_bug_name_stops_a_real_run_before_starting():
     options = runner.RunOptions(scenario=scenarios.get("e4b-chat"), inject=("sglang-26975",))
     with pytest.raises(runner.EnvironmentProblem, match="unknown bug to inject 'sglang-26975'; known: sglang-26957"):
         runner.check_environment(options, environ={"CUDA_VISIBLE_DEVICES": ""})
+
+
+def test_tp2_scenarios_pass_tp_size_and_need_two_gpus(monkeypatch):
+    res = CliRunner().invoke(main, ["repro", "31b-tp2-chat", "--dummy-weights", "--dummy-layers", "6", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "--tp-size 2" in res.output and "--load-format dummy" in res.output
+    monkeypatch.setattr(runner, "gpu_inventory", lambda environ=None: [{"name": "NVIDIA H200", "memory_gib": 139.8}])
+    for name in ("31b-tp2-chat", "26b-tp2-chat"):
+        with pytest.raises(runner.EnvironmentProblem, match="1 CUDA GPU\\(s\\) visible; scenario .* needs 2"):
+            runner.check_environment(runner.RunOptions(scenario=scenarios.get(name)))
+    monkeypatch.setattr(runner, "gpu_inventory", lambda environ=None: [{"name": "NVIDIA H200", "memory_gib": 139.8}] * 2)
+    monkeypatch.setattr(runner, "sglang_installed", lambda: True)
+    assert runner.check_environment(runner.RunOptions(scenario=scenarios.get("26b-tp2-chat"))) == []
