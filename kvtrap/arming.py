@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 from kvtrap import patching
 from kvtrap.config import Config
-from kvtrap.dumpfile import reset_dump_count
+from kvtrap.record.dumpfile import reset_dump_count
 from kvtrap.session import Session
 
 _lock = threading.RLock()

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from kvtrap.dumpfile import Dump
+from kvtrap.record.dumpfile import Dump
 from kvtrap.tables import live_mask, live_pages, page_size_of, summarize_tables
 
 #: Sections in the order they are reported.

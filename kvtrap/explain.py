@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from kvtrap import errors
-from kvtrap.dumpfile import Dump
+from kvtrap.record.dumpfile import Dump
+from kvtrap.record.kinds import Kind
 from kvtrap.tables import (
     PAGE_TABLES,
     TableSummary,
@@ -158,12 +158,12 @@ def full_pool_ids_on_swa_layer(f: Facts) -> Finding | None:
     swa, full = f.pools.get("swa"), f.pools.get("full")
     backend = f.context.get("backend") or {}
 
-    if f.kind == errors.SWA_STATE_DRIFT:
+    if f.kind == Kind.SWA_STATE_DRIFT:
         strong = True
         details = f.violation.get("details") or {}
         fields = details.get("drift") if isinstance(details.get("drift"), dict) else details
         drift = "; ".join(f"{k}: {v}" for k, v in fields.items()) if fields else "no details"
-        evidence.append(f"violation kind is {errors.SWA_STATE_DRIFT}: backend SWA state cached at init disagrees with the live pool ({drift})")
+        evidence.append(f"violation kind is {Kind.SWA_STATE_DRIFT}: backend SWA state cached at init disagrees with the live pool ({drift})")
     if f.layer_type == "swa":
         pt = f.table("page_table")
         handed_full = (pt is not None and pt.handed_to_layer) or (
@@ -172,9 +172,9 @@ def full_pool_ids_on_swa_layer(f: Facts) -> Finding | None:
         if handed_full:
             strong = True
             evidence.append(f"{f.layer} was handed `page_table` (the full-pool table), not `swa_page_table`")
-        if f.kind == errors.INDEX_SPACE_MISMATCH and not handed_full:
+        if f.kind == Kind.INDEX_SPACE_MISMATCH and not handed_full:
             strong = True
-            evidence.append(f"violation kind is {errors.INDEX_SPACE_MISMATCH} on {f.layer}: {f.violation.get('summary', '')}")
+            evidence.append(f"violation kind is {Kind.INDEX_SPACE_MISMATCH} on {f.layer}: {f.violation.get('summary', '')}")
         if swa is not None and full is not None and swa < full:
             t = f.handed or f.table("page_table")
             vals = f.live(t.name) if t is not None else None
@@ -382,12 +382,12 @@ def ids_beyond_every_pool(f: Facts) -> Finding | None:
 @rule("swa-slot-out-of-range")
 def allocator_swa_slot(f: Facts) -> Finding | None:
     """The SWA allocator handed out a slot beyond the SWA pool: free-list corruption or double free."""
-    if f.kind != errors.SWA_SLOT_OUT_OF_RANGE:
+    if f.kind != Kind.SWA_SLOT_OUT_OF_RANGE:
         return None
     v = f.violation
     lo, hi = v.get("lower"), v.get("bound")
     evidence = [
-        f"violation kind is {errors.SWA_SLOT_OUT_OF_RANGE} in {v.get('where') or f.context.get('hook', '?')}:"
+        f"violation kind is {Kind.SWA_SLOT_OUT_OF_RANGE} in {v.get('where') or f.context.get('hook', '?')}:"
         f" slot {v.get('value')} at position {v.get('row') if v.get('row') is not None else v.get('column')}"
         f" is outside [{lo}, {hi})"
     ]
@@ -573,7 +573,7 @@ def seqlens_exceed_table(f: Facts) -> Finding | None:
             f"`{t.name}` is {t.width} page(s) wide; {len(over)} row(s) ({_rows([r.row for r in over])}) need more:"
             f" row {worst.row} has cache_seqlens {worst.seqlen} = {worst.needed} pages of {f.page_size} tokens"
         )
-    if not evidence and f.kind != errors.SEQLENS_EXCEED_TABLE:
+    if not evidence and f.kind != Kind.SEQLENS_EXCEED_TABLE:
         return None
     if not evidence:
         d = f.violation.get("details") or {}

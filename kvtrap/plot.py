@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from kvtrap.dumpfile import Dump
+from kvtrap.record.dumpfile import Dump
 from kvtrap.tables import (
     bad_mask,
     live_mask,

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from kvtrap.config import Config
-from kvtrap.dumpfile import write_dump
-from kvtrap.errors import KVTrapError, Violation
+from kvtrap.record.context import Context
+from kvtrap.record.dumpfile import write_dump
+from kvtrap.record.violation import KVTrapError, Violation
 
 logger = logging.getLogger("kvtrap")
 
@@ -42,7 +43,7 @@ class Session:
     def report(
         self,
         violation: Violation,
-        context: Mapping[str, Any],
+        context: Context,
         tensors: Mapping[str, Any],
         *,
         safe_to_continue: bool = False,
@@ -76,7 +77,7 @@ class Session:
                            self.config.log_limit)
 
     def _dump(
-        self, violation: Violation, context: Mapping[str, Any], tensors: Mapping[str, Any]
+        self, violation: Violation, context: Context, tensors: Mapping[str, Any]
     ) -> tuple[Path | None, str | None]:
         try:
             path = write_dump(violation, context, tensors, self.config)

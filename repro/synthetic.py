@@ -104,6 +104,7 @@ def attend(state: dict[str, Any], table: Any, shape: Shape) -> Any:
 def layer_check(state: dict[str, Any], shape: Shape, *, fixed: bool):
     """The :class:`LayerCheck` the SGLang hook would build for the draft's first SWA layer."""
     from kvtrap.hooks.trtllm_mha import LayerCheck
+    from kvtrap.record.context import BackendState, LivePool, PoolPages, TableInfo
 
     handed = "swa_page_table" if fixed else "page_table"
     drift = {} if fixed else {
@@ -124,21 +125,24 @@ def layer_check(state: dict[str, Any], shape: Shape, *, fixed: bool):
         tables={"page_table": state["page_table"], "swa_page_table": state["swa_page_table"] if fixed else None},
         cache_seqlens=state["cache_seqlens"],
         drift=drift,
-        pools={"full": {"pages": full_pages, "rows": full_pages * PAGE}, "swa": {"pages": swa_pages, "rows": swa_pages * PAGE}},
-        backend={
-            "class": "TRTLLMHAAttnBackend",
-            "use_sliding_window_kv_pool": fixed,
-            "swa_kv_pool": "SWAKVPool (target)" if fixed else None,
-            "swa_kv_pool_is_live": fixed,
-            "has_swa_full_to_swa_mapping": fixed,
-            "swa_mapping_is_live": fixed,
-        },
-        live_pool={"class": "SWAKVPool", "id": "synthetic"},
+        pools={"full": PoolPages(pages=full_pages, rows=full_pages * PAGE),
+               "swa": PoolPages(pages=swa_pages, rows=swa_pages * PAGE)},
+        backend=BackendState(
+            class_="TRTLLMHAAttnBackend",
+            use_sliding_window_kv_pool=fixed,
+            swa_kv_pool="SWAKVPool (target)" if fixed else None,
+            swa_kv_pool_is_live=fixed,
+            has_swa_full_to_swa_mapping=fixed,
+            swa_mapping_is_live=fixed,
+            max_context_len=None,  # no server here: unknown, as on a backend without the attribute
+            speculative_num_draft_tokens=None,
+        ),
+        live_pool=LivePool(class_="SWAKVPool", id="synthetic"),
         table_bounds={
-            "page_table": {"pool": "full", "bound": full_pages, "handed_to_layer": not fixed,
-                           "shape": list(state["page_table"].shape)},
-            **({"swa_page_table": {"pool": "swa", "bound": swa_pages, "handed_to_layer": True,
-                                   "shape": list(state["swa_page_table"].shape)}} if fixed else {}),
+            "page_table": TableInfo(pool="full", bound=full_pages, handed_to_layer=not fixed,
+                                    shape=list(state["page_table"].shape)),
+            **({"swa_page_table": TableInfo(pool="swa", bound=swa_pages, handed_to_layer=True,
+                                            shape=list(state["swa_page_table"].shape))} if fixed else {}),
         },
         forward_mode="DECODE",
     )
@@ -235,8 +239,8 @@ def _armed(ctx: ComponentContext, shape: Shape, config: Any, fixed: bool, detail
 def _explain(dump: Path | None) -> list[str]:
     if dump is None:
         return ["no dump was written"]
-    from kvtrap.dumpfile import load_dump
     from kvtrap.explain import explain
+    from kvtrap.record.dumpfile import load_dump
 
     findings = explain(load_dump(dump))
     if not findings:

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from kvtrap.cli.dump_cmd import dump
-from kvtrap.dumpfile import MANIFEST, TENSORS, find_dumps, load_dump
+from kvtrap.record.dumpfile import MANIFEST, TENSORS, find_dumps, load_dump
 
 trapdumps = pytest.importorskip("trapdumps", reason="tests/trapdumps.py (real trap scenarios) is missing")
 

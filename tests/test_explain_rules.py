@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from kvtrap import errors
-from kvtrap.dumpfile import Dump, load_dump
 from kvtrap.explain import RULES, Finding, explain, rule_ids
+from kvtrap.record.dumpfile import Dump, load_dump
+from kvtrap.record.kinds import Kind
 
 trapdumps = pytest.importorskip("trapdumps", reason="tests/trapdumps.py (real trap scenarios) is missing")
 
@@ -84,7 +84,7 @@ def test_26957_signature_at_high_fill(real: dict[str, Dump]) -> None:
 
 def test_stale_backend_state_on_a_full_layer(real: dict[str, Dump]) -> None:
     d = real["drift"]
-    assert d.kind == errors.SWA_STATE_DRIFT and d.context["layer"]["type"] == "full"
+    assert d.kind == Kind.SWA_STATE_DRIFT and d.context["layer"]["type"] == "full"
     top = explain(d)[0]
     assert top.rule == "sglang-26957" and top.confidence == "high"
     assert "stale" in top.title.lower()
@@ -123,7 +123,7 @@ def test_ids_beyond_every_pool(real: dict[str, Dump]) -> None:
 
 def test_allocator_swa_slot(real: dict[str, Dump]) -> None:
     d = real["swa_slot"]
-    assert d.kind == errors.SWA_SLOT_OUT_OF_RANGE
+    assert d.kind == Kind.SWA_SLOT_OUT_OF_RANGE
     findings = explain(d)
     assert findings[0].rule == "swa-slot-out-of-range"
     f = findings[0]

@@ -20,16 +20,15 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from kvtrap import Config, KVTrapError, load_dump  # noqa: E402
-from kvtrap.dumpfile import reset_dump_count  # noqa: E402
-from kvtrap.errors import INDEX_SPACE_MISMATCH, PAGE_TABLE_OUT_OF_RANGE, SEQLENS_EXCEED_TABLE  # noqa: E402
 from kvtrap.guard import (  # noqa: E402
-    FLAG_OUT_OF_RANGE,
-    FLAG_SEQLEN_EXCEEDS_TABLE,
-    FLAG_SWA_MISMATCH,
     GuardRecord,
     check_and_raise,
     guard_page_table_,
 )
+from kvtrap.record.context import Context  # noqa: E402
+from kvtrap.record.dumpfile import reset_dump_count  # noqa: E402
+from kvtrap.record.guard_entry import FLAG_OUT_OF_RANGE, FLAG_SEQLEN_EXCEEDS_TABLE, FLAG_SWA_MISMATCH  # noqa: E402
+from kvtrap.record.kinds import Kind  # noqa: E402
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 interp_only = pytest.mark.skipif(not INTERP, reason="runs in the TRITON_INTERPRET=1 child process")
@@ -119,7 +118,7 @@ def test_out_of_range_entry_is_recorded_and_redirected() -> None:
     assert torch.equal(pt, before)  # nothing else touched
     assert int(rec.counter[0]) == 0  # drain resets
     v = rec.to_violation(drained)
-    assert v.kind == PAGE_TABLE_OUT_OF_RANGE and v.where == "device_guard"
+    assert v.kind == Kind.PAGE_TABLE_OUT_OF_RANGE and v.where == "device_guard"
     assert (v.table, v.row, v.column, v.value, v.bound, v.layer_id) == ("page_table", 1, 3, bad_page, FULL_PAGES, 7)
 
 
@@ -169,7 +168,7 @@ def test_full_table_handed_to_swa_layer_is_caught() -> None:
     for r, c in live:
         want = 0 if (r, c) in expect_oor else int(pt[r, c])
         assert int(handed[r, c]) == want
-    assert rec.to_violation(d).kind == PAGE_TABLE_OUT_OF_RANGE
+    assert rec.to_violation(d).kind == Kind.PAGE_TABLE_OUT_OF_RANGE
 
 
 @interp_only
@@ -184,7 +183,7 @@ def test_swa_mismatch_alone_is_index_space_violation() -> None:
     assert [(e.row, e.column, e.flags) for e in d.entries] == [(0, 2, FLAG_SWA_MISMATCH)]
     assert torch.equal(swa_pt, before)  # in range: recorded, not rewritten
     v = rec.to_violation(d)
-    assert v.kind == INDEX_SPACE_MISMATCH and not v.fatal
+    assert v.kind == Kind.INDEX_SPACE_MISMATCH and not v.fatal
 
 
 @interp_only
@@ -240,7 +239,7 @@ def test_seqlen_wider_than_table_is_recorded() -> None:
     d = rec.drain()
     e = [x for x in d.entries if x.flags & FLAG_SEQLEN_EXCEEDS_TABLE]
     assert [(x.row, x.value, x.bound) for x in e] == [(0, 9, 8)]
-    assert rec.to_violation(d).kind in (SEQLENS_EXCEED_TABLE, PAGE_TABLE_OUT_OF_RANGE)
+    assert rec.to_violation(d).kind in (Kind.SEQLENS_EXCEED_TABLE, Kind.PAGE_TABLE_OUT_OF_RANGE)
 
 
 @interp_only
@@ -267,7 +266,7 @@ def test_check_and_raise_end_to_end(tmp_path: Path) -> None:
     guard_page_table_(pt, sl, PS, FULL_PAGES, rec, tid, layer_id=3)
     cfg = Config(mode="raise", dump_dir=tmp_path)
     with pytest.raises(KVTrapError) as ei:
-        check_and_raise(rec, cfg, {"batch_size": 2, "page_size": PS}, {"page_table": pt, "cache_seqlens": sl})
+        check_and_raise(rec, cfg, Context(batch_size=2, page_size=PS), {"page_table": pt, "cache_seqlens": sl})
     v = ei.value.violation
     assert (v.row, v.column, v.value, v.bound) == (1, 5, 123_456_789, FULL_PAGES)
     assert "row 1, column 5 holds 123456789" in str(ei.value)
@@ -313,7 +312,7 @@ def test_to_violation_prefers_out_of_range_and_sorts() -> None:
     assert [e.row for e in d.entries] == [0, 2, 3]
     v = rec.to_violation(d)
     assert (v.kind, v.table, v.pool, v.row, v.column, v.value, v.layer_id) == (
-        PAGE_TABLE_OUT_OF_RANGE, "swa_page_table", "swa", 0, 1, 40, 4,
+        Kind.PAGE_TABLE_OUT_OF_RANGE, "swa_page_table", "swa", 0, 1, 40, 4,
     )
     assert v.rows == (0, 2) and v.count == 3
     assert v.details["entries_by_flag"] == {"out_of_range": 2, "swa_mismatch": 1, "seqlen_exceeds_table": 0}
@@ -332,7 +331,7 @@ def test_log_mode_logs_dumps_and_goes_on(tmp_path: Path, caplog: pytest.LogCaptu
     rec = _fake_record([[0, 2, 1, 3, 70, 64, FLAG_OUT_OF_RANGE]])
     cfg = Config(mode="log", dump_dir=tmp_path)
     with caplog.at_level("WARNING", logger="kvtrap"):
-        v = check_and_raise(rec, cfg, {"capturing": False})
+        v = check_and_raise(rec, cfg, Context(capturing=False))
     assert v is not None and v.value == 70
     assert "row 1, column 3 holds 70" in caplog.text
     assert len(list(tmp_path.iterdir())) == 1

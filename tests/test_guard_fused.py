@@ -24,13 +24,11 @@ pytest.importorskip("triton")
 gm = pytest.importorskip("sglang.kernels.ops.attention.trtllm_mha_graph_metadata")
 
 from kvtrap.guard import (  # noqa: E402
-    FLAG_OUT_OF_RANGE,
-    FLAG_SEQLEN_EXCEEDS_TABLE,
-    FLAG_SWA_MISMATCH,
     GuardRecord,
     guard_page_table_,
 )
 from kvtrap.guard.fused_metadata import GuardSpec, fused_unsupported, update_metadata_guarded_  # noqa: E402
+from kvtrap.record.guard_entry import FLAG_OUT_OF_RANGE, FLAG_SEQLEN_EXCEEDS_TABLE, FLAG_SWA_MISMATCH  # noqa: E402
 
 IN_CHILD = os.environ.get("KVTRAP_GUARD_FUSED_CHILD") == "1"
 child_only = pytest.mark.skipif(not IN_CHILD, reason="runs in the TRITON_INTERPRET=1 child process")

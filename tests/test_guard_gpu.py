@@ -19,7 +19,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from kvtrap import Config, KVTrapError  # noqa: E402
-from kvtrap.dumpfile import reset_dump_count  # noqa: E402
+from kvtrap.record.context import Context  # noqa: E402
+from kvtrap.record.dumpfile import reset_dump_count  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -71,7 +72,7 @@ def test_guard_traps_eager_launch_and_cuda_survives(tmp_path: Path) -> None:
     dec.attend()
     torch.cuda.synchronize()  # the launch completed: no illegal address
     with pytest.raises(KVTrapError) as ei:
-        check_and_raise(rec, Config(mode="raise", dump_dir=tmp_path), {"batch_size": dec.bs},
+        check_and_raise(rec, Config(mode="raise", dump_dir=tmp_path), Context(batch_size=dec.bs),
                         {"page_table": dec.page_table, "cache_seqlens": dec.cache_seqlens})
     v = ei.value.violation
     print(str(ei.value))
@@ -117,7 +118,7 @@ def test_guard_inside_cuda_graph_traps_on_replay(tmp_path: Path) -> None:
     torch.cuda.synchronize()  # stands in for SGLang's copy_done.synchronize()
     assert rec.pending(synced=True) == 1
     with pytest.raises(KVTrapError) as ei:
-        check_and_raise(rec, Config(mode="raise", dump_dir=tmp_path), {"capturing": False},
+        check_and_raise(rec, Config(mode="raise", dump_dir=tmp_path), Context(capturing=False),
                         {"page_table": dec.page_table}, synced=True)
     v = ei.value.violation
     print(str(ei.value))

@@ -164,7 +164,7 @@ def test_other_cuda_errors() -> None:
 
 def test_kvtrap_error_wins_over_crash() -> None:
     text = (
-        "kvtrap.errors.KVTrapError: kvtrap [index_space_mismatch] in TRTLLMHAAttnBackend.forward_decode: layer 0"
+        "kvtrap.record.violation.KVTrapError: kvtrap [index_space_mismatch] in TRTLLMHAAttnBackend.forward_decode: layer 0"
         " (swa) was handed the full-pool page table.\n" + TORCH_IMA
     )
     c = classify({"server": text}, facts=HEALTHY_BENCH)

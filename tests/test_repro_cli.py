@@ -114,13 +114,14 @@ def test_cuda_visible_devices_empty_hides_gpus() -> None:
 # ------------------------------------------------------------------------------------ component hook
 def _trap_component(ctx: ComponentContext) -> ComponentResult:
     from kvtrap.config import Config
-    from kvtrap.dumpfile import reset_dump_count, write_dump
-    from kvtrap.errors import Violation
+    from kvtrap.record.context import Context
+    from kvtrap.record.dumpfile import reset_dump_count, write_dump
+    from kvtrap.record.violation import Violation
 
     ctx.log(f"inject={','.join(ctx.inject)} fix={ctx.fix} dump_dir={ctx.env['KVTRAP_DUMP_DIR']}")
     reset_dump_count()
     v = Violation(kind="index_space_mismatch", summary="SWA layer handed the full table", layer_id=3, layer_type="swa")
-    write_dump(v, {"hook": "test"}, {}, Config.from_env(ctx.env))
+    write_dump(v, Context(hook="test"), {}, Config.from_env(ctx.env))
     return ComponentResult(metrics={"steps": 1})
 
 

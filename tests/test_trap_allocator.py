@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kvtrap
-from kvtrap.dumpfile import load_dump
+from kvtrap.record.dumpfile import load_dump
 
 pytest.importorskip("sglang")
 

@@ -7,7 +7,7 @@ import torch
 
 import kvtrap
 from kvtrap import checks
-from kvtrap.dumpfile import load_dump
+from kvtrap.record.dumpfile import load_dump
 
 sglang = pytest.importorskip("sglang")
 

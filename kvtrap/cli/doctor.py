@@ -123,7 +123,7 @@ def prove_allocator_trap() -> Check:
     import torch
 
     import kvtrap
-    from kvtrap.dumpfile import load_dump
+    from kvtrap.record.dumpfile import load_dump
 
     try:
         from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool

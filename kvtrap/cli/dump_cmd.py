@@ -4,7 +4,7 @@ Exit codes (all verbs): 0 ok; 2 bad input (not a dump, truncated or damaged file
 empty or missing directory, bad options), with one message on stderr. ``explain`` exits 0 when at least
 one rule matched (a diagnosis was produced) and 1 when no rule matched (the dump is still printed, and
 the message says so plainly). ``diff`` follows diff(1): 0 when the dumps agree, 1 when they differ.
-Nothing here unpickles: dumps are JSON + safetensors, read by :func:`kvtrap.dumpfile.load_dump`.
+Nothing here unpickles: dumps are JSON + safetensors, read by :func:`kvtrap.record.dumpfile.load_dump`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kvtrap.dumpfile import Dump, DumpError, find_dumps, load_dump
+from kvtrap.record.dumpfile import Dump, DumpError, find_dumps, load_dump
+from kvtrap.record.guard_entry import ENTRY_WIDTH
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -264,7 +265,7 @@ def render_show(con: Console, d: Dump, *, rows_spec: str | None = None, limit: i
 
     con.print()
     con.rule("Violation", align="left")
-    from kvtrap.errors import Violation
+    from kvtrap.record.violation import Violation
 
     con.print(" " + escape(Violation.from_json(v).describe()), overflow="fold")
     rows_list = v.get("rows") or []
@@ -369,7 +370,7 @@ def render_show(con: Console, d: Dump, *, rows_spec: str | None = None, limit: i
             if name in d.tensors and np.asarray(d.tensors[name]).size <= 64:
                 con.print(f" {name}: {' '.join(map(str, np.asarray(d.tensors[name]).reshape(-1).tolist()))}", overflow="fold")
     if "guard_entries" in d.tensors:
-        ge = np.asarray(d.tensors["guard_entries"]).reshape(-1, 7)
+        ge = np.asarray(d.tensors["guard_entries"]).reshape(-1, ENTRY_WIDTH)
         con.print()
         con.rule(f"Guard entries ({ge.shape[0]})", align="left")
         tab = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
@@ -463,7 +464,7 @@ def _hang(con: Console, prefix: str, text: str) -> None:
 
 
 def _violation_text(v: dict[str, Any]) -> str:
-    from kvtrap.errors import Violation
+    from kvtrap.record.violation import Violation
 
     return Violation.from_json(v).describe()
 

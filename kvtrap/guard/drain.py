@@ -1,4 +1,4 @@
-"""Turning a non-empty guard record into a dump and a :class:`~kvtrap.errors.KVTrapError` (or a log line).
+"""Turning a non-empty guard record into a dump and a :class:`~kvtrap.record.violation.KVTrapError` (or a log line).
 
 Call :func:`check_and_raise` at the drain point, outside any CUDA-graph capture:
 
@@ -18,15 +18,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from kvtrap.config import Config
-from kvtrap.errors import Violation
 from kvtrap.guard.record import GuardRecord
+from kvtrap.record.context import Context
+from kvtrap.record.violation import Violation
 from kvtrap.session import Session
 
 
 def check_and_raise(
     record: GuardRecord,
     config: Config | Session,
-    context: Mapping[str, Any] | None = None,
+    context: Context | None = None,
     tensors: Mapping[str, Any] | None = None,
     *,
     synced: bool = False,
@@ -44,16 +45,8 @@ def check_and_raise(
     if not drained:
         return None
     violation = record.to_violation(drained, where=where)
-    ctx = dict(context or {})
-    ctx["guard"] = {
-        "records": len(drained.entries),
-        "total": drained.total,
-        "dropped": drained.dropped,
-        "redirected_to": record.safe_page,
-        "capacity": record.capacity,
-        "tables": dict(record.describe_tables()),
-    }
-    ctx.setdefault("hook", where)
+    ctx = context or Context()
+    ctx = ctx.with_(guard=record.summary(drained), hook=ctx.hook if ctx.has("hook") else where)
     all_tensors: dict[str, Any] = dict(tensors or {})
     all_tensors["guard_entries"] = record.entries_array(drained)
     session.report(violation, ctx, all_tensors, safe_to_continue=True)

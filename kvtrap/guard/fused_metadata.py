@@ -40,10 +40,8 @@ import triton
 import triton.language as tl
 
 from kvtrap.guard.kernel import (
-    ENTRY_WIDTH,
-    FLAG_OUT_OF_RANGE,
-    FLAG_SEQLEN_EXCEEDS_TABLE,
-    FLAG_SWA_MISMATCH,
+    F_OUT_OF_RANGE,
+    F_SWA_MISMATCH,
     _append_entries,
     _append_overflow,
 )
@@ -78,9 +76,6 @@ def _row_config(width: int) -> tuple[int, int, bool]:
     row_block = min(max(triton.next_power_of_2(int(width)), 64), _MAX_ROW_BLOCK)
     num_warps = 2 if row_block <= 128 else 4 if row_block <= 512 else 8
     return row_block, num_warps, True
-
-
-assert ENTRY_WIDTH == 7  # the kernel writes the 7 fields of kvtrap.guard.kernel.ENTRY_FIELDS
 
 
 @triton.jit
@@ -121,7 +116,7 @@ def _check_swa(map_ptr, tok64, slot, spage, written, m, map_numel, swa_bound, PA
     mapped = tl.where(reuse, slot, eslot)
     expect = tl.where(mapped < 0, -1, mapped // PAGE_SIZE)
     mis = m & (expect != sval)
-    sflags = (tl.where(soor, 1, 0) + tl.where(mis, 2, 0)).to(tl.int64)  # FLAG_OUT_OF_RANGE, FLAG_SWA_MISMATCH
+    sflags = (tl.where(soor, F_OUT_OF_RANGE, 0) + tl.where(mis, F_SWA_MISMATCH, 0)).to(tl.int64)
     swritten = tl.where(soor, SAFE_PAGE, sval)
     return sval, sflags, swritten
 
@@ -436,9 +431,6 @@ def update_metadata_guarded_(
 
 
 __all__ = [
-    "FLAG_OUT_OF_RANGE",
-    "FLAG_SEQLEN_EXCEEDS_TABLE",
-    "FLAG_SWA_MISMATCH",
     "GuardSpec",
     "fused_unsupported",
     "update_metadata_guarded_",

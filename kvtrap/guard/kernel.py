@@ -12,7 +12,7 @@ per program that found something) and, when it is out of range, overwritten in p
 never synchronises with the host: the launcher reads no device value, so it can be captured into a
 CUDA graph and replayed. The host learns about violations only when it drains the record.
 
-Entry layout (int64, 7 fields): table id, layer id, row, column, value (the original), bound, flags.
+Entry layout and flag bits: :mod:`kvtrap.record.guard_entry` (shared with the host readers).
 """
 
 from __future__ import annotations
@@ -27,31 +27,38 @@ if TYPE_CHECKING:
 
     from kvtrap.guard.record import GuardRecord
 
-#: Entry fields, in order.
-ENTRY_FIELDS = ("table_id", "layer_id", "row", "column", "value", "bound", "flags")
-ENTRY_WIDTH = len(ENTRY_FIELDS)
+from kvtrap.record import guard_entry as _layout
 
-#: ``flags`` bits.
-FLAG_OUT_OF_RANGE = 1  # value outside [lower, bound): redirected to the safe page
-FLAG_SWA_MISMATCH = 2  # SWA entry != full->SWA mapping of the full entry (recorded, not changed)
-FLAG_SEQLEN_EXCEEDS_TABLE = 4  # cdiv(seqlen, page_size) > table width (column=width, value=pages needed)
+# The record layout (kvtrap.record.guard_entry) as tl.constexpr globals, so the kernels and every host
+# reader share one definition.
+_W: tl.constexpr = tl.constexpr(_layout.ENTRY_WIDTH)
+_C_TABLE: tl.constexpr = tl.constexpr(_layout.COL_TABLE_ID)
+_C_LAYER: tl.constexpr = tl.constexpr(_layout.COL_LAYER_ID)
+_C_ROW: tl.constexpr = tl.constexpr(_layout.COL_ROW)
+_C_COLUMN: tl.constexpr = tl.constexpr(_layout.COL_COLUMN)
+_C_VALUE: tl.constexpr = tl.constexpr(_layout.COL_VALUE)
+_C_BOUND: tl.constexpr = tl.constexpr(_layout.COL_BOUND)
+_C_FLAGS: tl.constexpr = tl.constexpr(_layout.COL_FLAGS)
+F_OUT_OF_RANGE: tl.constexpr = tl.constexpr(_layout.FLAG_OUT_OF_RANGE)
+F_SWA_MISMATCH: tl.constexpr = tl.constexpr(_layout.FLAG_SWA_MISMATCH)
+F_SEQLEN_EXCEEDS_TABLE: tl.constexpr = tl.constexpr(_layout.FLAG_SEQLEN_EXCEEDS_TABLE)
 
 _MAX_BLOCK = 1024
 
 
 @triton.jit
 def _append_overflow(counter_ptr, entries_ptr, max_entries, table_id, layer_id, row, width, need):
-    """Flag 4 (shared by this guard and the fused metadata build): the row needs more pages than the table has (column=width, value=pages needed)."""
+    """Flag FLAG_SEQLEN_EXCEEDS_TABLE (shared by this guard and the fused metadata build): the row needs more pages than the table has (column=width, value=pages needed)."""
     slot = tl.atomic_add(counter_ptr, 1)
     if slot < max_entries:
-        e = entries_ptr + slot.to(tl.int64) * 7
-        tl.store(e + 0, table_id.to(tl.int64))
-        tl.store(e + 1, layer_id.to(tl.int64))
-        tl.store(e + 2, row)
-        tl.store(e + 3, width.to(tl.int64))
-        tl.store(e + 4, need)
-        tl.store(e + 5, width.to(tl.int64))
-        tl.store(e + 6, tl.full([], 4, tl.int64))
+        e = entries_ptr + slot.to(tl.int64) * _W
+        tl.store(e + _C_TABLE, table_id.to(tl.int64))
+        tl.store(e + _C_LAYER, layer_id.to(tl.int64))
+        tl.store(e + _C_ROW, row)
+        tl.store(e + _C_COLUMN, width.to(tl.int64))
+        tl.store(e + _C_VALUE, need)
+        tl.store(e + _C_BOUND, width.to(tl.int64))
+        tl.store(e + _C_FLAGS, tl.full([], F_SEQLEN_EXCEEDS_TABLE, tl.int64))
 
 
 @triton.jit
@@ -67,14 +74,14 @@ def _append_entries(
         slot = (base + tl.cumsum(bad_i, axis=0) - 1).to(tl.int64)
         keep = bad & (slot < max_entries)
         zero = tl.zeros_like(values)
-        e = entries_ptr + slot * 7
-        tl.store(e + 0, zero + table_id, mask=keep)
-        tl.store(e + 1, zero + layer_id, mask=keep)
-        tl.store(e + 2, zero + row, mask=keep)
-        tl.store(e + 3, cols.to(tl.int64), mask=keep)
-        tl.store(e + 4, values, mask=keep)
-        tl.store(e + 5, zero + bound, mask=keep)
-        tl.store(e + 6, flags, mask=keep)
+        e = entries_ptr + slot * _W
+        tl.store(e + _C_TABLE, zero + table_id, mask=keep)
+        tl.store(e + _C_LAYER, zero + layer_id, mask=keep)
+        tl.store(e + _C_ROW, zero + row, mask=keep)
+        tl.store(e + _C_COLUMN, cols.to(tl.int64), mask=keep)
+        tl.store(e + _C_VALUE, values, mask=keep)
+        tl.store(e + _C_BOUND, zero + bound, mask=keep)
+        tl.store(e + _C_FLAGS, flags, mask=keep)
 
 
 @triton.jit(do_not_specialize=["width", "bound", "table_id", "layer_id", "map_numel"])
@@ -82,7 +89,7 @@ def _guard_kernel(
     table_ptr,  # [bs, stride] int32/int64 page ids, checked and redirected in place
     seqlens_ptr,  # [>= bs] cache_seqlens (tokens)
     counter_ptr,  # [1] int32: entries ever appended since the last drain
-    entries_ptr,  # [max_entries, 7] int64
+    entries_ptr,  # [max_entries, ENTRY_WIDTH] int64
     full_ptr,  # [bs, full_stride] full-pool page table (HAS_SWA), else any valid pointer
     map_ptr,  # full->SWA token-slot mapping (HAS_SWA), else any valid pointer
     table_stride,
@@ -114,14 +121,14 @@ def _guard_kernel(
         vals = tl.load(row_ptr + cols, mask=cols < width, other=0).to(tl.int64)
         m = cols < live
         oor = m & ((vals < LOWER) | (vals >= bound))
-        flags = tl.where(oor, 1, 0).to(tl.int64)
+        flags = tl.where(oor, F_OUT_OF_RANGE, 0).to(tl.int64)
         if HAS_SWA:
             full = tl.load(full_ptr + row * full_stride + cols, mask=m, other=0).to(tl.int64)
             tok = full * PAGE_SIZE
             tok_ok = (tok >= 0) & (tok < map_numel)
             mapped = tl.load(map_ptr + tok, mask=m & tok_ok, other=-1).to(tl.int64)
             expect = tl.where(mapped < 0, -1, mapped // PAGE_SIZE)
-            flags += tl.where(m & (expect != vals), 2, 0).to(tl.int64)
+            flags += tl.where(m & (expect != vals), F_SWA_MISMATCH, 0).to(tl.int64)
         bad = flags != 0
         if tl.sum(bad.to(tl.int32), axis=0) > 0:
             _append_entries(counter_ptr, entries_ptr, max_entries, bad, table_id, layer_id, row, cols, vals, bound,

@@ -14,20 +14,20 @@ again, so the launches can be captured and replayed freely. The host drains it a
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 
-from kvtrap import errors
-from kvtrap.errors import Violation
-from kvtrap.guard.kernel import (
+from kvtrap.record.context import GuardSummary, GuardTableInfo
+from kvtrap.record.guard_entry import (
     ENTRY_WIDTH,
+    FLAG_NAMES,
     FLAG_OUT_OF_RANGE,
     FLAG_SEQLEN_EXCEEDS_TABLE,
-    FLAG_SWA_MISMATCH,
 )
+from kvtrap.record.kinds import Kind
+from kvtrap.record.violation import Violation
 
 DEFAULT_CAPACITY = 64
 _MAX_ROWS_LISTED = 64
@@ -70,7 +70,7 @@ class Drained:
 
 
 class GuardRecord:
-    """Counter (int32 ``[1]``) plus the first ``capacity`` entries (int64 ``[capacity, 7]``) on ``device``.
+    """Counter (int32 ``[1]``) plus the first ``capacity`` entries (int64 ``[capacity, ENTRY_WIDTH]``) on ``device``.
 
     Allocate it before capture and keep it alive as long as any graph that captured a guard launch.
     ``register_table`` hands out the small integer ids the kernel writes into entries.
@@ -162,18 +162,14 @@ class GuardRecord:
             raise ValueError("nothing was recorded")
         ents = drained.entries
         if not ents:  # capacity 0 kept nothing: should not happen (capacity >= 1)
-            return Violation(errors.PAGE_TABLE_OUT_OF_RANGE, "device guard recorded bad entries", where=where)
+            return Violation(Kind.PAGE_TABLE_OUT_OF_RANGE, "device guard recorded bad entries", where=where)
         first = _pick_first(ents)
         info = self.tables.get(first.table_id)
         name = info.name if info else f"table{first.table_id}"
         layer_id = first.layer_id if first.layer_id >= 0 else (info.layer_id if info else None)
         same = [e for e in ents if e.table_id == first.table_id and e.flags & first.flags]
         rows = tuple(sorted({e.row for e in same}))[:_MAX_ROWS_LISTED]
-        by_flag = {
-            "out_of_range": sum(1 for e in ents if e.flags & FLAG_OUT_OF_RANGE),
-            "swa_mismatch": sum(1 for e in ents if e.flags & FLAG_SWA_MISMATCH),
-            "seqlen_exceeds_table": sum(1 for e in ents if e.flags & FLAG_SEQLEN_EXCEEDS_TABLE),
-        }
+        by_flag = {name: sum(1 for e in ents if e.flags & bit) for bit, name in FLAG_NAMES.items()}
         tables = sorted({self.table_name(e.table_id) for e in ents})
         details: dict[str, Any] = {
             "recorded": len(ents),
@@ -184,7 +180,7 @@ class GuardRecord:
             "first_flags": first.flags,
         }
         if first.flags & FLAG_OUT_OF_RANGE:
-            kind, fatal = errors.PAGE_TABLE_OUT_OF_RANGE, True
+            kind, fatal = Kind.PAGE_TABLE_OUT_OF_RANGE, True
             summary = (
                 f"Device guard: {by_flag['out_of_range']} live page id(s) in {name} were outside the pool;"
                 f" the guard redirected them to page {self.safe_page} so the attention kernel completed"
@@ -192,14 +188,14 @@ class GuardRecord:
             )
             value, lower, bound, column = first.value, 0, first.bound, first.column
         elif first.flags & FLAG_SEQLEN_EXCEEDS_TABLE:
-            kind, fatal = errors.SEQLENS_EXCEED_TABLE, True
+            kind, fatal = Kind.SEQLENS_EXCEED_TABLE, True
             summary = (
                 f"Device guard: cache_seqlens of row {first.row} needs {first.value} pages but {name}"
                 f" has {first.bound} columns"
             )
             value, lower, bound, column = first.value, 0, first.bound + 1, first.column
         else:
-            kind, fatal = errors.INDEX_SPACE_MISMATCH, False
+            kind, fatal = Kind.INDEX_SPACE_MISMATCH, False
             summary = (
                 f"Device guard: {by_flag['swa_mismatch']} live entries of {name} differ from the full->SWA"
                 " mapping applied to the full table (SWA translation skipped or stale)"
@@ -226,13 +222,21 @@ class GuardRecord:
         )
 
     def entries_array(self, drained: Drained) -> Any:
-        """The kept entries as an int64 numpy array ``[n, 7]`` (the dump tensor ``guard_entries``)."""
+        """The kept entries as an int64 numpy array ``[n, ENTRY_WIDTH]`` (the dump tensor ``guard_entries``)."""
         import numpy as np
 
         return np.asarray([list(e) for e in drained.entries], dtype=np.int64).reshape(-1, ENTRY_WIDTH)
 
-    def describe_tables(self) -> Mapping[str, dict[str, Any]]:
-        return {t.name: {"id": tid, "pool": t.pool, "layer_id": t.layer_id} for tid, t in self.tables.items()}
+    def summary(self, drained: Drained) -> GuardSummary:
+        """``context.guard`` of the dump for this drain."""
+        return GuardSummary(
+            records=len(drained.entries),
+            total=drained.total,
+            dropped=drained.dropped,
+            redirected_to=self.safe_page,
+            capacity=self.capacity,
+            tables={t.name: GuardTableInfo(tid, t.pool, t.layer_id) for tid, t in self.tables.items()},
+        )
 
 
 def _pick_first(entries: list[GuardEntry]) -> GuardEntry:

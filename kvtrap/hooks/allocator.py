@@ -18,8 +18,10 @@ from typing import Any
 
 from kvtrap import checks
 from kvtrap.arming import current
-from kvtrap.errors import SWA_SLOT_OUT_OF_RANGE, Violation
 from kvtrap.patching import MethodTarget
+from kvtrap.record.context import Context, PoolPages
+from kvtrap.record.kinds import Kind
+from kvtrap.record.violation import Violation
 
 # SGLang moved the SWA allocator in 0.5.13; older builds keep it beside the pool.
 MODULES = ("sglang.srt.mem_cache.allocator.swa", "sglang.srt.mem_cache.swa_memory_pool")
@@ -59,7 +61,7 @@ def check_allocation(alloc: Any, out: Any, where: str, args: dict[str, Any]) -> 
     full_sub = getattr(alloc, "full_attn_allocator", None)
     full_pages = getattr(full_sub, "num_pages", None)
     violation = Violation(
-        kind=SWA_SLOT_OUT_OF_RANGE,
+        kind=Kind.SWA_SLOT_OUT_OF_RANGE,
         summary=(
             f"{where} handed out full slot {int(out.reshape(-1)[bad.row])} whose SWA slot {bad.value} lies "
             f"outside the SWA pool ({swa_pages} pages of {page_size}; page 0 is reserved)"
@@ -77,22 +79,22 @@ def check_allocation(alloc: Any, out: Any, where: str, args: dict[str, Any]) -> 
         fatal=True,
         details={"full_index": int(out.reshape(-1)[bad.row]), "swa_page": bad.value // page_size},
     )
-    context = {
-        "hook": where,
-        "page_size": page_size,
-        "size_full": int(alloc.size_full),
-        "size_swa": int(alloc.size_swa),
-        "pools": {
-            "full": {"pages": None if full_pages is None else int(full_pages) + 1},
-            "swa": {"pages": swa_pages + 1},
+    context = Context(
+        hook=where,
+        page_size=page_size,
+        size_full=int(alloc.size_full),
+        size_swa=int(alloc.size_swa),
+        pools={
+            "full": PoolPages(pages=None if full_pages is None else int(full_pages) + 1),
+            "swa": PoolPages(pages=swa_pages + 1),
         },
-        "free_pages": {
+        free_pages={
             "full": _free_pages(full_sub, page_size),
             "swa": _free_pages(getattr(alloc, "swa_attn_allocator", None), page_size),
         },
-        "num_tokens": int(out.numel()),
-        "args": {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))},
-    }
+        num_tokens=int(out.numel()),
+        args={k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))},
+    )
     tensors = {"out_full_indices": out, "out_swa_indices": swa_slots}
     for name in ("seq_lens", "prefix_lens", "last_loc"):
         value = args.get(name)

@@ -86,14 +86,14 @@ def guard_metadata(backend: Any, md: Any, *, publish: bool) -> GuardState:
     pools = pool_summary(live, page_size)
     state = _state(backend, md.page_table.device)
     seqlens = md.cache_seqlens_int32
-    guard_page_table_(md.page_table, seqlens, page_size, pools[FULL]["pages"], state.record,
+    guard_page_table_(md.page_table, seqlens, page_size, pools[FULL].pages, state.record,
                       state.table_ids["page_table"])
     swa = getattr(md, "swa_page_table", None)
     if swa is not None and is_swa_pool(live):
         # The SWA translation check needs the token-level mapping; unified pools have none (None).
         mapping = getattr(live, "full_to_swa_index_mapping", None)
         guard_page_table_(
-            swa, seqlens, page_size, pools[SWA]["pages"], state.record, state.table_ids["swa_page_table"],
+            swa, seqlens, page_size, pools[SWA].pages, state.record, state.table_ids["swa_page_table"],
             swa_mapping=mapping, full_table=None if mapping is None else md.page_table,
         )
     if publish:
@@ -103,25 +103,26 @@ def guard_metadata(backend: Any, md: Any, *, publish: bool) -> GuardState:
 
 def drain(state: GuardState, session: Any, *, synced: bool) -> None:
     from kvtrap.guard import check_and_raise
-    from kvtrap.hooks.trtllm_mha import _backend_state, pool_summary
+    from kvtrap.hooks.trtllm_mha import backend_state, live_pool, pool_summary
+    from kvtrap.record.context import Context
 
     if state.record.pending(synced=synced) == 0:
         return
     backend = state.backend()
-    context: dict[str, Any] = {}
+    context = Context()
     tensors: dict[str, Any] = {}
     if backend is not None:
         live = backend.token_to_kv_pool
         md = getattr(backend, "forward_metadata", None)
-        context = {
-            "page_size": int(backend.page_size),
-            "pools": pool_summary(live, int(backend.page_size)),
-            "live_pool": {"class": type(live).__name__, "id": f"{id(live):#x}"},
-            "backend": _backend_state(backend, live),
-            "capturing": False,
-        }
+        context = Context(
+            page_size=int(backend.page_size),
+            pools=pool_summary(live, int(backend.page_size)),
+            live_pool=live_pool(live),
+            backend=backend_state(backend, live),
+            capturing=False,
+        )
         if md is not None:
-            context["batch_size"] = int(md.cache_seqlens_int32.shape[0])
+            context = context.with_(batch_size=int(md.cache_seqlens_int32.shape[0]))
             tensors = {
                 "page_table": md.page_table,
                 "swa_page_table": getattr(md, "swa_page_table", None),
@@ -171,9 +172,9 @@ def _fused_spec(ctx: BuildContext, kwargs: dict[str, Any]) -> tuple[Any, GuardSt
     check_swa = kwargs.get("swa_page_table") is not None and is_swa_pool(live) and pools[SWA] is not None
     spec = GuardSpec(
         record=state.record,
-        full_bound=int(pools[FULL]["pages"]),
+        full_bound=int(pools[FULL].pages),
         full_table_id=state.table_ids["page_table"],
-        swa_bound=int(pools[SWA]["pages"]) if check_swa else None,
+        swa_bound=int(pools[SWA].pages) if check_swa else None,
         swa_table_id=state.table_ids["swa_page_table"],
         swa_mapping=live.full_to_swa_index_mapping if check_swa else None,
     )

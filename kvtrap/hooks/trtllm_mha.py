@@ -26,14 +26,10 @@ from typing import Any
 
 from kvtrap import checks
 from kvtrap.arming import current
-from kvtrap.errors import (
-    INDEX_SPACE_MISMATCH,
-    PAGE_TABLE_OUT_OF_RANGE,
-    SEQLENS_EXCEED_TABLE,
-    SWA_STATE_DRIFT,
-    Violation,
-)
 from kvtrap.patching import MethodTarget
+from kvtrap.record.context import BackendState, Context, LayerInfo, LivePool, PoolPages, TableInfo
+from kvtrap.record.kinds import Kind
+from kvtrap.record.violation import Violation
 
 MODULE = "sglang.srt.layers.attention.trtllm_mha_backend"
 CLASS = "TRTLLMHAAttnBackend"
@@ -64,7 +60,7 @@ def layer_pages(live: Any, layer_type: str, page_size: int) -> int | None:
     """
     sub = (live.swa_kv_pool if layer_type == SWA else live.full_kv_pool) if is_swa_pool(live) else live
     info = _sub_pool_pages(sub, page_size)
-    return None if info is None else info["pages"]
+    return None if info is None else info.pages
 
 
 def translating(backend: Any) -> bool:
@@ -72,14 +68,14 @@ def translating(backend: Any) -> bool:
     return bool(getattr(getattr(backend, "kv_index_translator", None), "is_translating", False))
 
 
-def _sub_pool_pages(pool: Any, page_size: int) -> dict[str, int] | None:
+def _sub_pool_pages(pool: Any, page_size: int) -> PoolPages | None:
     size = getattr(pool, "size", None)
     if size is None:
         return None
-    return {"pages": (int(size) + page_size) // page_size, "rows": int(size) + page_size}
+    return PoolPages(pages=(int(size) + page_size) // page_size, rows=int(size) + page_size)
 
 
-def pool_summary(live: Any, page_size: int) -> dict[str, Any]:
+def pool_summary(live: Any, page_size: int) -> dict[str, PoolPages | None]:
     if is_swa_pool(live):
         return {
             FULL: _sub_pool_pages(live.full_kv_pool, page_size),
@@ -174,10 +170,10 @@ class LayerCheck:
     tables: dict[str, Any]  # "page_table", "swa_page_table" (None when absent)
     cache_seqlens: Any
     drift: dict[str, str]
-    pools: dict[str, Any]
-    backend: dict[str, Any]
-    live_pool: dict[str, Any]
-    table_bounds: dict[str, Any]
+    pools: dict[str, PoolPages | None]
+    backend: BackendState
+    live_pool: LivePool
+    table_bounds: dict[str, TableInfo]
     forward_mode: str | None = None
     speculative: bool | None = None  # the batch carries spec_info (draft decode steps run as DECODE)
     req_pool_indices: Any = None
@@ -246,8 +242,8 @@ def check_forward(backend: Any, layer: Any, forward_batch: Any, where: str) -> N
         cache_seqlens=md.cache_seqlens_int32,
         drift=drift,
         pools=pool_summary(live, page_size),
-        backend=_backend_state(backend, live),
-        live_pool={"class": type(live).__name__, "id": f"{id(live):#x}"},
+        backend=backend_state(backend, live),
+        live_pool=live_pool(live),
         table_bounds=_tables(md, handed_name, live, layer_id, page_size),
         forward_mode=_forward_mode(forward_batch),
         speculative=None if forward_batch is None else getattr(forward_batch, "spec_info", None) is not None,
@@ -296,7 +292,7 @@ def evaluate(session: Any, view: LayerCheck, scan: checks.TableScan | None) -> N
     if mismatch:
         stale = " (backend SWA state is stale: " + ", ".join(view.drift) + ")" if view.drift else ""
         violation = Violation(
-            kind=INDEX_SPACE_MISMATCH,
+            kind=Kind.INDEX_SPACE_MISMATCH,
             summary=(
                 f"{view.layer_type.upper()} layer {view.layer_id} is handed {view.handed_name} instead of "
                 f"{view.expected_name}: its ids index the wrong pool{stale}"
@@ -306,7 +302,7 @@ def evaluate(session: Any, view: LayerCheck, scan: checks.TableScan | None) -> N
         )
     elif view.drift:
         violation = Violation(
-            kind=SWA_STATE_DRIFT,
+            kind=Kind.SWA_STATE_DRIFT,
             summary="the backend's cached SWA state disagrees with the live KV pool: "
             + "; ".join(f"{k} is {v}" for k, v in view.drift.items()),
             details=details,
@@ -314,7 +310,7 @@ def evaluate(session: Any, view: LayerCheck, scan: checks.TableScan | None) -> N
         )
     elif bad is not None:
         violation = Violation(
-            kind=PAGE_TABLE_OUT_OF_RANGE,
+            kind=Kind.PAGE_TABLE_OUT_OF_RANGE,
             summary=(
                 f"{view.handed_name} holds page ids outside the {view.layer_type} pool this layer reads "
                 f"({view.bound} pages)"
@@ -327,7 +323,7 @@ def evaluate(session: Any, view: LayerCheck, scan: checks.TableScan | None) -> N
         # value/bound stay empty: the numbers are pages needed vs columns, said in the summary
         base.update(row=o.row, column=None, value=None, bound=o.width, lower=None, count=o.count, table="cache_seqlens")
         violation = Violation(
-            kind=SEQLENS_EXCEED_TABLE,
+            kind=Kind.SEQLENS_EXCEED_TABLE,
             summary=(
                 f"cache_seqlens row {o.row} needs {o.needed_pages} pages but {view.handed_name} has only "
                 f"{o.width} columns"
@@ -336,54 +332,51 @@ def evaluate(session: Any, view: LayerCheck, scan: checks.TableScan | None) -> N
             **base,
         )
 
-    context = {
-        "hook": view.where,
-        "forward_mode": view.forward_mode,
-        "speculative": view.speculative,
-        "batch_size": int(view.cache_seqlens.shape[0]),
-        "page_size": view.page_size,
-        "capturing": view.capturing,
-        "layer": {
-            "id": view.layer_id,
-            "type": view.layer_type,
-            "window": view.window,
-            "index_in_pool": view.index_in_pool,
-        },
-        "pools": view.pools,
-        "live_pool": view.live_pool,
-        "backend": view.backend,
-        "tables": view.table_bounds,
-    }
+    context = Context(
+        hook=view.where,
+        forward_mode=view.forward_mode,
+        speculative=view.speculative,
+        batch_size=int(view.cache_seqlens.shape[0]),
+        page_size=view.page_size,
+        capturing=view.capturing,
+        layer=LayerInfo(id=view.layer_id, type=view.layer_type, window=view.window,
+                        index_in_pool=view.index_in_pool),
+        pools=view.pools,
+        live_pool=view.live_pool,
+        backend=view.backend,
+        tables=view.table_bounds,
+    )
     tensors: dict[str, Any] = {}
     if not view.capturing:  # copying device tensors to the host inside capture would abort it
         tensors = {**view.tables, "cache_seqlens": view.cache_seqlens, "req_pool_indices": view.req_pool_indices}
     session.report(violation, context, tensors, safe_to_continue=not unsafe)
 
 
-def _backend_state(backend: Any, live: Any) -> dict[str, Any]:
+def live_pool(live: Any) -> LivePool:
+    return LivePool(class_=type(live).__name__, id=f"{id(live):#x}")
+
+
+def backend_state(backend: Any, live: Any) -> BackendState:
     cached = getattr(backend, "_swa_kv_pool", None)
     mapping = getattr(backend, "_swa_full_to_swa_mapping", None)
-    return {
-        "class": type(backend).__name__,
-        "use_sliding_window_kv_pool": getattr(backend, "use_sliding_window_kv_pool", None),
-        "swa_kv_pool": None if cached is None else f"{type(cached).__name__}@{id(cached):#x}",
-        "swa_kv_pool_is_live": cached is live,
-        "has_swa_full_to_swa_mapping": mapping is not None,
-        "swa_mapping_is_live": mapping is not None
-        and mapping is getattr(live, "full_to_swa_index_mapping", None),
-        # what the page-table width is sized from (ceil(max_context_len / page_size)), and how far
-        # speculative verify rows may run past it (explain: spec-rows-past-context)
-        "max_context_len": _int_or_none(getattr(backend, "max_context_len", None)),
-        "speculative_num_draft_tokens": _int_or_none(getattr(backend, "speculative_num_draft_tokens", None)),
-    }
+    return BackendState(
+        class_=type(backend).__name__,
+        use_sliding_window_kv_pool=getattr(backend, "use_sliding_window_kv_pool", None),
+        swa_kv_pool=None if cached is None else f"{type(cached).__name__}@{id(cached):#x}",
+        swa_kv_pool_is_live=cached is live,
+        has_swa_full_to_swa_mapping=mapping is not None,
+        swa_mapping_is_live=mapping is not None and mapping is getattr(live, "full_to_swa_index_mapping", None),
+        max_context_len=_int_or_none(getattr(backend, "max_context_len", None)),
+        speculative_num_draft_tokens=_int_or_none(getattr(backend, "speculative_num_draft_tokens", None)),
+    )
 
 
 def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _tables(md: Any, handed_name: str, live: Any, layer_id: int, page_size: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _tables(md: Any, handed_name: str, live: Any, layer_id: int, page_size: int) -> dict[str, TableInfo]:
+    out: dict[str, TableInfo] = {}
     swa = is_swa_pool(live)
     for name in ("page_table", "swa_page_table"):
         table = getattr(md, name, None)
@@ -392,12 +385,12 @@ def _tables(md: Any, handed_name: str, live: Any, layer_id: int, page_size: int)
         pool = SWA if name == "swa_page_table" else FULL
         sub = (live.swa_kv_pool if pool == SWA else live.full_kv_pool) if swa else live
         info = _sub_pool_pages(sub, page_size) if pool == SWA or swa else _sub_pool_pages(live, page_size)
-        out[name] = {
-            "pool": pool,
-            "bound": None if info is None else info["pages"],
-            "handed_to_layer": name == handed_name,
-            "shape": list(table.shape),
-        }
+        out[name] = TableInfo(
+            pool=pool,
+            bound=None if info is None else info.pages,
+            handed_to_layer=name == handed_name,
+            shape=list(table.shape),
+        )
     return out
 
 

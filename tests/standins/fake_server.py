@@ -96,8 +96,9 @@ def spawn_family(pid_dir: Path) -> None:
 
 def write_trap_dump() -> str:
     from kvtrap.config import Config
-    from kvtrap.dumpfile import write_dump
-    from kvtrap.errors import KVTrapError, Violation
+    from kvtrap.record.context import Context
+    from kvtrap.record.dumpfile import write_dump
+    from kvtrap.record.violation import KVTrapError, Violation
 
     violation = Violation(
         kind="swa_state_drift",
@@ -108,7 +109,7 @@ def write_trap_dump() -> str:
         fatal=False,
     )
     cfg = Config.from_env()
-    path = write_dump(violation, {"hook": "TRTLLMHAAttnBackend.forward_decode", "forward_mode": "DECODE"}, {}, cfg)
+    path = write_dump(violation, Context(hook="TRTLLMHAAttnBackend.forward_decode", forward_mode="DECODE"), {}, cfg)
     return str(KVTrapError(violation, path))
 
 
@@ -153,7 +154,7 @@ def main() -> None:
         say(
             "[2026-06-01 10:12:04 TP0] Scheduler hit an exception: Traceback (most recent call last):\n"
             '  File "/x/sglang/srt/layers/attention/trtllm_mha_backend.py", line 1012, in forward_decode\n'
-            f"kvtrap.errors.KVTrapError: {message}\n"
+            f"kvtrap.record.violation.KVTrapError: {message}\n"
             "[2026-06-01 10:12:04] Received sigquit from a child process. It usually means the child failed."
         )
         os.kill(os.getpid(), signal.SIGKILL)

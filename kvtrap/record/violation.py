@@ -6,20 +6,35 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-# The kinds of violation kvtrap reports. Dumps carry the kind as a string; the explain rules key on it.
-PAGE_TABLE_OUT_OF_RANGE = "page_table_out_of_range"  # a live page id outside [0, pages of the pool read)
-INDEX_SPACE_MISMATCH = "index_space_mismatch"  # an SWA layer handed the full-pool table (or vice versa)
-SWA_STATE_DRIFT = "swa_state_drift"  # backend SWA state cached at init disagrees with the live pool
-SEQLENS_EXCEED_TABLE = "seqlens_exceed_table"  # cache_seqlens needs more pages than the table is wide
-SWA_SLOT_OUT_OF_RANGE = "swa_slot_out_of_range"  # the allocator handed out an SWA slot outside the pool
+from kvtrap.record.kinds import Kind
 
-KINDS = (
-    PAGE_TABLE_OUT_OF_RANGE,
-    INDEX_SPACE_MISMATCH,
-    SWA_STATE_DRIFT,
-    SEQLENS_EXCEED_TABLE,
-    SWA_SLOT_OUT_OF_RANGE,
-)
+
+@dataclass(frozen=True)
+class Overflow:
+    """``details.overflow``: a row whose ``cache_seqlens`` needs more pages than the table is wide."""
+
+    row: int
+    needed_pages: int
+    width: int
+    rows: int  # rows that overflow
+
+
+@dataclass(frozen=True)
+class Details:
+    """The kind-specific extras of ``violation.details`` that readers use (checked on read; others pass)."""
+
+    expected_table: str | None = None
+    handed_table: str | None = None
+    drift: dict[str, str] | None = None
+    overflow: Overflow | None = None
+    full_index: int | None = None
+    swa_page: int | None = None
+    recorded: int | None = None
+    dropped: int | None = None
+    redirected_to: int | None = None
+    entries_by_flag: dict[str, int] | None = None
+    tables: list[str] | None = None
+    first_flags: int | None = None
 
 
 @dataclass(frozen=True)
@@ -31,7 +46,7 @@ class Violation:
     violations (index space, drift) are found before the ids grow large enough to fault.
     """
 
-    kind: str
+    kind: Kind | str  # a Kind; a kind this kvtrap does not know (a newer writer's) stays a string
     summary: str
     where: str = ""  # the hook that found it, e.g. "TRTLLMHAAttnBackend.forward_decode"
     layer_id: int | None = None
@@ -49,13 +64,21 @@ class Violation:
     fatal: bool = True
     details: dict[str, Any] = field(default_factory=dict)
 
+    # checked on read against these (see kvtrap.record.schema)
+    __json_types__ = {"kind": str, "details": Details}
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", Kind.parse(str(self.kind)))
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
+        out["kind"] = str(self.kind)
         out["rows"] = list(self.rows)
         return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Violation:
+        """From a manifest's ``violation``; validate it first (:func:`kvtrap.record.schema.check_object`)."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values["rows"] = tuple(values.get("rows") or ())
