@@ -79,6 +79,11 @@ class Config:
             object.__setattr__(self, "inject", _split_list(self.inject))
         else:
             object.__setattr__(self, "inject", tuple(self.inject))
+        from kvtrap.bugs import BUGS  # the names only: no SGLang import
+
+        for name in self.inject:
+            if name not in BUGS:
+                raise ConfigError(f"unknown bug to inject {name!r}; known: {', '.join(sorted(BUGS)) or 'none'}")
 
     @property
     def max_dump_bytes(self) -> int:

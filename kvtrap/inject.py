@@ -38,11 +38,9 @@ def sync(names: Iterable[str]) -> None:
 
 
 def enable(names: Iterable[str]) -> None:
-    _load_builtin()
+    """Enable bugs by name; names come from a :class:`kvtrap.config.Config`, which refused unknown ones."""
     for name in names:
-        if name not in BUGS:
-            known = ", ".join(sorted(BUGS)) or "none"
-            raise ConfigError(f"unknown bug to inject {name!r}; known: {known}")
+        _load(name)
         if name not in _enabled:
             BUGS[name].enable()
             _enabled.append(name)
@@ -57,6 +55,13 @@ def enabled() -> tuple[str, ...]:
     return tuple(_enabled)
 
 
-def _load_builtin() -> None:
-    # Entries live in their own modules and register themselves on import.
-    from kvtrap.bugs import sglang_26957  # noqa: F401
+def _load(name: str) -> None:
+    # Entries live in their own modules (kvtrap.bugs.BUGS) and register themselves on import.
+    import importlib
+
+    from kvtrap.bugs import BUGS as MODULES
+
+    if name not in BUGS:
+        if name not in MODULES:
+            raise ConfigError(f"unknown bug to inject {name!r}; known: {', '.join(sorted(MODULES)) or 'none'}")
+        importlib.import_module(MODULES[name])

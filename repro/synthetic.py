@@ -239,8 +239,8 @@ def _armed(ctx: ComponentContext, shape: Shape, config: Any, fixed: bool, detail
 def _explain(dump: Path | None) -> list[str]:
     if dump is None:
         return ["no dump was written"]
-    from kvtrap.explain import explain
     from kvtrap.record.dumpfile import load_dump
+    from kvtrap.report.explain import explain
 
     findings = explain(load_dump(dump))
     if not findings:

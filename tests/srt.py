@@ -22,5 +22,5 @@ def import_srt(name: str) -> ModuleType:
 
         if torch.cuda.is_available() and err.name == "sgl_kernel":
             # allow_module_level: also valid when called at import time of a test module
-            pytest.skip(f"{name} needs sgl_kernel, which the GPU machine does not have", allow_module_level=True)
+            pytest.skip(f"{name} needs sgl_kernel, which is not installed here", allow_module_level=True)
         raise

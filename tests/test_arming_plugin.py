@@ -109,3 +109,21 @@ def test_plugin_reports_bad_setting_and_stays_disarmed(tmp_path):
     out, err = run_probe({"SGLANG_TRTLLM_MHA_DEBUG": "1", "KVTRAP_MODE": "loud"}, tmp_path)
     assert out["alloc"] is False
     assert "kvtrap is NOT armed: mode must be one of raise, log; got 'loud'" in err
+
+
+def test_plugin_refuses_unknown_injection_without_raising(monkeypatch, capfd):
+    import logging
+
+    from kvtrap import plugin
+    from kvtrap.arming import current
+
+    log = logging.getLogger("kvtrap")  # register() gives it a stderr handler, as in an SGLang process
+    monkeypatch.setattr(log, "handlers", [])
+    monkeypatch.setattr(log, "propagate", True)
+    monkeypatch.setattr(log, "level", log.level)
+    monkeypatch.setenv("SGLANG_TRTLLM_MHA_DEBUG", "1")
+    monkeypatch.setenv("KVTRAP_INJECT", "sglang-1")
+    plugin.register()  # SGLang swallows what a plugin raises: a bad setting must be said, not raised
+    assert current() is None
+    err = capfd.readouterr().err
+    assert "kvtrap is NOT armed: unknown bug to inject 'sglang-1'; known: sglang-26957" in err

@@ -104,7 +104,7 @@ def test_explain_names_the_cause(dumps: dict[str, Path]) -> None:
 
 
 def test_explain_says_plainly_when_no_rule_matches(dumps: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("kvtrap.explain.RULES", [])
+    monkeypatch.setattr("kvtrap.report.explain.RULES", [])
     code, out, _ = run("explain", str(dumps["stale"]))
     assert code == 1
     assert "No rule matched this dump" in out
@@ -129,7 +129,7 @@ def test_plot_allocator_dump(dumps: dict[str, Path], tmp_path: Path) -> None:
 def test_plot_grid_downsampling_keeps_bad_cells() -> None:
     import numpy as np
 
-    from kvtrap.plot import table_grid
+    from kvtrap.report.plot import table_grid
 
     t = np.ones((256, 1024), dtype=np.int32)
     t[200, 777] = 10**6  # one bad cell
@@ -238,3 +238,118 @@ def test_subprocess_explain(dumps: dict[str, Path]) -> None:
 
 def test_find_dumps_sees_every_event(dumps: dict[str, Path]) -> None:
     assert len(find_dumps([dumps["root"]])) == 3
+
+
+# --------------------------------------------------------------------------------- bad input, new user
+def _retype(dump_dir: Path, dest: Path, edit) -> Path:
+    shutil.copytree(dump_dir, dest)
+    m = json.loads((dest / MANIFEST).read_text())
+    edit(m)
+    (dest / MANIFEST).write_text(json.dumps(m))
+    return dest
+
+
+#: wrong JSON types in every part of the manifest a reader uses
+RETYPED = {
+    "context": lambda m: m.update(context=[1]),
+    "context.tables": lambda m: m["context"].update(tables=["page_table"]),
+    "context.pools.swa": lambda m: m["context"]["pools"].update(swa=17),
+    "context.layer": lambda m: m["context"].update(layer="0 swa"),
+    "context.backend.use_sliding_window_kv_pool": lambda m: m["context"]["backend"].update(
+        use_sliding_window_kv_pool="no"),
+    "violation": lambda m: m["violation"].update(rows="0,1,2"),
+    "violation.bound": lambda m: m["violation"].update(bound="17"),
+    "violation.details.drift": lambda m: m["violation"]["details"].update(drift=["_swa_kv_pool"]),
+    "config": lambda m: m.update(config="raise"),
+    "config.max_dumps": lambda m: m["config"].update(max_dumps="16"),
+    "versions": lambda m: m.update(versions="0.5.23"),
+    "tensors": lambda m: m.update(tensors=[["page_table", [3, 32]]]),
+    "tensors.page_table": lambda m: m["tensors"].update(page_table=[3, 32]),
+}
+
+
+@pytest.mark.parametrize("verb", ["ls", "show", "explain", "plot", "diff"])
+@pytest.mark.parametrize("field", sorted(RETYPED))
+def test_every_verb_refuses_a_wrong_typed_manifest_in_one_line(
+    dumps: dict[str, Path], tmp_path: Path, verb: str, field: str
+) -> None:
+    bad = _retype(dumps["26957"], tmp_path / "bad", RETYPED[field])
+    args = {
+        "ls": [str(bad)], "show": [str(bad)], "explain": [str(bad)],
+        "plot": [str(bad), "-o", str(tmp_path / "x.png")], "diff": [str(dumps["26957"]), str(bad)],
+    }[verb]
+    code, out, err = run(verb, *args)
+    assert code == 2, (out, err)
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvtrap: error: ") and str(bad / MANIFEST) in lines[0]
+    assert f"manifest.{field.split('.')[0]}" in lines[0]
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_ls_lists_the_good_and_names_each_bad_with_its_reason(
+    dumps: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "mixed"
+    shutil.copytree(dumps["26957"], root / "good-1")
+    shutil.copytree(dumps["swa_slot"], root / "good-2")
+    _retype(dumps["stale"], root / "typed-wrong", RETYPED["context.tables"])
+    shutil.copytree(dumps["stale"], root / "truncated")
+    (root / "truncated" / MANIFEST).write_bytes((root / "truncated" / MANIFEST).read_bytes()[:80])
+    shutil.copytree(dumps["stale"], root / "unreadable")
+    real = Path.read_bytes
+
+    def denied(self: Path) -> bytes:  # the OS refusing one file, as for a dump another user wrote
+        if self.parent.name == "unreadable":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    code, out, err = run("ls", str(root))
+    assert code == 0
+    assert "2 dump(s)" in out and "good-1" in out and "good-2" in out
+    for name in ("typed-wrong", "truncated", "unreadable"):
+        assert name not in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 3 and all(ln.startswith("kvtrap: skipped unreadable dump: ") for ln in lines)
+    reasons = {name: next(ln for ln in lines if f"{os.sep}{name}{os.sep}" in ln)
+               for name in ("typed-wrong", "truncated", "unreadable")}
+    assert "manifest.context.tables: expected an object, got a list" in reasons["typed-wrong"]
+    assert "not valid JSON" in reasons["truncated"]
+    assert "cannot be read (Permission denied)" in reasons["unreadable"] and "truncated" not in reasons["unreadable"]
+
+
+@pytest.mark.parametrize("spec, message", [("0,x", "bad row spec 'x'"), ("7", "row 7 out of range")])
+def test_show_rows_is_validated_before_anything_is_printed(dumps: dict[str, Path], spec: str, message: str) -> None:
+    code, out, err = run("show", str(dumps["26957"]), "--rows", spec)
+    assert code == 2 and out == ""
+    assert message in err
+
+
+def test_piping_into_head_ends_quietly(dumps: dict[str, Path]) -> None:
+    for verb in (["show", "--all-rows"], ["explain"]):
+        cmd = [sys.executable, "-m", "kvtrap", "dump", verb[0], str(dumps["26957"]), *verb[1:]]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.readline()
+        proc.stdout.close()  # the reader goes away after one line, like `| head -1`
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 0, err
+        assert err == ""
+
+
+def test_ls_keeps_row_number_and_bad_count_at_80_columns(dumps: dict[str, Path]) -> None:
+    from rich.console import Console
+
+    from kvtrap.report import render
+
+    recs, _ = render.ls_records(find_dumps([dumps["root"]]))
+    con = Console(width=80, record=True, no_color=True, highlight=False, file=open(os.devnull, "w"))  # noqa: SIM115
+    render.render_ls(con, recs)
+    lines = con.export_text().splitlines()
+    header = next(ln for ln in lines if ln.lstrip().startswith("#"))
+    assert "bad" in header.split() and max(len(ln) for ln in lines[1:1 + 2 + len(recs)]) <= 80
+    rows = lines[lines.index(header) + 2: lines.index(header) + 2 + len(recs)]
+    for i, (row, rec) in enumerate(zip(rows, recs, strict=True), 1):
+        assert row.split()[0] == str(i)
+        assert f" {rec['count']} " in row

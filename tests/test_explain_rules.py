@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from kvtrap.explain import RULES, Finding, explain, rule_ids
 from kvtrap.record.dumpfile import Dump, load_dump
 from kvtrap.record.kinds import Kind
+from kvtrap.report.explain import RULES, Finding, explain, rule_ids
 
 trapdumps = pytest.importorskip("trapdumps", reason="tests/trapdumps.py (real trap scenarios) is missing")
 
@@ -212,5 +212,5 @@ def test_rules_do_not_fire_on_other_scenarios(real: dict[str, Dump]) -> None:
 
 
 def test_no_rule_matched_is_an_empty_list(real: dict[str, Dump], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("kvtrap.explain.RULES", [])
+    monkeypatch.setattr("kvtrap.report.explain.RULES", [])
     assert explain(real["26957"]) == []

@@ -9,8 +9,8 @@ import pytest
 
 import kvtrap
 from kvtrap.config import Config
-from kvtrap.explain import explain
 from kvtrap.record.dumpfile import load_dump
+from kvtrap.report.explain import explain
 
 torch = pytest.importorskip("torch")
 from kvtrap.repro import synthetic as syn  # noqa: E402

@@ -16,7 +16,7 @@ import numpy as np
 
 from kvtrap.record.dumpfile import Dump
 from kvtrap.record.kinds import Kind
-from kvtrap.tables import (
+from kvtrap.report.tables import (
     PAGE_TABLES,
     TableSummary,
     VectorSummary,
@@ -137,7 +137,7 @@ def _same_as_full_table(f: Facts, name: str, swa: int, full: int) -> tuple[int, 
     a, b = f.dump.tensors.get(name), f.dump.tensors.get("page_table")
     if a is None or b is None or np.shape(a) != np.shape(b):
         return None
-    from kvtrap.tables import live_mask, live_pages
+    from kvtrap.report.tables import live_mask, live_pages
 
     s = f.dump.tensors.get("cache_seqlens")
     mask = live_mask(np.asarray(a), live_pages(s, f.page_size) if s is not None else None)

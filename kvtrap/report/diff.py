@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from kvtrap.record.dumpfile import Dump
-from kvtrap.tables import live_mask, live_pages, page_size_of, summarize_tables
+from kvtrap.report.tables import live_mask, live_pages, page_size_of, summarize_tables
 
 #: Sections in the order they are reported.
 SECTIONS = ("event", "versions", "gpu", "config", "violation", "context", "tensors", "tables")

@@ -10,13 +10,14 @@ entry. Allocator dumps (no page table) get a strip plot of the returned slots ag
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kvtrap.record.dumpfile import Dump
-from kvtrap.tables import (
+from kvtrap.record.dumpfile import Dump, DumpError
+from kvtrap.report.tables import (
     bad_mask,
     live_mask,
     live_pages,
@@ -96,16 +97,19 @@ def plot_dump(
     if tables:
         unknown = sorted(set(tables) - {s.name for s in summaries})
         if unknown:
-            raise ValueError(f"no page table named {', '.join(unknown)} in this dump (have: {', '.join(s.name for s in summaries) or 'none'})")
+            raise DumpError(f"{dump.path}: no page table named {', '.join(unknown)} in this dump (have: {', '.join(s.name for s in summaries) or 'none'})")
         summaries = [s for s in summaries if s.name in tables]
     out = Path(out)
     v = dump.manifest.get("violation") or {}
     title = f"{v.get('kind')}: {v.get('summary', '')}"
-    if len(title) > 140:
-        title = title[:137] + "..."
+    if len(title) > 300:
+        title = title[:297] + "..."
+    # the title gets its own band above the axes (wrapped), so it never runs into a subplot's title
+    title = "\n".join(textwrap.wrap(title, 120))
+    title_lines = title.count("\n") + 1
     if not summaries:
         fig = _plot_vectors(dump, plt)
-        fig.suptitle(title, fontsize=9)
+        _title_band(fig, title, title_lines)
     else:
         n = len(summaries)
         fig, axes = plt.subplots(n, 1, figsize=(13, 3.2 + 4.2 * n), squeeze=False)
@@ -141,18 +145,39 @@ def plot_dump(
                 rows_bad = np.unique(br)
                 ax.scatter(np.full(rows_bad.size, -0.5), rows_bad * fr + (fr - 1) / 2, marker=">", c="#e8000b",
                            s=30, clip_on=False, zorder=5)
+            from matplotlib.lines import Line2D
+            from matplotlib.patches import Patch
+
+            handles: list[Any] = []
             if g["ends"] is not None:
                 ends = g["ends"]
                 y = np.arange(len(ends))
                 ax.scatter(np.minimum(ends, g["cols"]) - 0.5, y, marker="|", s=max(30.0, 3000.0 / max(len(ends), 1)),
-                           c="black", linewidths=1.2, label="cache_seqlens end (live pages)", zorder=4)
+                           c="black", linewidths=1.2, zorder=4)
+                handles.append(Line2D([], [], color="black", marker="|", linestyle="None", markersize=9,
+                                      label="cache_seqlens end (live pages)"))
                 over = ends > g["cols"]
                 if over.any():
-                    ax.scatter(np.full(int(over.sum()), g["cols"] - 0.5), y[over], marker=">", c="#e8000b", s=18,
-                               label="cache_seqlens past table width", zorder=5)
-            from matplotlib.ticker import MaxNLocator
+                    # the row runs past the table's last column: a large marker on the right edge, and the
+                    # first such row said in words, so the offending row is seen at a glance
+                    ax.scatter(np.full(int(over.sum()), g["cols"] - 0.5), y[over], marker=">", c="#e8000b", s=160,
+                               clip_on=False, zorder=6)
+                    first = int(np.flatnonzero(over)[0])
+                    needed = int(live_pages(seqlens, ps)[first * fr]) if seqlens is not None else int(ends[first])
+                    ax.annotate(
+                        f"row {first * fr} needs {needed} pages > {s.width} columns",
+                        xy=(g["cols"] - 0.5, first), xytext=(-12, 0), textcoords="offset points", ha="right",
+                        va="center", fontsize=9, color="white", fontweight="bold",
+                        bbox={"boxstyle": "round,pad=0.3", "fc": "#e8000b", "ec": "none"}, zorder=7,
+                    )
+                    handles.append(Line2D([], [], color="#e8000b", marker=">", linestyle="None", markersize=8,
+                                          label="cache_seqlens past table width"))
+            from matplotlib.ticker import FixedLocator, MaxNLocator
 
-            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            if g["rows"] <= 16:  # few rows: one tick per row, never fractional rows
+                ax.yaxis.set_major_locator(FixedLocator(list(range(g["rows"]))))
+            else:
+                ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlim(-0.5, g["cols"] - 0.5)
             ax.set_ylim(g["rows"] - 0.5, -0.5)
@@ -171,14 +196,10 @@ def plot_dump(
             ax.set_ylabel("row (request)")
             cb = fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
             cb.set_label("id / pool bound", fontsize=8)
-            from matplotlib.patches import Patch
-
-            handles, labels = ax.get_legend_handles_labels()
             handles += [Patch(color="#e8000b", label="out of range (> marks the row)"), Patch(color="#e6e6e6", label="past live prefix")]
             ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(handles),
                       fontsize=7, frameon=False)
-        fig.suptitle(title, fontsize=10)
-        fig.tight_layout()
+        _title_band(fig, title, title_lines)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)
     plt.close(fig)
@@ -191,7 +212,7 @@ def _plot_vectors(dump: Dump, plt: Any):
     if not vecs:
         vecs = summarize_vectors(dump.manifest, dump.tensors)
     if not vecs:
-        raise ValueError("this dump holds no tensors to plot")
+        raise DumpError(f"{dump.path}: this dump holds no tensors to plot")
     fig, axes = plt.subplots(len(vecs), 1, figsize=(12, 2.8 * len(vecs) + 1), squeeze=False)
     for ax, v in zip(axes[:, 0], vecs, strict=True):
         a = np.asarray(dump.tensors[v.name]).reshape(-1)
@@ -208,6 +229,26 @@ def _plot_vectors(dump: Dump, plt: Any):
             ax.scatter(x[bad], a[bad], s=14, c="#e8000b", marker="x", label="out of range")
         ax.set_title(f"{v.name} ({v.size} values, {v.bad} out of range)", fontsize=9)
         ax.set_xlabel("position")
-        ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
+        if bad.any():  # the first offending value, said in words beside it
+            i = int(np.flatnonzero(bad)[0])
+            lo = "-" if v.lower is None else v.lower
+            ax.annotate(
+                f"position {i} holds {_num(a[i])}, valid [{lo}, {'-' if v.bound is None else v.bound})",
+                xy=(i, float(a[i])), xytext=(24, -18), textcoords="offset points", fontsize=9, color="white",
+                fontweight="bold", bbox={"boxstyle": "round,pad=0.3", "fc": "#e8000b", "ec": "none"},
+                arrowprops={"arrowstyle": "->", "color": "#e8000b"}, zorder=7,
+            )
+        ax.legend(fontsize=7, loc="upper right")
     return fig
+
+
+def _num(x: Any) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{float(x):g}"
+
+
+def _title_band(fig: Any, title: str, lines: int) -> None:
+    """The figure title in a band of its own above the subplots (their titles never overlap it)."""
+    height = fig.get_figheight()
+    band = min(0.3, (0.22 * lines + 0.15) / height)  # inches of title text, as a fraction of the figure
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - band))
+    fig.suptitle(title, fontsize=10, y=1.0 - 0.06 / height, va="top")
