@@ -12,7 +12,7 @@ Times (CUDA events, median of several repetitions; graph numbers are per launch 
   2 kv heads, head dim 256, page size 64, 8k tokens per request) with and without the guard, replayed
   as a CUDA graph (the guard is captured in the same graph: the capture proves it does no host sync);
 * (d) ``--sections fused``: SGLang's in-graph metadata builder (``update_trtllm_mha_graph_metadata``)
-  alone, kvtrap's fused builder + guard (``kvtrap.guard.fused_metadata``), and the builder followed by
+  alone, kvtrap's fused builder + guard (``kvtrap.capture.guard.fused_metadata``), and the builder followed by
   the separate guard, each under CUDA-graph replay at the same bs x widths, full tables and with the
   SWA table; the fused path's *added* time is (fused - builder), compared with the empty-kernel floor.
 * (e) ``--sections variants``: the fused build's kernel variants (columns per step, warps, check per row
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import triton
 
-from kvtrap.guard import GuardRecord, guard_page_table_
+from kvtrap.capture.guard import GuardRecord, guard_page_table_
 
 
 @triton.jit
@@ -134,7 +134,7 @@ def bench_guard(args: argparse.Namespace) -> list[dict]:
 
 
 def bench_decode(args: argparse.Namespace) -> list[dict]:
-    from kvtrap.guard.victim import PagedDecode
+    from kvtrap.capture.guard.victim import PagedDecode
 
     rows = []
     for bs in args.bs:
@@ -205,7 +205,7 @@ def _builder_world(bs: int, width: int, ps: int, swa: bool) -> tuple[dict, dict]
 def _fused_cells(args: argparse.Namespace, ps: int):
     """Every (swa, bs, width) cell of the fused-build benchmarks: SGLang's builder inputs and bounds, a fresh
     guard record and the GuardSpec over it; freed after the caller is done with the cell."""
-    from kvtrap.guard.fused_metadata import GuardSpec
+    from kvtrap.capture.guard.fused_metadata import GuardSpec
 
     for swa in (False, True):
         for bs in args.bs:
@@ -223,7 +223,7 @@ def _fused_cells(args: argparse.Namespace, ps: int):
 def bench_fused(args: argparse.Namespace) -> list[dict]:
     from sglang.kernels.ops.attention.trtllm_mha_graph_metadata import update_trtllm_mha_graph_metadata
 
-    from kvtrap.guard.fused_metadata import GuardSpec, update_metadata_guarded_
+    from kvtrap.capture.guard.fused_metadata import GuardSpec, update_metadata_guarded_
 
     ps = 64
     x = torch.zeros(1, device="cuda")
@@ -284,7 +284,7 @@ def bench_fused_variants(args: argparse.Namespace) -> list[dict]:
     """Kernel variants of the fused build (launch shape, where the reduction sits), same cells."""
     from sglang.kernels.ops.attention.trtllm_mha_graph_metadata import update_trtllm_mha_graph_metadata
 
-    from kvtrap.guard.fused_metadata import GuardSpec, update_metadata_guarded_
+    from kvtrap.capture.guard.fused_metadata import GuardSpec, update_metadata_guarded_
 
     ps = 64
     x = torch.zeros(1, device="cuda")
@@ -354,7 +354,7 @@ def _fused_markdown(meta: dict, rows: list[dict]) -> str:
         f" triton {meta['triton']}, sglang {meta['sglang']}, python {meta['python']}",
         f"- command: `{meta['command']}`",
         f"- per launch, from a CUDA graph of {meta['per_graph']} launches replayed. builder: SGLang's"
-        " `update_trtllm_mha_graph_metadata`; fused: `kvtrap.guard.fused_metadata.update_metadata_guarded_`"
+        " `update_trtllm_mha_graph_metadata`; fused: `kvtrap.capture.guard.fused_metadata.update_metadata_guarded_`"
         " (same outputs + guard, one launch); builder + guard: SGLang's builder then `guard_page_table_` per"
         " table (the non-fused path). added = path - builder; floor = an empty Triton kernel in this run.",
         "",

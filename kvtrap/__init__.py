@@ -26,7 +26,7 @@ __all__ = [
 
 
 def armed(**settings: object):
-    """Arm kvtrap's hooks in this process for the ``with`` block; see :func:`kvtrap.arming.armed`."""
-    from kvtrap.arming import armed as _armed
+    """Arm kvtrap's hooks in this process for the ``with`` block; see :func:`kvtrap.capture.arming.armed`."""
+    from kvtrap.capture.arming import armed as _armed
 
     return _armed(**settings)

@@ -79,7 +79,7 @@ class Config:
             object.__setattr__(self, "inject", _split_list(self.inject))
         else:
             object.__setattr__(self, "inject", tuple(self.inject))
-        from kvtrap.bugs import BUGS  # the names only: no SGLang import
+        from kvtrap.capture.bugs import BUGS  # the names only: no SGLang import
 
         for name in self.inject:
             if name not in BUGS:

@@ -4,7 +4,7 @@ SGLang calls ``register()`` once in every process (main, schedulers, detokenizer
 before logging is configured there, and swallows exceptions from plugins. So this:
 - does nothing at all unless ``SGLANG_TRTLLM_MHA_DEBUG=1`` (zero cost when unset or ``0``);
 - imports nothing heavy and creates no CUDA context: the hooks attach to SGLang modules when SGLang
-  itself imports them (see :mod:`kvtrap.patching`);
+  itself imports them (see :mod:`kvtrap.capture.patching`);
 - logs at WARNING to stderr, and logs (rather than raises) a bad setting, since SGLang would swallow it.
 """
 
@@ -39,7 +39,7 @@ def register() -> None:
         logger.error("kvtrap is NOT armed: %s", exc)
         return
     _ensure_stderr_logging()
-    from kvtrap.arming import arm_process
+    from kvtrap.capture.arming import arm_process
 
     arm_process(config)
     logger.warning(

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 import kvtrap
-from kvtrap.patching import ORIGINAL_ATTR
+from kvtrap.capture.patching import ORIGINAL_ATTR
 
 pytest.importorskip("sglang")
 from srt import import_srt  # noqa: E402
@@ -45,7 +45,7 @@ def test_armed_restores_on_exception_and_nesting_is_safe(tmp_path):
         with kvtrap.armed(dump_dir=str(tmp_path)):
             raise ZeroDivisionError("inside the armed block")
     assert snapshot() == before
-    from kvtrap.arming import current
+    from kvtrap.capture.session import current
 
     with kvtrap.armed(dump_dir=str(tmp_path), mode="raise") as outer:
         patched = snapshot()
@@ -115,7 +115,7 @@ def test_plugin_refuses_unknown_injection_without_raising(monkeypatch, capfd):
     import logging
 
     from kvtrap import plugin
-    from kvtrap.arming import current
+    from kvtrap.capture.session import current
 
     log = logging.getLogger("kvtrap")  # register() gives it a stderr handler, as in an SGLang process
     monkeypatch.setattr(log, "handlers", [])

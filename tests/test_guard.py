@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from kvtrap import Config, KVTrapError, load_dump  # noqa: E402
-from kvtrap.guard import (  # noqa: E402
+from kvtrap.capture.guard import (  # noqa: E402
     GuardRecord,
     check_and_raise,
     guard_page_table_,

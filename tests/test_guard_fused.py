@@ -1,4 +1,4 @@
-"""The fused metadata build + guard (:mod:`kvtrap.guard.fused_metadata`) and its wiring.
+"""The fused metadata build + guard (:mod:`kvtrap.capture.guard.fused_metadata`) and its wiring.
 
 Reference for every comparison: SGLang 0.5.23's own ``update_trtllm_mha_graph_metadata`` (outputs) and
 that builder followed by kvtrap's separate guard (record entries and redirected tables).
@@ -23,11 +23,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 gm = pytest.importorskip("sglang.kernels.ops.attention.trtllm_mha_graph_metadata")
 
-from kvtrap.guard import (  # noqa: E402
+from kvtrap.capture.guard import (  # noqa: E402
     GuardRecord,
     guard_page_table_,
 )
-from kvtrap.guard.fused_metadata import GuardSpec, fused_unsupported, update_metadata_guarded_  # noqa: E402
+from kvtrap.capture.guard.fused_metadata import GuardSpec, fused_unsupported, update_metadata_guarded_  # noqa: E402
 from kvtrap.record.guard_entry import FLAG_OUT_OF_RANGE, FLAG_SEQLEN_EXCEEDS_TABLE, FLAG_SWA_MISMATCH  # noqa: E402
 
 IN_CHILD = os.environ.get("KVTRAP_GUARD_FUSED_CHILD") == "1"
@@ -341,7 +341,7 @@ class _Backend:
 
 
 def test_builder_wrapper_without_context_is_sglang_builder() -> None:
-    from kvtrap.hooks import device_guard
+    from kvtrap.capture.hooks import device_guard
 
     calls: list[tuple[tuple, dict]] = []
 
@@ -357,7 +357,7 @@ def test_builder_wrapper_without_context_is_sglang_builder() -> None:
 
 @child_only
 def test_child_builder_wrapper_fuses_or_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvtrap.hooks import device_guard
+    from kvtrap.capture.hooks import device_guard
 
     monkeypatch.setattr(device_guard, "guard_wanted", lambda table, guard: guard != "off")  # CPU tables
     kw, bounds = make_world(3, 16, 8, seed=9, swa=True)
@@ -406,7 +406,7 @@ def test_child_armed_in_graph_build_uses_fused_once_and_restores(tmp_path: Path,
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     import kvtrap
-    from kvtrap.hooks import device_guard
+    from kvtrap.capture.hooks import device_guard
 
     sglang_builder = gm.update_trtllm_mha_graph_metadata
     assert be.update_trtllm_mha_graph_metadata is sglang_builder
@@ -455,7 +455,7 @@ def test_module_function_target_installs_and_restores() -> None:
     import importlib.machinery
     import types
 
-    from kvtrap import patching
+    from kvtrap.capture import patching
 
     mod = types.ModuleType("kvtrap_test_fake_mod")
     mod.__spec__ = importlib.machinery.ModuleSpec(mod.__name__, None)  # an imported, finished module

@@ -29,7 +29,7 @@ ROW, COL = 2, 5
 
 def _victim(**kw):
     pytest.importorskip("sglang.kernels.ops.attention.decode_attention")
-    from kvtrap.guard.victim import PagedDecode
+    from kvtrap.capture.guard.victim import PagedDecode
 
     return PagedDecode(4, 1024, **kw)
 
@@ -37,7 +37,7 @@ def _victim(**kw):
 def test_unguarded_out_of_range_page_kills_the_process() -> None:
     pytest.importorskip("sglang.kernels.ops.attention.decode_attention")
     proc = subprocess.run(
-        [sys.executable, "-m", "kvtrap.guard.victim", "--crash"],
+        [sys.executable, "-m", "kvtrap.capture.guard.victim", "--crash"],
         capture_output=True, text=True, timeout=300, env=dict(os.environ),
     )
     out = proc.stdout + proc.stderr
@@ -49,7 +49,7 @@ def test_unguarded_out_of_range_page_kills_the_process() -> None:
 
 
 def test_guard_traps_eager_launch_and_cuda_survives(tmp_path: Path) -> None:
-    from kvtrap.guard import GuardRecord, check_and_raise
+    from kvtrap.capture.guard import GuardRecord, check_and_raise
 
     reset_dump_count()
     dec = _victim()
@@ -86,7 +86,7 @@ def test_guard_traps_eager_launch_and_cuda_survives(tmp_path: Path) -> None:
 
 
 def test_guard_inside_cuda_graph_traps_on_replay(tmp_path: Path) -> None:
-    from kvtrap.guard import GuardRecord, check_and_raise
+    from kvtrap.capture.guard import GuardRecord, check_and_raise
 
     reset_dump_count()
     dec = _victim()

@@ -57,7 +57,7 @@ def test_child_guard_records_redirects_and_drain_hook_raises_before_results(tmp_
     from sglang.srt.managers.utils import GenerationBatchResult
 
     import kvtrap
-    from kvtrap.hooks import device_guard
+    from kvtrap.capture.hooks import device_guard
 
     pool, alloc, backend = _world()
     md = backend.forward_metadata
@@ -83,14 +83,14 @@ def test_child_clean_tables_pass_untouched(tmp_path):
     import torch
 
     import kvtrap
-    from kvtrap.hooks import device_guard
+    from kvtrap.capture.hooks import device_guard
 
     pool, alloc, backend = _world()
     md = backend.forward_metadata
     before = (md.page_table.clone(), md.swa_page_table.clone())
     with kvtrap.armed(dump_dir=str(tmp_path)):
         state = device_guard.guard_metadata(backend, md, publish=False)
-        device_guard.drain(state, kvtrap.arming.current(), synced=False)
+        device_guard.drain(state, kvtrap.capture.session.current(), synced=False)
     assert torch.equal(md.page_table, before[0]) and torch.equal(md.swa_page_table, before[1])
     assert not list(tmp_path.iterdir())
 
@@ -99,7 +99,7 @@ def test_child_clean_tables_pass_untouched(tmp_path):
 def test_child_pool_without_token_mapping_guards_bounds_only(tmp_path):
     """Unified SWA pools keep ``full_to_swa_index_mapping = None``: the guard must still run (bounds only)."""
     import kvtrap
-    from kvtrap.hooks import device_guard
+    from kvtrap.capture.hooks import device_guard
 
     pool, alloc, backend = _world()
     md = backend.forward_metadata
@@ -108,5 +108,5 @@ def test_child_pool_without_token_mapping_guards_bounds_only(tmp_path):
     with kvtrap.armed(dump_dir=str(tmp_path)):
         state = device_guard.guard_metadata(backend, md, publish=False)
         with pytest.raises(kvtrap.KVTrapError) as info:
-            device_guard.drain(state, kvtrap.arming.current(), synced=False)
+            device_guard.drain(state, kvtrap.capture.session.current(), synced=False)
     assert (info.value.violation.table, info.value.violation.value) == ("swa_page_table", 999)

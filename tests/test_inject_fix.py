@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kvtrap
-from kvtrap import inject
+from kvtrap.capture import bugs as inject
 
 pytest.importorskip("sglang")
 from srt import import_srt  # noqa: E402
@@ -52,7 +52,7 @@ def test_released_resolver_is_correct_and_fix_is_a_noop(tmp_path, caplog):
         backend = w.make_draft_backend(runner, pool)
         assert backend._swa_kv_pool is pool  # 0.5.23 falls back to the allocator's pool
         handed = draft_step(backend, alloc, batch, fb, layers, ctx)
-        from kvtrap.bugs.sglang_26957 import fix_stats
+        from kvtrap.capture.fixes.sglang_26957 import fix_stats
 
         assert fix_stats()["applied"] == 0
     assert all(handed[i] is backend.forward_metadata.swa_page_table for i in w.SWA_LAYERS)
@@ -112,7 +112,7 @@ def test_unknown_bug_name_is_a_clear_error(tmp_path):
     with pytest.raises(kvtrap.ConfigError, match="unknown bug to inject 'sglang-1'; known: sglang-26957"):
         with kvtrap.armed(dump_dir=str(tmp_path), inject=("sglang-1",)):
             pass
-    from kvtrap.arming import current
+    from kvtrap.capture.session import current
 
     assert current() is None  # the refused session did not stay armed
     assert not hasattr(TRTLLMHAAttnBackend.__dict__["forward_decode"], "__kvtrap_original__")

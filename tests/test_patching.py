@@ -1,4 +1,4 @@
-"""kvtrap.patching on throwaway modules: wrap now, wrap after import, and wrap a module that was mid-import
+"""kvtrap.capture.patching on throwaway modules: wrap now, wrap after import, and wrap a module that was mid-import
 when armed (arming from inside an import chain, e.g. a plugin loaded while SGLang imports itself)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kvtrap import patching
-from kvtrap.patching import ORIGINAL_ATTR, MethodTarget
+from kvtrap.capture import patching
+from kvtrap.capture.patching import ORIGINAL_ATTR, MethodTarget
 
 
 def _wrap(original):
@@ -62,8 +62,8 @@ def test_wraps_a_module_that_was_mid_import_when_armed(modpath: Path) -> None:
     # the module arms kvtrap from its own top level, before its class exists: at that moment it is in
     # sys.modules but still executing, so it cannot be patched yet, and Python will never import it again
     _write(modpath, "kvtrap_tmp_mid", """
-        from kvtrap import patching
-        from kvtrap.patching import MethodTarget
+        from kvtrap.capture import patching
+        from kvtrap.capture.patching import MethodTarget
 
         def _wrap(original):
             def wrapper(self):

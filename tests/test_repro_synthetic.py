@@ -19,14 +19,7 @@ SMALL = syn.Shape(full_pages=512, swa_pages=40, bs=3, seq_len=1000, fill=0.85)
 
 
 def _check(state, fixed, tmp_path):
-    from kvtrap import checks
-    from kvtrap.hooks.trtllm_mha import evaluate
-    from kvtrap.session import Session
-
-    view = syn.layer_check(state, SMALL, fixed=fixed)
-    table = view.tables[view.handed_name]
-    scan = checks.scan_page_table(table, view.cache_seqlens, syn.PAGE, view.bound)
-    evaluate(Session(Config(dump_dir=tmp_path)), view, scan)
+    syn.check(state, SMALL, Config(dump_dir=tmp_path), fixed=fixed)
 
 
 def test_state_has_full_pool_ids_beyond_the_swa_pool():

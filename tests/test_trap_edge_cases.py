@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import kvtrap
-from kvtrap import checks, inject
+from kvtrap.capture import bugs as inject
+from kvtrap.capture import checks
 
 pytest.importorskip("sglang")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kvtrap
-from kvtrap import checks
+from kvtrap.capture import checks
 from kvtrap.record.dumpfile import load_dump
 
 sglang = pytest.importorskip("sglang")

@@ -134,8 +134,8 @@ def _check_dump_dir(path: Path) -> Check:
 
 
 def check_targets() -> list[Check]:
-    from kvtrap.hooks import all_targets
-    from kvtrap.patching import resolve
+    from kvtrap.capture.arming import all_targets
+    from kvtrap.capture.patching import resolve
 
     # Targets listed under several modules (older SGLang layouts) need one module that resolves.
     by_method: dict[tuple[str, str], list[tuple[str, bool, str]]] = {}

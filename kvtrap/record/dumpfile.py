@@ -16,15 +16,17 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 
-from kvtrap.config import Config
 from kvtrap.record import schema
 from kvtrap.record.context import Context
 from kvtrap.record.violation import Violation
+
+if TYPE_CHECKING:  # settings are passed in by the capture side; the record never imports them
+    from kvtrap.config import Config
 
 SCHEMA = "kvtrap.dump"
 SCHEMA_VERSION = 1

@@ -1,6 +1,6 @@
 """The device guard's record layout: one int64 row per bad entry, and the bits of its ``flags`` field.
 
-Shared by the Triton kernels that append entries (:mod:`kvtrap.guard.kernel`, which wraps these values
+Shared by the Triton kernels that append entries (:mod:`kvtrap.capture.guard.kernel`, which wraps these values
 as ``tl.constexpr`` globals), the host drain, and the report tools that read a dump's ``guard_entries``.
 Change a value here and every reader and writer follows; ``dumps/FORMAT.md`` documents them.
 """

@@ -1,6 +1,7 @@
 """Arming and disarming kvtrap's hooks: the ``armed()`` context manager and the plugin's process-wide arm.
 
-Both paths install the same wrappers (:func:`kvtrap.hooks.all_targets`). Sessions stack: the innermost
+Both paths install the same wrappers: the hooks (:mod:`kvtrap.capture.hooks`) and the default fixes
+(:mod:`kvtrap.capture.fixes`). Sessions stack: the innermost
 ``armed()`` block's config is the one hooks use, and the wrappers are removed when the last session
 ends. The plugin's session never ends. When nothing is armed the original methods are in place, so a
 disarmed kvtrap costs nothing.
@@ -12,23 +13,22 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from kvtrap import patching
+from kvtrap.capture import bugs, fixes, hooks, patching
+from kvtrap.capture.patching import MethodTarget
+from kvtrap.capture.session import Session, _stack
 from kvtrap.config import Config
 from kvtrap.record.dumpfile import reset_dump_count
-from kvtrap.session import Session
 
 _lock = threading.RLock()
-_stack: list[Session] = []
 
 
-def current() -> Session | None:
-    """The innermost armed session, or ``None``. Called on every hooked call: keep it trivial."""
-    return _stack[-1] if _stack else None
+def all_targets() -> list[MethodTarget]:
+    """Every method an armed kvtrap wraps, in a stable order: the hooks, then the default fixes (which
+    act only when the session's config says fix=auto)."""
+    return [*hooks.targets(), *fixes.targets()]
 
 
 def _push(config: Config) -> Session:
-    from kvtrap.hooks import all_targets
-
     session = Session(config)
     with _lock:
         if not _stack:
@@ -44,8 +44,6 @@ def _push(config: Config) -> Session:
 
 
 def _pop(session: Session) -> None:
-    from kvtrap.hooks import all_targets
-
     with _lock:
         if session in _stack:
             _stack.remove(session)
@@ -65,12 +63,10 @@ def _after_disarm() -> None:
 def _sync_injections() -> None:
     """Historical-bug injections are the union of what the armed sessions ask for: a bug injected by an
     inner ``armed()`` block goes away when that block ends, even if an outer session stays armed."""
-    from kvtrap import inject
-
     wanted: list[str] = []
     for session in _stack:
         wanted.extend(name for name in session.config.inject if name not in wanted)
-    inject.sync(wanted)
+    bugs.sync(wanted)
 
 
 @contextmanager

@@ -6,7 +6,7 @@ against ``[lower, bound)``, the page range of the pool the table indexes. Option
 also checks that each live SWA entry equals the full->SWA slot mapping applied to the full table's
 entry at the same position, which is how SGLang builds the SWA table.
 
-Every bad entry is appended to a preallocated :class:`~kvtrap.guard.record.GuardRecord` (one atomic
+Every bad entry is appended to a preallocated :class:`~kvtrap.capture.guard.record.GuardRecord` (one atomic
 per program that found something) and, when it is out of range, overwritten in place with
 ``safe_page`` so that the attention kernel launched afterwards reads a page that exists. The guard
 never synchronises with the host: the launcher reads no device value, so it can be captured into a
@@ -25,7 +25,7 @@ import triton.language as tl
 if TYPE_CHECKING:
     import torch
 
-    from kvtrap.guard.record import GuardRecord
+    from kvtrap.capture.guard.record import GuardRecord
 
 from kvtrap.record import guard_entry as _layout
 

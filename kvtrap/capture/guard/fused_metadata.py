@@ -1,6 +1,6 @@
 """SGLang's in-graph trtllm_mha metadata build with the device guard folded into the same launch.
 
-Why: the separate guard (:mod:`kvtrap.guard.kernel`) is a second kernel per page table that re-reads
+Why: the separate guard (:mod:`kvtrap.capture.guard.kernel`) is a second kernel per page table that re-reads
 the table SGLang's builder has just written; under CUDA-graph replay that costs one launch plus one
 global-memory round trip (1.2-1.9 us on an H200, 2-3.5x an empty kernel). The builder already holds
 every page id in registers when it writes it, so checking there costs a few compares and no launch.
@@ -15,7 +15,7 @@ the rest for the ``swa_out_cache_loc`` tiles follows SGLang's kernel (credit: SG
 ``update_trtllm_mha_graph_metadata_kernel``); the code here is kvtrap's own.
 
 In the same pass, per live page id (the prefix ``min(cdiv(cache_seqlen, page_size), width)``), it
-does what :func:`kvtrap.guard.kernel.guard_page_table_` would do on the finished tables, in the
+does what :func:`kvtrap.capture.guard.kernel.guard_page_table_` would do on the finished tables, in the
 order kvtrap's hook ran it (full table first, then the SWA table against the *redirected* full
 table), so the record holds the same entries (same layout, same flags):
 
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import triton
 import triton.language as tl
 
-from kvtrap.guard.kernel import (
+from kvtrap.capture.guard.kernel import (
     F_OUT_OF_RANGE,
     F_SWA_MISMATCH,
     _append_entries,
@@ -49,7 +49,7 @@ from kvtrap.guard.kernel import (
 if TYPE_CHECKING:
     import torch
 
-    from kvtrap.guard.record import GuardRecord
+    from kvtrap.capture.guard.record import GuardRecord
 
 # cu_seqlens_q modes of SGLang 0.5.23's builder (its Q_MODE_* constants; same values so callers can
 # pass SGLang's own constants through unchanged)

@@ -6,9 +6,9 @@ The entry layout and flag bits live in :mod:`kvtrap.record.guard_entry`.
 Importing this package imports torch and triton.
 """
 
-from kvtrap.guard.drain import check_and_raise
-from kvtrap.guard.kernel import guard_page_table_
-from kvtrap.guard.record import Drained, GuardEntry, GuardRecord
+from kvtrap.capture.guard.drain import check_and_raise
+from kvtrap.capture.guard.kernel import guard_page_table_
+from kvtrap.capture.guard.record import Drained, GuardEntry, GuardRecord
 
 __all__ = [
     "Drained",

@@ -1,4 +1,4 @@
-"""Wiring the device guard (:mod:`kvtrap.guard`) into SGLang's trtllm_mha backend and scheduler.
+"""Wiring the device guard (:mod:`kvtrap.capture.guard`) into SGLang's trtllm_mha backend and scheduler.
 
 Where each piece runs (SGLang 0.5.23):
 
@@ -7,7 +7,7 @@ Where each piece runs (SGLang 0.5.23):
   page tables inside the graph through the module-level ``update_trtllm_mha_graph_metadata``. kvtrap
   replaces that name in ``trtllm_mha_backend`` with a wrapper and, for the duration of the in-graph
   call, sets a thread-local build context (an AROUND hook). With a context, the wrapper runs
-  :func:`kvtrap.guard.fused_metadata.update_metadata_guarded_`: SGLang's build and the guard in one
+  :func:`kvtrap.capture.guard.fused_metadata.update_metadata_guarded_`: SGLang's build and the guard in one
   launch, no extra kernel. Where the fused build does not apply (``fused_unsupported`` says why: a
   unified pool, table shapes the separate guard would check differently, a drifted SWA mapping) the
   wrapper calls SGLang's builder unchanged and, after the call, kvtrap launches the separate guard
@@ -19,7 +19,7 @@ Where each piece runs (SGLang 0.5.23):
   becomes a no-op), reads the pinned counter (free when zero) and, if the guard recorded anything,
   dumps and raises before the step's tokens reach any client. With the overlap scheduler the next
   step may already be queued; it is guarded too (entries accumulate until drained).
-* **Eager forwards** are checked on the host before each kernel (:mod:`kvtrap.hooks.trtllm_mha`),
+* **Eager forwards** are checked on the host before each kernel (:mod:`kvtrap.capture.hooks.trtllm_mha`),
   which raises before anything runs. With ``KVTRAP_GUARD=on`` the guard also runs there, right after
   ``init_forward_metadata``, drained at once (one sync), so eager and graph runs use the same checks.
 
@@ -33,9 +33,10 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from kvtrap.arming import current
-from kvtrap.hooks.trtllm_mha import translating
-from kvtrap.patching import MethodTarget, module_function
+from kvtrap.capture.patching import MethodTarget, module_function
+from kvtrap.capture.session import current
+from kvtrap.capture.sglang_view import backend_context, translating
+from kvtrap.record.context import Context
 
 MODULE = "sglang.srt.layers.attention.trtllm_mha_backend"
 CLASS = "TRTLLMHAAttnBackend"
@@ -64,7 +65,7 @@ def guard_wanted(table: Any, guard: str) -> bool:
 def _state(backend: Any, device: Any) -> GuardState:
     state = _states.get(backend)
     if state is None:
-        from kvtrap.guard import GuardRecord
+        from kvtrap.capture.guard import GuardRecord
 
         record = GuardRecord(device=device)
         ids = {
@@ -78,8 +79,8 @@ def _state(backend: Any, device: Any) -> GuardState:
 
 def guard_metadata(backend: Any, md: Any, *, publish: bool) -> GuardState:
     """Launch the guard on ``md``'s page tables (capturable: reads no device value)."""
-    from kvtrap.guard import guard_page_table_
-    from kvtrap.hooks.trtllm_mha import FULL, SWA, is_swa_pool, pool_summary
+    from kvtrap.capture.guard import guard_page_table_
+    from kvtrap.capture.sglang_view import FULL, SWA, is_swa_pool, pool_summary
 
     live = backend.token_to_kv_pool
     page_size = int(backend.page_size)
@@ -102,32 +103,12 @@ def guard_metadata(backend: Any, md: Any, *, publish: bool) -> GuardState:
 
 
 def drain(state: GuardState, session: Any, *, synced: bool) -> None:
-    from kvtrap.guard import check_and_raise
-    from kvtrap.hooks.trtllm_mha import backend_state, live_pool, pool_summary
-    from kvtrap.record.context import Context
+    from kvtrap.capture.guard import check_and_raise
 
     if state.record.pending(synced=synced) == 0:
         return
     backend = state.backend()
-    context = Context()
-    tensors: dict[str, Any] = {}
-    if backend is not None:
-        live = backend.token_to_kv_pool
-        md = getattr(backend, "forward_metadata", None)
-        context = Context(
-            page_size=int(backend.page_size),
-            pools=pool_summary(live, int(backend.page_size)),
-            live_pool=live_pool(live),
-            backend=backend_state(backend, live),
-            capturing=False,
-        )
-        if md is not None:
-            context = context.with_(batch_size=int(md.cache_seqlens_int32.shape[0]))
-            tensors = {
-                "page_table": md.page_table,
-                "swa_page_table": getattr(md, "swa_page_table", None),
-                "cache_seqlens": md.cache_seqlens_int32,
-            }
+    context, tensors = backend_context(backend) if backend is not None else (Context(), {})
     check_and_raise(state.record, session, context, tensors, synced=synced)
 
 
@@ -151,8 +132,8 @@ def current_build() -> BuildContext | None:
 
 def _fused_spec(ctx: BuildContext, kwargs: dict[str, Any]) -> tuple[Any, GuardState | None, str | None]:
     """The fused build's guard arguments for this call, or why the fused build does not apply."""
-    from kvtrap.guard.fused_metadata import GuardSpec, fused_unsupported
-    from kvtrap.hooks.trtllm_mha import FULL, SWA, is_swa_pool, pool_summary
+    from kvtrap.capture.guard.fused_metadata import GuardSpec, fused_unsupported
+    from kvtrap.capture.sglang_view import FULL, SWA, is_swa_pool, pool_summary
 
     table = kwargs.get("page_table")
     if table is None or kwargs.get("skip_page_table"):
@@ -193,7 +174,7 @@ def _guarded_builder(original: Any) -> Any:
         if spec is None:
             ctx.fallback = why
             return original(*args, **kwargs)
-        from kvtrap.guard.fused_metadata import update_metadata_guarded_
+        from kvtrap.capture.guard.fused_metadata import update_metadata_guarded_
 
         update_metadata_guarded_(spec=spec, **kwargs)
         ctx.fused = state

@@ -1,28 +1,14 @@
-"""SGLang #26957: the frozen-KV MTP draft backend serves SWA layers the full-pool page table.
+"""Fix for SGLang #26957 (``KVTRAP_FIX=auto``, the default): the backend's SWA state follows its pool.
 
-The bug (PR #25103 introduced it on SGLang main; PRs #26966 / #27491 removed it; no PyPI release has
-it): ``TRTLLMHAAttnBackend`` decides at ``__init__`` whether it serves an SWA pool, from the *draft*
-runner's own small plain pool, so the draft backend caches ``_swa_kv_pool=None``,
-``use_sliding_window_kv_pool=False``, ``_swa_full_to_swa_mapping=None``. At forward time
-``frozen_kv_target_view`` / ``target_kv_pool_view`` swap ``backend.token_to_kv_pool`` to the target's
-``SWAKVPool``, but the cached SWA state stays stale: SWA layers get full-pool page ids, which fault
-once they exceed the SWA pool's page count.
-
-Two things live here:
-
-* **Injection** (``KVTRAP_INJECT=sglang-26957``): ``_resolve_swa_kv_pool`` answers ``None`` for draft
-  workers whose own pool is not SWA, as the buggy build did (SGLang >= 0.5.13, where that method
-  exists; released builds fall back to the allocator's pool for frozen-KV drafts).
-* **The fix** (``KVTRAP_FIX=auto``, the default): the backend's SWA state follows
-  ``token_to_kv_pool`` in lockstep. A data descriptor on ``TRTLLMHAAttnBackend.token_to_kv_pool`` sees
-  every swap (whoever does it: the views hold no reference we would have to patch); when an SWA pool
-  is swapped into a backend whose cached state disagrees, it sets ``_swa_kv_pool``,
-  ``use_sliding_window_kv_pool`` and ``_swa_full_to_swa_mapping`` (read by the in-graph metadata
-  kernel since 0.5.15) from the live pool, makes sure the SWA page-table buffers of
-  ``init_cuda_graph_state`` exist (they are ``None`` when it ran with no SWA pool), and restores the
-  saved state when the original pool comes back. The lockstep idea was proposed in SGLang PR #26531
-  (closed, never shipped); this is kvtrap's own implementation. On builds that resolve correctly the
-  state already agrees at every swap, so the fix does nothing, and says so once.
+The bug is described in :mod:`kvtrap.capture.bugs.sglang_26957`. The fix: a data descriptor on
+``TRTLLMHAAttnBackend.token_to_kv_pool`` sees every swap (whoever does it: the views hold no reference
+we would have to patch); when an SWA pool is swapped into a backend whose cached state disagrees, it sets
+``_swa_kv_pool``, ``use_sliding_window_kv_pool`` and ``_swa_full_to_swa_mapping`` (read by the in-graph
+metadata kernel since 0.5.15) from the live pool, makes sure the SWA page-table buffers of
+``init_cuda_graph_state`` exist (they are ``None`` when it ran with no SWA pool), and restores the saved
+state when the original pool comes back. The lockstep idea was proposed in SGLang PR #26531 (closed,
+never shipped); this is kvtrap's own implementation. On builds that resolve correctly the state already
+agrees at every swap, so the fix does nothing, and says so once.
 """
 
 from __future__ import annotations
@@ -31,38 +17,17 @@ import logging
 import weakref
 from typing import Any
 
-from kvtrap import inject
-from kvtrap.arming import current
-from kvtrap.hooks.trtllm_mha import find_drift
-from kvtrap.hooks.trtllm_mha import is_swa_pool as _is_swa_pool
-from kvtrap.patching import MethodTarget, install, uninstall
+from kvtrap.capture.patching import MethodTarget
+from kvtrap.capture.session import current
+from kvtrap.capture.sglang_view import find_drift, is_swa_pool
 
 logger = logging.getLogger("kvtrap")
 
-NAME = "sglang-26957"
 MODULE = "sglang.srt.layers.attention.trtllm_mha_backend"
 CLASS = "TRTLLMHAAttnBackend"
 _STATE = ("_swa_kv_pool", "use_sliding_window_kv_pool", "_swa_full_to_swa_mapping")
 
 
-# ------------------------------------------------------------------------------------- injection
-def _buggy_resolver(original: Any) -> staticmethod:
-    resolve = original.__func__ if isinstance(original, staticmethod) else original
-
-    def _resolve_swa_kv_pool(model_runner: Any) -> Any:
-        # The PR #25103 behaviour: a draft worker whose own pool is not SWA gets no SWA pool, even
-        # for frozen-KV MTP, whose layers read the target's SWA pool through the views.
-        if getattr(model_runner, "is_draft_worker", False) and not _is_swa_pool(model_runner.token_to_kv_pool):
-            return None
-        return resolve(model_runner)
-
-    return staticmethod(_resolve_swa_kv_pool)
-
-
-INJECT_TARGETS = [MethodTarget(MODULE, CLASS, "_resolve_swa_kv_pool", _buggy_resolver)]
-
-
-# ------------------------------------------------------------------------------------------ fix
 class _Lockstep:
     """Data descriptor over the instance attribute ``token_to_kv_pool`` (kept in the instance dict)."""
 
@@ -85,11 +50,11 @@ class _Lockstep:
         obj.__dict__["token_to_kv_pool"] = pool
         if first:
             return  # __init__ setting the backend's own pool: nothing to follow yet
-        if obj in self.saved and not _is_swa_pool(pool):
+        if obj in self.saved and not is_swa_pool(pool):
             for name, value in self.saved.pop(obj).items():
                 setattr(obj, name, value)  # swapped back: the backend's own state returns
             return
-        if not _is_swa_pool(pool):
+        if not is_swa_pool(pool):
             return
         session = current()
         if session is None or session.config.fix != "auto":
@@ -158,7 +123,7 @@ def _record_graph_tokens(original: Any) -> Any:
 
 
 _lockstep = _Lockstep()
-FIX_TARGETS = [
+TARGETS = [
     MethodTarget(MODULE, CLASS, "token_to_kv_pool", lambda _none: _lockstep, add=True),
     MethodTarget(MODULE, CLASS, "init_cuda_graph_state", _record_graph_tokens),
 ]
@@ -166,13 +131,3 @@ FIX_TARGETS = [
 
 def fix_stats() -> dict[str, int]:
     return {"applied": _lockstep.applied, "backends_in_target_view": len(_lockstep.saved)}
-
-
-inject.register(
-    inject.Bug(
-        name=NAME,
-        title="frozen-KV MTP draft backend serves SWA layers the full-pool page table (SGLang #26957)",
-        enable=lambda: install(INJECT_TARGETS),
-        disable=lambda: uninstall(INJECT_TARGETS),
-    )
-)

@@ -5,7 +5,7 @@ The page table is built the way SGLang's trtllm_mha backend builds it inside its
 Triton decode kernel reads (``kv_indices = page * page_size + offset``), so a page id far past the
 pool makes the kernel read unmapped memory: an illegal-address fault.
 
-``python -m kvtrap.guard.victim --crash`` runs the unguarded faulting launch (for a child process).
+``python -m kvtrap.capture.guard.victim --crash`` runs the unguarded faulting launch (for a child process).
 Needs CUDA and ``sglang.kernels.ops.attention`` (the SGLang wheel; the full server stack is not needed).
 """
 
@@ -16,8 +16,8 @@ import sys
 
 import torch
 
-from kvtrap.guard.kernel import guard_page_table_
-from kvtrap.guard.record import GuardRecord
+from kvtrap.capture.guard.kernel import guard_page_table_
+from kvtrap.capture.guard.record import GuardRecord
 
 #: far past any pool: page * page_size * kv_heads * head_dim * 2 bytes is hundreds of GB out
 BAD_PAGE_OFFSET = 5_000_000

@@ -1,4 +1,9 @@
-"""An armed kvtrap session: its frozen config, and what happens when a hook finds a violation."""
+"""An armed kvtrap session (its frozen config, and what happens when a hook finds a violation), and the
+stack of armed sessions that every hook reads through :func:`current`.
+
+Hooks, fixes and the guard import this module; :mod:`kvtrap.capture.arming` (above them) pushes and
+pops sessions and installs the hooks, so nothing below arming imports arming.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,17 @@ from kvtrap.record.dumpfile import write_dump
 from kvtrap.record.violation import KVTrapError, Violation
 
 logger = logging.getLogger("kvtrap")
+
+_stack: list[Session] = []  # innermost last; changed only by kvtrap.capture.arming under its lock
+
+
+def current() -> Session | None:
+    """The innermost armed session, or ``None``. Called on every hooked call: keep it trivial."""
+    return _stack[-1] if _stack else None
+
+
+def armed_sessions() -> tuple[Session, ...]:
+    return tuple(_stack)
 
 
 @dataclass

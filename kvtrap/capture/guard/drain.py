@@ -7,7 +7,7 @@ Call :func:`check_and_raise` at the drain point, outside any CUDA-graph capture:
   ``GuardRecord.publish_`` captured in the graph: free when nothing was recorded), or right after the
   runner's replay returns (``synced=False``: one device read).
 
-Reporting goes through :meth:`kvtrap.session.Session.report`, the one path every kvtrap trap uses
+Reporting goes through :meth:`kvtrap.capture.session.Session.report`, the one path every kvtrap trap uses
 (dump, raise in ``raise`` mode, rate-limited log in ``log`` mode). Entries the guard redirected are
 safe to continue from, so ``log`` mode really continues.
 """
@@ -17,11 +17,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from kvtrap.capture.guard.record import GuardRecord
+from kvtrap.capture.session import Session
 from kvtrap.config import Config
-from kvtrap.guard.record import GuardRecord
 from kvtrap.record.context import Context
 from kvtrap.record.violation import Violation
-from kvtrap.session import Session
 
 
 def check_and_raise(
