@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import sglang_world as w
 import torch
 
 import kvtrap
+from helpers import sglang_world as w
 
 
 def _fire(dump_dir: Path, call) -> tuple[Path, kvtrap.KVTrapError]:

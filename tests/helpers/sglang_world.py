@@ -30,7 +30,7 @@ MAX_PAGES = 32  # table width (max_context_len // page_size)
 def sglang():
     """Import the SGLang pieces lazily (importing takes seconds). On the GPU machine, where ``sglang.srt``
     cannot import (no ``sgl_kernel``), the calling test is skipped (see ``srt.py``)."""
-    from srt import import_srt
+    from helpers.srt import import_srt
 
     import_srt("sglang.srt.mem_cache.swa_memory_pool")
     from sglang.srt.layers.attention.trtllm_mha_backend import TRTLLMHAAttnBackend, TRTLLMMHAMetadata

@@ -11,8 +11,8 @@ from kvtrap.record.dumpfile import load_dump
 
 sglang = pytest.importorskip("sglang")
 
-import sglang_world as w  # noqa: E402
-import trapdumps as td  # noqa: E402
+from helpers import sglang_world as w  # noqa: E402
+from helpers import trapdumps as td  # noqa: E402
 
 KERNEL_REACHED = "name 'flashinfer' is not defined"  # on CPU the FlashInfer launch is where SGLang stops
 

@@ -13,7 +13,7 @@ pytest.importorskip("sglang")
 
 
 def test_doctor_proves_the_trap_here():
-    from srt import import_srt
+    from helpers.srt import import_srt
 
     import_srt("sglang.srt.mem_cache.swa_memory_pool")  # doctor needs SGLang's runtime (skipped on the GPU machine)
     proc = subprocess.run([sys.executable, "-m", "kvtrap", "doctor"], capture_output=True, text=True, timeout=300)

@@ -15,11 +15,11 @@ import kvtrap
 from kvtrap.capture import bugs as inject
 
 pytest.importorskip("sglang")
-from srt import import_srt  # noqa: E402
+from helpers.srt import import_srt  # noqa: E402
 
 TRTLLMHAAttnBackend = import_srt("sglang.srt.layers.attention.trtllm_mha_backend").TRTLLMHAAttnBackend
 frozen_kv_target_view = import_srt("sglang.srt.speculative.frozen_kv_mtp_utils").frozen_kv_target_view
-import sglang_world as w  # noqa: E402
+from helpers import sglang_world as w  # noqa: E402
 
 KERNEL = "name 'flashinfer' is not defined"
 

@@ -13,7 +13,7 @@ import kvtrap
 from kvtrap.capture.patching import ORIGINAL_ATTR
 
 pytest.importorskip("sglang")
-from srt import import_srt  # noqa: E402
+from helpers.srt import import_srt  # noqa: E402
 
 TRTLLMHAAttnBackend = import_srt("sglang.srt.layers.attention.trtllm_mha_backend").TRTLLMHAAttnBackend
 SWATokenToKVPoolAllocator = import_srt("sglang.srt.mem_cache.allocator.swa").SWATokenToKVPoolAllocator

@@ -11,8 +11,8 @@ from kvtrap.capture import checks
 
 pytest.importorskip("sglang")
 
-import sglang_world as w  # noqa: E402
-import trapdumps as td  # noqa: E402
+from helpers import sglang_world as w  # noqa: E402
+from helpers import trapdumps as td  # noqa: E402
 
 
 def _decode_all(backend, layers, fb, bs=3):

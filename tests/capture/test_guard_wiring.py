@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("sglang")
 pytest.importorskip("triton")
-from srt import import_srt  # noqa: E402
+from helpers.srt import import_srt  # noqa: E402
 
 import_srt("sglang.srt.mem_cache.swa_memory_pool")  # needs sgl_kernel: skipped on the GPU box, fails loudly on CPU
 
@@ -34,7 +34,7 @@ def test_guard_wiring_in_child_process(tmp_path):
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "child_"],
-        env=env, capture_output=True, text=True, timeout=600, cwd=HERE.parent,
+        env=env, capture_output=True, text=True, timeout=600, cwd=HERE.parents[1],
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "3 passed" in proc.stdout
@@ -44,7 +44,7 @@ child_only = pytest.mark.skipif(not IN_CHILD, reason="runs in the child process"
 
 
 def _world():
-    import trapdumps as td
+    from helpers import trapdumps as td
 
     pool, alloc, layers, batch, backend, fb = td.decode_world()
     return pool, alloc, backend

@@ -43,7 +43,7 @@ def test_fused_under_interpreter_in_child_process() -> None:
     env = dict(os.environ, KVTRAP_GUARD_FUSED_CHILD="1", TRITON_INTERPRET="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "child_"],
-        env=env, capture_output=True, text=True, timeout=900, cwd=str(Path(__file__).resolve().parent.parent),
+        env=env, capture_output=True, text=True, timeout=900, cwd=str(Path(__file__).resolve().parents[2]),
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert " failed" not in proc.stdout and " passed" in proc.stdout
@@ -399,7 +399,7 @@ def test_child_armed_in_graph_build_uses_fused_once_and_restores(tmp_path: Path,
     """Arming replaces the module-level builder in SGLang's backend module and puts it back; a real
     ``TRTLLMHAAttnBackend.init_forward_metadata_in_graph`` then runs the fused build and no separate
     guard."""
-    from srt import import_srt
+    from helpers.srt import import_srt
 
     be = import_srt("sglang.srt.layers.attention.trtllm_mha_backend")
     from sglang.srt.layers.attention.trtllm_mha_backend import TRTLLMHAAttnBackend, TRTLLMMHAMetadata

@@ -1,6 +1,6 @@
 """Each explain rule, on a dump written by a real kvtrap trap firing on real SGLang 0.5.23 objects.
 
-The dumps come from ``tests/trapdumps.py`` (one per scenario, made once per module). No hand-written
+The dumps come from ``tests/helpers/trapdumps.py`` (one per scenario, made once per module). No hand-written
 JSON: every fact a rule reads was recorded by the trap.
 """
 
@@ -15,7 +15,7 @@ from kvtrap.record.dumpfile import Dump, load_dump
 from kvtrap.record.kinds import Kind
 from kvtrap.report.explain import RULES, Finding, explain, rule_ids
 
-trapdumps = pytest.importorskip("trapdumps", reason="tests/trapdumps.py (real trap scenarios) is missing")
+trapdumps = pytest.importorskip("helpers.trapdumps", reason="tests/helpers/trapdumps.py (real trap scenarios) is missing")
 
 
 def _path(made: object) -> Path:

@@ -15,7 +15,7 @@ import pytest
 from kvtrap.repro import runner, scenarios
 from kvtrap.repro.classify import Outcome
 
-STANDINS = Path(__file__).resolve().parent / "standins"
+STANDINS = Path(__file__).resolve().parents[1] / "helpers" / "standins"
 FAKE_SERVER = STANDINS / "fake_server.py"
 FAKE_BENCH = STANDINS / "fake_bench.py"
 

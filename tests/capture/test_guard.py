@@ -287,7 +287,7 @@ def test_guard_kernels_under_interpreter() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
         env=env, capture_output=True, text=True, timeout=600,
-        cwd=str(Path(__file__).resolve().parent.parent),
+        cwd=str(Path(__file__).resolve().parents[2]),
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]

@@ -12,8 +12,8 @@ from kvtrap.record.dumpfile import load_dump
 
 pytest.importorskip("sglang")
 
-import sglang_world as w  # noqa: E402
-import trapdumps as td  # noqa: E402
+from helpers import sglang_world as w  # noqa: E402
+from helpers import trapdumps as td  # noqa: E402
 
 
 def test_corrupt_free_list_trapped_on_extend_with_dump(tmp_path):

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from kvtrap.cli.dump_cmd import dump
 from kvtrap.record.dumpfile import MANIFEST, TENSORS, find_dumps, load_dump
 
-trapdumps = pytest.importorskip("trapdumps", reason="tests/trapdumps.py (real trap scenarios) is missing")
+trapdumps = pytest.importorskip("helpers.trapdumps", reason="tests/helpers/trapdumps.py (real trap scenarios) is missing")
 
 
 @pytest.fixture(scope="module")
