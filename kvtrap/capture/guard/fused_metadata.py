@@ -63,19 +63,17 @@ _BLOCK = 512
 _MAX_ROW_BLOCK = 1024
 
 
-def _row_config(width: int) -> tuple[int, int, bool]:
-    """(columns per loop step, warps, once-per-row check) for a table ``width`` pages wide.
+def _row_config(width: int) -> tuple[int, int]:
+    """(columns per loop step, warps) for a table ``width`` pages wide.
 
     One step covers the whole row up to 1024 columns (SGLang's builder steps 512 at a time), with
-    warps scaled to the step. Measured on an H200 (``benchmarks/guard_bench.py --sections variants``,
-    ``benchmarks/results/guard-nvidia-h200-fused-variants.md``): the lowest worst case of the
-    variants (0.95x the empty-kernel floor over SGLang's builder; the goal is 1.5x). With SGLang's
-    512-column steps and 4 warps the SWA table at bs 256 x 1024 pages cost 2x the floor, and with a
-    check per step instead of per row 1024-page rows cost 1.6x.
+    warps scaled to the step: wide rows are the worst case of the in-graph build, and one step per row
+    keeps their extra cost lowest (the comparison of launch shapes is ``benchmarks/guard_bench.py
+    --sections variants``, which swaps this function).
     """
     row_block = min(max(triton.next_power_of_2(int(width)), 64), _MAX_ROW_BLOCK)
     num_warps = 2 if row_block <= 128 else 4 if row_block <= 512 else 8
-    return row_block, num_warps, True
+    return row_block, num_warps
 
 
 @triton.jit
@@ -171,7 +169,6 @@ def _metadata_guard_kernel(
     Q_MODE: tl.constexpr,
     BLOCK: tl.constexpr,  # swa_out_cache_loc tile width (SGLang's)
     ROW_BLOCK: tl.constexpr,  # page-table columns per loop step
-    PER_ROW: tl.constexpr,  # decide "anything bad?" once per row (else once per step)
     BS_BLOCK: tl.constexpr,
     SAFE_PAGE: tl.constexpr,
 ):
@@ -192,58 +189,39 @@ def _metadata_guard_kernel(
         need = (seqlen.to(tl.int64) + PAGE_SIZE - 1) // PAGE_SIZE
         live = tl.minimum(need, max_seq_pages)
         offs = tl.arange(0, ROW_BLOCK)
-        if PER_ROW:
-            # Common path: build, check and write; only a per-lane flag is carried across the steps,
-            # and one block-wide reduction per row decides whether anything is to be recorded.
-            bad = tl.zeros([ROW_BLOCK], dtype=tl.int32)
-            for start in range(0, live, ROW_BLOCK):
-                cols = start + offs
-                m = cols < live
-                tok, page64, oor, written = _check_full(src, cols, m, full_bound, PAGE_SIZE, SAFE_PAGE, PT)
-                tl.store(dst + cols, written.to(PT), mask=m)
-                bad = bad | oor.to(tl.int32)
-                if HAS_SWA:
-                    tok64, slot, spage = _swa_page(map_ptr, tok, m, map_numel, PAGE_SIZE)
-                    if CHECK_SWA:
-                        sval, sflags, swritten = _check_swa(map_ptr, tok64, slot, spage, written, m, map_numel,
-                                                            swa_bound, PAGE_SIZE, SAFE_PAGE, SPT)
-                        tl.store(swa_dst + cols, swritten.to(SPT), mask=m)
-                        bad = bad | (sflags != 0).to(tl.int32)
-                    else:
-                        tl.store(swa_dst + cols, spage, mask=m)
-            if tl.max(bad, axis=0) > 0:
-                # Rare path (something is wrong): recompute the row's checks from the unchanged inputs
-                # and record, step by step in the same order as below (full entries, then SWA ones).
-                for start2 in range(0, live, ROW_BLOCK):
-                    cols2 = start2 + offs
-                    m2 = cols2 < live
-                    tok2, page2, oor2, written2 = _check_full(src, cols2, m2, full_bound, PAGE_SIZE, SAFE_PAGE, PT)
-                    _append_entries(counter_ptr, entries_ptr, max_entries, oor2, full_table_id, layer_id, row,
-                                    cols2, page2, full_bound, oor2.to(tl.int64))
-                    if CHECK_SWA:
-                        stok2, sslot2, spage2 = _swa_page(map_ptr, tok2, m2, map_numel, PAGE_SIZE)
-                        sval2, sflags2, sw2 = _check_swa(map_ptr, stok2, sslot2, spage2, written2, m2, map_numel,
-                                                         swa_bound, PAGE_SIZE, SAFE_PAGE, SPT)
-                        _append_entries(counter_ptr, entries_ptr, max_entries, sflags2 != 0, swa_table_id,
-                                        layer_id, row, cols2, sval2, swa_bound, sflags2)
-        else:
-            for start in range(0, live, ROW_BLOCK):
-                cols = start + offs
-                m = cols < live
-                tok, page64, oor, written = _check_full(src, cols, m, full_bound, PAGE_SIZE, SAFE_PAGE, PT)
-                tl.store(dst + cols, written.to(PT), mask=m)
-                _append_entries(counter_ptr, entries_ptr, max_entries, oor, full_table_id, layer_id, row, cols,
-                                page64, full_bound, oor.to(tl.int64))
-                if HAS_SWA:
-                    tok64, slot, spage = _swa_page(map_ptr, tok, m, map_numel, PAGE_SIZE)
-                    if CHECK_SWA:
-                        sval, sflags, swritten = _check_swa(map_ptr, tok64, slot, spage, written, m, map_numel,
-                                                            swa_bound, PAGE_SIZE, SAFE_PAGE, SPT)
-                        tl.store(swa_dst + cols, swritten.to(SPT), mask=m)
-                        _append_entries(counter_ptr, entries_ptr, max_entries, sflags != 0, swa_table_id,
-                                        layer_id, row, cols, sval, swa_bound, sflags)
-                    else:
-                        tl.store(swa_dst + cols, spage, mask=m)
+        # Common path: build, check and write; only a per-lane flag is carried across the steps,
+        # and one block-wide reduction per row decides whether anything is to be recorded.
+        bad = tl.zeros([ROW_BLOCK], dtype=tl.int32)
+        for start in range(0, live, ROW_BLOCK):
+            cols = start + offs
+            m = cols < live
+            tok, page64, oor, written = _check_full(src, cols, m, full_bound, PAGE_SIZE, SAFE_PAGE, PT)
+            tl.store(dst + cols, written.to(PT), mask=m)
+            bad = bad | oor.to(tl.int32)
+            if HAS_SWA:
+                tok64, slot, spage = _swa_page(map_ptr, tok, m, map_numel, PAGE_SIZE)
+                if CHECK_SWA:
+                    sval, sflags, swritten = _check_swa(map_ptr, tok64, slot, spage, written, m, map_numel,
+                                                        swa_bound, PAGE_SIZE, SAFE_PAGE, SPT)
+                    tl.store(swa_dst + cols, swritten.to(SPT), mask=m)
+                    bad = bad | (sflags != 0).to(tl.int32)
+                else:
+                    tl.store(swa_dst + cols, spage, mask=m)
+        if tl.max(bad, axis=0) > 0:
+            # Rare path (something is wrong): recompute the row's checks from the unchanged inputs
+            # and record, step by step, full entries then SWA ones (the separate guard's order).
+            for start2 in range(0, live, ROW_BLOCK):
+                cols2 = start2 + offs
+                m2 = cols2 < live
+                tok2, page2, oor2, written2 = _check_full(src, cols2, m2, full_bound, PAGE_SIZE, SAFE_PAGE, PT)
+                _append_entries(counter_ptr, entries_ptr, max_entries, oor2, full_table_id, layer_id, row,
+                                cols2, page2, full_bound, oor2.to(tl.int64))
+                if CHECK_SWA:
+                    stok2, sslot2, spage2 = _swa_page(map_ptr, tok2, m2, map_numel, PAGE_SIZE)
+                    sval2, sflags2, sw2 = _check_swa(map_ptr, stok2, sslot2, spage2, written2, m2, map_numel,
+                                                     swa_bound, PAGE_SIZE, SAFE_PAGE, SPT)
+                    _append_entries(counter_ptr, entries_ptr, max_entries, sflags2 != 0, swa_table_id,
+                                    layer_id, row, cols2, sval2, swa_bound, sflags2)
         if need > max_seq_pages:
             _append_overflow(counter_ptr, entries_ptr, max_entries, full_table_id, layer_id, row,
                              max_seq_pages, need)
@@ -371,14 +349,12 @@ def update_metadata_guarded_(
     q_stride: int = 0,
     q_mode: int = Q_MODE_NONE,
     skip_page_table: bool = False,
-    _variant: tuple[int, int, bool] | None = None,
 ) -> None:
     """SGLang's ``update_trtllm_mha_graph_metadata`` plus the guard, in one launch (capturable).
 
     Same keyword arguments and outputs as SGLang 0.5.23's function, plus ``spec``. Reads no device
     value. Raises ``ValueError`` where :func:`fused_unsupported` says the fused build does not apply
-    (callers that want a fallback check that first). ``_variant`` (benchmark and tests only):
-    ``(columns per step, warps, once-per-row check)`` instead of :func:`_row_config`'s choice.
+    (callers that want a fallback check that first). The launch shape is :func:`_row_config`'s.
     """
     if bs == 0:
         return
@@ -403,7 +379,7 @@ def update_metadata_guarded_(
     swa_out = swa_out_cache_loc if swa_out_cache_loc is not None else cache_seqlens
     tiles = triton.cdiv(swa_out_len, _BLOCK) if has_swa_out else 0
     record = spec.record
-    row_block, num_warps, per_row = _variant if _variant is not None else _row_config(max_seq_pages)
+    row_block, num_warps = _row_config(max_seq_pages)
     _metadata_guard_kernel[(bs + 1 + tiles,)](
         req_pool_indices, seq_lens, req_to_token, mapping, out_loc,
         qlens if qlens is not None else cache_seqlens,
@@ -423,7 +399,6 @@ def update_metadata_guarded_(
         Q_MODE=int(q_mode),
         BLOCK=_BLOCK,
         ROW_BLOCK=int(row_block),
-        PER_ROW=bool(per_row),
         BS_BLOCK=triton.next_power_of_2(bs),
         SAFE_PAGE=int(spec.safe_page),
         num_warps=int(num_warps),

@@ -2,7 +2,7 @@
 
 For every row ``r`` of a page table the kernel reads ``cache_seqlens[r]`` on the device, derives the
 live prefix ``ceil(seqlen / page_size)`` (clamped to the table width) and checks each live entry
-against ``[lower, bound)``, the page range of the pool the table indexes. Optionally (SWA tables) it
+against ``[0, bound)``, the page range of the pool the table indexes. Optionally (SWA tables) it
 also checks that each live SWA entry equals the full->SWA slot mapping applied to the full table's
 entry at the same position, which is how SGLang builds the SWA table.
 
@@ -156,18 +156,15 @@ def guard_page_table_(
     safe_page: int = 0,
     swa_mapping: torch.Tensor | None = None,
     full_table: torch.Tensor | None = None,
-    *,
-    lower: int = 0,
-    width: int | None = None,
 ) -> None:
-    """Check ``table``'s live prefix against ``[lower, bound)`` on the device; redirect bad entries.
+    """Check ``table``'s live prefix against ``[0, bound)`` on the device; redirect bad entries.
 
     ``table`` is ``[bs, max_pages]`` (int32 or int64, rows may be strided, columns contiguous) and is
     modified in place: out-of-range live entries become ``safe_page`` (their original values are in
     ``record``). ``seqlens`` holds at least ``bs`` token counts (``cache_seqlens``). With
     ``swa_mapping`` (SGLang's ``full_to_swa_index_mapping``, token-slot indexed) and ``full_table``
     (the full-pool table of the same batch) the SWA translation of every live entry is checked too.
-    ``width`` limits the columns checked (default: the table width). Reads no device value: capturable.
+    Reads no device value: capturable.
     """
     if table.dim() != 2 or table.stride(1) != 1:
         raise ValueError(f"table must be 2-D with contiguous columns; got shape {tuple(table.shape)}")
@@ -182,7 +179,7 @@ def guard_page_table_(
         return
     if seqlens.shape[0] < bs:
         raise ValueError(f"seqlens has {seqlens.shape[0]} entries for {bs} rows")
-    width = cols if width is None else min(int(width), cols)
+    width = cols
     has_swa = swa_mapping is not None
     if has_swa:
         assert full_table is not None and swa_mapping is not None
@@ -210,7 +207,7 @@ def guard_page_table_(
         PAGE_SIZE=int(page_size),
         BLOCK=block_for_width(width),
         HAS_SWA=has_swa,
-        LOWER=int(lower),
+        LOWER=0,  # page 0 is a real (padding) page: every id from 0 up is in bounds
         SAFE_PAGE=int(safe_page),
         num_warps=_warps(width),
     )
