@@ -59,5 +59,7 @@ class BoundaryGroup(click.Group):
             _quiet_broken_pipe()
         except (DumpError, ConfigError) as exc:
             raise InputFailure(str(exc)) from None
+        except click.BadParameter as exc:  # an option value a command checked itself: one line, no usage
+            raise InputFailure(exc.format_message()) from None
         except OSError as exc:
             raise InputFailure(os_error_text(exc)) from None

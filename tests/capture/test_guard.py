@@ -2,7 +2,7 @@
 
 Triton decides at import time whether kernels are interpreted, so the kernel tests run in a child
 pytest process with the variable set (``test_guard_kernels_under_interpreter``); run directly with
-``TRITON_INTERPRET=1 pytest tests/test_guard.py`` they run in-process. Page tables are built by
+``TRITON_INTERPRET=1 pytest tests/capture/test_guard.py`` they run in-process. Page tables are built by
 SGLang's own Triton builders (``trtllm_mha_page_table`` and ``trtllm_mha_graph_metadata``), also
 interpreted. The record/drain tests need no kernel and run in the parent process.
 """

@@ -323,7 +323,20 @@ def test_ls_lists_the_good_and_names_each_bad_with_its_reason(
 def test_show_rows_is_validated_before_anything_is_printed(dumps: dict[str, Path], spec: str, message: str) -> None:
     code, out, err = run("show", str(dumps["26957"]), "--rows", spec)
     assert code == 2 and out == ""
+    assert err.strip().splitlines() == [f"kvtrap: error: Invalid value for --rows: {err.split('--rows: ', 1)[1].strip()}"]
     assert message in err
+
+
+def test_a_bug_in_a_command_is_not_reported_as_bad_input(dumps: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The boundary maps input errors only: a ValueError from kvtrap's own code keeps its traceback."""
+    from kvtrap.report import explain
+
+    def broken(_dump):
+        raise ValueError("a bug in a rule")
+
+    monkeypatch.setattr(explain, "explain", broken)
+    with pytest.raises(ValueError, match="a bug in a rule"):
+        CliRunner().invoke(dump, ["explain", str(dumps["26957"])], catch_exceptions=False)
 
 
 def test_piping_into_head_ends_quietly(dumps: dict[str, Path]) -> None:
