@@ -294,17 +294,17 @@ def summarize_dumps(paths: Iterable[Path]) -> list[dict[str, Any]]:
         except DumpError as exc:
             entry["error"] = str(exc)
         else:
-            v = d.manifest.get("violation", {})
+            rec, v = d.record, d.violation
             entry.update(
                 kind=d.kind,
-                summary=v.get("summary"),
-                where=v.get("where"),
-                layer_id=v.get("layer_id"),
-                layer_type=v.get("layer_type"),
-                fatal=v.get("fatal"),
-                time_iso=d.manifest.get("time_iso"),
-                pid=d.manifest.get("pid"),
-                rank=d.manifest.get("rank"),
+                summary=v.summary,
+                where=v.where,
+                layer_id=v.layer_id,
+                layer_type=v.layer_type,
+                fatal=v.fatal,
+                time_iso=rec.time_iso,
+                pid=rec.pid,
+                rank=rec.rank,
             )
         out.append(entry)
     return out

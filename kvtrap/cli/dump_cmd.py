@@ -72,7 +72,7 @@ def show_cmd(path: Path, rows_spec: str | None, all_rows: bool, limit: int) -> N
     from kvtrap.report.tables import parse_rows, summarize_tables
 
     d = load_dump(path)
-    tables = summarize_tables(d.manifest, d.tensors)
+    tables = summarize_tables(d.record, d.tensors)
     rows = None
     if rows_spec:  # validated before anything is printed
         if not tables:

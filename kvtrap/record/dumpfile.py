@@ -14,7 +14,8 @@ import socket
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ import numpy as np
 import orjson
 
 from kvtrap.record import schema
-from kvtrap.record.context import Context
+from kvtrap.record.context import ABSENT, Context
 from kvtrap.record.violation import Violation
 
 if TYPE_CHECKING:  # settings are passed in by the capture side; the record never imports them
@@ -98,9 +99,20 @@ INDEX_TENSORS = ("page_table", "swa_page_table", "cache_seqlens", "seq_lens", "r
 
 @dataclass(frozen=True)
 class Dump:
+    """A dump as read: ``manifest`` is the JSON verbatim (for views that show or compare everything
+    recorded, unknown fields included); :attr:`record` is the same manifest as typed pieces, which is
+    what readers that interpret a dump use. ``tensors`` holds the arrays by name."""
+
     path: Path
     manifest: dict[str, Any]
     tensors: dict[str, np.ndarray]
+
+    @cached_property
+    def record(self) -> ManifestRecord:
+        rec = schema.from_json(ManifestRecord, self.manifest, ABSENT)
+        if rec.context is None:  # a manifest without context: every piece is "not in the dump"
+            rec = replace(rec, context=schema.from_json(Context, {}, ABSENT))
+        return rec
 
     @property
     def kind(self) -> str:
@@ -108,11 +120,12 @@ class Dump:
 
     @property
     def violation(self) -> Violation:
-        return Violation.from_json(self.manifest["violation"])
+        return self.record.violation
 
     @property
-    def context(self) -> dict[str, Any]:
-        return self.manifest.get("context", {})
+    def context(self) -> Context:
+        """The context as typed pieces; a piece the dump does not hold is ``None``."""
+        return self.record.context
 
 
 # ----------------------------------------------------------------------------------------------- write

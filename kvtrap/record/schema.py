@@ -167,3 +167,37 @@ def to_json(obj: Any, absent: Any = None) -> Any:
     if isinstance(obj, (list, tuple)):
         return [to_json(v, absent) for v in obj]
     return obj
+
+
+def from_json(tp: Any, value: Any, absent: Any = None) -> Any:
+    """The typed value for JSON ``value`` (already :func:`check`-ed against ``tp``).
+
+    Dataclasses are built from their fields' hints (not ``__json_types__``: a field stored as a plain
+    dict stays one); a field missing from the JSON takes its default, or ``None`` where its default is
+    ``absent`` (the writer's "not written" marker: on read, "not in the dump" is ``None``). Unknown keys
+    are dropped. Lists become tuples where the hint says tuple.
+    """
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        others = [a for a in typing.get_args(tp) if a is not type(None)]
+        return from_json(others[0], value, absent) if len(others) == 1 else value
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        hints = typing.get_type_hints(tp)
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(tp):
+            key = json_key(f)
+            if key in value:
+                kwargs[f.name] = from_json(hints[f.name], value[key], absent)
+            elif absent is not None and f.default is absent:
+                kwargs[f.name] = None
+        return tp(**kwargs)
+    if origin in (list, tuple) and isinstance(value, list):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        items = [from_json(args[0], v, absent) if args else v for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict and isinstance(value, dict):
+        _, val_tp = typing.get_args(tp) or (str, Any)
+        return {k: from_json(val_tp, v, absent) for k, v in value.items()}
+    return value

@@ -48,8 +48,8 @@ def _diff_maps(section: str, a: Any, b: Any) -> list[Change]:
 
 def _table_changes(a: Dump, b: Dump) -> list[Change]:
     out: list[Change] = []
-    sa = {s.name: s for s in summarize_tables(a.manifest, a.tensors)}
-    sb = {s.name: s for s in summarize_tables(b.manifest, b.tensors)}
+    sa = {s.name: s for s in summarize_tables(a.record, a.tensors)}
+    sb = {s.name: s for s in summarize_tables(b.record, b.tensors)}
     for name in sorted(set(sa) | set(sb)):
         x, y = sa.get(name), sb.get(name)
         if x is None or y is None:
@@ -79,7 +79,7 @@ def _table_changes(a: Dump, b: Dump) -> list[Change]:
 
 def _live(d: Dump, t: np.ndarray) -> np.ndarray:
     s = d.tensors.get("cache_seqlens")
-    return live_mask(t, live_pages(s, page_size_of(d.manifest)) if s is not None else None)
+    return live_mask(t, live_pages(s, page_size_of(d.record)) if s is not None else None)
 
 
 def diff_dumps(a: Dump, b: Dump) -> list[Change]:

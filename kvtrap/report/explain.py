@@ -3,7 +3,8 @@
 A rule is a small function ``Facts -> Finding | None`` registered with :func:`rule`; :data:`RULES` keeps
 them in the order they are tried. :func:`explain` runs every rule and returns the findings, most certain
 first (ties keep registry order). An empty list means no rule matched: the CLI says so plainly instead of
-guessing. Rules read only the manifest and the tensors, never SGLang.
+guessing. Rules read the typed record (:attr:`kvtrap.record.dumpfile.Dump.record`) and the tensors,
+never SGLang.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from kvtrap.record.dumpfile import Dump
+from kvtrap.record.context import Context
+from kvtrap.record.dumpfile import Dump, ManifestRecord
 from kvtrap.record.kinds import Kind
+from kvtrap.record.violation import Violation
 from kvtrap.report.tables import (
     PAGE_TABLES,
     TableSummary,
@@ -49,9 +52,9 @@ class Facts:
     """What the rules look at, computed once per dump."""
 
     dump: Dump
-    manifest: dict[str, Any]
-    violation: dict[str, Any]
-    context: dict[str, Any]
+    record: ManifestRecord
+    violation: Violation
+    context: Context  # a piece the dump does not hold is None
     kind: str
     page_size: int
     pools: dict[str, int]  # pool -> pages
@@ -62,22 +65,21 @@ class Facts:
 
     @classmethod
     def of(cls, dump: Dump) -> Facts:
-        m = dump.manifest
-        ctx = m.get("context") or {}
-        viol = m.get("violation") or {}
-        layer = ctx.get("layer") or {}
+        rec = dump.record
+        ctx, viol, layer = rec.context, rec.violation, rec.context.layer
+        layer_id = layer.id if layer is not None else None
         return cls(
             dump=dump,
-            manifest=m,
+            record=rec,
             violation=viol,
             context=ctx,
-            kind=str(viol.get("kind") or m.get("kind")),
-            page_size=page_size_of(m),
-            pools=pool_pages(m),
-            layer_type=layer.get("type") or viol.get("layer_type"),
-            layer_id=layer.get("id") if layer.get("id") is not None else viol.get("layer_id"),
-            tables=summarize_tables(m, dump.tensors),
-            vectors=summarize_vectors(m, dump.tensors),
+            kind=str(viol.kind or rec.kind),
+            page_size=page_size_of(rec),
+            pools=pool_pages(rec),
+            layer_type=(layer.type if layer is not None else None) or viol.layer_type,
+            layer_id=layer_id if layer_id is not None else viol.layer_id,
+            tables=summarize_tables(rec, dump.tensors),
+            vectors=summarize_vectors(rec, dump.tensors),
         )
 
     def table(self, name: str) -> TableSummary | None:
@@ -89,7 +91,7 @@ class Facts:
         for t in self.tables:
             if t.handed_to_layer:
                 return t
-        return self.table(str(self.violation.get("table")))
+        return self.table(str(self.violation.table))
 
     def vector(self, name: str) -> VectorSummary | None:
         return next((v for v in self.vectors if v.name == name), None)
@@ -106,7 +108,7 @@ class Facts:
         return s + (f" ({self.layer_type.upper()})" if self.layer_type else "")
 
     def omitted(self) -> list[str]:
-        return sorted(self.manifest.get("tensors_omitted") or {})
+        return sorted(self.record.tensors_omitted or {})
 
 
 Rule = Callable[[Facts], "Finding | None"]
@@ -156,25 +158,26 @@ def full_pool_ids_on_swa_layer(f: Facts) -> Finding | None:
     partial = False
     weak = False  # a few ids in the gap, nothing else: could as well be an off-by-one elsewhere
     swa, full = f.pools.get("swa"), f.pools.get("full")
-    backend = f.context.get("backend") or {}
+    backend = f.context.backend
 
     if f.kind == Kind.SWA_STATE_DRIFT:
         strong = True
-        details = f.violation.get("details") or {}
+        details = f.violation.details
         fields = details.get("drift") if isinstance(details.get("drift"), dict) else details
         drift = "; ".join(f"{k}: {v}" for k, v in fields.items()) if fields else "no details"
         evidence.append(f"violation kind is {Kind.SWA_STATE_DRIFT}: backend SWA state cached at init disagrees with the live pool ({drift})")
     if f.layer_type == "swa":
         pt = f.table("page_table")
         handed_full = (pt is not None and pt.handed_to_layer) or (
-            (f.context.get("tables") or {}).get("page_table", {}).get("handed_to_layer") is True
+            (f.context.tables or {}).get("page_table") is not None
+            and f.context.tables["page_table"].handed_to_layer is True
         )
         if handed_full:
             strong = True
             evidence.append(f"{f.layer} was handed `page_table` (the full-pool table), not `swa_page_table`")
         if f.kind == Kind.INDEX_SPACE_MISMATCH and not handed_full:
             strong = True
-            evidence.append(f"violation kind is {Kind.INDEX_SPACE_MISMATCH} on {f.layer}: {f.violation.get('summary', '')}")
+            evidence.append(f"violation kind is {Kind.INDEX_SPACE_MISMATCH} on {f.layer}: {f.violation.summary}")
         if swa is not None and full is not None and swa < full:
             t = f.handed or f.table("page_table")
             vals = f.live(t.name) if t is not None else None
@@ -203,23 +206,24 @@ def full_pool_ids_on_swa_layer(f: Facts) -> Finding | None:
                         " but they index the wrong pool (the fault comes once the full pool fills past the SWA size)"
                     )
             else:
-                v = f.violation.get("value")
+                v = f.violation.value
                 if isinstance(v, int) and swa <= v < full:
                     partial = True
                     evidence.append(f"first bad id {v} is >= {swa} (SWA pages) and < {full} (full pages) (tables not in the dump)")
     if not (strong or partial or weak):
         return None
-    if backend:
-        if backend.get("use_sliding_window_kv_pool") is False and swa is not None:
+    if backend is not None:
+        if backend.use_sliding_window_kv_pool is False and swa is not None:
             evidence.append("backend.use_sliding_window_kv_pool is False although the live pool has an SWA sub-pool")
-        if backend.get("swa_kv_pool_is_live") is False:
-            evidence.append(f"backend's cached SWA pool is not the live pool's (swa_kv_pool={backend.get('swa_kv_pool')!r})")
-        if backend.get("has_swa_full_to_swa_mapping") is False or backend.get("swa_mapping_is_live") is False:
+        if backend.swa_kv_pool_is_live is False:
+            evidence.append(f"backend's cached SWA pool is not the live pool's (swa_kv_pool={backend.swa_kv_pool!r})")
+        if backend.has_swa_full_to_swa_mapping is False or backend.swa_mapping_is_live is False:
             evidence.append("backend's full->SWA index mapping is missing or stale")
-    lp = f.context.get("live_pool") or {}
-    if lp.get("class"):
-        evidence.append(f"live pool at forward time: {lp['class']} (forward mode {f.context.get('forward_mode', '?')})")
-    inject = (f.manifest.get("config") or {}).get("inject") or []
+    lp = f.context.live_pool
+    if lp is not None and lp.class_:
+        mode = f.context.forward_mode if f.context.forward_mode is not None else "?"
+        evidence.append(f"live pool at forward time: {lp.class_} (forward mode {mode})")
+    inject = (f.record.config.inject if f.record.config is not None else None) or []
     steps = [
         "Check the draft worker's TRTLLMHAAttnBackend: `_swa_kv_pool` / `use_sliding_window_kv_pool` must come from"
         " the live (target) SWAKVPool, not from the draft runner's own pool (SGLang PRs #26966 / #27491 fixed this).",
@@ -268,9 +272,9 @@ def negative_sentinel(f: Facts) -> Finding | None:
             f" of {first.live} live"
         )
     if not evidence:
-        v = f.violation.get("value")
-        if isinstance(v, int) and v < 0 and f.violation.get("table") not in (f.dump.tensors or {}):
-            evidence.append(f"the violation's first bad value is {v} (row {f.violation.get('row')}, column {f.violation.get('column')}); tables not in the dump")
+        v = f.violation.value
+        if isinstance(v, int) and v < 0 and f.violation.table not in (f.dump.tensors or {}):
+            evidence.append(f"the violation's first bad value is {v} (row {f.violation.row}, column {f.violation.column}); tables not in the dump")
             minus_one = v == -1
         else:
             return None
@@ -343,8 +347,8 @@ def ids_beyond_every_pool(f: Facts) -> Finding | None:
                 f" largest live id {t.max}",
             )
     if not bad_rows_total:
-        v = f.violation.get("value")
-        if isinstance(v, int) and v >= top and not f.tables and f.violation.get("table") in PAGE_TABLES:
+        v = f.violation.value
+        if isinstance(v, int) and v >= top and not f.tables and f.violation.table in PAGE_TABLES:
             evidence.append(f"the violation's first bad value {v} is >= {top}, beyond every pool (tables not in the dump)")
             return Finding(
                 rule="stale-row",
@@ -385,19 +389,19 @@ def allocator_swa_slot(f: Facts) -> Finding | None:
     if f.kind != Kind.SWA_SLOT_OUT_OF_RANGE:
         return None
     v = f.violation
-    lo, hi = v.get("lower"), v.get("bound")
+    lo, hi = v.lower, v.bound
     evidence = [
-        f"violation kind is {Kind.SWA_SLOT_OUT_OF_RANGE} in {v.get('where') or f.context.get('hook', '?')}:"
-        f" slot {v.get('value')} at position {v.get('row') if v.get('row') is not None else v.get('column')}"
+        f"violation kind is {Kind.SWA_SLOT_OUT_OF_RANGE} in {v.where or f.context.hook or '?'}:"
+        f" slot {v.value} at position {v.row if v.row is not None else v.column}"
         f" is outside [{lo}, {hi})"
     ]
     ctx = f.context
-    if ctx.get("size_swa") is not None:
+    if ctx.size_swa is not None:
         evidence.append(
-            f"allocator sizes: size_swa={ctx.get('size_swa')} tokens, size_full={ctx.get('size_full')} tokens,"
+            f"allocator sizes: size_swa={ctx.size_swa} tokens, size_full={ctx.size_full} tokens,"
             f" page_size={f.page_size}: valid SWA slots are [page_size, size_swa + page_size)"
         )
-    vec = f.vector(str(v.get("table") or "out_swa_indices")) or f.vector("out_swa_indices")
+    vec = f.vector(str(v.table or "out_swa_indices")) or f.vector("out_swa_indices")
     double = False
     if vec is not None:
         evidence.append(
@@ -417,7 +421,7 @@ def allocator_swa_slot(f: Facts) -> Finding | None:
     full = f.vector("out_full_indices")
     if full is not None:
         evidence.append(f"`out_full_indices` (full pool) look sane: min {full.min}, max {full.max}, {full.size} slot(s)")
-    free = ctx.get("free_pages") or {}
+    free = ctx.free_pages or {}
     if free:
         evidence.append(f"free pages after the call: full {free.get('full')}, swa {free.get('swa')}")
     return Finding(
@@ -469,11 +473,11 @@ def _spec_overflow(f: Facts) -> SpecOverflow | None:
     """An overflow on a speculative forward (TARGET_VERIFY / DRAFT_*, or DECODE of a batch carrying
     spec_info, i.e. the draft's decode steps) that lies within :func:`spec_margin` of the context length,
     on the table sized from it (``ceil(context_len / page_size)`` columns)."""
-    mode = str(f.context.get("forward_mode") or "")
-    backend = f.context.get("backend") or {}
-    ctx = _int(backend.get("max_context_len"))
-    draft = _int(backend.get("speculative_num_draft_tokens"))
-    mode_known = "VERIFY" in mode or "DRAFT" in mode or f.context.get("speculative") is True
+    mode = str(f.context.forward_mode or "")
+    backend = f.context.backend
+    ctx = _int(backend.max_context_len) if backend is not None else None
+    draft = _int(backend.speculative_num_draft_tokens) if backend is not None else None
+    mode_known = "VERIFY" in mode or "DRAFT" in mode or f.context.speculative is True
     # no forward mode (device-guard dumps): only when the backend runs speculative decoding at all
     if not mode_known and (mode or not draft or draft < 2 or ctx is None):
         return None
@@ -502,8 +506,8 @@ def spec_rows_past_context(f: Facts) -> Finding | None:
         return None
     t, p = so.table, f.page_size
     width = t.width
-    mode = f.context.get("forward_mode") or "not recorded (device guard)"
-    if f.context.get("speculative") is True and "VERIFY" not in str(mode) and "DRAFT" not in str(mode):
+    mode = f.context.forward_mode or "not recorded (device guard)"
+    if f.context.speculative is True and "VERIFY" not in str(mode) and "DRAFT" not in str(mode):
         mode = f"{mode} of a speculative batch (spec_info set: a draft decode step)"
     evidence = [
         f"forward mode {mode}; `{t.name}` is {width} pages x {p} tokens = {width * p} tokens wide;"
@@ -576,7 +580,7 @@ def seqlens_exceed_table(f: Facts) -> Finding | None:
     if not evidence and f.kind != Kind.SEQLENS_EXCEED_TABLE:
         return None
     if not evidence:
-        d = f.violation.get("details") or {}
+        d = f.violation.details
         evidence.append(f"violation: {f.violation.get('summary', '')} {d if d else ''}".strip())
     return Finding(
         rule="seqlens-exceed-table",

@@ -93,15 +93,15 @@ def plot_dump(
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    summaries = summarize_tables(dump.manifest, dump.tensors)
+    summaries = summarize_tables(dump.record, dump.tensors)
     if tables:
         unknown = sorted(set(tables) - {s.name for s in summaries})
         if unknown:
             raise DumpError(f"{dump.path}: no page table named {', '.join(unknown)} in this dump (have: {', '.join(s.name for s in summaries) or 'none'})")
         summaries = [s for s in summaries if s.name in tables]
     out = Path(out)
-    v = dump.manifest.get("violation") or {}
-    title = f"{v.get('kind')}: {v.get('summary', '')}"
+    v = dump.violation
+    title = f"{v.kind}: {v.summary}"
     if len(title) > 300:
         title = title[:297] + "..."
     # the title gets its own band above the axes (wrapped), so it never runs into a subplot's title
@@ -116,7 +116,7 @@ def plot_dump(
         cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#e6e6e6")
         red = ListedColormap(["#e8000b"])
         seqlens = dump.tensors.get("cache_seqlens")
-        ps = page_size_of(dump.manifest)
+        ps = page_size_of(dump.record)
         for ax, s in zip(axes[:, 0], summaries, strict=True):
             g = table_grid(dump.tensors[s.name], seqlens, ps, s.lower, s.bound, max_rows, max_cols)
             rows_d, cols_d = g["frac"].shape
@@ -184,7 +184,7 @@ def plot_dump(
             handed = " - handed to this layer" if s.handed_to_layer else ""
             bad_vals = raw[:, : g["cols"]][bad_mask(raw[:, : g["cols"]], s.lower, s.bound) & live_mask(
                 raw[:, : g["cols"]], live_pages(seqlens, ps) if seqlens is not None else None)]
-            pools = ", ".join(f"{k} {v} pages" for k, v in sorted(pool_pages(dump.manifest).items()))
+            pools = ", ".join(f"{k} {v} pages" for k, v in sorted(pool_pages(dump.record).items()))
             bad_txt = f"; bad ids {int(bad_vals.min())}..{int(bad_vals.max())}" if bad_vals.size else ""
             ds = f"; shown in {g['fr']}x{g['fc']} blocks (red if any cell is bad)" if g["fr"] > 1 or g["fc"] > 1 else ""
             ax.set_title(
@@ -208,9 +208,9 @@ def plot_dump(
 
 def _plot_vectors(dump: Dump, plt: Any):
     """Allocator dumps: returned slots per position against the violation's bounds."""
-    vecs = [v for v in summarize_vectors(dump.manifest, dump.tensors) if v.name.startswith("out_")]
+    vecs = [v for v in summarize_vectors(dump.record, dump.tensors) if v.name.startswith("out_")]
     if not vecs:
-        vecs = summarize_vectors(dump.manifest, dump.tensors)
+        vecs = summarize_vectors(dump.record, dump.tensors)
     if not vecs:
         raise DumpError(f"{dump.path}: this dump holds no tensors to plot")
     fig, axes = plt.subplots(len(vecs), 1, figsize=(12, 2.8 * len(vecs) + 1), squeeze=False)

@@ -21,8 +21,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from kvtrap.record.context import Context
 from kvtrap.record.dumpfile import Dump, DumpError, load_dump
 from kvtrap.record.guard_entry import ENTRY_WIDTH
+from kvtrap.record.kinds import Kind
 from kvtrap.record.violation import Violation
 from kvtrap.report.diff import Change
 from kvtrap.report.explain import Finding
@@ -59,25 +61,29 @@ def display_path(p: Path) -> str:
     return rel if not rel.startswith("../..") else str(p)
 
 
-def _fmt_layer(v: dict[str, Any], ctx: dict[str, Any]) -> str:
-    layer = ctx.get("layer") or {}
-    lid = layer.get("id", v.get("layer_id"))
-    ltype = layer.get("type", v.get("layer_type"))
+def _layer_of(v: Violation, ctx: Context) -> tuple[int | None, str | None]:
+    """The layer as resolved from the live pool (context), else as the violation names it."""
+    if ctx.layer is not None:
+        return ctx.layer.id, ctx.layer.type
+    return v.layer_id, v.layer_type
+
+
+def _fmt_layer(v: Violation, ctx: Context) -> str:
+    lid, ltype = _layer_of(v, ctx)
     if lid is None and ltype is None:
         return "-"
     return f"{lid if lid is not None else '?'} {ltype or ''}".strip()
 
 
-def _fmt_value(v: dict[str, Any]) -> str:
-    value, lower, bound = v.get("value"), v.get("lower"), v.get("bound")
-    details = v.get("details") or {}
-    over = details.get("overflow") if isinstance(details.get("overflow"), dict) else None
-    if v.get("kind") == "seqlens_exceed_table" and over:
+def _fmt_value(v: Violation) -> str:
+    value, lower, bound, details = v.value, v.lower, v.bound, v.details
+    over = details.get("overflow")
+    if v.kind == Kind.SEQLENS_EXCEED_TABLE and over:
         return f"needs {over.get('needed_pages')} > {over.get('width')} pages"
     if value is None:
-        if v.get("kind") == "index_space_mismatch":
-            return f"{details.get('handed_table', v.get('table'))} handed"
-        if v.get("kind") == "swa_state_drift":
+        if v.kind == Kind.INDEX_SPACE_MISMATCH:
+            return f"{details.get('handed_table', v.table)} handed"
+        if v.kind == Kind.SWA_STATE_DRIFT:
             return "state drift"
         return "-"
     lo = lower if lower is not None else 0
@@ -99,26 +105,27 @@ def ls_records(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], list[dict[s
         except DumpError as exc:
             errs.append({"path": str(p), "error": str(exc)})
             continue
-        m, v, ctx = d.manifest, d.manifest["violation"], d.context
+        rec, v, ctx = d.record, d.violation, d.context
+        layer_id, layer_type = _layer_of(v, ctx)
         recs.append(
             {
-                "time": m.get("time"),
-                "time_iso": m.get("time_iso"),
+                "time": rec.time,
+                "time_iso": rec.time_iso,
                 "kind": d.kind,
-                "where": v.get("where") or ctx.get("hook"),
-                "layer_id": (ctx.get("layer") or {}).get("id", v.get("layer_id")),
-                "layer_type": (ctx.get("layer") or {}).get("type", v.get("layer_type")),
-                "table": v.get("table"),
-                "pool": v.get("pool"),
-                "value": v.get("value"),
-                "lower": v.get("lower"),
-                "bound": v.get("bound"),
-                "count": v.get("count"),
-                "fatal": v.get("fatal"),
-                "host": m.get("host"),
-                "rank": m.get("rank"),
-                "pid": m.get("pid"),
-                "seq": m.get("seq"),
+                "where": v.where or ctx.hook,
+                "layer_id": layer_id,
+                "layer_type": layer_type,
+                "table": v.table,
+                "pool": v.pool,
+                "value": v.value,
+                "lower": v.lower,
+                "bound": v.bound,
+                "count": v.count,
+                "fatal": v.fatal,
+                "host": rec.host,
+                "rank": rec.rank,
+                "pid": rec.pid,
+                "seq": rec.seq,
                 "path": str(d.path),
                 "_v": v,
                 "_ctx": ctx,
@@ -202,9 +209,9 @@ def render_show(
     all_rows: bool = False,
 ) -> None:
     """Everything in a dump, readable. ``tables`` is :func:`summarize_tables` of the dump; ``rows`` the
-    rows to print in full (validated by the caller before anything is printed)."""
-
-    m, v, ctx = d.manifest, d.manifest["violation"], d.context
+    rows to print in full (validated by the caller before anything is printed). Sections print the
+    manifest as recorded, unknown fields included (so a newer writer's additions are shown too)."""
+    m, v, ctx = d.manifest, d.manifest["violation"], d.manifest.get("context") or {}
     con.rule(f"kvtrap dump: {escape(display_path(d.path))}", align="left")
     rank = m.get("rank")
     _kv(con, [
@@ -308,7 +315,7 @@ def render_show(
     if rows:
         _render_rows(con, d, tables, rows)
 
-    vecs = summarize_vectors(m, d.tensors)
+    vecs = summarize_vectors(d.record, d.tensors)
     if vecs:
         con.print()
         con.rule("Other tensors", align="left")
@@ -372,13 +379,13 @@ def _render_rows(con: Console, d: Dump, tables: list[TableSummary], rows: list[i
 
 # -------------------------------------------------------------------------------------------- explain
 def render_explain(con: Console, d: Dump, findings: list[Finding]) -> None:
-    v = d.manifest["violation"]
+    v = d.violation
     con.rule(f"kvtrap dump explain: {escape(display_path(d.path))}", align="left")
-    con.print(f" {escape(d.kind)} in {escape(str(v.get('where') or '-'))}: {escape(str(v.get('summary', '')))}", overflow="fold")
+    con.print(f" {escape(d.kind)} in {escape(v.where or '-')}: {escape(v.summary)}", overflow="fold")
     if not findings:
         con.print()
         con.print(" No rule matched this dump: kvtrap cannot name a likely cause.")
-        con.print(" The violation as recorded: " + escape(_violation_text(v)), overflow="fold")
+        con.print(" The violation as recorded: " + escape(v.describe()), overflow="fold")
         con.print(f" Read the tables with `kvtrap dump show {escape(display_path(d.path))}` and `kvtrap dump plot`.")
         return
     con.print(f" Likely cause: {escape(findings[0].title)} [{findings[0].confidence} confidence]", overflow="fold")
@@ -402,10 +409,6 @@ def _hang(con: Console, prefix: str, text: str) -> None:
     grid.add_column(overflow="fold")
     grid.add_row(escape(prefix), escape(text))
     con.print(grid)
-
-
-def _violation_text(v: dict[str, Any]) -> str:
-    return Violation.from_json(v).describe()
 
 
 # ----------------------------------------------------------------------------------------------- diff

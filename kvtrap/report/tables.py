@@ -14,6 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from kvtrap.record.dumpfile import ManifestRecord
+from kvtrap.record.kinds import Kind
+
 #: Tensors that hold page ids, ``[bs, max_pages]``.
 PAGE_TABLES = ("page_table", "swa_page_table")
 #: How many bad positions a summary keeps per row.
@@ -153,45 +156,37 @@ def parse_rows(spec: str, n: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------- context
-def page_size_of(manifest: Mapping[str, Any]) -> int:
-    ctx = manifest.get("context") or {}
-    ps = ctx.get("page_size")
-    if isinstance(ps, int) and ps > 0:
-        return ps
-    return 1
+def page_size_of(record: ManifestRecord) -> int:
+    ps = record.context.page_size
+    return ps if isinstance(ps, int) and ps > 0 else 1
 
 
-def pool_pages(manifest: Mapping[str, Any]) -> dict[str, int]:
+def pool_pages(record: ManifestRecord) -> dict[str, int]:
     """``{"full": pages, "swa": pages}`` from the context (only the pools the dump knows)."""
-    pools = (manifest.get("context") or {}).get("pools") or {}
-    out: dict[str, int] = {}
-    for name, info in pools.items():
-        if isinstance(info, dict) and isinstance(info.get("pages"), int):
-            out[name] = int(info["pages"])
-    return out
+    pools = record.context.pools or {}
+    return {name: int(info.pages) for name, info in pools.items() if info is not None and info.pages is not None}
 
 
-def table_meta(manifest: Mapping[str, Any], name: str) -> tuple[str | None, int, int | None, bool | None]:
+def table_meta(record: ManifestRecord, name: str) -> tuple[str | None, int, int | None, bool | None]:
     """``(pool, lower, bound, handed_to_layer)`` for a page table.
 
     The bound is the page count of the pool the ids will be *read from*: the violation's bound when the
     violation is on this table; for the table handed to the layer, the pool the layer reads
     (``context.layer.type``), since that is what the kernel indexes; else the table's own pool.
     """
-    ctx = manifest.get("context") or {}
-    info = (ctx.get("tables") or {}).get(name) or {}
-    viol = manifest.get("violation") or {}
-    pages = pool_pages(manifest)
-    layer_type = (ctx.get("layer") or {}).get("type") or viol.get("layer_type")
-    handed = info.get("handed_to_layer")
-    pool = info.get("pool")
-    bound = info.get("bound")
+    ctx, viol = record.context, record.violation
+    info = (ctx.tables or {}).get(name)
+    pages = pool_pages(record)
+    layer_type = (ctx.layer.type if ctx.layer is not None else None) or viol.layer_type
+    handed = info.handed_to_layer if info is not None else None
+    pool = info.pool if info is not None else None
+    bound = info.bound if info is not None else None
     lower = 0
-    if viol.get("table") == name and viol.get("bound") is not None:
-        pool = viol.get("pool") or pool
-        bound = viol.get("bound")
-        if isinstance(viol.get("lower"), int):
-            lower = int(viol["lower"])
+    if viol.table == name and viol.bound is not None:
+        pool = viol.pool or pool
+        bound = viol.bound
+        if viol.lower is not None:
+            lower = int(viol.lower)
     elif handed and layer_type in pages:
         pool, bound = layer_type, pages[layer_type]
     if pool is None:
@@ -290,26 +285,26 @@ def seqlens_of(tensors: Mapping[str, np.ndarray]) -> np.ndarray | None:
     return None
 
 
-def summarize_tables(manifest: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> list[TableSummary]:
+def summarize_tables(record: ManifestRecord, tensors: Mapping[str, np.ndarray]) -> list[TableSummary]:
     """A :class:`TableSummary` for every page table in the dump, handed table first."""
-    ps = page_size_of(manifest)
+    ps = page_size_of(record)
     seqlens = tensors.get("cache_seqlens")
     out: list[TableSummary] = []
     for name in list(PAGE_TABLES) + sorted(set(tensors) - set(PAGE_TABLES)):
         arr = tensors.get(name)
         if arr is None or np.asarray(arr).ndim != 2 or name == "guard_entries":
             continue
-        if name not in PAGE_TABLES and name not in ((manifest.get("context") or {}).get("tables") or {}):
+        if name not in PAGE_TABLES and name not in (record.context.tables or {}):
             continue
-        pool, lower, bound, handed = table_meta(manifest, name)
+        pool, lower, bound, handed = table_meta(record, name)
         out.append(summarize_table(name, arr, seqlens, ps, pool=pool, lower=lower, bound=bound, handed_to_layer=handed))
     out.sort(key=lambda s: 0 if s.handed_to_layer else 1)
     return out
 
 
-def summarize_vectors(manifest: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> list[VectorSummary]:
+def summarize_vectors(record: ManifestRecord, tensors: Mapping[str, np.ndarray]) -> list[VectorSummary]:
     """A :class:`VectorSummary` for every tensor that is not a page table (bounded when the violation is on it)."""
-    viol = manifest.get("violation") or {}
+    viol = record.violation
     tables = {s for s in tensors if np.asarray(tensors[s]).ndim == 2 and s != "guard_entries"}
     out: list[VectorSummary] = []
     for name in sorted(tensors):
@@ -317,9 +312,8 @@ def summarize_vectors(manifest: Mapping[str, Any], tensors: Mapping[str, np.ndar
             continue
         lower = bound = None
         # seqlens_exceed_table names cache_seqlens with a bound in *pages* (width + 1): not a token bound
-        if viol.get("table") == name and viol.get("kind") != "seqlens_exceed_table":
-            lower = viol.get("lower") if isinstance(viol.get("lower"), int) else None
-            bound = viol.get("bound") if isinstance(viol.get("bound"), int) else None
+        if viol.table == name and viol.kind != Kind.SEQLENS_EXCEED_TABLE:
+            lower, bound = viol.lower, viol.bound
         out.append(summarize_vector(name, tensors[name], lower, bound))
     return out
 

@@ -272,7 +272,7 @@ def test_check_and_raise_end_to_end(tmp_path: Path) -> None:
     assert "row 1, column 5 holds 123456789" in str(ei.value)
     dump = load_dump(ei.value.dump_path)
     assert dump.violation.where == "device_guard"
-    assert dump.context["guard"]["redirected_to"] == 0
+    assert dump.manifest["context"]["guard"]["redirected_to"] == 0
     assert dump.tensors["guard_entries"].tolist() == [[tid, 3, 1, 5, 123_456_789, FULL_PAGES, FLAG_OUT_OF_RANGE]]
     assert int(dump.tensors["page_table"][1, 5]) == 0  # the table as the kernel read it
     assert check_and_raise(rec, cfg) is None  # drained

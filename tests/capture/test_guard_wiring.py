@@ -73,7 +73,7 @@ def test_child_guard_records_redirects_and_drain_hook_raises_before_results(tmp_
     v = info.value.violation
     assert (v.where, v.table, v.row, v.column, v.value, v.bound) == ("device_guard", "swa_page_table", 1, 3, 5000, 17)
     dump = kvtrap.load_dump(info.value.dump_path)
-    assert dump.context["guard"]["redirected_to"] == 0
+    assert dump.manifest["context"]["guard"]["redirected_to"] == 0
     assert dump.tensors["guard_entries"][0][4] == 5000
     assert state.record.pending() == 0
 

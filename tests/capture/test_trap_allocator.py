@@ -25,7 +25,7 @@ def test_corrupt_free_list_trapped_on_extend_with_dump(tmp_path):
     dump = load_dump(path)
     assert dump.tensors["out_swa_indices"][0] == 500 * w.PAGE_SIZE
     assert len(dump.tensors["out_full_indices"]) == 40
-    ctx = dump.context
+    ctx = dump.manifest["context"]
     assert ctx["size_swa"] == w.SWA_PAGES * w.PAGE_SIZE and ctx["page_size"] == w.PAGE_SIZE
     assert ctx["pools"]["swa"]["pages"] == w.SWA_PAGES + 1
     assert ctx["free_pages"]["swa"] == w.SWA_PAGES - 3

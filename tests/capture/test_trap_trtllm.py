@@ -74,7 +74,7 @@ def test_out_of_range_swa_id_trapped_before_kernel(tmp_path, value):
     assert dump.tensors["swa_page_table"][1, 3] == value
     assert (dump.tensors["page_table"] == md.page_table.numpy()).all()
     assert (dump.tensors["cache_seqlens"] == [40, 100, 17]).all()
-    ctx = dump.context
+    ctx = dump.manifest["context"]
     assert ctx["layer"] == {"id": 0, "type": "swa", "window": w.WINDOW, "index_in_pool": 0}
     assert ctx["pools"]["swa"]["pages"] == w.SWA_PAGES + 1 and ctx["pools"]["full"]["pages"] == w.FULL_PAGES + 1
     assert ctx["tables"]["swa_page_table"]["handed_to_layer"] is True
@@ -121,8 +121,8 @@ def test_26957_stale_state_trapped_on_first_swa_layer_while_ids_are_small(tmp_pa
     assert (v.kind, v.layer_id, v.layer_type, v.table, v.fatal) == ("index_space_mismatch", 0, "swa", "page_table", False)
     assert set(v.details["drift"]) == {"_swa_kv_pool", "use_sliding_window_kv_pool", "_swa_full_to_swa_mapping"}
     dump = load_dump(info.value.dump_path)
-    assert dump.context["backend"]["swa_kv_pool"] is None
-    assert dump.context["tables"]["page_table"]["handed_to_layer"] is True
+    assert dump.manifest["context"]["backend"]["swa_kv_pool"] is None
+    assert dump.manifest["context"]["tables"]["page_table"]["handed_to_layer"] is True
 
 
 def test_26957_at_high_fill_is_fatal_with_full_pool_ids(tmp_path):
@@ -179,8 +179,8 @@ def test_spec_verify_at_the_context_limit_traps_before_the_kernel(tmp_path):
     assert v.kind == "seqlens_exceed_table" and v.where.endswith("forward_extend")
     assert v.details["overflow"] == {"row": 0, "needed_pages": w.MAX_PAGES + 1, "width": w.MAX_PAGES, "rows": 1}
     dump = load_dump(path)
-    assert dump.context["forward_mode"] == "TARGET_VERIFY" and dump.context["speculative"] is True
-    assert dump.context["backend"]["max_context_len"] == w.MAX_PAGES * w.PAGE_SIZE
+    assert dump.manifest["context"]["forward_mode"] == "TARGET_VERIFY" and dump.manifest["context"]["speculative"] is True
+    assert dump.manifest["context"]["backend"]["max_context_len"] == w.MAX_PAGES * w.PAGE_SIZE
     assert int(dump.tensors["cache_seqlens"][0]) == w.MAX_PAGES * w.PAGE_SIZE + 3
 
 
@@ -189,13 +189,13 @@ def test_spec_draft_decode_at_the_context_limit_traps_too(tmp_path):
     path, err = td.make_spec_context_limit_dump(tmp_path, draft_decode=True)
     assert err.violation.kind == "seqlens_exceed_table" and err.violation.where.endswith("forward_decode")
     dump = load_dump(path)
-    assert dump.context["forward_mode"] == "DECODE" and dump.context["speculative"] is True
+    assert dump.manifest["context"]["forward_mode"] == "DECODE" and dump.manifest["context"]["speculative"] is True
     assert int(dump.tensors["cache_seqlens"][0]) == w.MAX_PAGES * w.PAGE_SIZE + 2
 
 
 def test_plain_decode_records_not_speculative(tmp_path):
     _, err = td.make_seqlens_exceed_dump(tmp_path)
-    assert load_dump(err.dump_path).context["speculative"] is False
+    assert load_dump(err.dump_path).manifest["context"]["speculative"] is False
 
 
 def test_value_scan_runs_once_per_table_per_forward(tmp_path, monkeypatch):

@@ -41,8 +41,12 @@ def test_round_trip(tmp_path):
     path = write(tmp_path)
     dump = load_dump(path)
     assert dump.violation == V
-    assert dump.context == {"hook": "test", "layer": {"id": 3, "type": "swa", "window": 512, "index_in_pool": 0},
-                            "args": {"a": [1, 2]}}
+    assert dump.manifest["context"] == {"hook": "test", "layer": {"id": 3, "type": "swa", "window": 512, "index_in_pool": 0},
+                                        "args": {"a": [1, 2]}}
+    # read back as the typed pieces it was written from; what the writer left out is None
+    assert dump.context.layer == LayerInfo(3, "swa", 512, 0) and dump.context.hook == "test"
+    assert dump.context.pools is None and dump.context.args == {"a": [1, 2]}
+    assert dump.record.schema_version == 1 and dump.record.tensors["page_table"].shape == [3, 4]
     assert (dump.tensors["page_table"] == np.arange(12).reshape(3, 4)).all()
     assert dump.manifest["schema_version"] == 1 and dump.manifest["pid"] > 0
     assert load_dump(path / MANIFEST).path == path
@@ -164,4 +168,4 @@ def test_unknown_fields_and_kinds_from_a_newer_writer_are_read(tmp_path):
     (path / MANIFEST).write_bytes(orjson.dumps(m))
     dump = load_dump(path)
     assert dump.violation.kind == "a_kind_from_the_future"
-    assert dump.context["new_piece"] == {"anything": [1]}
+    assert dump.manifest["context"]["new_piece"] == {"anything": [1]}

@@ -6,12 +6,14 @@ JSON: every fact a rule reads was recorded by the trap.
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
-from kvtrap.record.dumpfile import Dump, load_dump
+from kvtrap.record.dumpfile import MANIFEST, Dump, DumpError, load_dump
 from kvtrap.record.kinds import Kind
 from kvtrap.report.explain import RULES, Finding, explain, rule_ids
 
@@ -59,7 +61,7 @@ def test_registry_is_ordered_and_unique() -> None:
 def test_26957_signature_before_it_faults(real: dict[str, Dump]) -> None:
     # first step after the view swap: the SWA layer is handed the full table, ids still small
     d = real["26957"]
-    assert d.context["layer"]["type"] == "swa"
+    assert d.manifest["context"]["layer"]["type"] == "swa"
     top = explain(d)[0]
     assert top.rule == "sglang-26957" and top.confidence == "high"
     assert "#26957" in top.title
@@ -73,7 +75,7 @@ def test_26957_signature_at_high_fill(real: dict[str, Dump]) -> None:
     d = real["26957-high-fill"]
     top = explain(d)[0]
     assert top.rule == "sglang-26957" and top.confidence == "high"
-    swa, full = d.context["pools"]["swa"]["pages"], d.context["pools"]["full"]["pages"]
+    swa, full = d.manifest["context"]["pools"]["swa"]["pages"], d.manifest["context"]["pools"]["full"]["pages"]
     gap = [e for e in top.evidence if "(SWA pages)" in e]
     assert gap, top.evidence
     nums = _numbers(gap[0])
@@ -84,7 +86,7 @@ def test_26957_signature_at_high_fill(real: dict[str, Dump]) -> None:
 
 def test_stale_backend_state_on_a_full_layer(real: dict[str, Dump]) -> None:
     d = real["drift"]
-    assert d.kind == Kind.SWA_STATE_DRIFT and d.context["layer"]["type"] == "full"
+    assert d.kind == Kind.SWA_STATE_DRIFT and d.manifest["context"]["layer"]["type"] == "full"
     top = explain(d)[0]
     assert top.rule == "sglang-26957" and top.confidence == "high"
     assert "stale" in top.title.lower()
@@ -105,7 +107,7 @@ def test_negative_sentinel(real: dict[str, Dump]) -> None:
     assert f.confidence == "high"  # the value is exactly -1
     v = d.manifest["violation"]
     assert any(f"row {v['row']}" in e for e in f.evidence)
-    assert "sglang-26957" not in found or found["sglang-26957"].confidence != "high" or d.context["layer"]["type"] == "swa"
+    assert "sglang-26957" not in found or found["sglang-26957"].confidence != "high" or d.manifest["context"]["layer"]["type"] == "swa"
 
 
 def test_ids_beyond_every_pool(real: dict[str, Dump]) -> None:
@@ -113,7 +115,7 @@ def test_ids_beyond_every_pool(real: dict[str, Dump]) -> None:
     findings = explain(d)
     f = findings[0]
     assert f.rule == "stale-row" and f.confidence == "high"
-    top = max(p["pages"] for p in d.context["pools"].values() if p.get("pages") is not None)
+    top = max(p["pages"] for p in d.manifest["context"]["pools"].values() if p.get("pages") is not None)
     assert any(f">= {top}" in e for e in f.evidence)
     seqlen = int(d.tensors["cache_seqlens"][d.manifest["violation"]["row"]])
     assert any(f"cache_seqlens is {seqlen}" in e for e in f.evidence)  # longer than the written prefix
@@ -148,8 +150,8 @@ def test_spec_rows_past_context(real: dict[str, Dump]) -> None:
     """The last verify step of a request at SGLang's length limit (trapdumps): the specific rule names it
     first, computes the workaround context length, and the generic rule steps down."""
     d = real["spec_context"]
-    assert d.context["forward_mode"] == "TARGET_VERIFY"
-    assert d.context["backend"]["max_context_len"] == 512 and d.context["backend"]["speculative_num_draft_tokens"] == 4
+    assert d.manifest["context"]["forward_mode"] == "TARGET_VERIFY"
+    assert d.manifest["context"]["backend"]["max_context_len"] == 512 and d.manifest["context"]["backend"]["speculative_num_draft_tokens"] == 4
     findings = explain(d)
     top = findings[0]
     assert top.rule == "spec-rows-past-context" and top.confidence == "high"
@@ -168,37 +170,41 @@ def test_spec_rows_past_context_on_a_draft_decode_step(real: dict[str, Dump]) ->
     assert any("DECODE of a speculative batch" in e for e in top.evidence)
 
 
-def test_spec_rule_edges(real: dict[str, Dump]) -> None:
+def test_spec_rule_edges(real: dict[str, Dump], tmp_path: Path) -> None:
     d = real["spec_context"]
-    ctx = d.manifest["context"]
-    backend = ctx["backend"]
-    try:
-        # relabelled as a plain DECODE forward: no speculative rows, only the generic finding
-        ctx["forward_mode"], ctx["speculative"] = "DECODE", False
-        assert "spec-rows-past-context" not in _by_rule(explain(d))
-        # no forward mode (a device-guard dump): still named, one step less sure
-        ctx["forward_mode"], ctx["speculative"] = None, None
-        assert _by_rule(explain(d))["spec-rows-past-context"].confidence == "medium"
-        # ... but not for a backend without speculative decoding
-        backend["speculative_num_draft_tokens"] = None
-        assert "spec-rows-past-context" not in _by_rule(explain(d))
-        # a speculative mode with no draft size: named, medium, generic workaround
-        ctx["forward_mode"] = "TARGET_VERIFY"
-        f = _by_rule(explain(d))["spec-rows-past-context"]
-        assert f.confidence == "medium" and any("2 x num_draft_tokens" in s for s in f.next_steps)
-        # malformed fields in a hand-edited dump: no crash, treated as unknown
-        backend["speculative_num_draft_tokens"], backend["max_context_len"] = "4", [512]
-        assert "spec-rows-past-context" in _by_rule(explain(d))
-        # so many draft tokens that no context length helps at this page size (2 x 8 >= 16)
-        backend["speculative_num_draft_tokens"], backend["max_context_len"] = 8, 512
-        f = _by_rule(explain(d))["spec-rows-past-context"]
-        assert any("No --context-length avoids it" in s for s in f.next_steps)
-        # rows further past the context length than speculation can explain: only the generic rule
-        backend["speculative_num_draft_tokens"] = 1
-        assert "spec-rows-past-context" not in _by_rule(explain(d))
-    finally:
-        ctx["forward_mode"], ctx["speculative"] = "TARGET_VERIFY", True
-        backend["speculative_num_draft_tokens"], backend["max_context_len"] = 4, 512
+
+    def edited(**changes: object) -> Dump:
+        """The dump, rewritten with context / backend fields changed, read back as kvtrap reads dumps."""
+        dest = tmp_path / f"edit{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(d.path, dest)
+        m = json.loads((dest / MANIFEST).read_text())
+        for key, value in changes.items():
+            (m["context"]["backend"] if key in ("speculative_num_draft_tokens", "max_context_len") else m["context"])[key] = value
+        (dest / MANIFEST).write_text(json.dumps(m))
+        return load_dump(dest)
+
+    # relabelled as a plain DECODE forward: no speculative rows, only the generic finding
+    assert "spec-rows-past-context" not in _by_rule(explain(edited(forward_mode="DECODE", speculative=False)))
+    # no forward mode (a device-guard dump): still named, one step less sure
+    unknown_mode = {"forward_mode": None, "speculative": None}
+    assert _by_rule(explain(edited(**unknown_mode)))["spec-rows-past-context"].confidence == "medium"
+    # ... but not for a backend without speculative decoding
+    assert "spec-rows-past-context" not in _by_rule(explain(edited(**unknown_mode, speculative_num_draft_tokens=None)))
+    # a speculative mode with no draft size: named, medium, generic workaround
+    f = _by_rule(explain(edited(forward_mode="TARGET_VERIFY", speculative_num_draft_tokens=None)))["spec-rows-past-context"]
+    assert f.confidence == "medium" and any("2 x num_draft_tokens" in s for s in f.next_steps)
+    # malformed fields in a hand-edited dump: refused when read, naming the field (never a crash in a rule)
+    with pytest.raises(DumpError, match="manifest.context.backend.speculative_num_draft_tokens: expected an integer"):
+        edited(speculative_num_draft_tokens="4")
+    with pytest.raises(DumpError, match="manifest.context.backend.max_context_len: expected an integer, got a list"):
+        edited(max_context_len=[512])
+    # so many draft tokens that no context length helps at this page size (2 x 8 >= 16)
+    f = _by_rule(explain(edited(forward_mode="TARGET_VERIFY", speculative_num_draft_tokens=8, max_context_len=512)))[
+        "spec-rows-past-context"]
+    assert any("No --context-length avoids it" in s for s in f.next_steps)
+    # rows further past the context length than speculation can explain: only the generic rule
+    assert "spec-rows-past-context" not in _by_rule(explain(edited(forward_mode="TARGET_VERIFY",
+                                                                 speculative_num_draft_tokens=1, max_context_len=512)))
 
 
 def test_rules_do_not_fire_on_other_scenarios(real: dict[str, Dump]) -> None:
