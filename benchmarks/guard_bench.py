@@ -134,7 +134,8 @@ def bench_guard(args: argparse.Namespace) -> list[dict]:
 
 
 def bench_decode(args: argparse.Namespace) -> list[dict]:
-    from kvtrap.capture.guard.victim import PagedDecode
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from helpers.victim import PagedDecode  # the same victim the GPU tests use
 
     rows = []
     for bs in args.bs:

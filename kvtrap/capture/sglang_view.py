@@ -1,4 +1,5 @@
-"""The one view kvtrap has of SGLang's attention state: a backend + layer + batch -> a :class:`LayerSnapshot`.
+"""The one view kvtrap has of SGLang's state: backend + layer + batch -> :class:`LayerSnapshot`,
+allocator call -> :class:`AllocationSnapshot`, backend -> the context a device-guard drain dumps.
 
 Everything here reads SGLang objects by attribute (never by importing SGLang), so one module knows the
 0.5.x attribute names. The hooks (:mod:`kvtrap.capture.hooks`) build snapshots with it; the weight-free

@@ -29,7 +29,7 @@ ROW, COL = 2, 5
 
 def _victim(**kw):
     pytest.importorskip("sglang.kernels.ops.attention.decode_attention")
-    from kvtrap.capture.guard.victim import PagedDecode
+    from helpers.victim import PagedDecode
 
     return PagedDecode(4, 1024, **kw)
 
@@ -37,7 +37,7 @@ def _victim(**kw):
 def test_unguarded_out_of_range_page_kills_the_process() -> None:
     pytest.importorskip("sglang.kernels.ops.attention.decode_attention")
     proc = subprocess.run(
-        [sys.executable, "-m", "kvtrap.capture.guard.victim", "--crash"],
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "helpers" / "victim.py"), "--crash"],
         capture_output=True, text=True, timeout=300, env=dict(os.environ),
     )
     out = proc.stdout + proc.stderr

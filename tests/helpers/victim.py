@@ -5,7 +5,8 @@ The page table is built the way SGLang's trtllm_mha backend builds it inside its
 Triton decode kernel reads (``kv_indices = page * page_size + offset``), so a page id far past the
 pool makes the kernel read unmapped memory: an illegal-address fault.
 
-``python -m kvtrap.capture.guard.victim --crash`` runs the unguarded faulting launch (for a child process).
+``python tests/helpers/victim.py --crash`` runs the unguarded faulting launch (for a child process).
+A test and benchmark helper (tests/capture/test_guard_gpu.py, benchmarks/guard_bench.py), not library code.
 Needs CUDA and ``sglang.kernels.ops.attention`` (the SGLang wheel; the full server stack is not needed).
 """
 
