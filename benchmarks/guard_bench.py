@@ -12,11 +12,11 @@ Times (CUDA events, median of several repetitions; graph numbers are per launch 
   2 kv heads, head dim 256, page size 64, 8k tokens per request) with and without the guard, replayed
   as a CUDA graph (the guard is captured in the same graph: the capture proves it does no host sync);
 * (d) ``--sections fused``: SGLang's in-graph metadata builder (``update_trtllm_mha_graph_metadata``)
-  alone, kvtrap's fused builder + guard (``kvtrap.guard.fused_metadata``), and the builder followed by
+  alone, kvtrap's fused builder + guard (``kvtrap.capture.guard.fused_metadata``), and the builder followed by
   the separate guard, each under CUDA-graph replay at the same bs x widths, full tables and with the
   SWA table; the fused path's *added* time is (fused - builder), compared with the empty-kernel floor.
-* (e) ``--sections variants``: the fused build's kernel variants (columns per step, warps, check per row
-  or per step: ``FUSED_VARIANTS``) against SGLang's builder in the same cells; written to
+* (e) ``--sections variants``: the fused build's launch shapes (columns per step, warps:
+  ``FUSED_VARIANTS``) against SGLang's builder in the same cells; written to
   guard-<device>-fused-variants.json / .md only.
 Writes guard-<device>.json and guard-<device>.md into ``--out``. Sections not run keep what those files
 already hold (the fused section is merged into them: key ``fused`` / a marked block in the .md).
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import triton
 
-from kvtrap.guard import GuardRecord, guard_page_table_
+from kvtrap.capture.guard import GuardRecord, guard_page_table_
 
 
 @triton.jit
@@ -134,7 +134,8 @@ def bench_guard(args: argparse.Namespace) -> list[dict]:
 
 
 def bench_decode(args: argparse.Namespace) -> list[dict]:
-    from kvtrap.guard.victim import PagedDecode
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from helpers.victim import PagedDecode  # the same victim the GPU tests use
 
     rows = []
     for bs in args.bs:
@@ -205,7 +206,7 @@ def _builder_world(bs: int, width: int, ps: int, swa: bool) -> tuple[dict, dict]
 def _fused_cells(args: argparse.Namespace, ps: int):
     """Every (swa, bs, width) cell of the fused-build benchmarks: SGLang's builder inputs and bounds, a fresh
     guard record and the GuardSpec over it; freed after the caller is done with the cell."""
-    from kvtrap.guard.fused_metadata import GuardSpec
+    from kvtrap.capture.guard.fused_metadata import GuardSpec
 
     for swa in (False, True):
         for bs in args.bs:
@@ -223,7 +224,7 @@ def _fused_cells(args: argparse.Namespace, ps: int):
 def bench_fused(args: argparse.Namespace) -> list[dict]:
     from sglang.kernels.ops.attention.trtllm_mha_graph_metadata import update_trtllm_mha_graph_metadata
 
-    from kvtrap.guard.fused_metadata import GuardSpec, update_metadata_guarded_
+    from kvtrap.capture.guard.fused_metadata import GuardSpec, update_metadata_guarded_
 
     ps = 64
     x = torch.zeros(1, device="cuda")
@@ -269,22 +270,23 @@ def bench_fused(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-# (columns per loop step, warps, once-per-row check) as a function of the table width, for
-# ``--sections variants``; "shipped" is what update_metadata_guarded_ picks by itself
+# (columns per loop step, warps) as a function of the table width, for ``--sections variants``; each
+# replaces fused_metadata._row_config for its measurement (the library has no override parameter);
+# "shipped" is what update_metadata_guarded_ picks by itself
 FUSED_VARIANTS = {
-    "step512": lambda w: (512, 4, False),  # the first fused kernel: "anything bad?" reduced every step
-    "row512": lambda w: (512, 4, True),  # one reduction per row, SGLang's 512-column steps
-    "row1024w4": lambda w: (1024 if w > 512 else 512, 4, True),  # wide rows in one step
-    "row1024w8": lambda w: (1024 if w > 512 else 512, 8 if w > 512 else 4, True),
-    "fit": lambda w: (min(triton.next_power_of_2(w), 1024), 2 if w <= 128 else 4 if w <= 512 else 8, True),
+    "row512": lambda w: (512, 4),  # SGLang's 512-column steps
+    "row1024w4": lambda w: (1024 if w > 512 else 512, 4),  # wide rows in one step
+    "row1024w8": lambda w: (1024 if w > 512 else 512, 8 if w > 512 else 4),
+    "fit": lambda w: (min(triton.next_power_of_2(w), 1024), 2 if w <= 128 else 4 if w <= 512 else 8),
 }
 
 
 def bench_fused_variants(args: argparse.Namespace) -> list[dict]:
-    """Kernel variants of the fused build (launch shape, where the reduction sits), same cells."""
+    """Launch shapes of the fused build (columns per step, warps), same cells."""
     from sglang.kernels.ops.attention.trtllm_mha_graph_metadata import update_trtllm_mha_graph_metadata
 
-    from kvtrap.guard.fused_metadata import GuardSpec, update_metadata_guarded_
+    from kvtrap.capture.guard import fused_metadata
+    from kvtrap.capture.guard.fused_metadata import GuardSpec, update_metadata_guarded_
 
     ps = 64
     x = torch.zeros(1, device="cuda")
@@ -296,15 +298,19 @@ def bench_fused_variants(args: argparse.Namespace) -> list[dict]:
         t_b = _graph_time_us(lambda kw=kw: update_trtllm_mha_graph_metadata(**kw), args.per_graph,
                              args.reps, args.iters)
         row = {"swa": swa, "bs": bs, "width_pages": width, "builder_graph_us": t_b, "empty_graph_us": floor}
+        shipped = fused_metadata._row_config
         for name, cfg in FUSED_VARIANTS.items():
-            v = cfg(width)
+            fused_metadata._row_config = lambda w, cfg=cfg: cfg(w)  # this variant's launch shape
+            try:
 
-            def fused(kw: dict = kw, spec: GuardSpec = spec, v: tuple = v) -> None:
-                update_metadata_guarded_(spec=spec, _variant=v, **kw)
+                def fused(kw: dict = kw, spec: GuardSpec = spec) -> None:
+                    update_metadata_guarded_(spec=spec, **kw)
 
-            fused()
-            assert all(torch.equal(ref[k], kw[k]) for k in ref), name
-            row[name] = _graph_time_us(fused, args.per_graph, args.reps, args.iters)
+                fused()
+                assert all(torch.equal(ref[k], kw[k]) for k in ref), name
+                row[name] = _graph_time_us(fused, args.per_graph, args.reps, args.iters)
+            finally:
+                fused_metadata._row_config = shipped
         row["builder_again_graph_us"] = _graph_time_us(
             lambda kw=kw: update_trtllm_mha_graph_metadata(**kw), args.per_graph, args.reps, args.iters)
         assert rec.drain().total == 0
@@ -354,7 +360,7 @@ def _fused_markdown(meta: dict, rows: list[dict]) -> str:
         f" triton {meta['triton']}, sglang {meta['sglang']}, python {meta['python']}",
         f"- command: `{meta['command']}`",
         f"- per launch, from a CUDA graph of {meta['per_graph']} launches replayed. builder: SGLang's"
-        " `update_trtllm_mha_graph_metadata`; fused: `kvtrap.guard.fused_metadata.update_metadata_guarded_`"
+        " `update_trtllm_mha_graph_metadata`; fused: `kvtrap.capture.guard.fused_metadata.update_metadata_guarded_`"
         " (same outputs + guard, one launch); builder + guard: SGLang's builder then `guard_page_table_` per"
         " table (the non-fused path). added = path - builder; floor = an empty Triton kernel in this run.",
         "",

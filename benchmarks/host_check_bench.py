@@ -1,7 +1,7 @@
 """Armed host-check cost per layer call vs the unarmed call, on CPU, with real sglang==0.5.23 objects.
 
 Runs SGLang's real ``TRTLLMHAAttnBackend.forward_decode`` (partially constructed backend, real SWAKVPool,
-real RadixAttention layers; see tests/sglang_world.py) up to the FlashInfer launch, which does not exist
+real RadixAttention layers; see tests/helpers/sglang_world.py) up to the FlashInfer launch, which does not exist
 on a CPU machine: the call writes K/V into the pool and stops at the launch. Both sides do exactly that;
 the difference is kvtrap's wrapper and checks. Prints a table and writes JSON + markdown.
 

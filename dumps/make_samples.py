@@ -2,10 +2,10 @@
 
     python dumps/make_samples.py            # rewrite dumps/samples/<name>/ and tests/golden/*.txt
 
-Each sample is made by a real kvtrap trap firing on real sglang==0.5.23 objects (``tests/trapdumps.py``),
+Each sample is made by a real kvtrap trap firing on real sglang==0.5.23 objects (``tests/helpers/trapdumps.py``),
 then copied to ``dumps/samples/<name>/`` (the directory *is* the dump: manifest.json +
 tensors.safetensors). The goldens are ``kvtrap dump show`` / ``explain`` of those samples, as rendered
-by ``tests/test_cli_dump_golden.py`` (which uses the same normalisation as this script).
+by ``tests/helpers/golden.py``, which ``tests/cli/test_cli_dump_golden.py`` compares against.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ KWARGS: dict[str, dict[str, object]] = {"sglang-26957": {"high_fill": True}}
 
 def main() -> int:
     sys.path.insert(0, str(ROOT / "tests"))
-    import trapdumps
+    from helpers import trapdumps
 
     SAMPLES.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,7 +44,7 @@ def main() -> int:
             shutil.copytree(made, dst)
             print(f"{dst.relative_to(ROOT)}  <- {fn} ({made.name})")
 
-    from test_cli_dump_golden import GOLDENS, render
+    from helpers.golden import GOLDENS, render
 
     GOLDEN.mkdir(parents=True, exist_ok=True)
     for golden, (verb, sample) in GOLDENS.items():

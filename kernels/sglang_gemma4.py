@@ -2,7 +2,7 @@
 
 Switched on in every SGLang process by the plugin entry point (:mod:`kvtrap.plugin`), independent of the
 trap's ``SGLANG_TRTLLM_MHA_DEBUG``. Nothing in SGLang's files changes: :func:`enable` wraps methods of
-``sglang.srt.models.gemma4_causal`` with kvtrap's patching machinery (:mod:`kvtrap.patching`: wrappers are
+``sglang.srt.models.gemma4_causal`` with kvtrap's patching machinery (:mod:`kvtrap.capture.patching`: wrappers are
 applied when SGLang imports the module, and :func:`disable` puts the originals back).
 
 What is routed where (line numbers of ``gemma4_causal.py`` 0.5.23, approximate):
@@ -39,7 +39,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvtrap.patching import MethodTarget, install, module_function, uninstall
+from kvtrap.capture.patching import MethodTarget, install, module_function, uninstall
 
 logger = logging.getLogger("kvtrap.kernels")
 
@@ -69,6 +69,19 @@ def targets() -> list[MethodTarget]:
 
 
 _active = False  # read by the routing function a planned MoE keeps after disable()
+
+
+#: The SGLang releases whose Gemma 4 method bodies the fused paths restate (checked by the plugin before enabling).
+TESTED_SGLANG = ("0.5.23",)
+
+
+def sglang_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("sglang")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def enable() -> None:

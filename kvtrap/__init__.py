@@ -7,8 +7,8 @@ Public API: :func:`armed` (arm the traps in-process), :class:`KVTrapError`, :cla
 from __future__ import annotations
 
 from kvtrap.config import Config, ConfigError
-from kvtrap.dumpfile import Dump, DumpError, load_dump
-from kvtrap.errors import KVTrapError, Violation
+from kvtrap.record.dumpfile import Dump, DumpError, load_dump
+from kvtrap.record.violation import KVTrapError, Violation
 
 __version__ = "0.1.0"
 
@@ -26,7 +26,7 @@ __all__ = [
 
 
 def armed(**settings: object):
-    """Arm kvtrap's hooks in this process for the ``with`` block; see :func:`kvtrap.arming.armed`."""
-    from kvtrap.arming import armed as _armed
+    """Arm kvtrap's hooks in this process for the ``with`` block; see :func:`kvtrap.capture.arming.armed`."""
+    from kvtrap.capture.arming import armed as _armed
 
     return _armed(**settings)

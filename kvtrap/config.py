@@ -82,6 +82,12 @@ class Config:
             object.__setattr__(self, "inject", _split_list(self.inject))
         else:
             object.__setattr__(self, "inject", tuple(self.inject))
+        if self.inject:
+            from kvtrap.capture.bugs import BUGS  # the list of names only: imports no SGLang, no torch
+
+            for name in self.inject:
+                if name not in BUGS:
+                    raise ConfigError(f"unknown bug to inject {name!r}; known: {', '.join(sorted(BUGS)) or 'none'}")
 
     @property
     def max_dump_bytes(self) -> int:

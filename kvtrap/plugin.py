@@ -6,7 +6,7 @@ before logging is configured there, and swallows exceptions from plugins. So thi
 - separately, ``KVTRAP_GEMMA4_KERNELS=1`` routes SGLang's Gemma 4 model code to the fused kernels
   (:mod:`kvtrap.kernels.sglang_gemma4`); either switch works without the other;
 - imports nothing heavy and creates no CUDA context: the hooks attach to SGLang modules when SGLang
-  itself imports them (see :mod:`kvtrap.patching`);
+  itself imports them (see :mod:`kvtrap.capture.patching`);
 - logs at WARNING to stderr, and logs (rather than raises) a bad setting, since SGLang would swallow it.
 """
 
@@ -30,8 +30,14 @@ def _ensure_stderr_logging() -> None:
 
 
 def register() -> None:
-    _register_gemma4_kernels()
-    _register_trap()
+    # Two independent switches: one failing must not take the other down (SGLang swallows what a plugin raises,
+    # so a broken kernel install would otherwise leave the traps silently unarmed).
+    for step in (_register_gemma4_kernels, _register_trap):
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - said at ERROR instead of vanishing into SGLang's loader
+            _ensure_stderr_logging()
+            logger.error("kvtrap plugin step %s failed: %s: %s", step.__name__.lstrip("_"), type(exc).__name__, exc)
 
 
 def _register_gemma4_kernels() -> None:
@@ -45,8 +51,15 @@ def _register_gemma4_kernels() -> None:
         logger.error("Gemma 4 kernels are NOT enabled: %s", exc)
         return
     _ensure_stderr_logging()
-    from kvtrap.kernels.sglang_gemma4 import enable
+    from kvtrap.kernels.sglang_gemma4 import TESTED_SGLANG, enable, sglang_version
 
+    version = sglang_version()
+    if version not in TESTED_SGLANG:
+        # The fused layer paths restate SGLang's method bodies of the tested release; another release may have
+        # changed them, and running the old body there would be silently wrong.
+        logger.warning("Gemma 4 kernels are NOT enabled: sglang %s is not a tested release (%s)", version,
+                       ", ".join(TESTED_SGLANG))  # fmt: skip
+        return
     enable()
 
 
@@ -64,7 +77,7 @@ def _register_trap() -> None:
         logger.error("kvtrap is NOT armed: %s", exc)
         return
     _ensure_stderr_logging()
-    from kvtrap.arming import arm_process
+    from kvtrap.capture.arming import arm_process
 
     arm_process(config)
     logger.warning(
@@ -82,11 +95,11 @@ def _inject_only(config: object) -> None:
     This is how a repro shows what a historical bug really does on this machine (an illegal address, silent
     corruption, or nothing); said loudly, since it makes the server wrong on purpose.
     """
-    from kvtrap import inject
+    from kvtrap.capture import bugs
 
     _ensure_stderr_logging()
     names = list(getattr(config, "inject", ()))
-    inject.enable(names)
+    bugs.sync(names)
     logger.warning(
         "kvtrap is NOT armed in pid %d, but re-introduces %s on purpose (KVTRAP_INJECT): no trap will fire",
         os.getpid(), ",".join(names),

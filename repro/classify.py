@@ -62,7 +62,7 @@ def _sig(name: str, pattern: str, meaning: str, flags: int = 0) -> Signature:
     return Signature(name, re.compile(pattern, flags), meaning)
 
 
-#: kvtrap's own exception. Message format from ``kvtrap.errors.KVTrapError._message``:
+#: kvtrap's own exception. Message format from ``kvtrap.record.violation.KVTrapError._message``:
 #: ``kvtrap [<kind>] in <where>: ...``; SGLang logs it inside "Scheduler hit an exception: ...".
 TRAP_SIGNATURES: tuple[Signature, ...] = (
     _sig("kvtrap_error", r"\bKVTrapError\b", "kvtrap raised before the kernel ran"),
@@ -284,7 +284,7 @@ def server_metrics(text: str) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------- dumps
 def summarize_dumps(paths: Iterable[Path]) -> list[dict[str, Any]]:
     """One line of facts per dump directory (manifest only, no tensors). Unreadable dumps say why."""
-    from kvtrap.dumpfile import DumpError, load_dump
+    from kvtrap.record.dumpfile import DumpError, load_dump
 
     out: list[dict[str, Any]] = []
     for p in paths:
@@ -294,17 +294,17 @@ def summarize_dumps(paths: Iterable[Path]) -> list[dict[str, Any]]:
         except DumpError as exc:
             entry["error"] = str(exc)
         else:
-            v = d.manifest.get("violation", {})
+            rec, v = d.record, d.violation
             entry.update(
                 kind=d.kind,
-                summary=v.get("summary"),
-                where=v.get("where"),
-                layer_id=v.get("layer_id"),
-                layer_type=v.get("layer_type"),
-                fatal=v.get("fatal"),
-                time_iso=d.manifest.get("time_iso"),
-                pid=d.manifest.get("pid"),
-                rank=d.manifest.get("rank"),
+                summary=v.summary,
+                where=v.where,
+                layer_id=v.layer_id,
+                layer_type=v.layer_type,
+                fatal=v.fatal,
+                time_iso=rec.time_iso,
+                pid=rec.pid,
+                rank=rec.rank,
             )
         out.append(entry)
     return out

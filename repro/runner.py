@@ -292,13 +292,9 @@ def _unknown_bugs(names: tuple[str, ...]) -> str | None:
     """A typo in --inject would otherwise leave the server unarmed and the run CLEAN: say it before starting."""
     if not names:
         return None
-    try:
-        from kvtrap import inject
+    from kvtrap.capture.bugs import BUGS
 
-        inject._load_builtin()
-        known = set(inject.BUGS)
-    except ImportError:  # no torch here: the server would say it (and refuse to arm)
-        return None
+    known = set(BUGS)
     bad = [n for n in names if n not in known]
     return f"unknown bug to inject {', '.join(map(repr, bad))}; known: {', '.join(sorted(known))}" if bad else None
 
@@ -753,7 +749,7 @@ def _run_server(plan: Plan, options: RunOptions, sink: Callable[[str], None] | N
 
 
 def _find_dumps(dump_dir: Path) -> list[Path]:
-    from kvtrap.dumpfile import find_dumps
+    from kvtrap.record.dumpfile import find_dumps
 
     return find_dumps([dump_dir]) if dump_dir.exists() else []
 

@@ -11,7 +11,7 @@ Three runs, each a separate step of the report:
 
 1. ``unarmed`` (child process): the kernel reads past the SWA buffers and the process dies with
    ``CUDA error: an illegal memory access was encountered``;
-2. ``armed``: kvtrap's trtllm_mha checks (the same :func:`kvtrap.hooks.trtllm_mha.evaluate` the SGLang
+2. ``armed``: kvtrap's trtllm_mha checks (the same :func:`kvtrap.capture.verdict.judge_layer` the SGLang
    hook runs) raise :class:`kvtrap.KVTrapError` before the launch, with a dump that
    ``kvtrap dump explain`` attributes to #26957;
 3. ``--fix``: the SWA layer gets the SWA-translated table (what kvtrap's lockstep fix restores in a
@@ -102,8 +102,9 @@ def attend(state: dict[str, Any], table: Any, shape: Shape) -> Any:
 
 
 def layer_check(state: dict[str, Any], shape: Shape, *, fixed: bool):
-    """The :class:`LayerCheck` the SGLang hook would build for the draft's first SWA layer."""
-    from kvtrap.hooks.trtllm_mha import LayerCheck
+    """The :class:`LayerSnapshot` the SGLang hook would build for the draft's first SWA layer."""
+    from kvtrap.capture.sglang_view import LayerSnapshot
+    from kvtrap.record.context import BackendState, LivePool, PoolPages, TableInfo
 
     handed = "swa_page_table" if fixed else "page_table"
     drift = {} if fixed else {
@@ -112,7 +113,7 @@ def layer_check(state: dict[str, Any], shape: Shape, *, fixed: bool):
         "_swa_full_to_swa_mapping": "None, but the live pool has a full->SWA mapping",
     }
     swa_pages, full_pages = shape.swa_pages + 1, shape.full_pages + 1
-    return LayerCheck(
+    return LayerSnapshot(
         where="TRTLLMHAAttnBackend.forward_decode (synthetic #26957 state)",
         layer_id=0,
         layer_type="swa",
@@ -124,37 +125,47 @@ def layer_check(state: dict[str, Any], shape: Shape, *, fixed: bool):
         tables={"page_table": state["page_table"], "swa_page_table": state["swa_page_table"] if fixed else None},
         cache_seqlens=state["cache_seqlens"],
         drift=drift,
-        pools={"full": {"pages": full_pages, "rows": full_pages * PAGE}, "swa": {"pages": swa_pages, "rows": swa_pages * PAGE}},
-        backend={
-            "class": "TRTLLMHAAttnBackend",
-            "use_sliding_window_kv_pool": fixed,
-            "swa_kv_pool": "SWAKVPool (target)" if fixed else None,
-            "swa_kv_pool_is_live": fixed,
-            "has_swa_full_to_swa_mapping": fixed,
-            "swa_mapping_is_live": fixed,
-        },
-        live_pool={"class": "SWAKVPool", "id": "synthetic"},
+        pools={"full": PoolPages(pages=full_pages, rows=full_pages * PAGE),
+               "swa": PoolPages(pages=swa_pages, rows=swa_pages * PAGE)},
+        backend=BackendState(
+            class_="TRTLLMHAAttnBackend",
+            use_sliding_window_kv_pool=fixed,
+            swa_kv_pool="SWAKVPool (target)" if fixed else None,
+            swa_kv_pool_is_live=fixed,
+            has_swa_full_to_swa_mapping=fixed,
+            swa_mapping_is_live=fixed,
+            max_context_len=None,  # no server here: unknown, as on a backend without the attribute
+            speculative_num_draft_tokens=None,
+        ),
+        live_pool=LivePool(class_="SWAKVPool", id="synthetic"),
         table_bounds={
-            "page_table": {"pool": "full", "bound": full_pages, "handed_to_layer": not fixed,
-                           "shape": list(state["page_table"].shape)},
-            **({"swa_page_table": {"pool": "swa", "bound": swa_pages, "handed_to_layer": True,
-                                   "shape": list(state["swa_page_table"].shape)}} if fixed else {}),
+            "page_table": TableInfo(pool="full", bound=full_pages, handed_to_layer=not fixed,
+                                    shape=list(state["page_table"].shape)),
+            **({"swa_page_table": TableInfo(pool="swa", bound=swa_pages, handed_to_layer=True,
+                                            shape=list(state["swa_page_table"].shape))} if fixed else {}),
         },
         forward_mode="DECODE",
     )
 
 
-def armed_step(state: dict[str, Any], shape: Shape, config: Any, *, fixed: bool) -> Any:
-    """Run kvtrap's checks for the SWA layer, then (if nothing trapped) the kernel."""
-    from kvtrap import checks
-    from kvtrap.hooks.trtllm_mha import evaluate
-    from kvtrap.session import Session
+def check(state: dict[str, Any], shape: Shape, config: Any, *, fixed: bool) -> None:
+    """kvtrap's checks for the SWA layer, as the SGLang hook runs them (raises KVTrapError + dump)."""
+    from kvtrap.capture import checks
+    from kvtrap.capture.session import Session
+    from kvtrap.capture.verdict import judge_layer
 
     view = layer_check(state, shape, fixed=fixed)
-    table = view.tables[view.handed_name]
-    scan = checks.scan_page_table(table, view.cache_seqlens, PAGE, view.bound)
-    evaluate(Session(config), view, scan)  # raises KVTrapError with a dump in raise mode
-    return attend(state, table, shape)
+    scan = checks.scan_page_table(view.tables[view.handed_name], view.cache_seqlens, PAGE, view.bound)
+    verdict = judge_layer(view, scan)
+    if verdict is not None:  # raises KVTrapError with a dump in raise mode
+        Session(config).report(verdict.violation, verdict.context, verdict.tensors,
+                               safe_to_continue=verdict.safe_to_continue)
+
+
+def armed_step(state: dict[str, Any], shape: Shape, config: Any, *, fixed: bool) -> Any:
+    """Run kvtrap's checks for the SWA layer, then (if nothing trapped) the kernel."""
+    check(state, shape, config, fixed=fixed)
+    return attend(state, state["swa_page_table" if fixed else "page_table"], shape)
 
 
 # ---------------------------------------------------------------------------------- component
@@ -235,8 +246,8 @@ def _armed(ctx: ComponentContext, shape: Shape, config: Any, fixed: bool, detail
 def _explain(dump: Path | None) -> list[str]:
     if dump is None:
         return ["no dump was written"]
-    from kvtrap.dumpfile import load_dump
-    from kvtrap.explain import explain
+    from kvtrap.record.dumpfile import load_dump
+    from kvtrap.report.explain import explain
 
     findings = explain(load_dump(dump))
     if not findings:

@@ -1,5 +1,9 @@
 """Shared test setup: GPU tests are marked ``gpu`` and skipped where no CUDA device is present (CI).
 
+Tests mirror kvtrap's packages (``record/``, ``report/``, ``capture/``, ``cli/``, ``repro/``, ``kernels/``);
+shared helpers are ``tests/helpers/`` only, imported as ``helpers.<module>`` (``tests/`` is put on
+``sys.path`` here, also for the child processes some tests start with ``python -m pytest``).
+
 Without CUDA every Triton kernel runs in Triton's interpreter. ``TRITON_INTERPRET=1`` has to be set before
 any kernel is decorated, and a test file that imports SGLang (which decorates its own Triton kernels) may be
 collected before the kernel tests; so it is set here, before any test module is imported.
@@ -8,8 +12,14 @@ collected before the kernel tests; so it is set here, before any test module is 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 
 
 def _cuda_available() -> bool:
@@ -27,7 +37,7 @@ if not _cuda_available():
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if _cuda_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

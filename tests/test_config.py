@@ -8,9 +8,9 @@ from kvtrap.config import Config, ConfigError, env_armed
 
 
 def test_env_settings_and_overrides():
-    env = {"KVTRAP_MODE": "LOG", "KVTRAP_DUMP_DIR": "/tmp/x", "KVTRAP_MAX_DUMPS": "3", "KVTRAP_INJECT": "a, b"}
+    env = {"KVTRAP_MODE": "LOG", "KVTRAP_DUMP_DIR": "/tmp/x", "KVTRAP_MAX_DUMPS": "3", "KVTRAP_INJECT": " sglang-26957, "}
     c = Config.from_env(env)
-    assert (c.mode, c.dump_dir, c.max_dumps, c.inject) == ("log", Path("/tmp/x"), 3, ("a", "b"))
+    assert (c.mode, c.dump_dir, c.max_dumps, c.inject) == ("log", Path("/tmp/x"), 3, ("sglang-26957",))
     assert Config.from_env(env, mode="raise").mode == "raise"
 
 
@@ -18,6 +18,7 @@ def test_env_settings_and_overrides():
     ({"KVTRAP_MAX_DUMPS": "many"}, "KVTRAP_MAX_DUMPS must be a non-negative integer"),
     ({"KVTRAP_GUARD": "sometimes"}, "guard must be one of auto, on, off"),
     ({"KVTRAP_FIX": "yes"}, "fix must be one of auto, off"),
+    ({"KVTRAP_INJECT": "sglang-26957,sglang-1"}, "unknown bug to inject 'sglang-1'; known: sglang-26957"),
 ])
 def test_bad_env_is_a_clear_error(env, match):
     with pytest.raises(ConfigError, match=match):

@@ -7,10 +7,11 @@ import sys
 import click
 
 from kvtrap import __version__
+from kvtrap.cli.boundary import BoundaryGroup
 
 
-class _Main(click.Group):
-    """Maps click's usage errors to exit code 2 (click already does) and keeps subcommands lazy."""
+class _Main(BoundaryGroup):
+    """The ``kvtrap`` group: every subcommand runs inside the error boundary; subcommands load lazily."""
 
     LAZY = {
         "doctor": ("kvtrap.cli.doctor", "doctor"),

@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 import click
 
 from kvtrap import __version__
-from kvtrap.config import ENV_ARM, ConfigError, env_armed
+from kvtrap.config import ENV_ARM, ENV_FIELDS, Config, ConfigError, env_armed
 
 MIN_SGLANG = (0, 5, 13)  # SWA allocator moved to mem_cache/allocator/swa.py; _resolve_swa_kv_pool exists
 TESTED_SGLANG = ("0.5.23",)
@@ -99,9 +100,42 @@ def check_plugin() -> list[Check]:
     return out
 
 
+def check_settings(environ: Mapping[str, str] | None = None) -> list[Check]:
+    """The ``KVTRAP_*`` settings an armed SGLang process would use, as the plugin would read them.
+
+    A value the plugin would refuse (it then logs "kvtrap is NOT armed" and SGLang runs untrapped)
+    fails here, and so does a dump directory the process could not write.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        config = Config.from_env(env)
+    except ConfigError as exc:
+        return [Check("KVTRAP settings", "fail", f"{exc} (the SGLang plugin would log 'kvtrap is NOT armed')")]
+    given = ", ".join(f"{var}={env[var]}" for var in ENV_FIELDS if env.get(var, "").strip()) or "defaults"
+    out = [Check("KVTRAP settings", "ok",
+                 f"{given}: mode={config.mode} guard={config.guard} fix={config.fix}"
+                 + (f" inject={','.join(config.inject)}" if config.inject else ""))]
+    out.append(_check_dump_dir(config.dump_dir))
+    others = sorted(k for k in env if k.startswith("KVTRAP_") and k not in ENV_FIELDS)
+    if others:
+        out.append(Check("other KVTRAP_ variables", "info", f"{', '.join(others)} (not arming settings)"))
+    return out
+
+
+def _check_dump_dir(path: Path) -> Check:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent  # the directory is made on the first dump: its nearest existing parent decides
+    if not probe.is_dir():
+        return Check("KVTRAP_DUMP_DIR", "fail", f"{path}: {probe} is not a directory; dumps could not be written")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return Check("KVTRAP_DUMP_DIR", "fail", f"{path}: {probe} is not writable; dumps could not be written")
+    return Check("KVTRAP_DUMP_DIR", "ok", f"{path.resolve()} ({'exists' if probe == path else 'made on the first dump'})")
+
+
 def check_targets() -> list[Check]:
-    from kvtrap.hooks import all_targets
-    from kvtrap.patching import resolve
+    from kvtrap.capture.arming import all_targets
+    from kvtrap.capture.patching import resolve
 
     # Targets listed under several modules (older SGLang layouts) need one module that resolves.
     by_method: dict[tuple[str, str], list[tuple[str, bool, str]]] = {}
@@ -142,7 +176,7 @@ def prove_allocator_trap() -> Check:
     import torch
 
     import kvtrap
-    from kvtrap.dumpfile import load_dump
+    from kvtrap.record.dumpfile import load_dump
 
     try:
         from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
@@ -193,9 +227,9 @@ def prove_allocator_trap() -> Check:
 
 def check_gemma4_kernels() -> list[Check]:
     """``KVTRAP_GEMMA4_KERNELS``: on or off, do the SGLang methods it routes exist, which fusions apply."""
+    from kvtrap.capture.patching import resolve
     from kvtrap.config import ENV_GEMMA4_KERNELS, env_gemma4_kernels
     from kvtrap.kernels.sglang_gemma4 import RELEASED, expected_fusions, targets
-    from kvtrap.patching import resolve
 
     try:
         on = env_gemma4_kernels()
@@ -216,6 +250,7 @@ def run_checks() -> list[Check]:
     checks = check_versions()
     checks.append(check_gpu())
     checks.extend(check_plugin())
+    checks.extend(check_settings())
     if any(c.name == "sglang" and c.status == "fail" for c in checks):
         checks.append(Check("hooks", "fail", "skipped: SGLang is missing or unsupported"))
         return checks

@@ -1,168 +1,40 @@
 """``kvtrap dump ...``: the post-mortem side. List, show, explain, plot and diff kvtrap dumps.
 
-Exit codes (all verbs): 0 ok; 2 bad input (not a dump, truncated or damaged files, a newer schema, an
-empty or missing directory, bad options), with one message on stderr. ``explain`` exits 0 when at least
-one rule matched (a diagnosis was produced) and 1 when no rule matched (the dump is still printed, and
-the message says so plainly). ``diff`` follows diff(1): 0 when the dumps agree, 1 when they differ.
-Nothing here unpickles: dumps are JSON + safetensors, read by :func:`kvtrap.dumpfile.load_dump`.
+Exit codes (all verbs): 0 ok; 2 bad input (not a dump, wrong-typed, truncated or damaged files, a newer
+schema, an empty or missing directory, bad options), with one line on stderr (see
+:mod:`kvtrap.cli.boundary`). ``explain`` exits 0 when at least one rule matched and 1 when none did (the
+dump is still printed, and the message says so plainly). ``diff`` follows diff(1): 0 when the dumps
+agree, 1 when they differ. The commands parse options and call :mod:`kvtrap.report`; nothing here
+unpickles: dumps are JSON + safetensors, read by :func:`kvtrap.record.dumpfile.load_dump`.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
-import numpy as np
 import orjson
-from rich import box
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from kvtrap.dumpfile import Dump, DumpError, find_dumps, load_dump
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-#: Width used when stdout is not a terminal (pipes, CI, golden tests): output does not depend on $COLUMNS.
-PLAIN_WIDTH = 120
-EXIT_INPUT = 2
+from kvtrap.cli.boundary import BoundaryGroup
+from kvtrap.record.dumpfile import DumpError, find_dumps, load_dump
+from kvtrap.report import render
 
 
-def _console() -> Console:
-    tty = sys.stdout.isatty()
-    return Console(
-        file=sys.stdout,
-        width=None if tty else PLAIN_WIDTH,
-        no_color=not tty,
-        color_system="auto" if tty else None,
-        highlight=False,
-        emoji=False,
-        soft_wrap=False,
-    )
-
-
-def _fail(message: str) -> None:
-    click.echo(f"kvtrap: error: {message}", err=True)
-    sys.exit(EXIT_INPUT)
-
-
-def _guarded(fn: F) -> F:
-    """Turn a :class:`DumpError` (or a bad option value) into one line on stderr and exit 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except DumpError as exc:
-            _fail(str(exc))
-        except ValueError as exc:
-            _fail(str(exc))
-        except OSError as exc:
-            _fail(f"{getattr(exc, 'filename', '') or ''}: {exc.strerror or exc}".lstrip(": "))
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _display_path(p: Path) -> str:
-    try:
-        rel = os.path.relpath(p)
-    except ValueError:
-        return str(p)
-    return rel if not rel.startswith("../..") else str(p)
-
-
-def _fmt_layer(v: dict[str, Any], ctx: dict[str, Any]) -> str:
-    layer = ctx.get("layer") or {}
-    lid = layer.get("id", v.get("layer_id"))
-    ltype = layer.get("type", v.get("layer_type"))
-    if lid is None and ltype is None:
-        return "-"
-    return f"{lid if lid is not None else '?'} {ltype or ''}".strip()
-
-
-def _fmt_value(v: dict[str, Any]) -> str:
-    value, lower, bound = v.get("value"), v.get("lower"), v.get("bound")
-    details = v.get("details") or {}
-    over = details.get("overflow") if isinstance(details.get("overflow"), dict) else None
-    if v.get("kind") == "seqlens_exceed_table" and over:
-        return f"needs {over.get('needed_pages')} > {over.get('width')} pages"
-    if value is None:
-        if v.get("kind") == "index_space_mismatch":
-            return f"{details.get('handed_table', v.get('table'))} handed"
-        if v.get("kind") == "swa_state_drift":
-            return "state drift"
-        return "-"
-    lo = lower if lower is not None else 0
-    if value < lo:
-        return f"{value} < {lo}"
-    if bound is not None and value >= bound:
-        return f"{value} >= {bound}"
-    return f"{value} in [{lo}, {bound})"
-
-
-def _load(path: str) -> Dump:
-    return load_dump(path)
-
-
-@click.group("dump")
+@click.group("dump", cls=BoundaryGroup)
 def dump() -> None:
     """Read kvtrap dumps: ls, show, explain, plot, diff."""
-
-
-# ------------------------------------------------------------------------------------------------- ls
-def _records(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    recs: list[dict[str, Any]] = []
-    errs: list[dict[str, str]] = []
-    for p in paths:
-        try:
-            d = load_dump(p, tensors=False)
-        except DumpError as exc:
-            errs.append({"path": str(p), "error": str(exc)})
-            continue
-        m, v, ctx = d.manifest, d.manifest["violation"], d.context
-        recs.append(
-            {
-                "time": m.get("time"),
-                "time_iso": m.get("time_iso"),
-                "kind": d.kind,
-                "where": v.get("where") or ctx.get("hook"),
-                "layer_id": (ctx.get("layer") or {}).get("id", v.get("layer_id")),
-                "layer_type": (ctx.get("layer") or {}).get("type", v.get("layer_type")),
-                "table": v.get("table"),
-                "pool": v.get("pool"),
-                "value": v.get("value"),
-                "lower": v.get("lower"),
-                "bound": v.get("bound"),
-                "count": v.get("count"),
-                "fatal": v.get("fatal"),
-                "host": m.get("host"),
-                "rank": m.get("rank"),
-                "pid": m.get("pid"),
-                "seq": m.get("seq"),
-                "path": str(d.path),
-                "_v": v,
-                "_ctx": ctx,
-            }
-        )
-    recs.sort(key=lambda r: (r["time"] or 0.0, -1 if r["rank"] is None else r["rank"], r["pid"] or 0, r["seq"] or 0))
-    return recs, errs
 
 
 @dump.command("ls")
 @click.argument("dirs", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="One JSON array (first failure first) for scripts.")
-@_guarded
 def ls_cmd(dirs: tuple[Path, ...], as_json: bool) -> None:
     """List every dump under DIRS (default: $KVTRAP_DUMP_DIR or ./kvtrap-dumps), first failure first.
 
     Dumps from all processes and ranks are merged and ordered by event time, so the first row is the
-    first thing that went wrong. Unreadable dumps are reported on stderr and skipped; if nothing
-    readable is found the command exits 2.
+    first thing that went wrong. Each unreadable dump is named on stderr with the reason and skipped;
+    the command exits 0 when at least one dump was listed, 2 when none could be read.
     """
     if not dirs:
         from kvtrap.config import Config
@@ -174,7 +46,9 @@ def ls_cmd(dirs: tuple[Path, ...], as_json: bool) -> None:
     paths = find_dumps(dirs)
     if not paths:
         raise DumpError(f"no kvtrap dumps under {', '.join(str(d) for d in dirs)}")
-    recs, errs = _records(paths)
+    recs, errs = render.ls_records(paths)
+    if not recs and len(errs) == 1:
+        raise DumpError(errs[0]["error"])  # the one dump there is, and why it cannot be read: one line
     for e in errs:
         click.echo(f"kvtrap: skipped unreadable dump: {e['error']}", err=True)
     if not recs:
@@ -185,235 +59,7 @@ def ls_cmd(dirs: tuple[Path, ...], as_json: bool) -> None:
             out.append({"index": i + 1, "first": i == 0, **{k: v for k, v in r.items() if not k.startswith("_")}})
         click.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
         return
-    con = _console()
-    t0 = recs[0]["time"] or 0.0
-    procs = {(r["host"], r["pid"]) for r in recs}
-    ranks = {r["rank"] for r in recs if r["rank"] is not None}
-    hosts = sorted({str(r["host"]) for r in recs})
-    con.print(
-        f"{len(recs)} dump(s) from {len(procs)} process(es)" + (f", {len(ranks)} rank(s)" if ranks else "")
-        + (f" on host {hosts[0]}" if len(hosts) == 1 else f" on {len(hosts)} hosts")
-        + f"; first failure at {recs[0]['time_iso']} (#1)"
-    )
-    tab = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0))
-    cols: list[tuple[str, dict[str, Any]]] = [
-        ("#", {"justify": "right"}), ("time (UTC)", {}), ("kind", {}), ("layer", {}), ("table", {}),
-        ("value vs bound", {}), ("bad", {"justify": "right"}), ("rank/pid", {}), ("hook", {"min_width": 14}),
-    ]
-    if len(hosts) > 1:
-        cols.insert(-1, ("host", {}))
-    for col, kw in cols:
-        tab.add_column(col, no_wrap=True, overflow="ellipsis", **kw)
-    for i, r in enumerate(recs):
-        iso = str(r["time_iso"] or "")
-        when = (iso[11:23] or "-") if i == 0 else f"+{(r['time'] or 0.0) - t0:.3f}s"
-        rank = "-" if r["rank"] is None else str(r["rank"])
-        tab.add_row(
-            str(i + 1), escape(when), escape(r["kind"]), _fmt_layer(r["_v"], r["_ctx"]), escape(str(r["table"] or "-")),
-            _fmt_value(r["_v"]), str(r["count"] if r["count"] is not None else "-"), f"r{rank}/p{r['pid']}",
-            *([escape(str(r["host"] or "-"))] if len(hosts) > 1 else []),
-            escape(str(r["where"] or "-").rsplit(".", 1)[-1]),
-        )
-    con.print(tab)
-    # paths on their own lines, never folded, so they can be copied
-    for i, r in enumerate(recs):
-        con.print(f"{i + 1:>3}  {escape(_display_path(Path(r['path'])))}", soft_wrap=True)
-    con.print(f"next: kvtrap dump explain {escape(_display_path(Path(recs[0]['path'])))}", soft_wrap=True)
-
-
-# ----------------------------------------------------------------------------------------------- show
-def _kv(con: Console, rows: Sequence[tuple[str, Any]]) -> None:
-    t = Table(box=None, show_header=False, pad_edge=False, padding=(0, 2, 0, 1))
-    t.add_column(style="bold")
-    t.add_column(overflow="fold")
-    for k, v in rows:
-        t.add_row(escape(k), escape("-" if v is None else str(v)))
-    con.print(t)
-
-
-def _fmt_num(x: Any) -> str:
-    return "-" if x is None else str(x)
-
-
-def _cols(cols: Sequence[int], live: int) -> str:
-    return ", ".join(map(str, cols)) + ("" if len(cols) < 8 else ", ...") if cols else "-"
-
-
-def render_show(con: Console, d: Dump, *, rows_spec: str | None = None, limit: int = 16, all_rows: bool = False) -> None:
-    """Everything in a dump, readable. Used by ``kvtrap dump show`` (and its golden test)."""
-    from kvtrap.tables import parse_rows, summarize_tables, summarize_vectors
-
-    m, v, ctx = d.manifest, d.manifest["violation"], d.context
-    con.rule(f"kvtrap dump: {escape(_display_path(d.path))}", align="left")
-    rank = m.get("rank")
-    _kv(con, [
-        ("kind", f"{d.kind}" + (" (fatal: the kernel would read out of bounds)" if v.get("fatal") else " (not fatal yet)")),
-        ("time", m.get("time_iso")),
-        ("process", f"host {m.get('host')}, rank {'-' if rank is None else rank}, pid {m.get('pid')}, dump #{m.get('seq')} of this process"),
-        ("schema", f"{m.get('schema')} v{m.get('schema_version')}"),
-    ])
-
-    con.print()
-    con.rule("Versions and machine", align="left")
-    vers = m.get("versions") or {}
-    gpu = m.get("gpu")
-    _kv(con, [
-        ("versions", "  ".join(f"{k} {v_ or '-'}" for k, v_ in vers.items()) or "-"),
-        ("gpu", f"{gpu.get('name')} (index {gpu.get('index')}, {gpu.get('capability')})" if gpu else "none recorded (CUDA not initialised in the process)"),
-    ])
-
-    con.print()
-    con.rule("Violation", align="left")
-    from kvtrap.errors import Violation
-
-    con.print(" " + escape(Violation.from_json(v).describe()), overflow="fold")
-    rows_list = v.get("rows") or []
-    lo = v.get("lower") if v.get("lower") is not None else 0
-    _kv(con, [
-        ("where", v.get("where")),
-        ("layer", f"{_fmt_num(v.get('layer_id'))} (type {v.get('layer_type') or '-'}, window {_fmt_num(v.get('window'))})"),
-        ("table / pool", f"{v.get('table') or '-'} / {v.get('pool') or '-'}"),
-        ("first bad", f"row {_fmt_num(v.get('row'))}, column {_fmt_num(v.get('column'))}: {_fmt_num(v.get('value'))}"
-         f" (valid [{lo}, {_fmt_num(v.get('bound'))}))"),
-        ("count", f"{v.get('count')} bad entr{'y' if v.get('count') == 1 else 'ies'}"
-         + (f" in rows {', '.join(map(str, rows_list[:16]))}{' ...' if len(rows_list) > 16 else ''}" if rows_list else "")),
-        *[(f"details.{k}", orjson.dumps(val).decode() if not isinstance(val, str) else val) for k, val in sorted((v.get("details") or {}).items())],
-    ])
-
-    con.print()
-    con.rule("Context", align="left")
-    ctx_rows: list[tuple[str, Any]] = []
-    for key in ("hook", "forward_mode", "batch_size", "page_size", "capturing", "size_full", "size_swa", "num_tokens"):
-        if key in ctx:
-            ctx_rows.append((key, ctx[key]))
-    if ctx.get("layer"):
-        lay = ctx["layer"]
-        ctx_rows.append(("layer", f"id {lay.get('id')}, type {lay.get('type')}, window {lay.get('window')}, index in pool {lay.get('index_in_pool')}"))
-    for name, info in (ctx.get("pools") or {}).items():
-        if isinstance(info, dict):
-            extra = f" ({info['rows']} rows)" if "rows" in info else ""
-            ctx_rows.append((f"pool {name}", f"{info.get('pages')} pages{extra}"))
-    if ctx.get("free_pages"):
-        ctx_rows.append(("free pages", ", ".join(f"{k} {val}" for k, val in ctx["free_pages"].items())))
-    if ctx.get("live_pool"):
-        ctx_rows.append(("live pool", ctx["live_pool"].get("class")))
-    if ctx.get("backend"):
-        b = dict(ctx["backend"])
-        ctx_rows.append(("backend", str(b.pop("class", "-"))))
-        for k, val in b.items():
-            ctx_rows.append((f"  {k}", val))
-    for name, info in (ctx.get("tables") or {}).items():
-        ctx_rows.append((f"table {name}", f"pool {info.get('pool')}, bound {info.get('bound')}"
-                         + (", handed to this layer" if info.get("handed_to_layer") else "")))
-    if ctx.get("guard"):
-        ctx_rows.append(("guard", orjson.dumps(ctx["guard"]).decode()))
-    known = {"hook", "forward_mode", "batch_size", "page_size", "capturing", "size_full", "size_swa", "num_tokens",
-             "layer", "pools", "free_pages", "live_pool", "backend", "tables", "guard"}
-    for key in sorted(set(ctx) - known):
-        val = ctx[key]
-        ctx_rows.append((key, val if isinstance(val, (str, int, float, bool)) or val is None else orjson.dumps(val).decode()))
-    _kv(con, ctx_rows or [("context", "empty")])
-
-    tables = summarize_tables(m, d.tensors)
-    for s in tables:
-        con.print()
-        handed = ", handed to this layer" if s.handed_to_layer else ""
-        con.rule(f"Table {s.name}: {s.dtype}[{s.shape[0]}x{s.shape[1]}], checked against the {s.pool} pool [{s.lower}, {s.bound}){handed}", align="left")
-        over = s.overflowing_rows
-        con.print(
-            f" {s.live_ids} live ids in {len(s.rows)} rows (ids {_fmt_num(s.min)}..{_fmt_num(s.max)});"
-            f" {s.bad} bad in {len(s.bad_rows)} row(s); {s.negative} negative"
-            + (f"; {len(over)} row(s) need more pages than the table is wide" if over else "")
-        )
-        shown = list(s.rows) if all_rows else ([r for r in s.rows if r.bad or r.needed > r.live] or [])
-        hidden_ok = len(s.rows) - len(shown)
-        if len(shown) > limit and not all_rows:
-            shown = shown[:limit]
-        if shown:
-            tab = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-            for col in ("row", "cache_seqlens", "live pages", "min", "max", "bad", "negative", "first bad columns"):
-                tab.add_column(col, justify="right" if col not in ("first bad columns",) else "left")
-            for r in shown:
-                live = str(r.live) + (f" (needs {r.needed})" if r.needed > r.live else "")
-                tab.add_row(str(r.row), _fmt_num(r.seqlen), live, _fmt_num(r.min), _fmt_num(r.max), str(r.bad),
-                            str(r.negative), _cols(r.first_bad, r.live))
-            con.print(tab)
-        bad_total = len([r for r in s.rows if r.bad or r.needed > r.live])
-        if not all_rows and bad_total > len(shown):
-            con.print(f" ... {bad_total - len(shown)} more row(s) with bad entries (--all-rows to list them)")
-        if not all_rows and hidden_ok:
-            ok = [r for r in s.rows if not r.bad and r.needed <= r.live]
-            lives = [r.live for r in ok]
-            if ok:
-                con.print(f" {len(ok)} row(s) without bad entries (live pages {min(lives)}..{max(lives)}) not listed; --all-rows lists every row")
-
-    if rows_spec:
-        if not tables:
-            raise ValueError("--rows: this dump holds no page table")
-        _render_rows(con, d, tables, parse_rows(rows_spec, len(tables[0].rows)))
-
-    vecs = summarize_vectors(m, d.tensors)
-    if vecs:
-        con.print()
-        con.rule("Other tensors", align="left")
-        tab = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-        for col in ("name", "dtype", "shape", "min", "max", "valid range", "bad", "first bad at", "repeated values"):
-            tab.add_column(col)
-        for vs in vecs:
-            rng = f"[{_fmt_num(vs.lower)}, {_fmt_num(vs.bound)})" if vs.lower is not None or vs.bound is not None else "-"
-            tab.add_row(vs.name, vs.dtype, str(list(vs.shape)), _fmt_num(vs.min), _fmt_num(vs.max), rng,
-                        str(vs.bad) if rng != "-" else "-", ", ".join(map(str, vs.first_bad)) or "-",
-                        str(vs.duplicates) if rng != "-" else "-")
-        con.print(tab)
-        for name in ("cache_seqlens", "seq_lens", "req_pool_indices"):
-            if name in d.tensors and np.asarray(d.tensors[name]).size <= 64:
-                con.print(f" {name}: {' '.join(map(str, np.asarray(d.tensors[name]).reshape(-1).tolist()))}", overflow="fold")
-    if "guard_entries" in d.tensors:
-        ge = np.asarray(d.tensors["guard_entries"]).reshape(-1, 7)
-        con.print()
-        con.rule(f"Guard entries ({ge.shape[0]})", align="left")
-        tab = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-        for col in ("table id", "layer", "row", "column", "value", "bound", "flags"):
-            tab.add_column(col, justify="right")
-        for e in ge[:limit]:
-            tab.add_row(*[str(int(x)) for x in e])
-        con.print(tab)
-    omitted = m.get("tensors_omitted") or {}
-    if omitted:
-        con.print()
-        con.print(" tensors left out by the size cap (KVTRAP_MAX_DUMP_MB): " + ", ".join(
-            f"{k} {val.get('dtype')}{val.get('shape')} ({val.get('nbytes')} bytes)" for k, val in omitted.items()))
-
-    con.print()
-    con.rule("Config", align="left")
-    cfg = m.get("config") or {}
-    con.print(" " + "  ".join(f"{k}={orjson.dumps(val).decode() if not isinstance(val, str) else val}" for k, val in cfg.items()), overflow="fold")
-    con.print()
-    con.print(f"next: kvtrap dump explain {escape(_display_path(d.path))}")
-
-
-def _render_rows(con: Console, d: Dump, tables: list[Any], rows: list[int]) -> None:
-    from kvtrap.tables import bad_mask
-
-    for s in tables:
-        arr = np.asarray(d.tensors[s.name]).astype(np.int64)
-        for i in rows:
-            if i >= arr.shape[0]:
-                continue
-            r = s.rows[i]
-            con.print()
-            con.rule(f"{s.name} row {i}: cache_seqlens {_fmt_num(r.seqlen)} -> {r.live} live page(s) of {s.width};"
-                     f" * = outside [{s.lower}, {s.bound})", align="left", characters="-")
-            live = arr[i, : r.live]
-            bad = bad_mask(live[None, :], s.lower, s.bound)[0]
-            per = 12
-            for c0 in range(0, live.size, per):
-                cells = [f"{int(x)}{'*' if b else ''}" for x, b in zip(live[c0:c0 + per], bad[c0:c0 + per], strict=True)]
-                con.print(f" {c0:>5}: " + " ".join(f"{c:>8}" for c in cells))
-            if live.size == 0:
-                con.print(" (no live pages)")
-            if r.live < s.width:
-                con.print(f" ({s.width - r.live} column(s) past the live prefix: not read by the kernel, not shown)")
+    render.render_ls(render.console(), recs)
 
 
 @dump.command("show")
@@ -421,129 +67,77 @@ def _render_rows(con: Console, d: Dump, tables: list[Any], rows: list[int]) -> N
 @click.option("--rows", "rows_spec", metavar="SPEC", help="Print these rows of every page table in full, e.g. 0,3-5,-1.")
 @click.option("--all-rows", is_flag=True, help="List every row's summary, not only the rows with bad entries.")
 @click.option("--limit", default=16, show_default=True, type=click.IntRange(1), help="Rows listed per table.")
-@_guarded
 def show_cmd(path: Path, rows_spec: str | None, all_rows: bool, limit: int) -> None:
     """Everything in the dump at PATH: versions, machine, the violation, the context, and a row summary per table."""
-    d = _load(str(path))
-    render_show(_console(), d, rows_spec=rows_spec, limit=limit, all_rows=all_rows)
+    from kvtrap.report.tables import parse_rows, summarize_tables
 
-
-# -------------------------------------------------------------------------------------------- explain
-def render_explain(con: Console, d: Dump, findings: list[Any]) -> None:
-    v = d.manifest["violation"]
-    con.rule(f"kvtrap dump explain: {escape(_display_path(d.path))}", align="left")
-    con.print(f" {escape(d.kind)} in {escape(str(v.get('where') or '-'))}: {escape(str(v.get('summary', '')))}", overflow="fold")
-    if not findings:
-        con.print()
-        con.print(" No rule matched this dump: kvtrap cannot name a likely cause.")
-        con.print(" The violation as recorded: " + escape(_violation_text(v)), overflow="fold")
-        con.print(f" Read the tables with `kvtrap dump show {escape(_display_path(d.path))}` and `kvtrap dump plot`.")
-        return
-    con.print(f" Likely cause: {escape(findings[0].title)} [{findings[0].confidence} confidence]", overflow="fold")
-    for i, f in enumerate(findings, 1):
-        con.print()
-        _hang(con, f" {i}.", f.title)
-        _hang(con, "   ", f"rule {f.rule}, confidence {f.confidence}")
-        _hang(con, "    cause:", f.cause)
-        con.print("    evidence:")
-        for e in f.evidence:
-            _hang(con, "      -", e)
-        con.print("    next steps:")
-        for s in f.next_steps:
-            _hang(con, "      -", s)
-
-
-def _hang(con: Console, prefix: str, text: str) -> None:
-    """``prefix text`` with wrapped lines indented under the text (hanging indent)."""
-    grid = Table.grid(padding=(0, 1, 0, 0))
-    grid.add_column(no_wrap=True)
-    grid.add_column(overflow="fold")
-    grid.add_row(escape(prefix), escape(text))
-    con.print(grid)
-
-
-def _violation_text(v: dict[str, Any]) -> str:
-    from kvtrap.errors import Violation
-
-    return Violation.from_json(v).describe()
+    d = load_dump(path)
+    tables = summarize_tables(d.record, d.tensors)
+    rows = None
+    if rows_spec:  # validated before anything is printed
+        if not tables:
+            raise click.BadParameter("this dump holds no page table", param_hint="--rows")
+        try:
+            rows = parse_rows(rows_spec, len(tables[0].rows))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--rows") from None
+    render.render_show(render.console(), d, tables, rows=rows, limit=limit, all_rows=all_rows)
 
 
 @dump.command("explain")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Findings as JSON.")
-@_guarded
 def explain_cmd(path: Path, as_json: bool) -> None:
     """Name the likely cause of the dump at PATH, from explicit rules, with evidence and next steps.
 
     Exit 0 when a rule matched, 1 when none did (said plainly), 2 on bad input.
     """
-    from kvtrap.explain import explain
+    from kvtrap.report.explain import explain
 
-    d = _load(str(path))
+    d = load_dump(path)
     findings = explain(d)
     if as_json:
         click.echo(orjson.dumps({"path": str(d.path), "kind": d.kind, "matched": bool(findings),
                                  "findings": [f.to_json() for f in findings]}, option=orjson.OPT_INDENT_2).decode())
     else:
-        render_explain(_console(), d, findings)
+        render.render_explain(render.console(), d, findings)
     if not findings:
         sys.exit(1)
 
 
-# ----------------------------------------------------------------------------------------------- plot
 @dump.command("plot")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Image to write (.png).")
 @click.option("--table", "tables", multiple=True, help="Only this page table (repeatable). Default: all.")
 @click.option("--max-rows", default=256, show_default=True, type=click.IntRange(8), help="Rows drawn before downsampling.")
 @click.option("--max-cols", default=1024, show_default=True, type=click.IntRange(8), help="Pages drawn before downsampling.")
-@_guarded
 def plot_cmd(path: Path, output: Path, tables: tuple[str, ...], max_rows: int, max_cols: int) -> None:
     """Heatmap of the page table(s) in the dump at PATH: rows x live pages, bad cells in red."""
-    from kvtrap.plot import plot_dump
+    from kvtrap.report.plot import plot_dump
 
     if output.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise ValueError(f"{output}: use a .png (or .svg/.pdf) file name")
-    d = _load(str(path))
+        raise click.BadParameter(f"{output}: use a .png (or .svg/.pdf) file name", param_hint="--output")
+    d = load_dump(path)
     out = plot_dump(d, output, tables=list(tables) or None, max_rows=max_rows, max_cols=max_cols)
     click.echo(f"wrote {out}")
 
 
-# ----------------------------------------------------------------------------------------------- diff
 @dump.command("diff")
 @click.argument("a", type=click.Path(path_type=Path))
 @click.argument("b", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Differences as JSON.")
-@_guarded
 def diff_cmd(a: Path, b: Path, as_json: bool) -> None:
     """What differs between dumps A and B. Exit 0 when they agree, 1 when they differ (like diff)."""
-    from kvtrap.dumpdiff import diff_dumps
+    from kvtrap.report.diff import diff_dumps
 
-    da, db = _load(str(a)), _load(str(b))
+    da, db = load_dump(a), load_dump(b)
     changes = diff_dumps(da, db)
     if as_json:
         click.echo(orjson.dumps([c.to_json() for c in changes], option=orjson.OPT_INDENT_2, default=str).decode())
     else:
-        con = _console()
-        con.print(f"A: {escape(_display_path(da.path))}")
-        con.print(f"B: {escape(_display_path(db.path))}")
-        if not changes:
-            con.print("no differences")
-        else:
-            tab = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
-            for col in ("section", "key", "A", "B"):
-                tab.add_column(col, overflow="fold", no_wrap=col in ("section", "key"))
-            for c in changes:
-                tab.add_row(c.section, escape(c.key), escape(_short(c.a)), escape(_short(c.b)))
-            con.print(tab)
-            con.print(f"{len(changes)} difference(s)")
+        render.render_diff(render.console(), da, db, changes)
     if changes:
         sys.exit(1)
-
-
-def _short(x: Any, n: int = 60) -> str:
-    s = "(absent)" if x is None else (x if isinstance(x, str) else orjson.dumps(x, default=str).decode())
-    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 if __name__ == "__main__":  # `python -m kvtrap.cli.dump_cmd ...` works without the `kvtrap` entry point

@@ -1,6 +1,6 @@
 """``KVTRAP_GEMMA4_KERNELS=1`` inside SGLang 0.5.23's real Gemma 4 model, on the CPU (Triton interpreter).
 
-One subprocess (``gemma4_sglang_world.py``, about 30 s) builds SGLang's ``Gemma4TextModel`` for three
+One subprocess (``tests/helpers/gemma4_world.py``, about 30 s) builds SGLang's ``Gemma4TextModel`` for three
 small variants with the released models' structure (E4B-like: PLE + KV-shared layers; 26B-A4B-like: MoE;
 31B-like: dense), runs a prefill and a decode step with the switch off, on (all layers), on for one layer at a
 time, and off again, and saves what every layer produced. The tests here compare those records.
@@ -27,7 +27,7 @@ pytest.importorskip("sglang")
 
 from kvtrap.kernels import sglang_gemma4  # noqa: E402
 
-WORLD = Path(__file__).with_name("gemma4_sglang_world.py")
+WORLD = Path(__file__).resolve().parents[1] / "helpers" / "gemma4_world.py"
 VARIANTS = {"e4b": dict(ple=True, moe=False), "moe": dict(ple=False, moe=True), "dense": dict(ple=False, moe=False)}
 LAYERS = 4
 STEPS = ("prefill", "decode")
@@ -69,7 +69,7 @@ def world(tmp_path_factory):
         [sys.executable, str(WORLD), str(out)], env=env, capture_output=True, text=True, timeout=900
     )
     if proc.returncode != 0 and "No module named 'sgl_kernel'" in proc.stderr and torch.cuda.is_available():
-        pytest.skip("sglang.srt needs sgl_kernel, which the GPU machine does not have")
+        pytest.skip("sglang.srt needs sgl_kernel, which is not installed here (a CUDA GPU without SGLang's full runtime)")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, weights_only=False)
 
@@ -106,7 +106,7 @@ def routed_alike(on: dict, off: dict, layer: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------- the switch and the plan
 PROBE = (
     "import sys, kvtrap.plugin as p; p.register(); from kvtrap.kernels import sglang_gemma4 as s; "
-    "from kvtrap import patching; print(s.enabled(), sorted(patching._pending), len(patching._installed), "
+    "from kvtrap.capture import patching; print(s.enabled(), sorted(patching._pending), len(patching._installed), "
     "'torch' in sys.modules)"
 )
 

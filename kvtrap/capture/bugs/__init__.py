@@ -1,0 +1,52 @@
+"""Historical SGLang bugs kvtrap re-introduces on purpose (``KVTRAP_INJECT``), so repros can prove a fix.
+
+:data:`BUGS` is the explicit list: name -> the module whose ``BUG`` (a :class:`Bug`) knows how to enable
+and disable the injection. Reading the list imports nothing else (the modules need SGLang), so settings
+refuse an unknown name at once (:class:`kvtrap.config.Config`). Fixes kvtrap applies by default are not
+here: they live in :mod:`kvtrap.capture.fixes`. Adding a bug: one module with ``BUG``, one line here, an
+explain rule in :mod:`kvtrap.report.explain`, a test, a sample (see CONTRIBUTING.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+BUGS: dict[str, str] = {
+    "sglang-26957": "kvtrap.capture.bugs.sglang_26957",
+}
+
+
+@dataclass(frozen=True)
+class Bug:
+    name: str
+    title: str
+    enable: Callable[[], None]
+    disable: Callable[[], None]
+
+
+_enabled: list[str] = []
+
+
+def get(name: str) -> Bug:
+    """The entry for ``name`` (its module is imported here). Names come from a validated Config."""
+    bug = importlib.import_module(BUGS[name]).BUG
+    assert bug.name == name, f"{BUGS[name]}.BUG is named {bug.name!r}, listed as {name!r}"
+    return bug
+
+
+def sync(names: Iterable[str]) -> None:
+    """Make exactly ``names`` enabled: enable the missing ones, disable the rest."""
+    wanted = list(names)
+    for name in wanted:
+        if name not in _enabled:
+            get(name).enable()
+            _enabled.append(name)
+    for name in [n for n in _enabled if n not in wanted]:
+        get(name).disable()
+        _enabled.remove(name)
+
+
+def enabled() -> tuple[str, ...]:
+    return tuple(_enabled)

@@ -1,0 +1,17 @@
+"""Thin adapters kvtrap installs around SGLang methods: each module exposes ``TARGETS``.
+
+A hook reads SGLang's objects through :mod:`kvtrap.capture.sglang_view`, asks
+:mod:`kvtrap.capture.verdict` what is wrong, and hands the answer to the armed session. Adding a backend
+means one module here (and its view), listed in :data:`HOOKS`.
+"""
+
+from __future__ import annotations
+
+from kvtrap.capture.hooks import allocator, device_guard, trtllm_mha
+from kvtrap.capture.patching import MethodTarget
+
+HOOKS = (allocator, trtllm_mha, device_guard)
+
+
+def targets() -> list[MethodTarget]:
+    return [t for hook in HOOKS for t in hook.TARGETS]

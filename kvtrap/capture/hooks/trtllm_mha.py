@@ -1,0 +1,147 @@
+"""trtllm_mha hook: check the page table a layer is about to hand the attention kernel.
+
+A thin adapter: SGLang's objects are read through :mod:`kvtrap.capture.sglang_view`, judged by
+:func:`kvtrap.capture.verdict.judge_layer`, reported by the armed session. What stays here is the
+hot path: per-forward caching, so a clean layer costs a few attribute reads and no host sync.
+
+Before ``TRTLLMHAAttnBackend.forward_decode`` / ``forward_extend`` run, for the layer:
+
+1. Resolve the pool the layer really reads from the *live* ``backend.token_to_kv_pool`` and its
+   ``layers_mapping`` (not from the backend's cached SWA flags: those are what goes stale in #26957),
+   and that pool's page count (K buffer rows // page_size).
+2. Index space: an SWA layer must be handed the SWA-translated table, a full layer the full table.
+3. Drift: the backend's cached SWA state (``_swa_kv_pool``, ``use_sliding_window_kv_pool``,
+   ``_swa_full_to_swa_mapping``) must agree with the live pool. With SGLang #26957 the frozen-KV draft
+   backend cached "no SWA pool" at init while the views swap the target's ``SWAKVPool`` in: caught
+   here on the first step, long before full-pool ids outgrow the SWA pool.
+4. Values: the live prefix of every row (``ceil(cache_seqlens / page_size)`` entries) lies in
+   ``[0, pages)``, and no row needs more pages than the table is wide. Scanned once per table per
+   forward (one host sync), not once per layer; skipped while a CUDA graph is being captured.
+
+Checks 1-3 are host-only attribute reads (a few microseconds) and also run during graph capture.
+"""
+
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kvtrap.capture import checks
+from kvtrap.capture.patching import MethodTarget
+from kvtrap.capture.session import current
+from kvtrap.capture.sglang_view import (
+    SWA,
+    find_drift,
+    handed_table_name,
+    layer_pages,
+    layer_pool,
+    layer_snapshot,
+    translating,
+)
+from kvtrap.capture.verdict import judge_layer
+
+MODULE = "sglang.srt.layers.attention.trtllm_mha_backend"
+CLASS = "TRTLLMHAAttnBackend"
+
+
+# ------------------------------------------------------------------------------------- the check
+@dataclass
+class _ForwardCache:
+    """What stays fixed for one forward (one metadata object and one live pool): checked once, reused
+    by every layer. Holding ``md`` keeps its id from being reused, so a new forward never hits it."""
+
+    md: Any
+    live: Any
+    drift: dict[str, str]
+    pages: dict[str, int]  # layer type -> pages of the pool such layers read
+    scans: dict[tuple[str, int], checks.TableScan]
+
+
+_forwards: weakref.WeakKeyDictionary[Any, _ForwardCache] = weakref.WeakKeyDictionary()
+
+
+def _forward_cache(backend: Any, md: Any, live: Any) -> _ForwardCache:
+    entry = _forwards.get(backend)
+    if entry is None or entry.md is not md or entry.live is not live:
+        entry = _ForwardCache(md, live, find_drift(backend, live), {}, {})
+        _forwards[backend] = entry
+    return entry
+
+
+def _scan(entry: _ForwardCache, name: str, table: Any, page_size: int, bound: int) -> checks.TableScan:
+    key = (name, bound)
+    scan = entry.scans.get(key)
+    if scan is None:
+        scan = checks.scan_page_table(table, entry.md.cache_seqlens_int32, page_size, bound)
+        entry.scans[key] = scan
+    return scan
+
+
+def check_forward(backend: Any, layer: Any, forward_batch: Any, where: str) -> None:
+    session = current()
+    if session is None:
+        return
+    md = getattr(backend, "forward_metadata", None)
+    if md is None or getattr(md, "page_table", None) is None:
+        return
+    try:
+        handed = backend._get_layer_page_table(layer, forward_batch)
+    except Exception:
+        return  # SGLang's own forward raises the same error right after us; don't mask it
+    live = backend.token_to_kv_pool
+    page_size = int(backend.page_size)
+    layer_id = int(layer.layer_id)
+    layer_type, index_in_pool = layer_pool(live, layer_id)
+    handed_name = handed_table_name(md, handed)
+    entry = _forward_cache(backend, md, live)
+    drift = entry.drift
+    capturing = checks.is_capturing(handed)
+    mismatch = handed_name != ("swa_page_table" if layer_type == SWA else "page_table")
+    if layer_type not in entry.pages:
+        entry.pages[layer_type] = None if translating(backend) else layer_pages(live, layer_type, page_size)
+    bound = entry.pages[layer_type]
+    if bound is None:
+        session.warn_once(
+            "no-bound",
+            f"page-table values are not checked for {type(live).__name__} (virtual ids or no pool size); "
+            "index-space and drift checks still run",
+        )
+    scan = None if capturing or bound is None else _scan(entry, handed_name, handed, page_size, bound)
+    if not (mismatch or drift) and (scan is None or scan.ok):
+        if capturing and session.config.guard == "off":
+            session.warn_once(
+                "capture",
+                "page-table values are not checked inside CUDA-graph capture or replay (host checks only); "
+                "run eager (--cuda-graph-backend-decode disabled) or leave KVTRAP_GUARD at auto",
+            )
+        return  # the common case: a few attribute reads, no sync
+    view = layer_snapshot(
+        backend, layer, forward_batch, f"{CLASS}.{where}", handed_name=handed_name, layer_type=layer_type,
+        index_in_pool=index_in_pool, bound=bound, drift=drift, capturing=capturing,
+    )
+    verdict = judge_layer(view, scan)
+    if verdict is not None:
+        session.report(verdict.violation, verdict.context, verdict.tensors,
+                       safe_to_continue=verdict.safe_to_continue)
+
+
+# ------------------------------------------------------------------------------------ wrappers
+def _wrap(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            # signature: (q, k, v, layer, forward_batch, save_kv_cache=True, **kw) since 0.5.x
+            layer = args[3] if len(args) > 3 else kwargs.get("layer")
+            forward_batch = args[4] if len(args) > 4 else kwargs.get("forward_batch")
+            if layer is not None:
+                check_forward(self, layer, forward_batch, method)
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    return make
+
+
+TARGETS = [MethodTarget(MODULE, CLASS, m, _wrap(m)) for m in ("forward_decode", "forward_extend")]

@@ -1,0 +1,302 @@
+"""The one view kvtrap has of SGLang's state: backend + layer + batch -> :class:`LayerSnapshot`,
+allocator call -> :class:`AllocationSnapshot`, backend -> the context a device-guard drain dumps.
+
+Everything here reads SGLang objects by attribute (never by importing SGLang), so one module knows the
+0.5.x attribute names. The hooks (:mod:`kvtrap.capture.hooks`) build snapshots with it; the weight-free
+repro builds a :class:`LayerSnapshot` directly (SGLang's pools do not import where ``sgl_kernel`` is
+missing). :func:`kvtrap.capture.verdict.judge_layer` decides what a snapshot means.
+
+The pool a layer reads is resolved from the *live* ``backend.token_to_kv_pool`` and its
+``layers_mapping``, not from the backend's cached SWA flags: those are what goes stale in SGLang #26957.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kvtrap.record.context import BackendState, Context, LivePool, PoolPages, TableInfo
+
+FULL, SWA = "full", "swa"
+_MISSING = object()
+
+
+def layer_pool(live: Any, layer_id: int) -> tuple[str, int | None]:
+    """(``"swa"`` or ``"full"``, index inside that sub-pool) from the live pool's ``layers_mapping``."""
+    mapping = getattr(live, "layers_mapping", None)
+    if mapping is not None and layer_id in mapping:
+        index, is_swa = mapping[layer_id]
+        return (SWA if is_swa else FULL), int(index)
+    return FULL, None
+
+
+def is_swa_pool(pool: Any) -> bool:
+    return getattr(pool, "swa_kv_pool", None) is not None and getattr(pool, "layers_mapping", None) is not None
+
+
+def layer_pages(live: Any, layer_type: str, page_size: int) -> int | None:
+    """Pages of the pool a layer of ``layer_type`` reads: ``size + page_size`` token rows (page 0 padding).
+
+    From the (sub-)pool's ``size``, not from ``get_key_buffer``: that is not a pure accessor (FP4 pools
+    dequantize a whole layer there, HiCache waits for a layer load) and its shape is token-major only in
+    the NHD layout (``SGLANG_USE_HND_KVCACHE=1`` gives ``[pages, H, page, D]``). ``None``: no size known.
+    """
+    sub = (live.swa_kv_pool if layer_type == SWA else live.full_kv_pool) if is_swa_pool(live) else live
+    info = _sub_pool_pages(sub, page_size)
+    return None if info is None else info.pages
+
+
+def translating(backend: Any) -> bool:
+    """Unified KV pools address pages through virtual ids (``kv_index_translator``): other bounds apply."""
+    return bool(getattr(getattr(backend, "kv_index_translator", None), "is_translating", False))
+
+
+def _sub_pool_pages(pool: Any, page_size: int) -> PoolPages | None:
+    size = getattr(pool, "size", None)
+    if size is None:
+        return None
+    return PoolPages(pages=(int(size) + page_size) // page_size, rows=int(size) + page_size)
+
+
+def pool_summary(live: Any, page_size: int) -> dict[str, PoolPages | None]:
+    if is_swa_pool(live):
+        return {
+            FULL: _sub_pool_pages(live.full_kv_pool, page_size),
+            SWA: _sub_pool_pages(live.swa_kv_pool, page_size),
+        }
+    return {FULL: _sub_pool_pages(live, page_size)}
+
+
+def find_drift(backend: Any, live: Any) -> dict[str, str]:
+    """Fields of the backend's cached SWA state that disagree with the live pool (empty when in sync)."""
+    if not is_swa_pool(live):
+        return {}
+    problems: dict[str, str] = {}
+    live_desc = f"{type(live).__name__}@{id(live):#x}"
+    cached = getattr(backend, "_swa_kv_pool", _MISSING)
+    if cached is None:
+        problems["_swa_kv_pool"] = f"None, but the live pool is {live_desc}"
+    elif cached is not _MISSING and cached is not live:
+        # Equivalent when it shares the live pool's SWA buffers and mapping (a different wrapper object).
+        same = getattr(cached, "swa_kv_pool", None) is live.swa_kv_pool and getattr(
+            cached, "full_to_swa_index_mapping", None
+        ) is getattr(live, "full_to_swa_index_mapping", None)
+        if not same:
+            problems["_swa_kv_pool"] = f"{type(cached).__name__}@{id(cached):#x}, not the live {live_desc}"
+    if getattr(backend, "use_sliding_window_kv_pool", True) is False:
+        problems["use_sliding_window_kv_pool"] = "False, but the live pool is an SWA pool"
+    mapping = getattr(backend, "_swa_full_to_swa_mapping", _MISSING)  # read in-graph since 0.5.15
+    translator = getattr(backend, "kv_index_translator", None)
+    if mapping is not _MISSING and not getattr(translator, "is_translating", False):
+        live_mapping = getattr(live, "full_to_swa_index_mapping", None)
+        if mapping is None:
+            problems["_swa_full_to_swa_mapping"] = "None, but the live pool has a full->SWA mapping"
+        elif live_mapping is not None and mapping is not live_mapping:
+            problems["_swa_full_to_swa_mapping"] = "a different tensor than the live pool's mapping"
+    return problems
+
+
+def live_pool(live: Any) -> LivePool:
+    return LivePool(class_=type(live).__name__, id=f"{id(live):#x}")
+
+
+def backend_state(backend: Any, live: Any) -> BackendState:
+    cached = getattr(backend, "_swa_kv_pool", None)
+    mapping = getattr(backend, "_swa_full_to_swa_mapping", None)
+    return BackendState(
+        class_=type(backend).__name__,
+        use_sliding_window_kv_pool=getattr(backend, "use_sliding_window_kv_pool", None),
+        swa_kv_pool=None if cached is None else f"{type(cached).__name__}@{id(cached):#x}",
+        swa_kv_pool_is_live=cached is live,
+        has_swa_full_to_swa_mapping=mapping is not None,
+        swa_mapping_is_live=mapping is not None and mapping is getattr(live, "full_to_swa_index_mapping", None),
+        max_context_len=_int_or_none(getattr(backend, "max_context_len", None)),
+        speculative_num_draft_tokens=_int_or_none(getattr(backend, "speculative_num_draft_tokens", None)),
+    )
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def table_infos(md: Any, handed_name: str, live: Any, page_size: int) -> dict[str, TableInfo]:
+    out: dict[str, TableInfo] = {}
+    swa = is_swa_pool(live)
+    for name in ("page_table", "swa_page_table"):
+        table = getattr(md, name, None)
+        if table is None:
+            continue
+        pool = SWA if name == "swa_page_table" else FULL
+        sub = (live.swa_kv_pool if pool == SWA else live.full_kv_pool) if swa else live
+        info = _sub_pool_pages(sub, page_size) if pool == SWA or swa else _sub_pool_pages(live, page_size)
+        out[name] = TableInfo(
+            pool=pool,
+            bound=None if info is None else info.pages,
+            handed_to_layer=name == handed_name,
+            shape=list(table.shape),
+        )
+    return out
+
+
+def forward_mode(forward_batch: Any) -> str | None:
+    mode = getattr(forward_batch, "forward_mode", None)
+    return getattr(mode, "name", None) if mode is not None else None
+
+
+@dataclass
+class LayerSnapshot:
+    """Everything the checks need about one layer's attention call, gathered from live objects.
+
+    The trtllm_mha hook fills it from SGLang's backend (:func:`layer_snapshot`); the weight-free repro
+    fills it directly. Either way :func:`kvtrap.capture.verdict.judge_layer` decides.
+    """
+
+    where: str
+    layer_id: int
+    layer_type: str
+    window: int | None
+    index_in_pool: int | None
+    page_size: int
+    bound: int | None  # pages of the pool this layer reads (None: unknown, values not checked)
+    handed_name: str
+    tables: dict[str, Any]  # "page_table", "swa_page_table" (None when absent)
+    cache_seqlens: Any
+    drift: dict[str, str]
+    pools: dict[str, PoolPages | None]
+    backend: BackendState
+    live_pool: LivePool
+    table_bounds: dict[str, TableInfo]
+    forward_mode: str | None = None
+    speculative: bool | None = None  # the batch carries spec_info (draft decode steps run as DECODE)
+    req_pool_indices: Any = None
+    capturing: bool = False
+
+    @property
+    def expected_name(self) -> str:
+        return "swa_page_table" if self.layer_type == SWA else "page_table"
+
+
+def handed_table_name(md: Any, handed: Any) -> str:
+    """Which of the metadata's tables the backend hands this layer: ``page_table``, ``swa_page_table``
+    or ``other``."""
+    swa_t = getattr(md, "swa_page_table", None)
+    if swa_t is not None and handed is swa_t:
+        return "swa_page_table"
+    if handed is md.page_table:
+        return "page_table"
+    return "other"
+
+
+def layer_snapshot(
+    backend: Any, layer: Any, forward_batch: Any, where: str, *, handed_name: str, layer_type: str,
+    index_in_pool: int | None, bound: int | None, drift: dict[str, str], capturing: bool,
+) -> LayerSnapshot:
+    """The full snapshot of one layer's attention call (built only once something looks wrong)."""
+    md = backend.forward_metadata
+    live = backend.token_to_kv_pool
+    page_size = int(backend.page_size)
+    window = getattr(layer, "sliding_window_size", None)
+    return LayerSnapshot(
+        where=where,
+        layer_id=int(layer.layer_id),
+        layer_type=layer_type,
+        window=None if window is None else int(window),
+        index_in_pool=index_in_pool,
+        page_size=page_size,
+        bound=bound,
+        handed_name=handed_name,
+        tables={"page_table": md.page_table, "swa_page_table": getattr(md, "swa_page_table", None)},
+        cache_seqlens=md.cache_seqlens_int32,
+        drift=drift,
+        pools=pool_summary(live, page_size),
+        backend=backend_state(backend, live),
+        live_pool=live_pool(live),
+        table_bounds=table_infos(md, handed_name, live, page_size),
+        forward_mode=forward_mode(forward_batch),
+        speculative=None if forward_batch is None else getattr(forward_batch, "spec_info", None) is not None,
+        req_pool_indices=getattr(forward_batch, "req_pool_indices", None),
+        capturing=capturing,
+    )
+
+
+
+# ------------------------------------------------------------------------------------- allocator
+@dataclass
+class AllocationSnapshot:
+    """One ``SWATokenToKVPoolAllocator.alloc_*`` call: what it returned and the SWA slots behind it.
+
+    Valid SWA slots are ``[page_size, bound)``: page 0 is the reserved padding page.
+    """
+
+    where: str
+    page_size: int
+    bound: int  # exclusive upper bound of valid SWA slots
+    out: Any  # full-pool token indices the call returned
+    swa_slots: Any  # full_to_swa_index_mapping[out]
+    size_full: int
+    size_swa: int
+    full_pages: int | None  # pages of the full sub-allocator (page 0 not counted)
+    free_full: int | None
+    free_swa: int | None
+    args: dict[str, Any]
+
+
+def swa_slot_bound(alloc: Any) -> int:
+    """Exclusive upper bound of valid SWA slots: pages handed out are 1..num_pages."""
+    page_size = int(alloc.page_size)
+    sub = getattr(alloc, "swa_attn_allocator", None)
+    num_pages = getattr(sub, "num_pages", None)
+    if num_pages is None:
+        num_pages = int(alloc.size_swa) // page_size
+    return (int(num_pages) + 1) * page_size
+
+
+def _free_pages(sub: Any, page_size: int) -> int | None:
+    try:
+        return int(sub.available_size()) // page_size
+    except Exception:  # a broken free list is what we are reporting; don't die describing it
+        return None
+
+
+def allocation_snapshot(alloc: Any, out: Any, swa_slots: Any, where: str, args: dict[str, Any]) -> AllocationSnapshot:
+    page_size = int(alloc.page_size)
+    full_sub = getattr(alloc, "full_attn_allocator", None)
+    full_pages = getattr(full_sub, "num_pages", None)
+    return AllocationSnapshot(
+        where=where,
+        page_size=page_size,
+        bound=swa_slot_bound(alloc),
+        out=out,
+        swa_slots=swa_slots,
+        size_full=int(alloc.size_full),
+        size_swa=int(alloc.size_swa),
+        full_pages=None if full_pages is None else int(full_pages),
+        free_full=_free_pages(full_sub, page_size),
+        free_swa=_free_pages(getattr(alloc, "swa_attn_allocator", None), page_size),
+        args=args,
+    )
+
+
+# ------------------------------------------------------------------------------------ device guard
+def backend_context(backend: Any) -> tuple[Context, dict[str, Any]]:
+    """The context and tensors a device-guard drain dumps for ``backend`` (no layer: the guard checks
+    whole tables once per forward)."""
+    live = backend.token_to_kv_pool
+    page_size = int(backend.page_size)
+    context = Context(
+        page_size=page_size,
+        pools=pool_summary(live, page_size),
+        live_pool=live_pool(live),
+        backend=backend_state(backend, live),
+        capturing=False,
+    )
+    tensors: dict[str, Any] = {}
+    md = getattr(backend, "forward_metadata", None)
+    if md is not None:
+        context = context.with_(batch_size=int(md.cache_seqlens_int32.shape[0]))
+        tensors = {
+            "page_table": md.page_table,
+            "swa_page_table": getattr(md, "swa_page_table", None),
+            "cache_seqlens": md.cache_seqlens_int32,
+        }
+    return context, tensors

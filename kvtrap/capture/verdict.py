@@ -1,0 +1,174 @@
+"""What a snapshot means: one function per kind of snapshot, snapshot -> :class:`Verdict` (or ``None``).
+
+The hooks and the weight-free repro call the same functions, so a trap in a server and a trap in a
+repro write the same violation and the same context. A verdict is reported through
+:meth:`kvtrap.capture.session.Session.report` (dump, then raise or log).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kvtrap.capture.sglang_view import AllocationSnapshot, LayerSnapshot
+from kvtrap.record.context import Context, LayerInfo, PoolPages
+from kvtrap.record.kinds import Kind
+from kvtrap.record.violation import Violation
+
+if TYPE_CHECKING:
+    from kvtrap.capture.checks import BadEntries, TableScan
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A violation, what the hook saw (``context``), the tensors to dump, and whether going on is safe."""
+
+    violation: Violation
+    context: Context
+    tensors: Mapping[str, Any] = field(default_factory=dict)
+    safe_to_continue: bool = False
+
+
+def judge_layer(view: LayerSnapshot, scan: TableScan | None) -> Verdict | None:
+    """The most telling violation for this layer call, with its context and tensors; ``None`` if none.
+
+    Order: index space (the concrete consequence for this layer), then drift (the stale state behind
+    it), then out-of-range values, then rows wider than the table. ``scan`` is the value scan of the
+    handed table against ``view.bound`` (``None`` while capturing a CUDA graph).
+    """
+    mismatch = view.handed_name != view.expected_name
+    if not (mismatch or view.drift) and (scan is None or scan.ok):
+        return None
+    fatal = scan is not None and not scan.ok
+    # During capture nothing checks the values of a table handed to the wrong layer type: the device
+    # guard bounds each table by its own pool, not by the pool of every layer that reads it. So a
+    # mismatch found while capturing is never safe to continue from, even in log mode.
+    unsafe = fatal or (mismatch and scan is None)
+    base: dict[str, Any] = {
+        "where": view.where,
+        "layer_id": view.layer_id,
+        "layer_type": view.layer_type,
+        "window": view.window,
+        "table": view.handed_name,
+        "pool": view.layer_type,
+        "lower": 0,
+        "bound": view.bound,
+        "fatal": fatal,
+    }
+    bad = scan.bad if scan is not None else None
+    if bad is not None:
+        base.update(row=bad.row, column=bad.column, value=bad.value, count=bad.count, rows=bad.rows)
+    details: dict[str, Any] = {"expected_table": view.expected_name, "handed_table": view.handed_name}
+    if view.drift:
+        details["drift"] = view.drift
+    if scan is not None and scan.overflow is not None:
+        o = scan.overflow
+        details["overflow"] = {"row": o.row, "needed_pages": o.needed_pages, "width": o.width, "rows": o.count}
+
+    if mismatch:
+        stale = " (backend SWA state is stale: " + ", ".join(view.drift) + ")" if view.drift else ""
+        violation = Violation(
+            kind=Kind.INDEX_SPACE_MISMATCH,
+            summary=(
+                f"{view.layer_type.upper()} layer {view.layer_id} is handed {view.handed_name} instead of "
+                f"{view.expected_name}: its ids index the wrong pool{stale}"
+            ),
+            details=details,
+            **base,
+        )
+    elif view.drift:
+        violation = Violation(
+            kind=Kind.SWA_STATE_DRIFT,
+            summary="the backend's cached SWA state disagrees with the live KV pool: "
+            + "; ".join(f"{k} is {v}" for k, v in view.drift.items()),
+            details=details,
+            **base,
+        )
+    elif bad is not None:
+        violation = Violation(
+            kind=Kind.PAGE_TABLE_OUT_OF_RANGE,
+            summary=(
+                f"{view.handed_name} holds page ids outside the {view.layer_type} pool this layer reads "
+                f"({view.bound} pages)"
+            ),
+            details=details,
+            **base,
+        )
+    else:
+        o = scan.overflow  # type: ignore[union-attr]
+        # value/bound stay empty: the numbers are pages needed vs columns, said in the summary
+        base.update(row=o.row, column=None, value=None, bound=o.width, lower=None, count=o.count, table="cache_seqlens")
+        violation = Violation(
+            kind=Kind.SEQLENS_EXCEED_TABLE,
+            summary=(
+                f"cache_seqlens row {o.row} needs {o.needed_pages} pages but {view.handed_name} has only "
+                f"{o.width} columns"
+            ),
+            details=details,
+            **base,
+        )
+
+    context = Context(
+        hook=view.where,
+        forward_mode=view.forward_mode,
+        speculative=view.speculative,
+        batch_size=int(view.cache_seqlens.shape[0]),
+        page_size=view.page_size,
+        capturing=view.capturing,
+        layer=LayerInfo(id=view.layer_id, type=view.layer_type, window=view.window,
+                        index_in_pool=view.index_in_pool),
+        pools=view.pools,
+        live_pool=view.live_pool,
+        backend=view.backend,
+        tables=view.table_bounds,
+    )
+    tensors: dict[str, Any] = {}
+    if not view.capturing:  # copying device tensors to the host inside capture would abort it
+        tensors = {**view.tables, "cache_seqlens": view.cache_seqlens, "req_pool_indices": view.req_pool_indices}
+    return Verdict(violation, context, tensors, safe_to_continue=not unsafe)
+
+
+def judge_allocation(view: AllocationSnapshot, bad: BadEntries) -> Verdict:
+    """An allocator call handed out SWA slots outside the SWA pool (``bad``: where, from the slot scan)."""
+    page_size = view.page_size
+    swa_pages = view.bound // page_size - 1
+    full_index = int(view.out.reshape(-1)[bad.row])
+    violation = Violation(
+        kind=Kind.SWA_SLOT_OUT_OF_RANGE,
+        summary=(
+            f"{view.where} handed out full slot {full_index} whose SWA slot {bad.value} lies "
+            f"outside the SWA pool ({swa_pages} pages of {page_size}; page 0 is reserved)"
+        ),
+        where=view.where,
+        table="out_swa_indices",
+        pool="swa",
+        row=bad.row,
+        column=None,
+        value=bad.value,
+        lower=page_size,
+        bound=view.bound,
+        count=bad.count,
+        rows=bad.rows,
+        fatal=True,
+        details={"full_index": full_index, "swa_page": bad.value // page_size},
+    )
+    context = Context(
+        hook=view.where,
+        page_size=page_size,
+        size_full=view.size_full,
+        size_swa=view.size_swa,
+        pools={
+            "full": PoolPages(pages=None if view.full_pages is None else view.full_pages + 1),
+            "swa": PoolPages(pages=swa_pages + 1),
+        },
+        free_pages={"full": view.free_full, "swa": view.free_swa},
+        num_tokens=int(view.out.numel()),
+        args={k: v for k, v in view.args.items() if isinstance(v, (int, float, str, bool))},
+    )
+    tensors = {"out_full_indices": view.out, "out_swa_indices": view.swa_slots}
+    for name in ("seq_lens", "prefix_lens", "last_loc"):
+        value = view.args.get(name)
+        if value is not None and hasattr(value, "detach"):
+            tensors[name] = value
+    return Verdict(violation, context, tensors)

@@ -1,0 +1,168 @@
+"""`kvtrap repro list`, `--dry-run`, environment checks (exit 2) and the component-scenario hook."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from click.testing import CliRunner
+from kvtrap.repro import runner, scenarios
+from kvtrap.repro.scenarios import ComponentContext, ComponentResult, Needs, Scenario
+
+from kvtrap.cli.repro_cmd import repro
+
+REQUIRED = ("e4b-summarize", "26b-summarize", "31b-summarize", "e4b-chat", "26b-chat")
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(repro, list(args), catch_exceptions=False)
+    return res.exit_code, res.output
+
+
+def test_registry_has_the_seed_scenarios() -> None:
+    for name in REQUIRED:
+        s = scenarios.get(name)
+        assert s.kind == "server"
+        args = " ".join(s.server_args)
+        for flag in ("--speculative-algorithm NEXTN", "--speculative-num-steps 3", "--speculative-eagle-topk 1",
+                     "--speculative-num-draft-tokens 4", "--attention-backend trtllm_mha"):  # fmt: skip
+            assert flag in args, (name, flag)
+        assert s.draft_model == s.model + "-assistant"
+        assert s.workload is not None and s.workload.num_prompts == 80 and s.workload.max_concurrency == 64
+        assert s.needs.min_gpu_mem_gib > 0
+    assert scenarios.get("e4b-summarize").workload.input_len == 8000  # type: ignore[union-attr]
+    assert scenarios.get("e4b-chat").workload.input_len == 1000  # type: ignore[union-attr]
+    with pytest.raises(KeyError, match="known:"):
+        scenarios.get("nope")
+
+
+def test_list() -> None:
+    code, out = _cli("list")
+    assert code == 0
+    for name in REQUIRED:
+        assert name in out
+    assert "google/gemma-4-31B-it-assistant" in out and "GiB" in out
+    code, out = _cli("list", "--json")
+    assert code == 0
+    data = orjson.loads(out)
+    assert {d["name"] for d in data} >= set(REQUIRED)
+
+
+def test_dry_run_prints_exact_commands_without_a_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "gpu_inventory", lambda environ=None: [])
+    code, out = _cli("e4b-summarize", "--dry-run", "--eager", "--inject", "sglang-26957", "--no-fix",
+                     "--out", str(tmp_path / "r"), "--port", "31234", "--mem-fraction-static", "0.8")  # fmt: skip
+    assert code == 0, out
+    assert "export SGLANG_TRTLLM_MHA_DEBUG=1" in out
+    assert f"export KVTRAP_DUMP_DIR={tmp_path / 'r' / 'dumps'}" in out
+    assert "export KVTRAP_INJECT=sglang-26957" in out and "export KVTRAP_FIX=off" in out
+    server = next(line for line in out.splitlines() if "sglang.launch_server" in line)
+    assert "--model-path google/gemma-4-E4B-it --speculative-draft-model-path google/gemma-4-E4B-it-assistant" in server
+    # eager: both graph backends off, each flag once (e4b scenarios already turn prefill graphs off)
+    assert "--cuda-graph-backend-decode disabled" in server and "--cuda-graph-backend-prefill disabled" in server
+    assert server.count("--cuda-graph-backend-prefill") == 1 and server.count("--cuda-graph-backend-decode") == 1
+    assert server.rstrip(" &").endswith("--host 127.0.0.1 --port 31234 --mem-fraction-static 0.8")
+    bench = next(line for line in out.splitlines() if "sglang.bench_serving" in line)
+    for part in ("--dataset-name random-ids", "--random-input-len 8000", "--random-output-len 1000",
+                 "--random-range-ratio 1.0", "--num-prompts 80", "--max-concurrency 64", "--port 31234"):  # fmt: skip
+        assert part in bench
+    assert "a real run would stop here (exit 2): no CUDA GPU" in out
+    assert not (tmp_path / "r").exists()  # a dry run writes nothing
+
+
+def test_graphs_is_the_default_and_fix_unset(tmp_path: Path) -> None:
+    code, out = _cli("26b-chat", "--dry-run", "--out", str(tmp_path))
+    assert code == 0
+    assert "cuda-graph-backend" not in out and "KVTRAP_FIX" not in out and "KVTRAP_INJECT" not in out
+    code, out = _cli("26b-chat", "--dry-run", "--fix", "--graphs", "--model-path", "/models/g26", "--out", str(tmp_path))
+    assert "export KVTRAP_FIX=auto" in out and "--model-path /models/g26" in out
+
+
+def test_unknown_scenario_is_a_usage_error() -> None:
+    code, out = _cli("no-such-scenario")
+    assert code == 2
+
+
+def test_environment_problems_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "gpu_inventory", lambda environ=None: [])
+    code, out = _cli("e4b-chat", "--out", str(tmp_path / "a"), "-q")
+    assert code == 2 and "no CUDA GPU is visible" in out
+
+    monkeypatch.setattr(runner, "gpu_inventory", lambda environ=None: [{"name": "NVIDIA H100 80GB HBM3", "memory_gib": 79.6}])
+    monkeypatch.setattr(runner, "sglang_installed", lambda: False)
+    code, out = _cli("e4b-chat", "--out", str(tmp_path / "b"), "-q")
+    assert code == 2 and "SGLang is not importable" in out
+
+    monkeypatch.setattr(runner, "sglang_installed", lambda: True)
+    code, out = _cli("e4b-chat", "--out", str(tmp_path / "c"), "-q", "--model-path", str(tmp_path / "missing"))
+    assert code == 2 and "no such file or directory" in out
+    assert not (tmp_path / "c").exists()  # nothing started, nothing written
+
+
+def test_memory_warning_is_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "gpu_inventory", lambda environ=None: [{"name": "NVIDIA H100 80GB HBM3", "memory_gib": 79.6}])
+    monkeypatch.setattr(runner, "sglang_installed", lambda: True)
+    warns = runner.check_environment(runner.RunOptions(scenario=scenarios.get("31b-summarize")))
+    assert warns and "96 GiB" in warns[0]
+    assert runner.check_environment(runner.RunOptions(scenario=scenarios.get("e4b-summarize"))) == []
+
+
+def test_cuda_visible_devices_empty_hides_gpus() -> None:
+    assert runner.gpu_inventory({"CUDA_VISIBLE_DEVICES": ""}) == []
+
+
+# ------------------------------------------------------------------------------------ component hook
+def _trap_component(ctx: ComponentContext) -> ComponentResult:
+    from kvtrap.config import Config
+    from kvtrap.record.context import Context
+    from kvtrap.record.dumpfile import reset_dump_count, write_dump
+    from kvtrap.record.violation import Violation
+
+    ctx.log(f"inject={','.join(ctx.inject)} fix={ctx.fix} dump_dir={ctx.env['KVTRAP_DUMP_DIR']}")
+    reset_dump_count()
+    v = Violation(kind="index_space_mismatch", summary="SWA layer handed the full table", layer_id=3, layer_type="swa")
+    write_dump(v, Context(hook="test"), {}, Config.from_env(ctx.env))
+    return ComponentResult(metrics={"steps": 1})
+
+
+def _crash_component(ctx: ComponentContext) -> ComponentResult:
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+@pytest.fixture
+def components() -> Iterator[None]:
+    added = [
+        scenarios.register(Scenario(name="t-trap", description="test", kind="component",
+                                    needs=Needs(gpu="none", requires_gpu=False), component=_trap_component)),
+        scenarios.register(Scenario(name="t-crash", description="test", kind="component",
+                                    needs=Needs(gpu="none", requires_gpu=False), component=_crash_component)),
+    ]  # fmt: skip
+    try:
+        yield
+    finally:
+        for s in added:
+            scenarios.REGISTRY.pop(s.name, None)
+
+
+def test_component_scenario_trapped(tmp_path: Path, components: None) -> None:
+    code, out = _cli("t-trap", "--out", str(tmp_path), "--inject", "sglang-26957", "--no-fix", "-q")
+    assert code == 1, out
+    assert "TRAPPED" in out and "kvtrap dump explain" in out
+    data = orjson.loads((tmp_path / "report.json").read_bytes())
+    assert data["outcome"] == "TRAPPED" and data["dumps"][0]["kind"] == "index_space_mismatch"
+    assert data["metrics"]["steps"] == 1
+    assert "inject=sglang-26957 fix=False" in (tmp_path / "component.log").read_text()
+
+
+def test_component_scenario_crashed(tmp_path: Path, components: None) -> None:
+    code, out = _cli("t-crash", "--out", str(tmp_path), "-q")
+    assert code == 1, out
+    assert "CRASHED" in out
+    assert (tmp_path / "report.md").read_text().startswith("# kvtrap repro: t-crash -> **CRASHED**")
+
+
+def test_component_needs_a_callable() -> None:
+    with pytest.raises(ValueError, match="component callable"):
+        Scenario(name="x", description="", kind="component", needs=Needs(gpu="none"))

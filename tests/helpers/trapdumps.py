@@ -1,0 +1,173 @@
+"""Dumps produced by real kvtrap traps firing on real sglang==0.5.23 objects (CPU).
+
+Each ``make_*`` arms kvtrap, injects one real fault into real SGLang objects, calls the real (hooked)
+SGLang method, and returns ``(dump_path, error)``. Used by the trap tests, the post-mortem CLI tests
+and ``dumps/make_samples.py``. Importing SGLang takes a few seconds: import this module lazily.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import kvtrap
+from helpers import sglang_world as w
+
+
+def _fire(dump_dir: Path, call) -> tuple[Path, kvtrap.KVTrapError]:
+    with kvtrap.armed(mode="raise", dump_dir=str(dump_dir)):
+        try:
+            call()
+        except kvtrap.KVTrapError as err:
+            assert err.dump_path is not None, err.dump_error
+            return err.dump_path, err
+    raise AssertionError("the trap did not fire")
+
+
+def decode_world(seq_lens=(40, 100, 17), *, stale=False, fill_pages: int = 0):
+    """Pool, allocator, layers, a batch and a backend with its metadata set, ready for forward_decode.
+
+    ``fill_pages`` first allocates (and keeps) that many pages of other requests, so the batch's
+    full-pool page ids start high: how #26957's ids outgrow the SWA pool at high fill.
+    """
+    pool = w.make_pool()
+    alloc = w.make_allocator(pool)
+    for _ in range(fill_pages // 8):
+        older = w.allocate_requests(alloc, [8 * w.PAGE_SIZE])
+        # the old tokens leave the sliding window: SGLang releases their SWA pages, the full ones stay
+        alloc.free_swa(older.token_slots[0])
+    batch = w.allocate_requests(alloc, list(seq_lens))
+    full, swa, seqlens = w.page_tables(alloc, batch)
+    layers = w.make_layers()
+    if stale:
+        backend = w.make_backend(pool, alloc, stale_swa_state=True, draft_pool=w.make_draft_pool())
+        backend.token_to_kv_pool = pool  # what frozen_kv_target_view does at forward time
+        w.set_metadata(backend, full, swa, seqlens, with_swa_table=False)
+    else:
+        backend = w.make_backend(pool, alloc)
+        w.set_metadata(backend, full, swa, seqlens)
+    fb = w.make_forward_batch(batch)
+    return pool, alloc, layers, batch, backend, fb
+
+
+def _decode(backend, layer, fb, bs):
+    q, k, v = w.qkv(bs)
+    backend.forward_decode(q, k, v, layer, fb)
+
+
+def make_swa_slot_dump(dump_dir: Path, bad_page: int = 500):
+    """Corrupted SWA free list: the allocator hands out an SWA slot beyond the SWA pool."""
+    pool = w.make_pool()
+    alloc = w.make_allocator(pool)
+    alloc.swa_attn_allocator.free_pages[0] = bad_page
+    return _fire(dump_dir, lambda: w.allocate_requests(alloc, [40]))
+
+
+def make_26957_dump(dump_dir: Path, *, high_fill: bool = False):
+    """Stale frozen-KV draft backend (SGLang #26957): an SWA layer is handed the full-pool table.
+
+    ``high_fill=False``: ids are still below the SWA page count (caught on the first step anyway).
+    ``high_fill=True``: ids are >= the SWA page count but < the full page count (where it faulted).
+    """
+    _, _, layers, batch, backend, fb = decode_world(stale=True, fill_pages=32 if high_fill else 0)
+    swa_layer = next(layer for layer in layers if layer.layer_id in w.SWA_LAYERS)
+    return _fire(dump_dir, lambda: _decode(backend, swa_layer, fb, len(batch.seq_lens)))
+
+
+def make_drift_dump(dump_dir: Path):
+    """Backend caches a full->SWA mapping that is not the live pool's (state drifted, tables still SWA)."""
+    _, _, layers, batch, backend, fb = decode_world()
+    backend._swa_full_to_swa_mapping = backend._swa_full_to_swa_mapping.clone()
+    full_layer = next(layer for layer in layers if layer.layer_id in w.FULL_LAYERS)
+    return _fire(dump_dir, lambda: _decode(backend, full_layer, fb, len(batch.seq_lens)))
+
+
+def make_out_of_range_dump(dump_dir: Path, value: int | None = None, *, row: int = 1, column: int = 3):
+    """One SWA-table id at (row, column) set to ``value`` (default: the SWA page count itself)."""
+    _, _, layers, batch, backend, fb = decode_world()
+    md = backend.forward_metadata
+    swa_pages = w.SWA_PAGES + 1
+    md.swa_page_table[row, column] = swa_pages if value is None else value
+    swa_layer = next(layer for layer in layers if layer.layer_id in w.SWA_LAYERS)
+    return _fire(dump_dir, lambda: _decode(backend, swa_layer, fb, len(batch.seq_lens)))
+
+
+def make_negative_id_dump(dump_dir: Path):
+    """A -1 sentinel inside a row's live prefix of the full table, read by a full layer."""
+    _, _, layers, batch, backend, fb = decode_world()
+    backend.forward_metadata.page_table[0, 1] = -1
+    full_layer = next(layer for layer in layers if layer.layer_id in w.FULL_LAYERS)
+    return _fire(dump_dir, lambda: _decode(backend, full_layer, fb, len(batch.seq_lens)))
+
+
+def make_stale_row_dump(dump_dir: Path):
+    """``cache_seqlens`` longer than the written prefix: the unwritten tail (garbage) is read as ids."""
+    _, _, layers, batch, backend, fb = decode_world()
+    backend.forward_metadata.cache_seqlens_int32[2] = 17 + 5 * w.PAGE_SIZE  # 2 pages written, 7 claimed
+    full_layer = next(layer for layer in layers if layer.layer_id in w.FULL_LAYERS)
+    return _fire(dump_dir, lambda: _decode(backend, full_layer, fb, len(batch.seq_lens)))
+
+
+def make_seqlens_exceed_dump(dump_dir: Path):
+    """``cache_seqlens`` needing more pages than the page table has columns."""
+    _, _, layers, batch, backend, fb = decode_world()
+    md = backend.forward_metadata
+    width = md.page_table.shape[1]
+    # keep every live id valid so only the width is wrong: a narrower view of the same table
+    md.page_table = md.page_table[:, :2].contiguous()
+    md.swa_page_table = md.swa_page_table[:, :2].contiguous()
+    assert width > 2
+    full_layer = next(layer for layer in layers if layer.layer_id in w.FULL_LAYERS)
+    return _fire(dump_dir, lambda: _decode(backend, full_layer, fb, len(batch.seq_lens)))
+
+
+def make_spec_context_limit_dump(dump_dir: Path, draft_tokens: int = 4, *, draft_decode: bool = False):
+    """The last speculative step of a request at SGLang's length limit, built from real SGLang objects.
+
+    SGLang 0.5.23 clips max_new_tokens so input + max_new <= context_len - 2; under the overlap scheduler one
+    more step runs after the step that finishes the request, with up to ``draft_tokens`` more tokens already
+    in seq_lens: seq_lens up to context_len + draft_tokens - 5 (context_len - 1 for 4 draft tokens). Its
+    verify rows are seq_lens + draft_tokens long (TARGET_VERIFY through ``forward_extend``), its draft decode
+    steps seq_lens + step + 1 (``draft_decode``: DECODE with spec_info through ``forward_decode``). The table
+    has ceil(context_len / page_size) columns, as trtllm_mha sizes it.
+    """
+    pool = w.make_pool(full_pages=64, swa_pages=40)  # first: skips on a machine without SGLang's runtime
+    from sglang.srt.speculative.eagle_info import EagleDraftInput
+
+    alloc = w.make_allocator(pool)
+    context_len = w.MAX_PAGES * w.PAGE_SIZE
+    seq_len = context_len + draft_tokens - 5
+    row = draft_tokens if not draft_decode else draft_tokens - 1  # verify: + draft; last draft step: + step + 1
+    batch = w.allocate_requests(alloc, [seq_len + row])
+    full, swa, seqlens = w.page_tables(alloc, batch)
+    backend = w.make_backend(pool, alloc)
+    assert backend.max_context_len == context_len
+    backend.speculative_num_draft_tokens = draft_tokens
+    w.set_metadata(backend, full, swa, seqlens)
+    new = 1 if draft_decode else draft_tokens
+    fb = w.make_forward_batch(batch, out_cache_loc=batch.token_slots[0][-new:])
+    sg = w.sglang()
+    fb.forward_mode = sg["ForwardMode"].DECODE if draft_decode else sg["ForwardMode"].TARGET_VERIFY
+    fb.spec_info = EagleDraftInput()
+    fb.seq_lens = torch.tensor([seq_len])
+    fb.input_ids = torch.zeros(new, dtype=torch.int64)
+    w.set_write_locs(backend, alloc, fb)
+    full_layer = next(layer for layer in w.make_layers() if layer.layer_id in w.FULL_LAYERS)
+    q, k, v = w.qkv(new)
+    method = "forward_decode" if draft_decode else "forward_extend"  # looked up once armed (hooked)
+    return _fire(dump_dir, lambda: getattr(backend, method)(q, k, v, full_layer, fb))
+
+
+ALL = {
+    "swa-slot": make_swa_slot_dump,
+    "26957": make_26957_dump,
+    "26957-high-fill": lambda d: make_26957_dump(d, high_fill=True),
+    "drift": make_drift_dump,
+    "out-of-range": make_out_of_range_dump,
+    "negative-id": make_negative_id_dump,
+    "stale-row": make_stale_row_dump,
+    "seqlens-exceed": make_seqlens_exceed_dump,
+    "spec-context-limit": make_spec_context_limit_dump,
+    "spec-context-limit-draft-decode": lambda d: make_spec_context_limit_dump(d, draft_decode=True),
+}

@@ -1,0 +1,228 @@
+"""Weight-free server repros: the model writer against SGLang 0.5.23's own config loader and server-argument
+resolution (on CPU), the scenario wiring (--dummy-weights, --unarmed, --probe), and `kvtrap repro compare`."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from kvtrap.repro import runner, scenarios
+from kvtrap.repro.models import VARIANTS, variant, write_model_dirs
+from kvtrap.repro.probe import ProbeSpec, compare, load_probe
+
+from kvtrap.cli import main
+
+pytest.importorskip("sglang")
+
+STANDINS = Path(__file__).resolve().parents[1] / "helpers" / "standins"
+
+
+@pytest.mark.parametrize("name,layers", [("e4b", 12), ("26b-a4b", 6), ("31b", 6)])
+def test_written_models_load_with_sglangs_config_loader_and_server_args(tmp_path, name, layers):
+    from helpers.srt import import_srt
+
+    import_srt("sglang.srt.configs.model_config")
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.server_args import ServerArgs
+
+    model = variant(name, layers)
+    dirs = write_model_dirs(tmp_path, model)
+    args = ServerArgs(
+        model_path=str(dirs.target), speculative_draft_model_path=str(dirs.draft), load_format="dummy",
+        speculative_algorithm="NEXTN", speculative_num_steps=3, speculative_eagle_topk=1,
+        speculative_num_draft_tokens=4, attention_backend="trtllm_mha", page_size=64, device="cpu",
+    )  # fmt: skip
+    target = ModelConfig.from_server_args(args)
+    hf = target.hf_config
+    assert hf.architectures == ["Gemma4ForCausalLM"] and target.num_hidden_layers == layers
+    assert target.is_hybrid_swa  # SWA and full layers: SGLang builds the SWA pool the traps guard
+    assert hf.head_dim == 256 and hf.swa_head_dim == 256
+    assert hf.num_key_value_heads == model.kv_heads_full and hf.swa_num_key_value_heads == model.kv_heads_sliding
+    assert hf.layer_types[-1] == "full_attention" and hf.layer_types.count("full_attention") == layers // 6
+    assert hf.num_kv_shared_layers == model.kv_shared_layers
+    assert bool(getattr(hf, "enable_moe_block", False)) == (model.moe is not None)
+    draft = ModelConfig.from_server_args(args, model_path=str(dirs.draft), is_draft_model=True)
+    assert draft.hf_config.architectures == ["Gemma4AssistantForCausalLM"]
+    text = draft.hf_config.text_config
+    # Frozen-KV MTP: the draft reads the target's KV, so its attention shapes are the target's.
+    assert (text.num_attention_heads, text.head_dim) == (hf.num_attention_heads, hf.head_dim)
+    assert draft.hf_config.backbone_hidden_size == hf.hidden_size
+
+
+def test_dummy_tokenizer_round_trips_random_ids_through_sglangs_tokenizer(tmp_path):
+    from helpers.srt import import_srt
+
+    utils = import_srt("sglang.srt.utils.hf_transformers_utils")
+    dirs = write_model_dirs(tmp_path, variant("e4b", 6))
+    tok = utils.get_tokenizer(str(dirs.target))
+    rng = random.Random(0)
+    ids = [rng.randrange(4, 262144) for _ in range(500)]
+    text = tok.decode(ids)
+    assert tok.encode(text, add_special_tokens=False) == ids
+    assert tok.eos_token_id == 1 and tok.pad_token_id == 0
+
+
+def test_layer_count_keeps_the_pattern_and_says_why():
+    m = variant("e4b", 12)
+    assert m.layers == 12 and m.kv_shared_layers == 5
+    types = m.layer_types()
+    assert types[5] == types[11] == "full_attention" and types.count("full_attention") == 2
+    # the non-shared prefix keeps a layer of each type for the shared layers to read
+    assert "full_attention" in types[: 12 - m.kv_shared_layers]
+    assert any("12 layers instead of 42" in d for d in m.deviations)
+    assert variant("e4b").deviations == VARIANTS["e4b"].deviations and len(variant("e4b").deviations) == 1
+    with pytest.raises(ValueError, match="at least 6 layers"):
+        variant("e4b", 4)
+    with pytest.raises(ValueError, match="unknown dummy model"):
+        variant("70b")
+
+
+def test_models_write_cli(tmp_path):
+    res = CliRunner().invoke(main, ["repro", "models", "write", str(tmp_path / "m"), "--variant", "26b-a4b",
+                                    "--layers", "6"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "m" / "target" / "config.json").read_text())
+    assert cfg["num_experts"] == 128 and cfg["num_hidden_layers"] == 6
+    assert (tmp_path / "m" / "draft" / "tokenizer.json").is_file()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = CliRunner().invoke(main, ["repro", "models", "write", str(blocker / "sub")])
+    assert res.exit_code == 2 and "cannot write" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["repro", "models", "write", str(tmp_path / "n"), "--layers", "3"])
+    assert res.exit_code == 2 and "6<=x<=256" in res.output
+
+
+def test_dummy_weights_dry_run_and_usage_errors():
+    res = CliRunner().invoke(main, ["repro", "e4b-chat", "--dummy-weights", "--dummy-layers", "12", "--unarmed",
+                                    "--inject", "sglang-26957", "--probe", "4", "--dry-run"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "--load-format dummy" in out and "models/target" in out and "models/draft" in out
+    assert "kvtrap repro models write" in out and "--layers 12" in out
+    assert "export SGLANG_TRTLLM_MHA_DEBUG=0" in out and "export KVTRAP_INJECT=sglang-26957" in out
+    assert "--cuda-graph-backend-prefill disabled" in out  # SGLang's piecewise prefill capture fails on KV sharing
+    assert "4 greedy prompts" in out
+    for bad, msg in ((["--dummy-layers", "12"], "--dummy-layers needs --dummy-weights"),
+                     (["--dummy-weights", "--model-path", "/x"], "leave out --model-path"),
+                     (["--dummy-weights", "--dummy-layers", "2"], "6<=x<=256")):  # fmt: skip
+        res = CliRunner().invoke(main, ["repro", "e4b-chat", *bad, "--dry-run"])
+        assert res.exit_code == 2 and msg in res.output, res.output
+
+
+def _probe_run(tmp_path: Path, salt: str, *, armed: bool, **env: str) -> runner.RunResult:
+    def server_cmd(sc, o, port, rd):
+        return [sys.executable, str(STANDINS / "fake_server.py"), "--port", str(port), "--mode", "healthy",
+                "--pid-dir", str(rd / "pids"), "--delay", "0.2"]  # fmt: skip
+
+    def bench_cmd(sc, o, port, rd):
+        return [sys.executable, str(STANDINS / "fake_bench.py"), "--port", str(port), "--mode", "ok"]
+
+    import os
+
+    options = runner.RunOptions(
+        scenario=scenarios.get("e4b-chat"), out_dir=tmp_path, dummy=variant("e4b", 6), armed=armed,
+        probe=ProbeSpec(prompts=3, input_len=16, output_len=10), health_timeout_s=15.0, bench_timeout_s=20.0,
+        grace_s=3.0, follow=False, base_env={**os.environ, "FAKE_SERVER_SALT": salt, **env},
+    )  # fmt: skip
+    return runner.run(options, server_cmd=server_cmd, bench_cmd=bench_cmd, check_env=False)
+
+
+def test_probe_runs_before_the_benchmark_and_compare_reads_two_runs(tmp_path):
+    a = _probe_run(tmp_path / "a", "0", armed=False)
+    b = _probe_run(tmp_path / "b", "0", armed=True)
+    c = _probe_run(tmp_path / "c", "5", armed=True)
+    for r in (a, b, c):
+        assert r.outcome.value == "CLEAN", r.classification.reason
+    assert (tmp_path / "a" / "models" / "target" / "config.json").is_file()  # the run wrote its model dirs
+    assert a.plan.env_changes["SGLANG_TRTLLM_MHA_DEBUG"] == "0" and b.plan.env_changes["SGLANG_TRTLLM_MHA_DEBUG"] == "1"
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["probe"]["answered"] == 3 and report["models"]["model"]["name"] == "e4b"
+    assert "output probe: 3/3 prompts answered" in (tmp_path / "a" / "report.md").read_text()
+    assert compare(load_probe(tmp_path / "a"), load_probe(tmp_path / "b")).identical
+    diff = compare(load_probe(tmp_path / "a"), load_probe(tmp_path / "c"))
+    assert diff.exact == 0 and diff.first_divergence == (0, 5) and diff.matched_tokens == 15
+
+    cli = CliRunner()
+    same = cli.invoke(main, ["repro", "compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert same.exit_code == 0 and "3/3 prompts identical" in same.output
+    other = cli.invoke(main, ["repro", "compare", str(tmp_path / "a"), str(tmp_path / "c")])
+    assert other.exit_code == 1 and "first divergence: prompt 0, token 5" in other.output
+    as_json = cli.invoke(main, ["repro", "compare", "--json", str(tmp_path / "a"), str(tmp_path / "c")])
+    assert json.loads(as_json.output)["exact_match_rate"] == 0.0
+
+
+def test_probe_without_answers_makes_the_run_unhealthy_and_a_used_run_dir_is_refused(tmp_path):
+    res = _probe_run(tmp_path / "a", "0", armed=True, FAKE_SERVER_GENERATE_FAILS="1")
+    assert res.outcome.value == "UNHEALTHY" and "3 of 3 probe prompts got no output" in res.classification.reason
+    with pytest.raises(runner.EnvironmentProblem, match="already holds a run"):
+        _probe_run(tmp_path / "a", "0", armed=True)
+
+
+def _outputs(n: int, **over: object) -> str:
+    data = {"schema": "kvtrap.repro.outputs", "spec": {"prompts": n, "seed": 1},
+            "outputs": [{"prompt": i, "output_ids": [1, 2, 3]} for i in range(n)]}  # fmt: skip
+    data.update(over)
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize("content,msg", [
+    (None, "no such file"), ("{not json", "not JSON"), ("[" * 100000 + "]" * 100000, "not JSON"),
+    ('{"schema": "x"}', "not a kvtrap outputs file"),
+    (_outputs(2, outputs=[{"prompt": 0, "output_ids": "abc"}, {"prompt": 1, "output_ids": []}]), "malformed output"),
+    (_outputs(1, outputs=[{"prompt": 0, "output_ids": [True, 2]}]), "malformed output"),
+    (_outputs(2, outputs=[{"prompt": 1, "output_ids": [1]}, {"prompt": 0, "output_ids": [1]}]), "malformed output"),
+    (_outputs(0), "no prompts to compare"), (_outputs(2, spec=None), "spec is missing"),
+    (_outputs(3, outputs=[{"prompt": 0, "output_ids": [1]}]), "1 outputs for a probe of 3 prompts"),
+])  # fmt: skip
+def test_compare_bad_input_is_one_line_exit_2(tmp_path, content, msg):
+    good = tmp_path / "good.json"
+    good.write_text(_outputs(2))
+    bad = tmp_path / "bad.json"
+    if content is not None:
+        bad.write_text(content)
+    res = CliRunner().invoke(main, ["repro", "compare", str(good), str(bad)])
+    assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.output
+
+
+def test_compare_refuses_runs_that_probed_different_prompts(tmp_path):
+    (tmp_path / "a.json").write_text(_outputs(2))
+    (tmp_path / "b.json").write_text(_outputs(2, spec={"prompts": 2, "seed": 2}))
+    res = CliRunner().invoke(main, ["repro", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert res.exit_code == 2 and "different prompts" in res.output
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["synthetic", "--probe", "4"], "only for server scenarios"),
+    (["synthetic", "--unarmed"], "only for server scenarios"),
+    (["e4b-chat", "--unarmed", "--fix"], "--fix and --mode need it armed"),
+    (["e4b-chat", "--unarmed", "--mode", "log"], "--fix and --mode need it armed"),
+    (["e4b-chat", "--out", " "], "--out needs a directory name"),
+    (["e4b-chat", "--dummy-weights", "--dummy-layers", "100000"], "100000"),
+    (["e4b-chat", "--probe", "99999999999"], "99999999999"),
+])  # fmt: skip
+def test_repro_options_that_make_no_sense_are_usage_errors(args, msg):
+    res = CliRunner().invoke(main, ["repro", *args, "--dry-run"])
+    assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.output, res.output
+
+
+def test_unknown_bug_name_stops_a_real_run_before_starting():
+    options = runner.RunOptions(scenario=scenarios.get("e4b-chat"), inject=("sglang-26975",))
+    with pytest.raises(runner.EnvironmentProblem, match="unknown bug to inject 'sglang-26975'; known: sglang-26957"):
+        runner.check_environment(options, environ={"CUDA_VISIBLE_DEVICES": ""})
+
+
+def test_tp2_scenarios_pass_tp_size_and_need_two_gpus(monkeypatch):
+    res = CliRunner().invoke(main, ["repro", "31b-tp2-chat", "--dummy-weights", "--dummy-layers", "6", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "--tp-size 2" in res.output and "--load-format dummy" in res.output
+    monkeypatch.setattr(runner, "gpu_inventory", lambda environ=None: [{"name": "NVIDIA H200", "memory_gib": 139.8}])
+    for name in ("31b-tp2-chat", "26b-tp2-chat"):
+        with pytest.raises(runner.EnvironmentProblem, match="1 CUDA GPU\\(s\\) visible; scenario .* needs 2"):
+            runner.check_environment(runner.RunOptions(scenario=scenarios.get(name)))
+    monkeypatch.setattr(runner, "gpu_inventory", lambda environ=None: [{"name": "NVIDIA H200", "memory_gib": 139.8}] * 2)
+    monkeypatch.setattr(runner, "sglang_installed", lambda: True)
+    assert runner.check_environment(runner.RunOptions(scenario=scenarios.get("26b-tp2-chat"))) == []
