@@ -23,9 +23,12 @@ if __name__ == "kernels":
     try:
         sys.modules["kernels"] = importlib.import_module("kernels")
     except ImportError:
-        raise ImportError(
+        # ModuleNotFoundError: callers that probe for the package (transformers' is_kernels_available) then
+        # read "not installed", which is the truth, instead of crashing.
+        raise ModuleNotFoundError(
             "'kernels' here is kvtrap's kernel folder (import it as kvtrap.kernels); the PyPI package "
-            "'kernels' that SGLang uses is not installed"
+            "'kernels' that SGLang uses is not installed",
+            name="kernels",
         ) from None
     finally:
         sys.path[:] = _saved_path

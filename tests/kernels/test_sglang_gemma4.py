@@ -290,5 +290,8 @@ def test_doctor_reports_the_switch_and_the_fusions(monkeypatch, value, status):
     if status == "fail":
         assert checks["KVTRAP_GEMMA4_KERNELS"].detail == "KVTRAP_GEMMA4_KERNELS must be 1 or 0; got 'maybe'"
         return
-    assert checks["gemma4 routes"].status == "ok", checks["gemma4 routes"].detail
+    routes = checks["gemma4 routes"]
+    if routes.status == "fail" and "No module named 'sgl_kernel'" in routes.detail and torch.cuda.is_available():
+        pytest.skip("sglang.srt needs sgl_kernel, which is not installed here (a CUDA GPU without SGLang's full runtime)")
+    assert routes.status == "ok", routes.detail
     assert "26B-A4B-it: qkv_norm_rope, routing, triple_norm, cross_layer" in checks["gemma4 fusions"].detail
