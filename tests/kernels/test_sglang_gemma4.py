@@ -368,20 +368,60 @@ def test_all_layers_fused_model_output_close(world, variant):
         assert (on - off).norm() / off.norm() < 0.06
 
 
-@pytest.mark.parametrize(("value", "status"), [(None, "info"), ("1", "info"), ("maybe", "fail")])
-def test_doctor_reports_the_switch_and_the_fusions(monkeypatch, value, status):
+@pytest.mark.parametrize("value", [None, "0"])
+def test_doctor_says_off_in_one_line_when_the_switch_is_off(monkeypatch, value):
     from kvtrap.cli.doctor import check_gemma4_kernels
 
     monkeypatch.delenv("KVTRAP_GEMMA4_KERNELS", raising=False)
     if value is not None:
         monkeypatch.setenv("KVTRAP_GEMMA4_KERNELS", value)
+    (check,) = check_gemma4_kernels()
+    assert (check.name, check.status) == ("KVTRAP_GEMMA4_KERNELS", "info")
+    assert check.detail.startswith("unset/0: off")
+
+
+def test_doctor_rejects_a_bad_switch_value(monkeypatch):
+    from kvtrap.cli.doctor import check_gemma4_kernels
+
+    monkeypatch.setenv("KVTRAP_GEMMA4_KERNELS", "maybe")
+    (check,) = check_gemma4_kernels()
+    assert check.status == "fail"
+    assert check.detail == "KVTRAP_GEMMA4_KERNELS must be 1 or 0; got 'maybe'"
+
+
+def test_doctor_reports_the_routes_and_the_fusions_when_on(monkeypatch):
+    from kvtrap.cli.doctor import check_gemma4_kernels
+
+    monkeypatch.setenv("KVTRAP_GEMMA4_KERNELS", "1")
     checks = {c.name: c for c in check_gemma4_kernels()}
-    assert checks["KVTRAP_GEMMA4_KERNELS"].status == status
-    if status == "fail":
-        assert checks["KVTRAP_GEMMA4_KERNELS"].detail == "KVTRAP_GEMMA4_KERNELS must be 1 or 0; got 'maybe'"
-        return
+    assert "need a CUDA GPU and Triton" in checks["KVTRAP_GEMMA4_KERNELS"].detail
     routes = checks["gemma4 routes"]
     if routes.status == "fail" and "No module named 'sgl_kernel'" in routes.detail and torch.cuda.is_available():
         pytest.skip("sglang.srt needs sgl_kernel, which is not installed here (a CUDA GPU without SGLang's full runtime)")
     assert routes.status == "ok", routes.detail
-    assert "26B-A4B-it: qkv_norm_rope, routing, triple_norm, cross_layer" in checks["gemma4 fusions"].detail
+    fusions = checks["gemma4 fusions"].detail
+    assert "26B-A4B-it: qkv_norm_rope, routing, triple_norm, cross_layer" in fusions
+    assert "--enable-deterministic-inference: all fall back" in fusions
+
+
+def test_doctor_names_the_module_of_a_missing_target(monkeypatch):
+    """A method SGLang renamed (here: one 0.5.23 does not have) fails the check with its full dotted name."""
+    from kvtrap.capture.patching import MethodTarget, module_function
+    from kvtrap.cli.doctor import check_gemma4_kernels
+
+    real = sglang_gemma4.targets
+    fake_names = [
+        MethodTarget(sglang_gemma4.MODEL_MODULE, "Gemma4DecoderLayer", "forward_renamed", lambda f: f),
+        module_function(sglang_gemma4.ACCESS_MODULE, "final_norm_pair_renamed", lambda f: f),
+    ]
+    monkeypatch.setattr(sglang_gemma4, "targets", lambda: [*real(), *fake_names])
+    monkeypatch.setenv("KVTRAP_GEMMA4_KERNELS", "1")
+    routes = {c.name: c for c in check_gemma4_kernels()}["gemma4 routes"]
+    if "No module named 'sgl_kernel'" in routes.detail and torch.cuda.is_available():
+        pytest.skip("sglang.srt needs sgl_kernel, which is not installed here (a CUDA GPU without SGLang's full runtime)")
+    assert routes.status == "fail"
+    assert routes.detail == (
+        "sglang.srt.models.gemma4_causal.Gemma4DecoderLayer.forward_renamed: Gemma4DecoderLayer has no method "
+        "forward_renamed; sglang.srt.layers.layer_boundary.residual.access.final_norm_pair_renamed: "
+        "sglang.srt.layers.layer_boundary.residual.access has no function final_norm_pair_renamed"
+    )
