@@ -28,8 +28,10 @@ per kernel at batch 1). The wiring itself (plan, stash, residual-stream state) i
 
 Every fusion qualifies per layer (dtype, shapes, norm flavours, RoPE type, TP=1 where the fusion needs the
 whole row and the whole layer) when the model first runs; what does not qualify runs SGLang's own code. One
-WARNING per model says which layers use which fusion and why the rest fall back. Per call only tensor
-metadata is checked (dimensions, dtype): no host syncs, no ``.item()``, no branching on tensor values.
+WARNING per model says which layers use which fusion and why the rest fall back, and which per-call
+fallbacks the plan cannot foresee. Per call only tensor metadata is checked (dimensions, dtype): no host
+syncs, no ``.item()``, no branching on tensor values. Under SGLang's deterministic inference nothing is
+fused (:func:`batch_invariance_reason`).
 """
 
 from __future__ import annotations
@@ -183,6 +185,39 @@ def _tp_reason() -> str | None:
     return None if tp == 1 else f"TP={tp} (the fusion needs whole rows and the whole layer on one rank)"
 
 
+def batch_invariance_reason() -> str | None:
+    """Why no fusion may run in this process, if SGLang is asked for batch-invariant results.
+
+    SGLang's deterministic inference (``--enable-deterministic-inference``, which
+    ``--rl-on-policy-target`` also turns on) promises the same output for a request whatever else is in
+    the batch. The kernels cannot keep that promise: their launch shape (programs per row or head, warps,
+    the cross-layer row split, routing's tokens per program) changes with the token count, and with it the
+    order of every reduction (norms, the routing softmax). The RL mode also runs native ops to match the
+    trainer's numerics bit for bit, which fused kernels do not. Read when the model is planned; SGLang's
+    model runner turns the mode on before the first forward."""
+    try:
+        from sglang.srt.batch_invariant_ops import is_batch_invariant_mode_enabled
+
+        invariant = bool(is_batch_invariant_mode_enabled())
+    except ImportError:  # an SGLang without the batch-invariant ops has no such mode
+        invariant = False
+    target, deterministic = None, False
+    try:
+        from sglang.srt.runtime_context import get_exec
+
+        det = get_exec().deterministic
+        target = getattr(det, "rl_on_policy_target", None)
+        deterministic = bool(getattr(det, "enable_deterministic_inference", False))
+    except (ImportError, ValueError, AttributeError):  # no published config (layer tests): the flag decides
+        pass
+    why = "the kernels' launch shape, and with it their reduction order, changes with the token count"
+    if target is not None:
+        return f"--rl-on-policy-target {target}: SGLang's batch-invariant, native-op mode ({why})"
+    if invariant or deterministic:
+        return f"SGLang's deterministic inference (batch-invariant mode): {why}"
+    return None
+
+
 def _first(*reasons: str | None) -> str:
     for r in reasons:
         if r is not None:
@@ -200,7 +235,9 @@ def _plan_attention(attn: Any) -> AttnPlan:
     rope = getattr(attn, "rotary_emb", None)
     rope_kind = type(rope).__name__
     hd = attn.head_dim
-    reason = None
+    reason = batch_invariance_reason()
+    if reason is not None:
+        return AttnPlan(reason)
     if rope_kind not in ("RotaryEmbedding", "Gemma4RotaryEmbedding"):
         reason = f"RoPE class {rope_kind}"
     elif not rope.is_neox_style or rope.rotary_dim != hd or rope.head_size != hd:
@@ -293,7 +330,7 @@ def _triple_reason(layer: Any, cross: str) -> str:
     return ON
 
 
-def _plan_routing(layer: Any) -> str:
+def _plan_routing(layer: Any, invariance: str | None) -> str:
     """Qualify the layer's MoE routing and, if it qualifies, give its TopK the kernel's routing function."""
     if not layer.enable_moe_block:
         return "dense layer (no router)"
@@ -301,7 +338,7 @@ def _plan_routing(layer: Any) -> str:
     fn = getattr(config, "custom_routing_function", None)
     if fn is None:
         return "TopK has no custom routing function"
-    reason = _first(_device_reason(layer.moe.per_expert_scale))
+    reason = _first(invariance, _device_reason(layer.moe.per_expert_scale))
     if reason == ON and not isinstance(fn, _Routing):
         config.custom_routing_function = _Routing(fn, layer.moe.per_expert_scale)
     return reason
@@ -318,6 +355,7 @@ def plan_model(model: Any) -> ModelPlan:
     if plan is not None:
         return plan
     tp = _tp_reason()
+    invariance = batch_invariance_reason()
     local = [model.layers[i] for i in range(model.start_layer, model.end_layer)]
     final_norm = model.norm if type(model.norm).__name__ != "PPMissingLayer" else None
     plans = []
@@ -326,17 +364,27 @@ def plan_model(model: Any) -> ModelPlan:
         next_norm = None if holder is None else (holder.input_layernorm if holder is not final_norm else final_norm)
         lp = LayerPlan(layer.layer_id, next_norm=next_norm, next_holder=holder)
         lp.fusions["qkv_norm_rope"] = _attn_plan(layer.self_attn).status
-        lp.fusions["routing"] = _plan_routing(layer)
-        lp.fusions["ple_tail"] = _ple_reason(layer)
-        cross = _cross_reason(layer, next_norm, tp)
+        lp.fusions["routing"] = _plan_routing(layer, invariance)
+        # a dense or PLE-less layer keeps its structural reason; the others say the mode is why
+        lp.fusions["ple_tail"] = _first(invariance if layer.has_ple else None, _ple_reason(layer))
+        cross = _first(invariance if not layer.has_ple else None, _cross_reason(layer, next_norm, tp))
         lp.fusions["cross_layer"] = cross
-        lp.fusions["triple_norm"] = _triple_reason(layer, cross)
+        lp.fusions["triple_norm"] = _first(invariance if layer.enable_moe_block else None, _triple_reason(layer, cross))
         object.__setattr__(layer, _PLAN, lp)
         plans.append(lp)
     plan = ModelPlan(plans)
     object.__setattr__(model, _PLAN, plan)
-    logger.warning("Gemma 4 fused kernels (KVTRAP_GEMMA4_KERNELS=1): %s", describe(plan))
+    logger.warning("Gemma 4 fused kernels (KVTRAP_GEMMA4_KERNELS=1): %s. %s", describe(plan), PER_CALL_NOTE)
     return plan
+
+
+#: The end of the plan's WARNING: what the plan cannot know, because it is decided per call.
+PER_CALL_NOTE = (
+    "Per call, SGLang's own path runs even where a fusion is listed above: the layer override (triple_norm, "
+    "cross_layer) on a layer that captures aux hidden states (EAGLE3/DFLASH capture layers) and while "
+    "torch.compile or piecewise CUDA-graph capture traces it; routing under an MoE runner that does its own "
+    "top-k and never calls the custom routing function; and inputs of another layout or dtype"
+)
 
 
 def _ranges(ids: list[int]) -> str:

@@ -226,8 +226,8 @@ def prove_allocator_trap() -> Check:
 
 
 def check_gemma4_kernels() -> list[Check]:
-    """``KVTRAP_GEMMA4_KERNELS``: on or off, do the SGLang methods it routes exist, which fusions apply."""
-    from kvtrap.capture.patching import resolve
+    """``KVTRAP_GEMMA4_KERNELS``: off (one line), or on: do the SGLang methods it routes exist, which fusions apply."""
+    from kvtrap.capture.patching import ModuleFunctionTarget, resolve
     from kvtrap.config import ENV_GEMMA4_KERNELS, env_gemma4_kernels
     from kvtrap.kernels.sglang_gemma4 import RELEASED, expected_fusions, targets
 
@@ -235,14 +235,28 @@ def check_gemma4_kernels() -> list[Check]:
         on = env_gemma4_kernels()
     except ConfigError as exc:
         return [Check(ENV_GEMMA4_KERNELS, "fail", str(exc))]
-    state = "1: fused kernels where a layer qualifies (the model logs its plan at WARNING)" if on else "unset/0: off"
-    missing = [f"{t.cls}.{t.attr}: {why}" for t in targets() for ok, why in [resolve(t)] if not ok]
+    if not on:
+        return [Check(ENV_GEMMA4_KERNELS, "info", "unset/0: off (1 routes SGLang's Gemma 4 layers to kvtrap's fused kernels)")]
+    state = (
+        "1: fused kernels where a layer qualifies (the fused paths need a CUDA GPU and Triton; elsewhere every "
+        "layer runs SGLang's code; the model logs its plan at WARNING)"
+    )
+    missing = [
+        f"{t.module}.{t.attr if isinstance(t, ModuleFunctionTarget) else f'{t.cls}.{t.attr}'}: {why}"
+        for t in targets()
+        for ok, why in [resolve(t)]
+        if not ok
+    ]
     fusions = "; ".join(f"{name}: {', '.join(expected_fusions(ple=p, moe=m))}" for name, (p, m) in RELEASED.items())
     return [
         Check(ENV_GEMMA4_KERNELS, "info", state),
-        Check("gemma4 routes", ("fail" if on else "info") if missing else "ok",
-              "; ".join(missing) or f"{len(targets())} SGLang methods found"),  # fmt: skip
-        Check("gemma4 fusions", "info", f"TP=1 bf16: {fusions}; TP>1: triple_norm and cross_layer fall back"),
+        Check("gemma4 routes", "fail" if missing else "ok", "; ".join(missing) or f"{len(targets())} SGLang methods found"),
+        Check(
+            "gemma4 fusions",
+            "info",
+            f"TP=1 bf16 on CUDA: {fusions}; TP>1: triple_norm and cross_layer fall back; "
+            "--enable-deterministic-inference: all fall back",
+        ),
     ]
 
 

@@ -12,8 +12,12 @@ structure, and runs one prefill (two requests, 5 + 3 tokens) and one decode step
 3. ``on2``: again, to check the WARNING is logged once;
 4. ``off_again``: after :func:`~kvtrap.kernels.sglang_gemma4.disable`;
 
-and, for the 26B-like model, ``fallback``: switched on where no layer qualifies (a CPU host without the
-Triton interpreter at planning time).
+and ``solo`` runs with one layer fused (26B-like: also ``pair``, two neighbours fused). Then, each
+with fresh models: ``handoff`` (a layer entered with a copy of the stream its predecessor left a normed
+tensor for), ``router_fold`` (the switch on before any run with it off, router scale not sqrt(hidden)),
+``capture`` (an aux-hidden-state capture layer), ``deterministic`` (SGLang's batch-invariant mode and its
+server flags), and ``fallback``: switched on where no layer qualifies (a CPU host without the Triton
+interpreter at planning time).
 
 It saves every decoder layer's output stream, the model output, which kernels ran, the plan and the log
 lines to the ``.pt`` file named on the command line. A separate process because SGLang's distributed state,
@@ -36,6 +40,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import contextmanager
 
 VARIANTS = {
     "e4b": dict(
@@ -135,6 +140,7 @@ class Runner:
             layer.register_forward_pre_hook(self._layer_in(i), with_kwargs=True)
             layer.register_forward_hook(self._keep(f"out{i}"))
             layer.self_attn.register_forward_hook(self._keep(f"attn{i}"))
+            layer.input_layernorm.register_forward_pre_hook(self._mark(f"own_norm{i}"))
             if layer.moe is not None:
                 layer.moe.topk.register_forward_hook(self._keep_topk(f"topk{i}"))
                 layer.moe.topk.register_forward_pre_hook(self._keep_logits(f"logits{i}"))
@@ -142,6 +148,14 @@ class Runner:
     def _keep(self, key: str):
         def hook(_m, _a, out) -> None:
             self.rec[key] = out.detach().clone()
+
+        return hook
+
+    def _mark(self, key: str):
+        def hook(_m, _a) -> None:
+            import torch
+
+            self.rec[key] = torch.tensor(True)  # a tensor like every record (the tests compare them all)
 
         return hook
 
@@ -193,8 +207,9 @@ class Runner:
                     setattr(fb, name, value.to(DEVICE))
         return [("prefill", prefill), ("decode", decode)]
 
-    def run(self) -> dict:
-        """Both steps; per step the records of every hook plus the model output ``out``."""
+    def run(self, steps: tuple[str, ...] = ("prefill", "decode")) -> dict:
+        """The steps (prefill, then decode); per step the records of every hook plus the model output
+        ``out`` (and ``aux``: the aux hidden states, when the model captures any)."""
         import torch
         from sglang.srt.model_executor.runner_utils.forward_batch import set_forward_batch
 
@@ -203,12 +218,56 @@ class Runner:
         result: dict = {}
         with torch.no_grad():
             for step, fb in self.batches():
+                if step not in steps:
+                    continue
                 self.backend.init_forward_metadata(fb)
                 self.rec = {}
                 with set_forward_batch(fb):
-                    self.rec["out"] = self.model(fb.input_ids, fb.positions, fb).clone()
+                    out = self.model(fb.input_ids, fb.positions, fb)
+                if isinstance(out, tuple):  # (hidden states, aux hidden states) when layers_to_capture is set
+                    out, aux = out
+                    self.rec["aux"] = [a.clone() for a in aux]
+                self.rec["out"] = out.clone()
                 result[step] = self.rec
         return result
+
+    @contextmanager
+    def holding(self, hold: dict[int, tuple[str, ...] | None]):
+        """Hold fusions off per layer for the runs inside (``None``: all of the layer's fusions, its attention
+        and its routing too); the plans are put back afterwards."""
+        from kvtrap.kernels import sglang_gemma4 as sg
+
+        saved = []
+        for i, names in hold.items():
+            layer = self.model.layers[i]
+            plan, attn_plan = layer.__dict__[sg._PLAN], layer.self_attn.__dict__[sg._ATTN_PLAN]
+            routing = layer.moe.topk.topk_config if layer.moe is not None else None
+            saved.append((plan, dict(plan.fusions), attn_plan, attn_plan.status, routing,
+                          routing.custom_routing_function if routing else None))  # fmt: skip
+            plan.fusions.update(dict.fromkeys(plan.fusions if names is None else names, "held off by the test"))
+            if names is None:
+                attn_plan.status = "held off by the test"
+                if routing is not None:
+                    routing.custom_routing_function = routing.custom_routing_function.original
+        try:
+            yield
+        finally:
+            for plan, fusions, attn_plan, status, routing, fn in saved:
+                plan.fusions, attn_plan.status = fusions, status
+                if routing is not None:
+                    routing.custom_routing_function = fn
+
+    @contextmanager
+    def hooked(self, i: int, pre=None, post=None):
+        """Extra forward hooks on layer ``i`` (after the recording ones) for the runs inside."""
+        layer = self.model.layers[i]
+        handles = [layer.register_forward_pre_hook(pre, with_kwargs=True)] if pre else []
+        handles += [layer.register_forward_hook(post)] if post else []
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def next_norm(self, i: int, stream):
         """SGLang's own norm that follows layer ``i`` (the next input norm, or ``model.norm``) on ``stream``."""
@@ -218,30 +277,13 @@ class Runner:
         with torch.no_grad():
             return norm(stream)
 
-    def solo(self, keep: int) -> dict:
-        """A run where only layer ``keep`` uses the fused kernels (the others run SGLang's code)."""
-        from kvtrap.kernels import sglang_gemma4 as sg
-
-        saved = []
-        for i, layer in enumerate(self.model.layers):
-            plan, attn_plan = layer.__dict__[sg._PLAN], layer.self_attn.__dict__[sg._ATTN_PLAN]
-            routing = layer.moe.topk.topk_config if layer.moe is not None else None
-            saved.append((plan, dict(plan.fusions), attn_plan, attn_plan.status, routing,
-                          routing.custom_routing_function if routing else None))  # fmt: skip
-            if i != keep:
-                plan.fusions = dict.fromkeys(plan.fusions, "held off by the test")
-                attn_plan.status = "held off by the test"
-                if routing is not None:
-                    routing.custom_routing_function = routing.custom_routing_function.original
-        try:
-            result = self.run()
-        finally:
-            for plan, fusions, attn_plan, status, routing, fn in saved:
-                plan.fusions, attn_plan.status = fusions, status
-                if routing is not None:
-                    routing.custom_routing_function = fn
+    def solo(self, *keep: int, steps: tuple[str, ...] = ("prefill", "decode")) -> dict:
+        """A run where only the layers ``keep`` use the fused kernels (the others run SGLang's code);
+        ``next_norm_ref``: SGLang's norm after the last of them, on its output."""
+        with self.holding(dict.fromkeys((i for i in range(LAYERS) if i not in keep), None)):
+            result = self.run(steps)
         for rec in result.values():
-            rec["next_norm_ref"] = self.next_norm(keep, rec[f"out{keep}"])
+            rec["next_norm_ref"] = self.next_norm(keep[-1], rec[f"out{keep[-1]}"])
         return result
 
 
@@ -266,6 +308,141 @@ def _count_kernel_calls() -> dict[str, int]:
 
         setattr(co, name, counted)
     return counts
+
+
+def _calls(counts: dict[str, int], run):
+    before = dict(counts)
+    result = run()
+    return result, {k: counts[k] - before[k] for k in counts}
+
+
+def handoff_runs(counts: dict[str, int]) -> dict:
+    """The cross-layer hand-off when layer 2 of the dense model (all layers fused) is entered with a copy of
+    the stream layer 1 wrote, re-written as the stream (what an adapter that re-imports the stream across an
+    eager break does: same values, another tensor). The normed tensor layer 1 left is poisoned (NaN), so using
+    it would show. ``copy``: the stash must be ignored and cleared, and the layer must apply its own input norm
+    (SGLang's ``input_layernorm``), exactly as in ``dropped`` (the same copy, the stash removed by the test);
+    ``poisoned``: the control, the poisoned stash on the very tensor it was made from (it is used)."""
+    import torch
+    from kvtrap.kernels import sglang_gemma4 as sg
+    from sglang.srt.layers.layer_boundary.residual import batch as residual_batch
+
+    runner = Runner("dense")
+    sg.plan_model(runner.model)  # what its first forward would do; only layers 1 and 2 need fusing here
+    out: dict = {}
+    for kind in ("copy", "dropped", "poisoned"):
+        seen: dict = {}
+
+        def pre(layer, args, kwargs, kind=kind, seen=seen):
+            stash = layer.__dict__.get(sg._STASH)
+            seen["stash_in"] = stash is not None and stash[0] is kwargs["hidden_states"]
+            if stash is not None:
+                object.__setattr__(layer, sg._STASH, (stash[0], torch.full_like(stash[1], float("nan"))))
+            if kind == "poisoned":
+                return None
+            x = kwargs["hidden_states"].clone()
+            residual_batch.set_written(x, kwargs["forward_batch"])
+            if kind == "dropped":
+                object.__setattr__(layer, sg._STASH, None)
+            return args, {**kwargs, "hidden_states": x}
+
+        def post(layer, _a, _o, seen=seen):
+            seen["stash_left"] = layer.__dict__.get(sg._STASH) is not None
+
+        with runner.holding({0: None, 3: None}), runner.hooked(2, pre, post):
+            res, calls = _calls(counts, lambda: runner.run(("prefill",)))
+        out[kind] = {**res["prefill"], "seen": seen, "calls": calls}
+    return out
+
+
+def router_fold_runs(counts: dict[str, int]) -> dict:
+    """Fresh MoE models whose router scale is not sqrt(hidden) (so the folded router norm weight is not all
+    ones), run with the switch on before any run with it off: SGLang folds the scale in
+    ``Gemma4Router.forward``, which the fused layer never calls. ``lazy``: as built; ``prefolded``: the same
+    weights with ``fuse_scale()`` called by the test first; ``unfolded``: the control, marked folded with the
+    weight left at ones (what the fused layer would use if it did not fold). Layer 0 fused, the others
+    held off (SGLang's path: interpreter time)."""
+    import torch
+    from kvtrap.kernels import sglang_gemma4 as sg
+
+    out: dict = {}
+    for kind in ("lazy", "prefolded", "unfolded"):
+        runner = Runner("moe")
+        g = torch.Generator().manual_seed(11)
+        routers = [layer.router for layer in runner.model.layers]
+        with torch.no_grad():
+            for router in routers:
+                router.scale.copy_(HIDDEN**0.5 * (0.5 + torch.rand(HIDDEN, generator=g)))
+                assert not router._scale_fused
+                if kind == "prefolded":
+                    router.fuse_scale()
+                elif kind == "unfolded":
+                    router._scale_fused = True
+        sg.plan_model(runner.model)  # what the first forward does (it does not fold)
+        with runner.holding({1: None, 2: None, 3: None}):
+            res, calls = _calls(counts, lambda runner=runner: runner.run(("prefill",)))
+        folded = [
+            r._scale_fused and torch.equal(r.norm.weight, (r.scale * r.root_size).to(r.norm.weight.dtype))
+            for r in routers
+        ]  # fmt: skip
+        out[kind] = {**res["prefill"], "calls": calls, "folded": folded}
+    return out
+
+
+def capture_runs(counts: dict[str, int]) -> dict:
+    """Dense model, all layers fused, layer 2 capturing aux hidden states (an EAGLE3/DFLASH capture layer:
+    ``layers_to_capture`` holds 2) against the same model with layer 2's layer override held off by the test:
+    the capture layer must take SGLang's path, so the two runs agree bit for bit."""
+    from kvtrap.kernels import sglang_gemma4 as sg
+
+    runner = Runner("dense")
+    sg.plan_model(runner.model)  # what its first forward would do; the plan is then held off on layer 2
+    out: dict = {}
+    with runner.holding({0: None, 3: None}):  # layers 1 and 2 are the ones that matter
+        with runner.holding({2: ("cross_layer",)}):
+            out["held"] = runner.run(("prefill",))["prefill"]
+        runner.model.layers_to_capture = [2]
+        try:
+            res, calls = _calls(counts, lambda: runner.run(("prefill",)))
+        finally:
+            runner.model.layers_to_capture = []
+    out["capture"] = {**res["prefill"], "calls": calls}
+    return out
+
+
+def deterministic_runs(counts: dict[str, int], records: list[str]) -> dict:
+    """SGLang's deterministic inference: the MoE model switched on with the batch-invariant flag set (the flag
+    ``enable_batch_invariant_mode()`` sets in SGLang's model runner; the aten overrides it also registers are
+    CUDA kernels with no bearing on the plan), off and on, bit-identical and no kernel launched; then plans
+    only, under SGLang's own scoped override of the server flags: ``--enable-deterministic-inference`` and
+    ``--rl-on-policy-target fsdp`` (the E4B-like model, for the PLE tail's reason too)."""
+    import sglang.srt.batch_invariant_ops.batch_invariant_ops as bio
+    from kvtrap.kernels import sglang_gemma4 as sg
+    from sglang.srt.runtime_context import get_exec
+
+    out: dict = {}
+    runner = Runner("moe")
+    sg.disable()
+    bio._batch_invariant_MODE = True
+    try:
+        out["off"] = runner.run(("prefill",))["prefill"]
+        sg.enable()
+        res, out["calls"] = _calls(counts, lambda: runner.run(("prefill",)))
+        out["on"] = res["prefill"]
+    finally:
+        bio._batch_invariant_MODE = False
+    out["plan"] = [lp.fusions for lp in runner.model.__dict__[sg._PLAN].layers]
+    out["log"] = list(records)
+    records.clear()
+    for name, flags in (
+        ("flag", dict(enable_deterministic_inference=True)),
+        ("rl", dict(enable_deterministic_inference=True, rl_on_policy_target="fsdp")),
+    ):
+        with get_exec().deterministic.override(**flags):
+            out[f"plan_{name}"] = [lp.fusions for lp in sg.plan_model(Runner("e4b").model).layers]
+    out["plan_none"] = [lp.fusions for lp in sg.plan_model(Runner("e4b").model).layers]
+    records.clear()
+    return out
 
 
 def main(out_path: str, variants: list[str]) -> None:
@@ -319,6 +496,8 @@ def main(out_path: str, variants: list[str]) -> None:
         res["calls"] = {k: counts[k] - before[k] for k in counts}
         res["on2"] = runner.run()
         res["solo"] = [runner.solo(i) for i in range(LAYERS)]
+        if variant == "moe":  # layers i-1 and i fused: layer i takes the normed input layer i-1 left (prefill)
+            res["pair"] = [None, *(runner.solo(i - 1, i, steps=("prefill",)) for i in range(1, LAYERS))]
         sglang_gemma4.disable()
         res["off_again"] = runner.run()
         res["per_expert_scale"] = [
@@ -328,6 +507,15 @@ def main(out_path: str, variants: list[str]) -> None:
         res["log"] = list(records)
         records.clear()
         results[variant] = res
+    sglang_gemma4.enable()
+    try:
+        results["handoff"] = handoff_runs(counts)
+        results["router_fold"] = router_fold_runs(counts)
+        results["capture"] = capture_runs(counts)
+        records.clear()
+        results["deterministic"] = deterministic_runs(counts, records)
+    finally:
+        sglang_gemma4.disable()
     # Nothing qualifies: planned while compiled Triton is the only option on this CPU host, so every layer
     # must take SGLang's path (bit-identical) and the WARNING must say why.
     if DEVICE != "cpu":

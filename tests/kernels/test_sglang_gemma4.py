@@ -181,6 +181,10 @@ def test_warning_once_per_model_names_layers_and_fallbacks(world, variant):
     assert len(log) == 1, log  # three full runs and four single-layer runs with the switch on
     line = log[0]
     assert line.startswith("WARNING Gemma 4 fused kernels (KVTRAP_GEMMA4_KERNELS=1): qkv_norm_rope: layers 0-3")
+    # what the plan cannot promise: per-call fallbacks even on layers listed as fused
+    assert line.endswith(sglang_gemma4.PER_CALL_NOTE)
+    for words in ("EAGLE3/DFLASH capture layers", "torch.compile or piecewise CUDA-graph", "never calls the custom"):
+        assert words in sglang_gemma4.PER_CALL_NOTE
     if variant == "e4b":
         assert "ple_tail: layers 0-3" in line
         assert "cross_layer: none; SGLang's path on layers 0-3 (PLE layer" in line
@@ -243,6 +247,92 @@ def test_fused_layer_matches_sglang_layer(world, variant, layer):
             assert f"stash{layer + 1}" not in on
 
 
+@pytest.mark.parametrize("layer", range(1, LAYERS))
+def test_fused_moe_layer_on_the_stashed_input_norm_matches_sglang_layer(world, layer):
+    """Layers ``layer - 1`` and ``layer`` fused: ``layer`` takes the normed input its predecessor's end wrote
+    (it does not run its own input norm) and still matches SGLang's layer on the same input (the run with
+    only ``layer - 1`` fused), on the tokens whose routing did not change, within the per-layer tolerances.
+    Prefill only (8 tokens): the decode step adds nothing to the hand-off and costs interpreter time."""
+    res = world["moe"]
+    for step in ("prefill",):
+        pair, ref = res["pair"][layer][step], res["solo"][layer - 1][step]
+        assert torch.equal(pair[f"in{layer}"], ref[f"in{layer}"]), step  # layer - 1 ran the same in both
+        assert f"stash{layer}" in pair, step  # handed over on the very stream tensor
+        assert f"own_norm{layer}" not in pair, step  # ... and used: the layer's own input norm did not run
+        assert f"own_norm{layer}" in res["solo"][layer][step], step  # (it does when nothing was handed over)
+        assert row_ulps(pair[f"attn{layer}"], ref[f"attn{layer}"]) <= ATTN_ROW_ULPS, step
+        rows = routed_alike(pair, ref, layer)
+        assert row_ulps(pair[f"out{layer}"][rows], ref[f"out{layer}"][rows]) <= LAYER_ROW_ULPS, step
+        written = pair[f"stash{layer + 1}"] if layer + 1 < LAYERS else pair["out"]
+        assert elem_ulps(written, pair["next_norm_ref"]) <= NEXT_NORM_ULPS, step
+
+
+def tensors(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if isinstance(v, torch.Tensor)}
+
+
+def test_stash_on_another_tensor_is_ignored_and_cleared(world):
+    """Layer 2 entered with a copy of the stream layer 1 left its normed tensor for (poisoned with NaN by the
+    test): the fused layer ignores and clears it and applies SGLang's input norm itself, exactly as when no
+    stash was left; the control shows the poisoned stash is used when the tensor is the same."""
+    copy, dropped, poisoned = (world["handoff"][k] for k in ("copy", "dropped", "poisoned"))
+    assert copy["seen"] == {"stash_in": True, "stash_left": False}
+    assert copy["calls"]["post_ffn_dense_next_norm"] == 2  # layers 1 and 2 fused (0 and 3 held off): layer 2
+    # ran fused, not SGLang's layer
+    assert "own_norm2" in copy and "own_norm2" not in poisoned
+    assert tensors(copy).keys() == tensors(dropped).keys()
+    for key, value in tensors(copy).items():
+        assert torch.equal(value, dropped[key]), key
+    assert not copy["out"].isnan().any()
+    assert poisoned["out2"].isnan().all(), "control: a used stash must show in the layer output"
+
+
+def test_router_scale_is_folded_before_a_fused_layer_first_runs(world):
+    """The switch on before any run with it off, router scale not sqrt(hidden): the fused layer folds the
+    scale itself (SGLang does it in ``Gemma4Router.forward``, which the fused layer does not call), giving
+    exactly what a model folded beforehand gives; the unfolded weight would route differently."""
+    lazy, prefolded, unfolded = (world["router_fold"][k] for k in ("lazy", "prefolded", "unfolded"))
+    assert lazy["calls"]["post_attn_triple_rmsnorm"] == 1  # layer 0 (the others run SGLang's layer)
+    assert lazy["folded"] == [True] * LAYERS and not unfolded["folded"][0]
+    for key, value in tensors(lazy).items():
+        assert torch.equal(value, prefolded[key]), key
+    assert not torch.allclose(lazy["logits0"].float(), unfolded["logits0"].float(), atol=0.05)
+
+
+def test_aux_hidden_state_capture_layer_takes_sglangs_path(world):
+    """Layer 2 of the fused dense model captures aux hidden states (an EAGLE3/DFLASH capture layer): it runs
+    SGLang's layer (bit-identical to the run with its layer override held off), the capture holds its input,
+    and the stash layer 1 left for it is dropped."""
+    cap, held = world["capture"]["capture"], world["capture"]["held"]
+    assert cap["calls"]["post_ffn_dense_next_norm"] == 1  # layer 1 (0 and 3 held off by the test)
+    assert tensors(cap).keys() == tensors(held).keys()
+    for key, value in tensors(cap).items():
+        assert torch.equal(value, held[key]), key
+    assert len(cap["aux"]) == 1 and torch.equal(cap["aux"][0], cap["in2"])
+
+
+def test_deterministic_inference_falls_back_everywhere_and_says_why(world):
+    """SGLang's batch-invariant mode: no kernel launches (their launch shape, and so their reduction order,
+    depends on the token count), SGLang's path bit for bit, and the WARNING says why."""
+    det = world["deterministic"]
+    assert not any(det["calls"].values()), det["calls"]
+    for key, value in tensors(det["off"]).items():
+        assert torch.equal(value, det["on"][key]), key
+    why = "SGLang's deterministic inference (batch-invariant mode)"
+    for fusions in det["plan"]:
+        assert fusions["ple_tail"] == "no PLE in this model"
+        assert all(fusions[n].startswith(why) for n in ("qkv_norm_rope", "routing", "triple_norm", "cross_layer"))
+    assert len(det["log"]) == 1 and f"cross_layer: none; SGLang's path on layers 0-3 ({why}" in det["log"][0]
+    # the server flags alone (published config, flag not set): E4B-like plans
+    for fusions in det["plan_flag"]:
+        assert fusions["qkv_norm_rope"].startswith(why) and fusions["ple_tail"].startswith(why)
+    for fusions in det["plan_rl"]:
+        assert fusions["qkv_norm_rope"].startswith("--rl-on-policy-target fsdp")
+        assert fusions["ple_tail"].startswith("--rl-on-policy-target fsdp")
+    for fusions in det["plan_none"]:
+        assert fusions["qkv_norm_rope"] == fusions["ple_tail"] == "on"
+
+
 def test_routing_kernel_matches_sglang_routing_on_the_same_logits(world):
     """The kernel on the router logits SGLang's own layer produced, against SGLang's routing of them."""
     from kvtrap.kernels.routing import gemma4_fused_routing
@@ -278,20 +368,60 @@ def test_all_layers_fused_model_output_close(world, variant):
         assert (on - off).norm() / off.norm() < 0.06
 
 
-@pytest.mark.parametrize(("value", "status"), [(None, "info"), ("1", "info"), ("maybe", "fail")])
-def test_doctor_reports_the_switch_and_the_fusions(monkeypatch, value, status):
+@pytest.mark.parametrize("value", [None, "0"])
+def test_doctor_says_off_in_one_line_when_the_switch_is_off(monkeypatch, value):
     from kvtrap.cli.doctor import check_gemma4_kernels
 
     monkeypatch.delenv("KVTRAP_GEMMA4_KERNELS", raising=False)
     if value is not None:
         monkeypatch.setenv("KVTRAP_GEMMA4_KERNELS", value)
+    (check,) = check_gemma4_kernels()
+    assert (check.name, check.status) == ("KVTRAP_GEMMA4_KERNELS", "info")
+    assert check.detail.startswith("unset/0: off")
+
+
+def test_doctor_rejects_a_bad_switch_value(monkeypatch):
+    from kvtrap.cli.doctor import check_gemma4_kernels
+
+    monkeypatch.setenv("KVTRAP_GEMMA4_KERNELS", "maybe")
+    (check,) = check_gemma4_kernels()
+    assert check.status == "fail"
+    assert check.detail == "KVTRAP_GEMMA4_KERNELS must be 1 or 0; got 'maybe'"
+
+
+def test_doctor_reports_the_routes_and_the_fusions_when_on(monkeypatch):
+    from kvtrap.cli.doctor import check_gemma4_kernels
+
+    monkeypatch.setenv("KVTRAP_GEMMA4_KERNELS", "1")
     checks = {c.name: c for c in check_gemma4_kernels()}
-    assert checks["KVTRAP_GEMMA4_KERNELS"].status == status
-    if status == "fail":
-        assert checks["KVTRAP_GEMMA4_KERNELS"].detail == "KVTRAP_GEMMA4_KERNELS must be 1 or 0; got 'maybe'"
-        return
+    assert "need a CUDA GPU and Triton" in checks["KVTRAP_GEMMA4_KERNELS"].detail
     routes = checks["gemma4 routes"]
     if routes.status == "fail" and "No module named 'sgl_kernel'" in routes.detail and torch.cuda.is_available():
         pytest.skip("sglang.srt needs sgl_kernel, which is not installed here (a CUDA GPU without SGLang's full runtime)")
     assert routes.status == "ok", routes.detail
-    assert "26B-A4B-it: qkv_norm_rope, routing, triple_norm, cross_layer" in checks["gemma4 fusions"].detail
+    fusions = checks["gemma4 fusions"].detail
+    assert "26B-A4B-it: qkv_norm_rope, routing, triple_norm, cross_layer" in fusions
+    assert "--enable-deterministic-inference: all fall back" in fusions
+
+
+def test_doctor_names_the_module_of_a_missing_target(monkeypatch):
+    """A method SGLang renamed (here: one 0.5.23 does not have) fails the check with its full dotted name."""
+    from kvtrap.capture.patching import MethodTarget, module_function
+    from kvtrap.cli.doctor import check_gemma4_kernels
+
+    real = sglang_gemma4.targets
+    fake_names = [
+        MethodTarget(sglang_gemma4.MODEL_MODULE, "Gemma4DecoderLayer", "forward_renamed", lambda f: f),
+        module_function(sglang_gemma4.ACCESS_MODULE, "final_norm_pair_renamed", lambda f: f),
+    ]
+    monkeypatch.setattr(sglang_gemma4, "targets", lambda: [*real(), *fake_names])
+    monkeypatch.setenv("KVTRAP_GEMMA4_KERNELS", "1")
+    routes = {c.name: c for c in check_gemma4_kernels()}["gemma4 routes"]
+    if "No module named 'sgl_kernel'" in routes.detail and torch.cuda.is_available():
+        pytest.skip("sglang.srt needs sgl_kernel, which is not installed here (a CUDA GPU without SGLang's full runtime)")
+    assert routes.status == "fail"
+    assert routes.detail == (
+        "sglang.srt.models.gemma4_causal.Gemma4DecoderLayer.forward_renamed: Gemma4DecoderLayer has no method "
+        "forward_renamed; sglang.srt.layers.layer_boundary.residual.access.final_norm_pair_renamed: "
+        "sglang.srt.layers.layer_boundary.residual.access has no function final_norm_pair_renamed"
+    )
