@@ -159,6 +159,66 @@ def make_spec_context_limit_dump(dump_dir: Path, draft_tokens: int = 4, *, draft
     return _fire(dump_dir, lambda: getattr(backend, method)(q, k, v, full_layer, fb))
 
 
+# ------------------------------------------------------------------------------------- free path
+# Each *_world is called armed (the allocations fill kvtrap's ownership record through the alloc hook, as
+# in a server): it builds real objects, injects the fault, and returns (alloc, batch, the bad call).
+def _armed_batch(dump_dir: Path, seq_lens=(40, 20)):
+    alloc = w.make_allocator(w.make_pool())
+    batch = w.allocate_requests(alloc, list(seq_lens))
+    return alloc, batch
+
+
+def fire_world(dump_dir: Path, world) -> tuple[Path, kvtrap.KVTrapError]:
+    """Arm, build ``world(dump_dir)``, make its bad call; the trap must fire."""
+    with kvtrap.armed(mode="raise", dump_dir=str(dump_dir)):
+        call = world(dump_dir)[2]
+        try:
+            call()
+        except kvtrap.KVTrapError as err:
+            assert err.dump_path is not None, err.dump_error
+            return err.dump_path, err
+    raise AssertionError("the trap did not fire")
+
+
+def swa_page0_free_world(dump_dir: Path):
+    """Tokens whose SWA side is already gone (mapping 0) freed through the segment path, which in 0.5.23
+    does not filter unmapped slots (SGLang PR #38519): page 0 would enter the SWA free list."""
+    alloc, batch = _armed_batch(dump_dir)
+    a = batch.token_slots[0]
+    alloc.free_swa(a[: 2 * w.PAGE_SIZE])  # window eviction: SWA pages gone, mapping cleared
+    return alloc, batch, lambda: alloc.free_segment(a[: 2 * w.PAGE_SIZE], start_pos=0)
+
+
+def swa_double_free_world(dump_dir: Path):
+    """A stale mapping left after a free (restored by hand): freeing again would free the SWA pages twice."""
+    alloc, batch = _armed_batch(dump_dir)
+    a = batch.token_slots[0]
+    stale = alloc.full_to_swa_index_mapping[a].clone()
+    alloc.free_swa(a)
+    alloc.full_to_swa_index_mapping[a] = stale
+    return alloc, batch, lambda: alloc.free_swa(a)
+
+
+def swa_not_owned_world(dump_dir: Path):
+    """Request A's first page maps to request B's SWA page: freeing A would free B's live page."""
+    alloc, batch = _armed_batch(dump_dir)
+    a, b = batch.token_slots
+    first = slice(0, w.PAGE_SIZE)
+    alloc.full_to_swa_index_mapping[a[first]] = alloc.full_to_swa_index_mapping[b[first]]
+    return alloc, batch, lambda: alloc.free(a)
+
+
+def make_swa_page0_free_dump(dump_dir: Path):
+    return fire_world(dump_dir, swa_page0_free_world)
+
+
+def make_swa_double_free_dump(dump_dir: Path):
+    return fire_world(dump_dir, swa_double_free_world)
+
+
+def make_swa_not_owned_dump(dump_dir: Path):
+    return fire_world(dump_dir, swa_not_owned_world)
+
 ALL = {
     "swa-slot": make_swa_slot_dump,
     "26957": make_26957_dump,
@@ -170,4 +230,7 @@ ALL = {
     "seqlens-exceed": make_seqlens_exceed_dump,
     "spec-context-limit": make_spec_context_limit_dump,
     "spec-context-limit-draft-decode": lambda d: make_spec_context_limit_dump(d, draft_decode=True),
+    "swa-page0-free": make_swa_page0_free_dump,
+    "swa-double-free": make_swa_double_free_dump,
+    "swa-not-owned": make_swa_not_owned_dump,
 }
