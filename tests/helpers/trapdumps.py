@@ -168,9 +168,9 @@ def _armed_batch(dump_dir: Path, seq_lens=(40, 20)):
     return alloc, batch
 
 
-def fire_world(dump_dir: Path, world) -> tuple[Path, kvtrap.KVTrapError]:
-    """Arm, build ``world(dump_dir)``, make its bad call; the trap must fire."""
-    with kvtrap.armed(mode="raise", dump_dir=str(dump_dir)):
+def fire_world(dump_dir: Path, world, inject: tuple[str, ...] = ()) -> tuple[Path, kvtrap.KVTrapError]:
+    """Arm (with ``inject``), build ``world(dump_dir)``, make its bad call; the trap must fire."""
+    with kvtrap.armed(mode="raise", dump_dir=str(dump_dir), inject=inject):
         call = world(dump_dir)[2]
         try:
             call()
@@ -219,6 +219,22 @@ def make_swa_double_free_dump(dump_dir: Path):
 def make_swa_not_owned_dump(dump_dir: Path):
     return fire_world(dump_dir, swa_not_owned_world)
 
+
+# ------------------------------------------------------------------------ the SWA free-path bug zoo
+# Called armed with the bug injected (KVTRAP_INJECT); the same steps without it are clean (see the tests).
+def bug_38269_world(dump_dir: Path):
+    """SGLang #38269: a request's oldest pages leave the window (SWA freed), then its node is freed again by
+    its full indices, as ``SWAComponent.evict_component`` does, counting on unmapped slots being skipped."""
+    alloc, batch = _armed_batch(dump_dir)
+    a = batch.token_slots[0]
+    alloc.free_swa(a[: 2 * w.PAGE_SIZE])  # window eviction: the SWA side of 2 pages released
+    return alloc, batch, lambda: alloc.free_swa(a[: 2 * w.PAGE_SIZE])  # the node free: mapping reads 0
+
+
+def make_38269_dump(dump_dir: Path):
+    return fire_world(dump_dir, bug_38269_world, inject=("sglang-38269",))
+
+
 ALL = {
     "swa-slot": make_swa_slot_dump,
     "26957": make_26957_dump,
@@ -233,4 +249,5 @@ ALL = {
     "swa-page0-free": make_swa_page0_free_dump,
     "swa-double-free": make_swa_double_free_dump,
     "swa-not-owned": make_swa_not_owned_dump,
+    "38269": make_38269_dump,
 }

@@ -14,7 +14,8 @@ sub-allocator, *before* it goes in: it must not be the reserved page 0 (SGLang #
 must be handed out and not yet freed (double free, #27779), and it must have been handed out with one
 of the full pages the free call releases (stale full-to-SWA mapping, #25805). The ownership record is
 kvtrap's own (:mod:`kvtrap.capture.page_owners`), filled here by the alloc hooks (``alloc_extend``,
-``alloc_decode``, ``alloc_extend_swa_tail``) and emptied page by page as frees pass the check.
+``alloc_decode``, and ``set_full_to_swa_mapping``, which ``alloc_extend_swa_tail`` and the radix cache's
+mapping rebuild write through) and emptied page by page as frees pass the check.
 
 Free paths of 0.5.23 and how they are covered:
 - ``free`` -> ``free_swa`` (page expansion, mapping read and cleared, ``_release_swa`` -> sub ``free``)
@@ -196,12 +197,14 @@ def _wrap_release(original: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _wrap_tail(original: Callable[..., Any]) -> Callable[..., Any]:
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = original(self, *args, **kwargs)
+def _wrap_set_mapping(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``set_full_to_swa_mapping``: every pairing of full slots with fresh SWA slots outside alloc_decode."""
+
+    def wrapper(self: Any, full_indices: Any, swa_indices: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, full_indices, swa_indices, *args, **kwargs)
         session = current()
-        if out is not None and _free_checks(session, self) and not checks.is_capturing(out):
-            note_allocation(session, self, out, self.full_to_swa_index_mapping[out])
+        if session is not None and full_indices.numel() and not checks.is_capturing(full_indices):
+            note_allocation(session, self, full_indices, swa_indices)
         return out
 
     return wrapper
@@ -239,7 +242,7 @@ TARGETS = [
     target
     for module in MODULES
     for target in (
-        MethodTarget(module, CLASS, "alloc_extend_swa_tail", _wrap_tail),
+        MethodTarget(module, CLASS, "set_full_to_swa_mapping", _wrap_set_mapping),
         MethodTarget(module, CLASS, "free_swa", _wrap_swa_free("free_swa")),
         MethodTarget(module, CLASS, "free_swa_segment", _wrap_swa_free("free_swa_segment")),
         MethodTarget(module, CLASS, "free_group_end", _wrap_group_end),

@@ -1,0 +1,85 @@
+"""The SWA free-path bug zoo (KVTRAP_INJECT=sglang-38269) on real sglang==0.5.23
+allocators (CPU): each injection makes a real fault in the real allocator, the free trap fires at the free,
+before the bad SWA page enters the free list, and the same steps without the injection are clean."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvtrap
+from kvtrap.capture import bugs
+from kvtrap.record.dumpfile import load_dump
+
+pytest.importorskip("sglang")
+
+from helpers import sglang_world as w  # noqa: E402
+from helpers import trapdumps as td  # noqa: E402
+
+ZOO = {
+    # bug -> (world, the violation kind its trap reports)
+    "sglang-38269": (td.bug_38269_world, "swa_free_reserved_page"),
+}
+
+
+def _lists(alloc):
+    return (alloc.swa_attn_allocator.get_all_free_pages().clone(), alloc.full_attn_allocator.get_all_free_pages().clone())
+
+
+def _bad_page_in_use(name, alloc, batch, page):
+    """Where the bad page is when the trap fired: page 0 is the reserved padding page."""
+    assert page == 0
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_injected_bug_is_trapped_at_the_free(tmp_path, name):
+    world, kind = ZOO[name]
+    with kvtrap.armed(mode="raise", dump_dir=str(tmp_path), inject=(name,)):
+        assert bugs.enabled() == (name,)
+        alloc, batch, call = world(tmp_path)
+        before = _lists(alloc)
+        with pytest.raises(kvtrap.KVTrapError) as info:
+            call()
+    assert bugs.enabled() == ()
+    v = info.value.violation
+    assert v.kind == kind and v.where == "SWATokenToKVPoolAllocator.free_swa"
+    page = v.value
+    # caught before the release: both free lists exactly as before the call; the bad page not in the list
+    after = _lists(alloc)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    _bad_page_in_use(name, alloc, batch, page)
+    assert page not in after[0].tolist()
+    dump = load_dump(info.value.dump_path)
+    assert dump.manifest["config"]["inject"] == [name]
+    assert page in dump.tensors["released_swa_pages"].tolist()
+    owner = int(dump.tensors["swa_page_owner"][page])
+    assert owner == v.details["owner_full_page"]
+    assert owner == -1
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_same_steps_without_the_injection_are_clean_and_bit_identical(tmp_path, name):
+    world, _ = ZOO[name]
+    alloc_plain, _, call = world(tmp_path)
+    call()
+    with kvtrap.armed(mode="raise", dump_dir=str(tmp_path)):
+        alloc_armed, _, call = world(tmp_path)
+        call()
+    assert torch.equal(alloc_plain.full_to_swa_index_mapping, alloc_armed.full_to_swa_index_mapping)
+    for a, b in zip(_lists(alloc_plain), _lists(alloc_armed), strict=True):
+        assert torch.equal(a, b)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_injection_makes_a_real_fault_when_nothing_checks(tmp_path, name):
+    """Free checks off: the bad page goes into the real free list and is handed out again."""
+    world, _ = ZOO[name]
+    with kvtrap.armed(mode="raise", dump_dir=str(tmp_path), inject=(name,), free_checks="off"):
+        alloc, batch, call = world(tmp_path)
+        call()
+    free = alloc.swa_attn_allocator.get_all_free_pages().tolist()
+    assert free[0] == 0  # the padding page, next in line to be handed out
+    nxt = w.allocate_requests(alloc, [w.PAGE_SIZE]).token_slots[0]
+    assert int(alloc.full_to_swa_index_mapping[nxt[0]]) // w.PAGE_SIZE == 0
+    assert not list(tmp_path.iterdir())
