@@ -660,6 +660,33 @@ def swa_page0_freed(f: Facts) -> Finding | None:
     )
 
 
+@rule("sglang-27779")
+def swa_double_free(f: Facts) -> Finding | None:
+    """An SWA page freed a second time through a stale mapping left by a partial-page free (SGLang #27779)."""
+    if f.kind != Kind.SWA_DOUBLE_FREE:
+        return None
+    evidence = _free_evidence(f)
+    injected = _injected(f, "sglang-27779")
+    if injected:
+        evidence.append("the dump's config injects sglang-27779 (KVTRAP_INJECT)")
+    return Finding(
+        rule="sglang-27779",
+        title="An SWA page was about to be freed twice (SGLang #27779)",
+        confidence="high" if injected else "medium",
+        cause=(
+            "The mapping still pointed at an SWA page that is already free. With page_size > 1 the SWA page is"
+            " freed whole, so clearing the mapping only for the freed tokens (not the whole page) leaves the"
+            " other tokens of the page mapped; freeing them frees the page again (fixed by #27779)."
+            + ("" if injected else " A stale mapping on recycled full pages (#25805) is the other known cause.")
+        ),
+        evidence=evidence,
+        next_steps=[
+            "Clear full_to_swa_index_mapping for whole pages wherever SWA pages are freed (#27779's page expansion).",
+            "Check for frees of token ranges that split a page (speculative rollback, partial window eviction).",
+        ],
+    )
+
+
 # ------------------------------------------------------------------------------------------------ run
 def explain(dump: Dump) -> list[Finding]:
     """Every matching finding, most certain first. An empty list: no rule matched."""

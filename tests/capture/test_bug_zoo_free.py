@@ -1,4 +1,4 @@
-"""The SWA free-path bug zoo (KVTRAP_INJECT=sglang-38269) on real sglang==0.5.23
+"""The SWA free-path bug zoo (KVTRAP_INJECT=sglang-38269 / sglang-27779) on real sglang==0.5.23
 allocators (CPU): each injection makes a real fault in the real allocator, the free trap fires at the free,
 before the bad SWA page enters the free list, and the same steps without the injection are clean."""
 
@@ -19,6 +19,7 @@ from helpers import trapdumps as td  # noqa: E402
 ZOO = {
     # bug -> (world, the violation kind its trap reports)
     "sglang-38269": (td.bug_38269_world, "swa_free_reserved_page"),
+    "sglang-27779": (td.bug_27779_world, "swa_double_free"),
 }
 
 
@@ -27,8 +28,11 @@ def _lists(alloc):
 
 
 def _bad_page_in_use(name, alloc, batch, page):
-    """Where the bad page is when the trap fired: page 0 is the reserved padding page."""
-    assert page == 0
+    """Where the bad page is when the trap fired: page 0 reserved, or (27779) already free."""
+    if name == "sglang-38269":
+        assert page == 0
+    else:
+        assert page in alloc.swa_attn_allocator.get_all_free_pages().tolist()  # already free once
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -48,7 +52,8 @@ def test_injected_bug_is_trapped_at_the_free(tmp_path, name):
     after = _lists(alloc)
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
     _bad_page_in_use(name, alloc, batch, page)
-    assert page not in after[0].tolist()
+    if name != "sglang-27779":
+        assert page not in after[0].tolist()
     dump = load_dump(info.value.dump_path)
     assert dump.manifest["config"]["inject"] == [name]
     assert page in dump.tensors["released_swa_pages"].tolist()
@@ -79,7 +84,15 @@ def test_injection_makes_a_real_fault_when_nothing_checks(tmp_path, name):
         alloc, batch, call = world(tmp_path)
         call()
     free = alloc.swa_attn_allocator.get_all_free_pages().tolist()
-    assert free[0] == 0  # the padding page, next in line to be handed out
-    nxt = w.allocate_requests(alloc, [w.PAGE_SIZE]).token_slots[0]
-    assert int(alloc.full_to_swa_index_mapping[nxt[0]]) // w.PAGE_SIZE == 0
+    if name == "sglang-38269":
+        assert free[0] == 0  # the padding page, next in line to be handed out
+        nxt = w.allocate_requests(alloc, [w.PAGE_SIZE]).token_slots[0]
+        assert int(alloc.full_to_swa_index_mapping[nxt[0]]) // w.PAGE_SIZE == 0
+    else:
+        assert len(free) == len(set(free)) + 1  # one SWA page twice in the free list
+        twice = next(p for p in free if free.count(p) == 2)
+        half = len(free) // 2  # hand out every page of the free list, in two requests
+        x, y = (w.allocate_requests(alloc, [n * w.PAGE_SIZE]) for n in (half, len(free) - half))
+        pages = [int(s) // w.PAGE_SIZE for b in (x, y) for s in alloc.full_to_swa_index_mapping[b.token_slots[0]]]
+        assert pages.count(twice) == 2 * w.PAGE_SIZE  # handed to two requests
     assert not list(tmp_path.iterdir())

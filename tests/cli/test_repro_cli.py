@@ -48,7 +48,7 @@ def test_list() -> None:
 
     for name, entry in BUGS.items():  # the bug zoo, with links
         assert name in out and entry.links[0] in out
-    assert "https://github.com/sgl-project/sglang/pull/38269" in out
+    assert "https://github.com/sgl-project/sglang/pull/27779" in out
     code, out = _cli("list", "--json")
     assert code == 0
     data = orjson.loads(out)

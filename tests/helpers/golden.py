@@ -26,6 +26,7 @@ GOLDENS = {
     "show-swa-slot-out-of-range.txt": ("show", "swa-slot-out-of-range"),
     "explain-spec-rows-past-context.txt": ("explain", "spec-rows-past-context"),
     "explain-sglang-38269.txt": ("explain", "sglang-38269"),
+    "explain-sglang-27779.txt": ("explain", "sglang-27779"),
 }
 
 

@@ -231,8 +231,21 @@ def bug_38269_world(dump_dir: Path):
     return alloc, batch, lambda: alloc.free_swa(a[: 2 * w.PAGE_SIZE])  # the node free: mapping reads 0
 
 
+def bug_27779_world(dump_dir: Path):
+    """SGLang #27779: a free of part of a page (here the first 5 tokens) releases the whole SWA page; the
+    rest of the page stays mapped, and freeing the request frees that SWA page again."""
+    alloc, batch = _armed_batch(dump_dir)
+    a = batch.token_slots[0]
+    alloc.free_swa(a[:5])
+    return alloc, batch, lambda: alloc.free(a)
+
+
 def make_38269_dump(dump_dir: Path):
     return fire_world(dump_dir, bug_38269_world, inject=("sglang-38269",))
+
+
+def make_27779_dump(dump_dir: Path):
+    return fire_world(dump_dir, bug_27779_world, inject=("sglang-27779",))
 
 
 ALL = {
@@ -250,4 +263,5 @@ ALL = {
     "swa-double-free": make_swa_double_free_dump,
     "swa-not-owned": make_swa_not_owned_dump,
     "38269": make_38269_dump,
+    "27779": make_27779_dump,
 }
