@@ -26,6 +26,7 @@ SCENARIOS = {
     "spec-rows-past-context": "make_spec_context_limit_dump",
     "sglang-38269": "make_38269_dump",
     "sglang-27779": "make_27779_dump",
+    "sglang-25805": "make_25805_dump",
 }
 
 KWARGS: dict[str, dict[str, object]] = {"sglang-26957": {"high_fill": True}}

@@ -687,6 +687,34 @@ def swa_double_free(f: Facts) -> Finding | None:
     )
 
 
+@rule("sglang-25805")
+def swa_free_not_owned(f: Facts) -> Finding | None:
+    """A free about to release an SWA page paired with another full page: a stale mapping (SGLang #25805)."""
+    if f.kind != Kind.SWA_FREE_NOT_OWNED:
+        return None
+    evidence = _free_evidence(f)
+    injected = _injected(f, "sglang-25805")
+    if injected:
+        evidence.append("the dump's config injects sglang-25805 (KVTRAP_INJECT)")
+    return Finding(
+        rule="sglang-25805",
+        title="A free was about to release another request's SWA page through a stale mapping (SGLang #25805)",
+        confidence="high" if injected else "medium",
+        cause=(
+            "Full slots being freed still map to an SWA page that was handed out with a different full page:"
+            " recycled full pages kept a previous request's mapping. Upstream: alloc_extend_swa_tail wrote the"
+            " mapping for the tail only and left the head's old entries (disaggregated decode + MTP; fixed by"
+            " #25805)."
+        ),
+        evidence=evidence,
+        next_steps=[
+            "Clear the mapping of every full slot handed out without an SWA peer (alloc_extend_swa_tail's head,"
+            " including swa_tail_len == 0).",
+            "Audit code that frees full pages while their mapping is still set (free_full with a live peer).",
+        ],
+    )
+
+
 # ------------------------------------------------------------------------------------------------ run
 def explain(dump: Dump) -> list[Finding]:
     """Every matching finding, most certain first. An empty list: no rule matched."""

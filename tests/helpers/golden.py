@@ -27,6 +27,7 @@ GOLDENS = {
     "explain-spec-rows-past-context.txt": ("explain", "spec-rows-past-context"),
     "explain-sglang-38269.txt": ("explain", "sglang-38269"),
     "explain-sglang-27779.txt": ("explain", "sglang-27779"),
+    "explain-sglang-25805.txt": ("explain", "sglang-25805"),
 }
 
 

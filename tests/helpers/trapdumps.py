@@ -240,6 +240,34 @@ def bug_27779_world(dump_dir: Path):
     return alloc, batch, lambda: alloc.free(a)
 
 
+def swa_tail_alloc(alloc, n: int, tail: int) -> torch.Tensor:
+    """One request through the real ``alloc_extend_swa_tail`` the way PD decode preallocates it."""
+    zero = torch.zeros(1, dtype=torch.int64)
+    seq = torch.tensor([n], dtype=torch.int64)
+    out = alloc.alloc_extend_swa_tail(prefix_lens=zero, prefix_lens_cpu=zero.clone(), seq_lens=seq,
+                                      seq_lens_cpu=seq.clone(), last_loc=torch.tensor([-1]),
+                                      extend_num_tokens=n, swa_tail_len=tail)
+    assert out is not None
+    return out
+
+
+def bug_25805_world(dump_dir: Path):
+    """SGLang #25805: recycled full pages still hold a previous request's mapping (the upstream precondition,
+    written back here after R0's free); R1 gets them through ``alloc_extend_swa_tail`` with SWA for its tail
+    only; R2 gets R0's old SWA pages; freeing R1 reads the head's stale entries and frees R2's SWA page."""
+    alloc = w.make_allocator(w.make_pool())
+    r0 = w.allocate_requests(alloc, [3 * w.PAGE_SIZE]).token_slots[0]
+    stale = alloc.full_to_swa_index_mapping[r0].clone()
+    alloc.free(r0)
+    alloc.full_to_swa_index_mapping[r0] = stale  # R0's entries left on its recycled full slots
+    r1 = swa_tail_alloc(alloc, 3 * w.PAGE_SIZE, w.PAGE_SIZE)
+    assert torch.equal(r1, r0)  # the recycled full pages (freed pages go to the front of the free list)
+    batch = w.allocate_requests(alloc, [3 * w.PAGE_SIZE])  # R2
+    batch.token_slots.insert(0, r1)
+    batch.seq_lens.insert(0, 3 * w.PAGE_SIZE)
+    return alloc, batch, lambda: alloc.free(r1)
+
+
 def make_38269_dump(dump_dir: Path):
     return fire_world(dump_dir, bug_38269_world, inject=("sglang-38269",))
 
@@ -247,6 +275,9 @@ def make_38269_dump(dump_dir: Path):
 def make_27779_dump(dump_dir: Path):
     return fire_world(dump_dir, bug_27779_world, inject=("sglang-27779",))
 
+
+def make_25805_dump(dump_dir: Path):
+    return fire_world(dump_dir, bug_25805_world, inject=("sglang-25805",))
 
 ALL = {
     "swa-slot": make_swa_slot_dump,
@@ -264,4 +295,5 @@ ALL = {
     "swa-not-owned": make_swa_not_owned_dump,
     "38269": make_38269_dump,
     "27779": make_27779_dump,
+    "25805": make_25805_dump,
 }

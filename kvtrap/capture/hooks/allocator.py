@@ -25,11 +25,14 @@ Free paths of 0.5.23 and how they are covered:
   and release them at ``free_group_end``; the full pages of the queued frees are kept until then, so
   the release at the group end gets all three checks too.
 - radix-cache eviction (``SWARadixCache`` node frees, window eviction ``free_swa_out_of_window_slots``)
-  and ``alloc_extend_swa_tail``'s cleanup all end in ``free_swa`` / ``free_swa_segment``: covered.
+  and the unified cache's component frees (``apply_component_action`` -> ``free_swa_segment``) all end
+  in ``free_swa`` / ``free_swa_segment``: covered.
 - ``free_full`` / ``free_full_segment`` release full pages only: no SWA page moves, nothing to check
   (full-pool double frees are not checked).
 - ``alloc_extend_swa_tail``'s ``clear_full_to_swa_mapping`` and ``clear()`` reset the mapping without
-  freeing: not a free; ``clear()`` drops kvtrap's record (both free lists start over).
+  freeing: not a free; ``clear()`` drops kvtrap's record (both free lists start over). A stale mapping
+  entry is not judged where it is left (e.g. a head ``alloc_extend_swa_tail`` did not clear) but where
+  it is used: at the free that reads it.
 - A release with no enclosing SWA free call (code that calls ``swa_attn_allocator.free`` itself): page 0
   and double frees are checked, ownership is not (no full side is known).
 Not covered: page_size 1 (``TokenToKVPoolAllocator`` sub-allocators), per-request SWA ring mode
