@@ -24,6 +24,9 @@ SCENARIOS = {
     "sglang-26957": "make_26957_dump",
     "swa-slot-out-of-range": "make_swa_slot_dump",
     "spec-rows-past-context": "make_spec_context_limit_dump",
+    "sglang-38269": "make_38269_dump",
+    "sglang-27779": "make_27779_dump",
+    "sglang-25805": "make_25805_dump",
 }
 
 KWARGS: dict[str, dict[str, object]] = {"sglang-26957": {"high_fill": True}}

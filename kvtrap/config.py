@@ -20,6 +20,7 @@ ENV_GEMMA4_KERNELS = "KVTRAP_GEMMA4_KERNELS"
 MODES = ("raise", "log")
 GUARD_MODES = ("auto", "on", "off")
 FIX_MODES = ("auto", "off")
+FREE_CHECK_MODES = ("on", "off")
 
 # Environment variable -> Config field. Every variable here is documented in the README.
 ENV_FIELDS = {
@@ -31,6 +32,7 @@ ENV_FIELDS = {
     "KVTRAP_GUARD": "guard",
     "KVTRAP_INJECT": "inject",
     "KVTRAP_FIX": "fix",
+    "KVTRAP_FREE_CHECKS": "free_checks",
 }
 
 
@@ -54,6 +56,8 @@ class Config:
         available), ``on`` or ``off``.
     inject: historical bugs to re-introduce on purpose (e.g. ``("sglang-26957",)``).
     fix: ``auto`` applies kvtrap's fixes where the live build shows the bug; ``off`` never.
+    free_checks: ``on`` checks every SWA page the allocator returns to its free list (reserved page 0,
+        double free, ownership); each free then costs host syncs (see README). ``off`` skips them.
     """
 
     mode: str = "raise"
@@ -64,6 +68,7 @@ class Config:
     guard: str = "auto"
     inject: tuple[str, ...] = ()
     fix: str = "auto"
+    free_checks: str = "on"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -72,6 +77,10 @@ class Config:
             raise ConfigError(f"guard must be one of {', '.join(GUARD_MODES)}; got {self.guard!r}")
         if self.fix not in FIX_MODES:
             raise ConfigError(f"fix must be one of {', '.join(FIX_MODES)}; got {self.fix!r}")
+        if self.free_checks not in FREE_CHECK_MODES:
+            raise ConfigError(
+                f"free_checks must be one of {', '.join(FREE_CHECK_MODES)}; got {self.free_checks!r}"
+            )
         for name in ("max_dumps", "max_dump_mb", "log_limit"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -124,6 +133,7 @@ class Config:
             "guard": self.guard,
             "inject": list(self.inject),
             "fix": self.fix,
+            "free_checks": self.free_checks,
         }
 
 
@@ -161,6 +171,6 @@ def _parse(var: str, field_name: str, raw: str) -> object:
         return Path(raw).expanduser()
     if field_name == "inject":
         return _split_list(raw)
-    if field_name in ("mode", "guard", "fix"):
+    if field_name in ("mode", "guard", "fix", "free_checks"):
         return raw.lower()
     return raw

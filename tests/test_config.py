@@ -12,13 +12,16 @@ def test_env_settings_and_overrides():
     c = Config.from_env(env)
     assert (c.mode, c.dump_dir, c.max_dumps, c.inject) == ("log", Path("/tmp/x"), 3, ("sglang-26957",))
     assert Config.from_env(env, mode="raise").mode == "raise"
+    assert Config.from_env({}).free_checks == "on"  # on by default when armed
+    assert Config.from_env({"KVTRAP_FREE_CHECKS": "OFF"}).free_checks == "off"
 
 
 @pytest.mark.parametrize("env, match", [
     ({"KVTRAP_MAX_DUMPS": "many"}, "KVTRAP_MAX_DUMPS must be a non-negative integer"),
     ({"KVTRAP_GUARD": "sometimes"}, "guard must be one of auto, on, off"),
     ({"KVTRAP_FIX": "yes"}, "fix must be one of auto, off"),
-    ({"KVTRAP_INJECT": "sglang-26957,sglang-1"}, "unknown bug to inject 'sglang-1'; known: sglang-26957"),
+    ({"KVTRAP_FREE_CHECKS": "sometimes"}, "free_checks must be one of on, off"),
+    ({"KVTRAP_INJECT": "sglang-26957,sglang-1"}, "unknown bug to inject 'sglang-1'; known: .*sglang-26957"),
 ])
 def test_bad_env_is_a_clear_error(env, match):
     with pytest.raises(ConfigError, match=match):

@@ -105,3 +105,47 @@ def scan_slots(slots: torch.Tensor, lower: int, bound: int) -> BadEntries | None
 def is_capturing(t: torch.Tensor) -> bool:
     """True while the current CUDA stream is capturing a graph (never true for CPU tensors)."""
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+@dataclass(frozen=True)
+class BadFree:
+    """The first SWA page of a release that must not enter the free list, and why."""
+
+    reason: str  # "reserved", "double" or "not_owned"
+    position: int  # index in the released page ids
+    page: int
+    owner: int  # the full page kvtrap recorded for it (-1: not handed out)
+    count: int  # pages of this release with the same problem
+
+
+def scan_swa_release(pages: torch.Tensor, owner: torch.Tensor, freeing: torch.Tensor | None) -> BadFree | None:
+    """Check SWA page ids about to enter the free list against kvtrap's ownership record.
+
+    ``owner[page]``: the full page the SWA page was handed out with, -1 when not handed out (index 0 is
+    the reserved page). ``freeing``: the full pages the free call releases, or None when the release has
+    no known full side (then ownership is not judged). One host sync per call (the ``any``), more only
+    when something is wrong.
+    """
+    flat = pages.reshape(-1).to(torch.int64)
+    if flat.numel() == 0:
+        return None
+    inside = (flat > 0) & (flat < owner.numel() - 1)
+    owners = owner[torch.where(inside, flat, torch.zeros_like(flat))]
+    reserved = flat == 0
+    # a page twice in one release is a double free as well (SGLang's free_page_ids does not dedup)
+    sorted_pages, order = torch.sort(flat)
+    repeat = torch.zeros_like(flat, dtype=torch.bool)
+    repeat[order[1:]] = sorted_pages[1:] == sorted_pages[:-1]
+    double = inside & ((owners < 0) | repeat)
+    not_owned = torch.zeros_like(reserved)
+    if freeing is not None:
+        not_owned = inside & (owners >= 0) & ~torch.isin(owners, freeing.reshape(-1).to(torch.int64))
+    bad = reserved | double | not_owned
+    if not bool(bad.any()):
+        return None
+    for reason, mask in (("reserved", reserved), ("double", double), ("not_owned", not_owned)):
+        hits = mask.nonzero().flatten()
+        if hits.numel():
+            first = int(hits[0])
+            return BadFree(reason, first, int(flat[first]), int(owners[first]), int(hits.numel()))
+    return None  # out-of-pool ids: the allocation check's business

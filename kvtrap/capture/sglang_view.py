@@ -277,6 +277,42 @@ def allocation_snapshot(alloc: Any, out: Any, swa_slots: Any, where: str, args: 
     )
 
 
+@dataclass
+class FreeSnapshot:
+    """SWA pages about to enter the SWA sub-allocator's free list, and the free call behind them."""
+
+    where: str  # the SGLang call that frees (e.g. "SWATokenToKVPoolAllocator.free_swa")
+    page_size: int
+    swa_pages: int  # pages of the SWA sub-allocator (page 0 not counted)
+    released: Any  # SWA page ids passed to the sub-allocator's release
+    freeing: Any  # full pages the free call releases, or None (unknown caller)
+    free_index: Any  # the token indices the free call was given, or None
+    owner: Any  # kvtrap's ownership record (full page per SWA page, -1 free)
+    size_full: int
+    size_swa: int
+    free_full: int | None
+    free_swa: int | None
+
+
+def free_snapshot(alloc: Any, released: Any, freeing: Any, free_index: Any, where: str, owner: Any) -> FreeSnapshot:
+    page_size = int(alloc.page_size)
+    sub = alloc.swa_attn_allocator
+    pages = getattr(sub, "num_pages", None)
+    return FreeSnapshot(
+        where=where,
+        page_size=page_size,
+        swa_pages=int(pages) if pages is not None else int(alloc.size_swa) // page_size,
+        released=released,
+        freeing=freeing,
+        free_index=free_index,
+        owner=owner,
+        size_full=int(alloc.size_full),
+        size_swa=int(alloc.size_swa),
+        free_full=_free_pages(getattr(alloc, "full_attn_allocator", None), page_size),
+        free_swa=_free_pages(sub, page_size),
+    )
+
+
 # ------------------------------------------------------------------------------------ device guard
 def backend_context(backend: Any) -> tuple[Context, dict[str, Any]]:
     """The context and tensors a device-guard drain dumps for ``backend`` (no layer: the guard checks

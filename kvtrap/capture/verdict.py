@@ -11,13 +11,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kvtrap.capture.sglang_view import AllocationSnapshot, LayerSnapshot
+from kvtrap.capture.sglang_view import AllocationSnapshot, FreeSnapshot, LayerSnapshot
 from kvtrap.record.context import Context, LayerInfo, PoolPages
 from kvtrap.record.kinds import Kind
 from kvtrap.record.violation import Violation
 
 if TYPE_CHECKING:
-    from kvtrap.capture.checks import BadEntries, TableScan
+    from kvtrap.capture.checks import BadEntries, BadFree, TableScan
 
 
 @dataclass(frozen=True)
@@ -171,4 +171,60 @@ def judge_allocation(view: AllocationSnapshot, bad: BadEntries) -> Verdict:
         value = view.args.get(name)
         if value is not None and hasattr(value, "detach"):
             tensors[name] = value
+    return Verdict(violation, context, tensors)
+
+
+_LISTED_FULL_PAGES = 64
+
+_FREE_KINDS = {
+    "reserved": Kind.SWA_FREE_RESERVED_PAGE,
+    "double": Kind.SWA_DOUBLE_FREE,
+    "not_owned": Kind.SWA_FREE_NOT_OWNED,
+}
+
+
+def judge_free(view: FreeSnapshot, bad: BadFree) -> Verdict:
+    """A free is about to return an SWA page it must not: page 0, a page not handed out, another's page."""
+    page_size = view.page_size
+    freeing = None if view.freeing is None else [int(p) for p in view.freeing.reshape(-1)[:_LISTED_FULL_PAGES].tolist()]
+    if bad.reason == "reserved":
+        what = f"the reserved SWA page 0 (slots [0, {page_size}) are padding, never handed out)"
+    elif bad.reason == "double":
+        what = f"SWA page {bad.page}, which is not handed out (already freed: a double free)"
+    else:
+        what = (
+            f"SWA page {bad.page}, handed out with full page {bad.owner}, which this free does not release"
+            " (a stale full-to-SWA mapping)"
+        )
+    violation = Violation(
+        kind=_FREE_KINDS[bad.reason],
+        summary=f"{view.where} is about to return {what} to the SWA free list ({bad.count} such page(s))",
+        where=view.where,
+        table="released_swa_pages",
+        pool="swa",
+        row=bad.position,
+        column=None,
+        value=bad.page,
+        # a range only says something for page 0; a double or foreign free is an in-range page
+        lower=1 if bad.reason == "reserved" else None,
+        bound=view.swa_pages + 1 if bad.reason == "reserved" else None,
+        count=bad.count,
+        fatal=True,
+        details={"swa_page": bad.page, "owner_full_page": bad.owner, "freed_full_pages": freeing},
+    )
+    context = Context(
+        hook=view.where,
+        page_size=page_size,
+        size_full=view.size_full,
+        size_swa=view.size_swa,
+        pools={"swa": PoolPages(pages=view.swa_pages + 1)},
+        free_pages={"full": view.free_full, "swa": view.free_swa},
+        num_tokens=0 if view.free_index is None else int(view.free_index.numel()),
+        args={},
+    )
+    tensors: dict[str, Any] = {"released_swa_pages": view.released, "swa_page_owner": view.owner}
+    if view.freeing is not None:
+        tensors["freed_full_pages"] = view.freeing
+    if view.free_index is not None:
+        tensors["free_index"] = view.free_index
     return Verdict(violation, context, tensors)

@@ -44,6 +44,7 @@ def _print_list(as_json: bool) -> None:
 
         click.echo(orjson.dumps([s.to_json() for s in items], option=orjson.OPT_INDENT_2).decode())
         return
+    _print_zoo()
     for s in items:
         click.echo(f"{s.name}  [{s.kind}]  {s.description}")
         click.echo(f"    needs: {_needs_line(s)}; {s.needs.gpu}")
@@ -60,6 +61,17 @@ def _print_list(as_json: bool) -> None:
                 f" max concurrency {w.max_concurrency}, seed {w.seed}"
             )
         click.echo("")
+
+
+def _print_zoo() -> None:
+    """The historical bugs ``--inject`` / ``KVTRAP_INJECT`` can re-introduce, with their upstream links."""
+    from kvtrap.capture.bugs import BUGS  # names and lines only: imports no SGLang, no torch
+
+    click.echo("Bug zoo (--inject NAME, or KVTRAP_INJECT=NAME in the server):")
+    for name, entry in BUGS.items():
+        click.echo(f"  {name}  {entry.what}")
+        click.echo(f"    {' '.join(entry.links)}")
+    click.echo("")
 
 
 def _workload(scenario: Scenario, kw: dict[str, Any]) -> Scenario:

@@ -68,6 +68,7 @@ class ConfigRecord:
     guard: str | None = None
     inject: list[str] | None = None
     fix: str | None = None
+    free_checks: str | None = None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,9 @@ class Kind(str, Enum):
     SWA_STATE_DRIFT = "swa_state_drift"  # backend SWA state cached at init disagrees with the live pool
     SEQLENS_EXCEED_TABLE = "seqlens_exceed_table"  # cache_seqlens needs more pages than the table is wide
     SWA_SLOT_OUT_OF_RANGE = "swa_slot_out_of_range"  # the allocator handed out an SWA slot outside the pool
+    SWA_FREE_RESERVED_PAGE = "swa_free_reserved_page"  # a free returns the reserved SWA page 0 to the free list
+    SWA_DOUBLE_FREE = "swa_double_free"  # a free returns an SWA page that is not handed out (already free)
+    SWA_FREE_NOT_OWNED = "swa_free_not_owned"  # a free returns an SWA page paired with another full page
 
     # plain text in messages and file names (Python 3.11+ would otherwise format the member name)
     __str__ = str.__str__

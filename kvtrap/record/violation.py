@@ -35,6 +35,8 @@ class Details:
     entries_by_flag: dict[str, int] | None = None
     tables: list[str] | None = None
     first_flags: int | None = None
+    owner_full_page: int | None = None  # free checks: the full page the freed SWA page was handed out with
+    freed_full_pages: list[int] | None = None  # free checks: the full pages the free call releases (first few)
 
 
 @dataclass(frozen=True)

@@ -601,6 +601,120 @@ def seqlens_exceed_table(f: Facts) -> Finding | None:
     )
 
 
+# --------------------------------------------------------------------------------- SWA free path
+def _free_evidence(f: Facts) -> list[str]:
+    """What every free-path dump holds: the call, the pages it was about to release, kvtrap's record."""
+    v = f.violation
+    d = v.details or {}
+    out = [f"violation kind is {f.kind} in {v.where or f.context.hook or '?'}: {v.count} bad SWA page(s), first {v.value}"
+           f" at position {v.row} of `released_swa_pages`"]
+    released = f.dump.tensors.get("released_swa_pages")
+    if released is not None:
+        pages = np.asarray(released).astype(np.int64).reshape(-1)
+        out.append(f"`released_swa_pages`: {pages.size} page id(s) about to enter the SWA free list:"
+                   f" {_rows(pages.tolist())}")
+    owner = d.get("owner_full_page")
+    if owner is not None:
+        out.append("kvtrap's record: SWA page " + str(v.value)
+                   + (" is not handed out (already free)" if owner < 0 else f" was handed out with full page {owner}"))
+    freed = d.get("freed_full_pages")
+    if freed:
+        out.append(f"the call releases full page(s) {_rows(list(freed))}")
+    return out
+
+
+def _injected(f: Facts, name: str) -> bool:
+    cfg = f.record.config
+    return cfg is not None and name in (cfg.inject or [])
+
+
+@rule("sglang-38269")
+def swa_page0_freed(f: Facts) -> Finding | None:
+    """The reserved SWA page 0 about to be freed: a free path without the `> 0` filter (SGLang #38269)."""
+    if f.kind != Kind.SWA_FREE_RESERVED_PAGE:
+        return None
+    evidence = _free_evidence(f)
+    idx = f.dump.tensors.get("free_index")
+    if idx is not None:
+        evidence.append(f"the call was given {np.asarray(idx).size} token slot(s); their SWA peers read as slot 0"
+                        " (no SWA pair: already evicted from the window, or never given one)")
+    if _injected(f, "sglang-38269"):
+        evidence.append("the dump's config injects sglang-38269 (KVTRAP_INJECT)")
+    return Finding(
+        rule="sglang-38269",
+        title="The reserved SWA page 0 was about to enter the SWA free list (SGLang #38269)",
+        confidence="high",
+        cause=(
+            "A free reached the SWA sub-allocator with slots that have no SWA peer: their mapping reads 0, so"
+            " 0 // page_size = page 0, the padding page, would be freed and later handed to a real request."
+            " Upstream this was free_swa_segment (no `> 0` filter) called with a node's full indices (PR #38159);"
+            " fixed by #38269 / #38519."
+        ),
+        evidence=evidence,
+        next_steps=[
+            "Filter unmapped slots (mapping == 0) before releasing SWA pages in every free path"
+            " (free_swa_segment / _free_swa_pages in 0.5.23 has no filter).",
+            "Find the caller in the traceback: a segment free of a node or range whose SWA side is already gone"
+            " should release the full side only (free_full_segment).",
+        ],
+    )
+
+
+@rule("sglang-27779")
+def swa_double_free(f: Facts) -> Finding | None:
+    """An SWA page freed a second time through a stale mapping left by a partial-page free (SGLang #27779)."""
+    if f.kind != Kind.SWA_DOUBLE_FREE:
+        return None
+    evidence = _free_evidence(f)
+    injected = _injected(f, "sglang-27779")
+    if injected:
+        evidence.append("the dump's config injects sglang-27779 (KVTRAP_INJECT)")
+    return Finding(
+        rule="sglang-27779",
+        title="An SWA page was about to be freed twice (SGLang #27779)",
+        confidence="high" if injected else "medium",
+        cause=(
+            "The mapping still pointed at an SWA page that is already free. With page_size > 1 the SWA page is"
+            " freed whole, so clearing the mapping only for the freed tokens (not the whole page) leaves the"
+            " other tokens of the page mapped; freeing them frees the page again (fixed by #27779)."
+            + ("" if injected else " A stale mapping on recycled full pages (#25805) is the other known cause.")
+        ),
+        evidence=evidence,
+        next_steps=[
+            "Clear full_to_swa_index_mapping for whole pages wherever SWA pages are freed (#27779's page expansion).",
+            "Check for frees of token ranges that split a page (speculative rollback, partial window eviction).",
+        ],
+    )
+
+
+@rule("sglang-25805")
+def swa_free_not_owned(f: Facts) -> Finding | None:
+    """A free about to release an SWA page paired with another full page: a stale mapping (SGLang #25805)."""
+    if f.kind != Kind.SWA_FREE_NOT_OWNED:
+        return None
+    evidence = _free_evidence(f)
+    injected = _injected(f, "sglang-25805")
+    if injected:
+        evidence.append("the dump's config injects sglang-25805 (KVTRAP_INJECT)")
+    return Finding(
+        rule="sglang-25805",
+        title="A free was about to release another request's SWA page through a stale mapping (SGLang #25805)",
+        confidence="high" if injected else "medium",
+        cause=(
+            "Full slots being freed still map to an SWA page that was handed out with a different full page:"
+            " recycled full pages kept a previous request's mapping. Upstream: alloc_extend_swa_tail wrote the"
+            " mapping for the tail only and left the head's old entries (disaggregated decode + MTP; fixed by"
+            " #25805)."
+        ),
+        evidence=evidence,
+        next_steps=[
+            "Clear the mapping of every full slot handed out without an SWA peer (alloc_extend_swa_tail's head,"
+            " including swa_tail_len == 0).",
+            "Audit code that frees full pages while their mapping is still set (free_full with a live peer).",
+        ],
+    )
+
+
 # ------------------------------------------------------------------------------------------------ run
 def explain(dump: Dump) -> list[Finding]:
     """Every matching finding, most certain first. An empty list: no rule matched."""

@@ -45,10 +45,24 @@ def test_corrupt_free_list_trapped_on_decode(tmp_path):
     assert v.value == v.bound  # exactly one past the end is caught
 
 
+def _release(alloc, slots: torch.Tensor, evicted: int, rng: random.Random) -> None:
+    """Free a whole request the ways SGLang does: ``free``, or by segments (the SWA-evicted head by
+    ``free_full_segment``, since its SWA side is gone)."""
+    if rng.random() < 0.5 or evicted == 0 and rng.random() < 0.5:
+        alloc.free(slots)
+        return
+    if evicted:
+        alloc.free_full_segment(slots[:evicted], start_pos=0)
+    if evicted < slots.numel():
+        alloc.free_segment(slots[evicted:], start_pos=evicted)
+
+
 def _random_steps(alloc, rng: random.Random, steps: int):
-    """Extend / decode / free at random; returns everything the allocator handed out."""
+    """Extend / decode / window eviction / free (plain, by segments, inside free groups) at random;
+    returns everything the allocator handed out."""
     live: list[torch.Tensor] = []
     lens: list[int] = []
+    evicted: list[int] = []  # tokens of each request whose SWA pages are freed (page-aligned)
     outs = []
     for _ in range(steps):
         op = rng.random()
@@ -59,7 +73,8 @@ def _random_steps(alloc, rng: random.Random, steps: int):
             if batch is not None:
                 live.append(batch.token_slots[0])
                 lens.append(n)
-        elif op < 0.8:
+                evicted.append(0)
+        elif op < 0.7:
             i = rng.randrange(len(live))
             seq = torch.tensor([lens[i] + 1])
             out = alloc.alloc_decode(seq, seq.clone(), live[i][-1:].clone())
@@ -67,11 +82,30 @@ def _random_steps(alloc, rng: random.Random, steps: int):
             if out is not None:
                 live[i] = torch.cat([live[i], out])
                 lens[i] += 1
-        else:
+        elif op < 0.8:
+            # sliding-window eviction: the oldest whole pages leave the window, SWA side only
             i = rng.randrange(len(live))
-            alloc.free(live.pop(i))
+            upto = (lens[i] - 1) // w.PAGE_SIZE * w.PAGE_SIZE
+            if upto > evicted[i]:
+                if rng.random() < 0.5:
+                    alloc.free_swa(live[i][evicted[i] : upto])
+                else:
+                    alloc.free_swa_segment(live[i][evicted[i] : upto], start_pos=evicted[i])
+                evicted[i] = upto
+            outs.append(("evict", upto))
+        elif op < 0.9:
+            i = rng.randrange(len(live))
+            _release(alloc, live.pop(i), evicted.pop(i), rng)
             lens.pop(i)
             outs.append("free")
+        else:
+            alloc.free_group_begin()
+            for _ in range(min(len(live), rng.randint(1, 3))):
+                i = rng.randrange(len(live))
+                _release(alloc, live.pop(i), evicted.pop(i), rng)
+                lens.pop(i)
+            alloc.free_group_end()
+            outs.append("group")
     return outs
 
 
@@ -90,4 +124,6 @@ def test_thousands_of_random_steps_armed_are_bit_identical_to_unarmed(tmp_path):
     assert any(o is None for o in plain), "the run never hit out-of-pages (None results are part of the test)"
     assert torch.equal(plain_alloc.full_to_swa_index_mapping, armed_alloc.full_to_swa_index_mapping)
     assert torch.equal(plain_alloc.swa_attn_allocator.free_pages, armed_alloc.swa_attn_allocator.free_pages)
+    assert torch.equal(plain_alloc.full_attn_allocator.free_pages, armed_alloc.full_attn_allocator.free_pages)
+    assert {"free", "group"} <= {o for o in plain if isinstance(o, str)}
     assert not list(tmp_path.iterdir())

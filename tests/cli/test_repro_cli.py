@@ -44,6 +44,11 @@ def test_list() -> None:
     for name in REQUIRED:
         assert name in out
     assert "google/gemma-4-31B-it-assistant" in out and "GiB" in out
+    from kvtrap.capture.bugs import BUGS
+
+    for name, entry in BUGS.items():  # the bug zoo, with links
+        assert name in out and entry.links[0] in out
+    assert "https://github.com/sgl-project/sglang/pull/27779" in out
     code, out = _cli("list", "--json")
     assert code == 0
     data = orjson.loads(out)

@@ -25,6 +25,9 @@ GOLDENS = {
     "explain-sglang-26957.txt": ("explain", "sglang-26957"),
     "show-swa-slot-out-of-range.txt": ("show", "swa-slot-out-of-range"),
     "explain-spec-rows-past-context.txt": ("explain", "spec-rows-past-context"),
+    "explain-sglang-38269.txt": ("explain", "sglang-38269"),
+    "explain-sglang-27779.txt": ("explain", "sglang-27779"),
+    "explain-sglang-25805.txt": ("explain", "sglang-25805"),
 }
 
 

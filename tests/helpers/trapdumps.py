@@ -159,6 +159,126 @@ def make_spec_context_limit_dump(dump_dir: Path, draft_tokens: int = 4, *, draft
     return _fire(dump_dir, lambda: getattr(backend, method)(q, k, v, full_layer, fb))
 
 
+# ------------------------------------------------------------------------------------- free path
+# Each *_world is called armed (the allocations fill kvtrap's ownership record through the alloc hook, as
+# in a server): it builds real objects, injects the fault, and returns (alloc, batch, the bad call).
+def _armed_batch(dump_dir: Path, seq_lens=(40, 20)):
+    alloc = w.make_allocator(w.make_pool())
+    batch = w.allocate_requests(alloc, list(seq_lens))
+    return alloc, batch
+
+
+def fire_world(dump_dir: Path, world, inject: tuple[str, ...] = ()) -> tuple[Path, kvtrap.KVTrapError]:
+    """Arm (with ``inject``), build ``world(dump_dir)``, make its bad call; the trap must fire."""
+    with kvtrap.armed(mode="raise", dump_dir=str(dump_dir), inject=inject):
+        call = world(dump_dir)[2]
+        try:
+            call()
+        except kvtrap.KVTrapError as err:
+            assert err.dump_path is not None, err.dump_error
+            return err.dump_path, err
+    raise AssertionError("the trap did not fire")
+
+
+def swa_page0_free_world(dump_dir: Path):
+    """Tokens whose SWA side is already gone (mapping 0) freed through the segment path, which in 0.5.23
+    does not filter unmapped slots (SGLang PR #38519): page 0 would enter the SWA free list."""
+    alloc, batch = _armed_batch(dump_dir)
+    a = batch.token_slots[0]
+    alloc.free_swa(a[: 2 * w.PAGE_SIZE])  # window eviction: SWA pages gone, mapping cleared
+    return alloc, batch, lambda: alloc.free_segment(a[: 2 * w.PAGE_SIZE], start_pos=0)
+
+
+def swa_double_free_world(dump_dir: Path):
+    """A stale mapping left after a free (restored by hand): freeing again would free the SWA pages twice."""
+    alloc, batch = _armed_batch(dump_dir)
+    a = batch.token_slots[0]
+    stale = alloc.full_to_swa_index_mapping[a].clone()
+    alloc.free_swa(a)
+    alloc.full_to_swa_index_mapping[a] = stale
+    return alloc, batch, lambda: alloc.free_swa(a)
+
+
+def swa_not_owned_world(dump_dir: Path):
+    """Request A's first page maps to request B's SWA page: freeing A would free B's live page."""
+    alloc, batch = _armed_batch(dump_dir)
+    a, b = batch.token_slots
+    first = slice(0, w.PAGE_SIZE)
+    alloc.full_to_swa_index_mapping[a[first]] = alloc.full_to_swa_index_mapping[b[first]]
+    return alloc, batch, lambda: alloc.free(a)
+
+
+def make_swa_page0_free_dump(dump_dir: Path):
+    return fire_world(dump_dir, swa_page0_free_world)
+
+
+def make_swa_double_free_dump(dump_dir: Path):
+    return fire_world(dump_dir, swa_double_free_world)
+
+
+def make_swa_not_owned_dump(dump_dir: Path):
+    return fire_world(dump_dir, swa_not_owned_world)
+
+
+# ------------------------------------------------------------------------ the SWA free-path bug zoo
+# Called armed with the bug injected (KVTRAP_INJECT); the same steps without it are clean (see the tests).
+def bug_38269_world(dump_dir: Path):
+    """SGLang #38269: a request's oldest pages leave the window (SWA freed), then its node is freed again by
+    its full indices, as ``SWAComponent.evict_component`` does, counting on unmapped slots being skipped."""
+    alloc, batch = _armed_batch(dump_dir)
+    a = batch.token_slots[0]
+    alloc.free_swa(a[: 2 * w.PAGE_SIZE])  # window eviction: the SWA side of 2 pages released
+    return alloc, batch, lambda: alloc.free_swa(a[: 2 * w.PAGE_SIZE])  # the node free: mapping reads 0
+
+
+def bug_27779_world(dump_dir: Path):
+    """SGLang #27779: a free of part of a page (here the first 5 tokens) releases the whole SWA page; the
+    rest of the page stays mapped, and freeing the request frees that SWA page again."""
+    alloc, batch = _armed_batch(dump_dir)
+    a = batch.token_slots[0]
+    alloc.free_swa(a[:5])
+    return alloc, batch, lambda: alloc.free(a)
+
+
+def swa_tail_alloc(alloc, n: int, tail: int) -> torch.Tensor:
+    """One request through the real ``alloc_extend_swa_tail`` the way PD decode preallocates it."""
+    zero = torch.zeros(1, dtype=torch.int64)
+    seq = torch.tensor([n], dtype=torch.int64)
+    out = alloc.alloc_extend_swa_tail(prefix_lens=zero, prefix_lens_cpu=zero.clone(), seq_lens=seq,
+                                      seq_lens_cpu=seq.clone(), last_loc=torch.tensor([-1]),
+                                      extend_num_tokens=n, swa_tail_len=tail)
+    assert out is not None
+    return out
+
+
+def bug_25805_world(dump_dir: Path):
+    """SGLang #25805: recycled full pages still hold a previous request's mapping (the upstream precondition,
+    written back here after R0's free); R1 gets them through ``alloc_extend_swa_tail`` with SWA for its tail
+    only; R2 gets R0's old SWA pages; freeing R1 reads the head's stale entries and frees R2's SWA page."""
+    alloc = w.make_allocator(w.make_pool())
+    r0 = w.allocate_requests(alloc, [3 * w.PAGE_SIZE]).token_slots[0]
+    stale = alloc.full_to_swa_index_mapping[r0].clone()
+    alloc.free(r0)
+    alloc.full_to_swa_index_mapping[r0] = stale  # R0's entries left on its recycled full slots
+    r1 = swa_tail_alloc(alloc, 3 * w.PAGE_SIZE, w.PAGE_SIZE)
+    assert torch.equal(r1, r0)  # the recycled full pages (freed pages go to the front of the free list)
+    batch = w.allocate_requests(alloc, [3 * w.PAGE_SIZE])  # R2
+    batch.token_slots.insert(0, r1)
+    batch.seq_lens.insert(0, 3 * w.PAGE_SIZE)
+    return alloc, batch, lambda: alloc.free(r1)
+
+
+def make_38269_dump(dump_dir: Path):
+    return fire_world(dump_dir, bug_38269_world, inject=("sglang-38269",))
+
+
+def make_27779_dump(dump_dir: Path):
+    return fire_world(dump_dir, bug_27779_world, inject=("sglang-27779",))
+
+
+def make_25805_dump(dump_dir: Path):
+    return fire_world(dump_dir, bug_25805_world, inject=("sglang-25805",))
+
 ALL = {
     "swa-slot": make_swa_slot_dump,
     "26957": make_26957_dump,
@@ -170,4 +290,10 @@ ALL = {
     "seqlens-exceed": make_seqlens_exceed_dump,
     "spec-context-limit": make_spec_context_limit_dump,
     "spec-context-limit-draft-decode": lambda d: make_spec_context_limit_dump(d, draft_decode=True),
+    "swa-page0-free": make_swa_page0_free_dump,
+    "swa-double-free": make_swa_double_free_dump,
+    "swa-not-owned": make_swa_not_owned_dump,
+    "38269": make_38269_dump,
+    "27779": make_27779_dump,
+    "25805": make_25805_dump,
 }

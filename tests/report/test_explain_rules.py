@@ -39,6 +39,12 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Dump]:
         "seqlens": trapdumps.make_seqlens_exceed_dump(root / "seqlens"),
         "spec_context": trapdumps.make_spec_context_limit_dump(root / "spec_context"),
         "spec_draft_decode": trapdumps.make_spec_context_limit_dump(root / "spec_draft_decode", draft_decode=True),
+        "38269": trapdumps.make_38269_dump(root / "38269"),
+        "27779": trapdumps.make_27779_dump(root / "27779"),
+        "25805": trapdumps.make_25805_dump(root / "25805"),
+        "page0": trapdumps.make_swa_page0_free_dump(root / "page0"),
+        "double": trapdumps.make_swa_double_free_dump(root / "double"),
+        "not_owned": trapdumps.make_swa_not_owned_dump(root / "not_owned"),
     }
     return {k: load_dump(_path(p)) for k, p in made.items()}
 
@@ -54,7 +60,7 @@ def _numbers(text: str) -> list[int]:
 def test_registry_is_ordered_and_unique() -> None:
     ids = rule_ids()
     assert ids == ["sglang-26957", "negative-id", "stale-row", "swa-slot-out-of-range", "spec-rows-past-context",
-                   "seqlens-exceed-table"]
+                   "seqlens-exceed-table", "sglang-38269", "sglang-27779", "sglang-25805"]
     assert len(set(ids)) == len(RULES)
 
 
@@ -215,6 +221,41 @@ def test_rules_do_not_fire_on_other_scenarios(real: dict[str, Dump]) -> None:
     for name in ("26957", "26957-high-fill", "drift", "negative", "stale", "off-by-one"):
         assert "spec-rows-past-context" not in _by_rule(explain(real[name])), name
     assert _by_rule(explain(real["swa_slot"])).keys() == {"swa-slot-out-of-range"}
+    free_rules = {"sglang-38269", "sglang-27779", "sglang-25805"}
+    for name in ("26957", "26957-high-fill", "drift", "negative", "stale", "off-by-one", "swa_slot", "seqlens",
+                 "spec_context"):
+        assert not free_rules & _by_rule(explain(real[name])).keys(), name
+
+
+@pytest.mark.parametrize("name, rule_id, kind", [
+    ("38269", "sglang-38269", Kind.SWA_FREE_RESERVED_PAGE),
+    ("27779", "sglang-27779", Kind.SWA_DOUBLE_FREE),
+    ("25805", "sglang-25805", Kind.SWA_FREE_NOT_OWNED),
+])
+def test_free_path_bug_named(real: dict[str, Dump], name: str, rule_id: str, kind: Kind) -> None:
+    d = real[name]
+    assert d.kind == kind
+    findings = explain(d)
+    assert [f.rule for f in findings] == [rule_id]  # one rule per free kind
+    f = findings[0]
+    assert f.confidence == "high" and f"#{name}" in f.title
+    assert any(f"injects {rule_id}" in e for e in f.evidence)
+    v = d.manifest["violation"]
+    assert any(f"first {v['value']}" in e for e in f.evidence)
+
+
+def test_free_path_rules_without_the_injection(real: dict[str, Dump]) -> None:
+    # the same kinds from faults kvtrap did not inject: named, no injection claimed
+    page0 = explain(real["page0"])[0]
+    assert page0.rule == "sglang-38269" and page0.confidence == "high"
+    assert not any("injects" in e for e in page0.evidence)
+    double = explain(real["double"])[0]
+    assert double.rule == "sglang-27779" and double.confidence == "medium"  # not injected: #25805 possible too
+    assert "#25805" in double.cause and "#25805" not in explain(real["27779"])[0].cause
+    not_owned = explain(real["not_owned"])[0]
+    assert not_owned.rule == "sglang-25805" and not_owned.confidence == "medium"
+    d = real["not_owned"].manifest["violation"]["details"]
+    assert any(f"handed out with full page {d['owner_full_page']}" in e for e in not_owned.evidence)
 
 
 def test_no_rule_matched_is_an_empty_list(real: dict[str, Dump], monkeypatch: pytest.MonkeyPatch) -> None:

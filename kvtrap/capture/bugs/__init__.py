@@ -1,7 +1,7 @@
 """Historical SGLang bugs kvtrap re-introduces on purpose (``KVTRAP_INJECT``), so repros can prove a fix.
 
-:data:`BUGS` is the explicit list: name -> the module whose ``BUG`` (a :class:`Bug`) knows how to enable
-and disable the injection. Reading the list imports nothing else (the modules need SGLang), so settings
+:data:`BUGS` is the explicit list: name -> a :class:`Listed` (the module whose ``BUG`` (a :class:`Bug`) knows
+how to enable and disable the injection, plus a line and the upstream links for ``kvtrap repro list``). Reading the list imports nothing else (the modules need SGLang), so settings
 refuse an unknown name at once (:class:`kvtrap.config.Config`). Fixes kvtrap applies by default are not
 here: they live in :mod:`kvtrap.capture.fixes`. Adding a bug: one module with ``BUG``, one line here, an
 explain rule in :mod:`kvtrap.report.explain`, a test, a sample (see CONTRIBUTING.md).
@@ -13,8 +13,21 @@ import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-BUGS: dict[str, str] = {
-    "sglang-26957": "kvtrap.capture.bugs.sglang_26957",
+
+@dataclass(frozen=True)
+class Listed:
+    module: str
+    what: str  # one line for `kvtrap repro list`
+    links: tuple[str, ...]  # the upstream issue / PRs
+
+
+_GH = "https://github.com/sgl-project/sglang/pull/"
+
+BUGS: dict[str, Listed] = {
+    "sglang-26957": Listed("kvtrap.capture.bugs.sglang_26957", "trtllm_mha frozen-KV MTP draft reads full-pool ids on SWA layers", ("https://github.com/sgl-project/sglang/issues/26957", _GH + "25103", _GH + "26966")),  # noqa: E501
+    "sglang-38269": Listed("kvtrap.capture.bugs.sglang_38269", "SWA free without the `> 0` filter frees the reserved SWA page 0", (_GH + "38269", _GH + "38519", _GH + "38159")),  # noqa: E501
+    "sglang-27779": Listed("kvtrap.capture.bugs.sglang_27779", "partial-page SWA free clears the freed tokens' mapping only: SWA page freed twice", (_GH + "27779",)),  # noqa: E501
+    "sglang-25805": Listed("kvtrap.capture.bugs.sglang_25805", "alloc_extend_swa_tail leaves stale full-to-SWA mappings: another request's SWA page freed", (_GH + "25805", _GH + "26078")),  # noqa: E501
 }
 
 
@@ -31,8 +44,9 @@ _enabled: list[str] = []
 
 def get(name: str) -> Bug:
     """The entry for ``name`` (its module is imported here). Names come from a validated Config."""
-    bug = importlib.import_module(BUGS[name]).BUG
-    assert bug.name == name, f"{BUGS[name]}.BUG is named {bug.name!r}, listed as {name!r}"
+    module = BUGS[name].module
+    bug = importlib.import_module(module).BUG
+    assert bug.name == name, f"{module}.BUG is named {bug.name!r}, listed as {name!r}"
     return bug
 
 

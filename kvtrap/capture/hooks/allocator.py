@@ -1,31 +1,69 @@
-"""Allocator trap: every SWA slot handed out by ``SWATokenToKVPoolAllocator`` must lie in the SWA pool.
+"""Allocator traps on ``SWATokenToKVPoolAllocator``: the SWA slots it hands out, and the SWA pages it frees.
 
-``alloc_extend`` / ``alloc_decode`` return full-pool token indices and write each one's SWA slot into
+**Alloc.** ``alloc_extend`` / ``alloc_decode`` return full-pool token indices and write each one's SWA slot into
 ``full_to_swa_index_mapping``. Valid SWA slots are ``[page_size, (swa_pages + 1) * page_size)``: page 0
 is the reserved padding page and is never handed out. A slot outside that range means the SWA free
 list is corrupt (double free, bad page id), and the next KV write for an SWA layer would land outside
-the SWA buffers.
+the SWA buffers. Not checked: ``None`` results (out of pages), per-request SWA ring mode
+(``_swa_req_ring``: the mapping is not written), ``alloc_extend_swa_tail`` (zeros are intended), and
+subclasses that override these methods (``UnifiedSWAAllocatorBase`` uses virtual ids).
 
-Not checked (SGLang semantics, see the notes): ``None`` results (out of pages), per-request SWA ring
-mode (``_swa_req_ring``: the mapping is not written), ``alloc_extend_swa_tail`` (zeros are intended),
-and subclasses that override these methods (``UnifiedSWAAllocatorBase`` uses virtual ids).
+**Free** (``KVTRAP_FREE_CHECKS=on``, the default when armed; page_size > 1). Every SWA page is checked at
+the one place where it re-enters a free list, ``PagedTokenToKVPoolAllocator._release_page_ids`` of the SWA
+sub-allocator, *before* it goes in: it must not be the reserved page 0 (SGLang #38269 / PR #38519), it
+must be handed out and not yet freed (double free, #27779), and it must have been handed out with one
+of the full pages the free call releases (stale full-to-SWA mapping, #25805). The ownership record is
+kvtrap's own (:mod:`kvtrap.capture.page_owners`), filled here by the alloc hooks (``alloc_extend``,
+``alloc_decode``, and ``set_full_to_swa_mapping``, which ``alloc_extend_swa_tail`` and the radix cache's
+mapping rebuild write through) and emptied page by page as frees pass the check.
+
+Free paths of 0.5.23 and how they are covered:
+- ``free`` -> ``free_swa`` (page expansion, mapping read and cleared, ``_release_swa`` -> sub ``free``)
+  and ``free_segment`` -> ``free_swa_segment`` -> ``_free_swa_pages`` -> sub ``free_page_ids``: wrapped
+  so the release knows the full pages being freed; all three checks.
+- ``free_group_begin`` / ``free_group_end``: frees inside a group resolve their SWA pages at the call
+  and release them at ``free_group_end``; the full pages of the queued frees are kept until then, so
+  the release at the group end gets all three checks too.
+- radix-cache eviction (``SWARadixCache`` node frees, window eviction ``free_swa_out_of_window_slots``)
+  and the unified cache's component frees (``apply_component_action`` -> ``free_swa_segment``) all end
+  in ``free_swa`` / ``free_swa_segment``: covered.
+- ``free_full`` / ``free_full_segment`` release full pages only: no SWA page moves, nothing to check
+  (full-pool double frees are not checked).
+- ``alloc_extend_swa_tail``'s ``clear_full_to_swa_mapping`` and ``clear()`` reset the mapping without
+  freeing: not a free; ``clear()`` drops kvtrap's record (both free lists start over). A stale mapping
+  entry is not judged where it is left (e.g. a head ``alloc_extend_swa_tail`` did not clear) but where
+  it is used: at the free that reads it.
+- A release with no enclosing SWA free call (code that calls ``swa_attn_allocator.free`` itself): page 0
+  and double frees are checked, ownership is not (no full side is known).
+Not covered: page_size 1 (``TokenToKVPoolAllocator`` sub-allocators), per-request SWA ring mode
+(no paged SWA pages), ``PureSWATokenToKVPoolAllocator`` and the unified allocators (they override the
+free methods and address virtual ids), and frees while a CUDA graph is captured (SGLang never frees
+there). Each checked release costs host syncs (the scan's ``any``, ``unique`` of the full pages):
+``KVTRAP_FREE_CHECKS=off`` removes them; ``benchmarks/free_path_bench.py`` measures them.
 """
 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
-from kvtrap.capture import checks
+import torch
+
+from kvtrap.capture import checks, page_owners
 from kvtrap.capture.patching import MethodTarget
-from kvtrap.capture.session import current
-from kvtrap.capture.sglang_view import allocation_snapshot, swa_slot_bound
-from kvtrap.capture.verdict import judge_allocation
+from kvtrap.capture.session import Session, current
+from kvtrap.capture.sglang_view import allocation_snapshot, free_snapshot, swa_slot_bound
+from kvtrap.capture.verdict import judge_allocation, judge_free
 
 # SGLang moved the SWA allocator in 0.5.13; older builds keep it beside the pool.
 MODULES = ("sglang.srt.mem_cache.allocator.swa", "sglang.srt.mem_cache.swa_memory_pool")
 CLASS = "SWATokenToKVPoolAllocator"
+PAGED_MODULE = "sglang.srt.mem_cache.allocator.paged"
+PAGED_CLASS = "PagedTokenToKVPoolAllocator"
 
 
 def check_allocation(alloc: Any, out: Any, where: str, args: dict[str, Any]) -> None:
@@ -36,10 +74,143 @@ def check_allocation(alloc: Any, out: Any, where: str, args: dict[str, Any]) -> 
         return
     swa_slots = alloc.full_to_swa_index_mapping[out]
     bad = checks.scan_slots(swa_slots, lower=int(alloc.page_size), bound=swa_slot_bound(alloc))
-    if bad is None:
-        return
-    verdict = judge_allocation(allocation_snapshot(alloc, out, swa_slots, where, args), bad)
-    session.report(verdict.violation, verdict.context, verdict.tensors)
+    if bad is not None:
+        verdict = judge_allocation(allocation_snapshot(alloc, out, swa_slots, where, args), bad)
+        session.report(verdict.violation, verdict.context, verdict.tensors)
+    note_allocation(session, alloc, out, swa_slots)
+
+
+# ------------------------------------------------------------------------------------------ free path
+def _free_checks(session: Session | None, alloc: Any) -> bool:
+    return (
+        session is not None
+        and session.config.free_checks == "on"
+        and int(alloc.page_size) > 1
+        and not getattr(alloc, "_swa_req_ring", False)
+    )
+
+
+def note_allocation(session: Session, alloc: Any, out: Any, swa_slots: Any) -> None:
+    """Record the SWA pages an allocation handed out, with their full pages (no host sync)."""
+    if _free_checks(session, alloc):
+        page_owners.record_for(alloc, session).note_pairs(out, swa_slots)
+
+
+@dataclass
+class _Freeing:
+    alloc: Any
+    where: str
+    free_index: Any  # the call's token indices (None at free_group_end)
+    full_pages: Any  # full pages the call releases (None: unknown)
+
+
+_local = threading.local()
+
+
+@contextmanager
+def _freeing(ctx: _Freeing) -> Iterator[None]:
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(ctx)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _current_freeing(alloc: Any) -> _Freeing | None:
+    stack = getattr(_local, "stack", None)
+    if stack and stack[-1].alloc is alloc:
+        return stack[-1]
+    return None
+
+
+def _wrap_swa_free(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    where = f"{CLASS}.{method}"
+
+    def make(original: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(self: Any, free_index: Any, *args: Any, **kwargs: Any) -> Any:
+            session = current()
+            if not _free_checks(session, self) or free_index.numel() == 0 or checks.is_capturing(free_index):
+                return original(self, free_index, *args, **kwargs)
+            rec = page_owners.record_for(self, session)
+            full_pages = torch.unique(free_index.to(torch.int64) // rec.page_size)
+            if self.free_group is not None:  # released at free_group_end
+                rec.pending_full_pages.append(full_pages)
+            with _freeing(_Freeing(self, where, free_index, full_pages)):
+                return original(self, free_index, *args, **kwargs)
+
+        return wrapper
+
+    return make
+
+
+def _wrap_group_end(original: Callable[..., Any]) -> Callable[..., Any]:
+    where = f"{CLASS}.free_group_end"
+
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        session = current()
+        rec = page_owners.existing(self, session) if _free_checks(session, self) else None
+        if rec is None:
+            return original(self, *args, **kwargs)
+        pending, rec.pending_full_pages = rec.pending_full_pages, []
+        full_pages = torch.cat(pending) if pending else None
+        with _freeing(_Freeing(self, where, None, full_pages)):
+            return original(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _wrap_clear(original: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        page_owners.drop(self)  # both free lists and the mapping start over
+        return out
+
+    return wrapper
+
+
+def _wrap_release(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``PagedTokenToKVPoolAllocator._release_page_ids``: where freed pages enter the free list."""
+
+    def wrapper(self: Any, *page_ids: Any) -> Any:
+        alloc = page_owners.parent_of(self)
+        session = current()
+        if alloc is None or not _free_checks(session, alloc) or not page_ids:
+            return original(self, *page_ids)
+        rec = page_owners.record_for(alloc, session)
+        pages = torch.cat([p.reshape(-1) for p in page_ids])
+        if checks.is_capturing(pages):
+            return original(self, *page_ids)
+        ctx = _current_freeing(alloc)
+        bad = checks.scan_swa_release(pages, rec.owner, None if ctx is None else ctx.full_pages)
+        if bad is not None:
+            where = ctx.where if ctx is not None else f"{PAGED_CLASS}._release_page_ids"
+            view = free_snapshot(
+                alloc, pages, None if ctx is None else ctx.full_pages,
+                None if ctx is None else ctx.free_index, where, rec.owner[:-1],
+            )
+            verdict = judge_free(view, bad)
+            session.report(verdict.violation, verdict.context, verdict.tensors)  # raises before the release
+        out = original(self, *page_ids)
+        rec.note_freed(pages)
+        return out
+
+    return wrapper
+
+
+def _wrap_set_mapping(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``set_full_to_swa_mapping``: every pairing of full slots with fresh SWA slots outside alloc_decode."""
+
+    def wrapper(self: Any, full_indices: Any, swa_indices: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, full_indices, swa_indices, *args, **kwargs)
+        session = current()
+        if session is not None and full_indices.numel() and not checks.is_capturing(full_indices):
+            note_allocation(session, self, full_indices, swa_indices)
+        return out
+
+    return wrapper
 
 
 def _bind(names: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -70,4 +241,14 @@ TARGETS = [
     MethodTarget(module, CLASS, method, _wrap(method, names))
     for module in MODULES
     for method, names in (("alloc_extend", _EXTEND_ARGS), ("alloc_decode", _DECODE_ARGS))
-]
+] + [
+    target
+    for module in MODULES
+    for target in (
+        MethodTarget(module, CLASS, "set_full_to_swa_mapping", _wrap_set_mapping),
+        MethodTarget(module, CLASS, "free_swa", _wrap_swa_free("free_swa")),
+        MethodTarget(module, CLASS, "free_swa_segment", _wrap_swa_free("free_swa_segment")),
+        MethodTarget(module, CLASS, "free_group_end", _wrap_group_end),
+        MethodTarget(module, CLASS, "clear", _wrap_clear),
+    )
+] + [MethodTarget(PAGED_MODULE, PAGED_CLASS, "_release_page_ids", _wrap_release)]
