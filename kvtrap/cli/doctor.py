@@ -260,6 +260,44 @@ def check_gemma4_kernels() -> list[Check]:
     ]
 
 
+def check_default_backend() -> Check:
+    """Which attention backend SGLang would pick on this machine for MHA (Gemma 4, Llama, Qwen) and MLA models,
+    asked of SGLang's own ``get_default_attn_backend`` with a weight-free Gemma 4 config, and whether kvtrap's
+    page-table traps cover it (the allocator traps apply whatever the backend)."""
+    from kvtrap.capture.hooks import covered_attention_backends
+
+    try:
+        from sglang.srt.arg_groups.model_override_base import get_default_attn_backend
+        from sglang.srt.configs.model_config import ModelConfig
+        from sglang.srt.server_args import ServerArgs
+
+        from kvtrap.repro.models import variant
+    except Exception as exc:  # an SGLang layout this doctor does not know: say so, do not fail the run
+        return Check("default attention backend", "info", f"cannot ask SGLang ({type(exc).__name__}: {exc})")
+    import json
+
+    covered = covered_attention_backends()
+    with tempfile.TemporaryDirectory(prefix="kvtrap-doctor-model-") as tmp:
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
+            json.dump(variant("e4b", 6).target_config(), fh)
+        try:
+            args = ServerArgs(model_path=tmp, load_format="dummy")
+            model = ModelConfig.from_server_args(args)
+            picks = {kind: get_default_attn_backend(args, mla, model) for kind, mla in (("MHA", False), ("MLA", True))}
+        except Exception as exc:
+            return Check("default attention backend", "info", f"SGLang could not say ({type(exc).__name__}: {exc})")
+    parts = [f"{kind}: {name} ({'kvtrap checks its page tables' if name in covered else 'NOT covered by the page-table traps'})"
+             for kind, name in picks.items()]  # fmt: skip
+    tail = f"; covered: {', '.join(covered) or 'none'}"
+    if covered and picks["MHA"] not in covered:
+        tail += f" (for an MHA model, --attention-backend {covered[0]} is guarded)"
+    import torch
+
+    if not torch.cuda.is_available():
+        tail += "; no CUDA GPU here, so SGLang's pick on a GPU machine differs (fa3 on Hopper, trtllm_mha on Blackwell)"
+    return Check("default attention backend", "info", "; ".join(parts) + tail)
+
+
 def run_checks() -> list[Check]:
     checks = check_versions()
     checks.append(check_gpu())
@@ -269,6 +307,7 @@ def run_checks() -> list[Check]:
         checks.append(Check("hooks", "fail", "skipped: SGLang is missing or unsupported"))
         return checks
     checks.extend(check_targets())
+    checks.append(check_default_backend())
     checks.extend(check_gemma4_kernels())
     try:
         checks.append(prove_allocator_trap())

@@ -125,3 +125,19 @@ def test_cpu_path_is_needed_where_sglang_would_launch_triton():
     # A Triton launch fails: on a GPU machine on the CPU pointers, on a CPU machine for want of a driver.
     assert "FAIL allocator trap" in proc.stdout, proc.stdout
     assert "cannot be accessed from Triton" in proc.stdout or "0 active drivers" in proc.stdout, proc.stdout
+
+
+
+def test_doctor_names_sglangs_default_backend_and_whether_kvtrap_covers_it(monkeypatch):
+    from helpers.srt import import_srt
+
+    import_srt("sglang.srt.configs.model_config")
+    import kvtrap.capture.hooks as hooks
+    from kvtrap.cli.doctor import check_default_backend
+
+    check = check_default_backend()
+    assert check.status == "info" and check.detail.startswith("MHA: ")
+    picked = check.detail.split()[1]  # SGLang's own answer on this machine (triton on a CPU-only one)
+    assert f"MHA: {picked} (NOT covered by the page-table traps)" in check.detail and "covered: trtllm_mha" in check.detail
+    monkeypatch.setattr(hooks, "covered_attention_backends", lambda: ("trtllm_mha", picked))
+    assert f"MHA: {picked} (kvtrap checks its page tables)" in check_default_backend().detail

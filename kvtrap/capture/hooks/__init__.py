@@ -15,3 +15,8 @@ HOOKS = (allocator, trtllm_mha, device_guard)
 
 def targets() -> list[MethodTarget]:
     return [t for hook in HOOKS for t in hook.TARGETS]
+
+
+def covered_attention_backends() -> tuple[str, ...]:
+    """The ``--attention-backend`` names whose page tables kvtrap checks (each adapter declares its own)."""
+    return tuple(name for hook in HOOKS if (name := getattr(hook, "ATTENTION_BACKEND", None)))

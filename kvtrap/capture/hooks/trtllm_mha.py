@@ -45,6 +45,8 @@ from kvtrap.capture.verdict import judge_layer
 
 MODULE = "sglang.srt.layers.attention.trtllm_mha_backend"
 CLASS = "TRTLLMHAAttnBackend"
+#: The ``--attention-backend`` name this adapter guards (``kvtrap doctor`` reports coverage from it).
+ATTENTION_BACKEND = "trtllm_mha"
 
 
 # ------------------------------------------------------------------------------------- the check
