@@ -11,7 +11,6 @@ eviction), and a free group releasing 4 requests. Three sides: unarmed, armed wi
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -104,11 +103,10 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "free-path-cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-        md = ["# Free-path check cost per SWA allocator free call (CPU)", ""]
-        md += [f"- {k}: {v}" for k, v in meta.items()] + ["", table, ""]
-        (args.out / "free-path-cpu.md").write_text("\n".join(md))
+        from _results import write_results
+
+        write_results(args.out, "free-path-cpu", "Free-path check cost per SWA allocator free call (CPU)", meta, rows,
+                      table)  # fmt: skip
     return 0
 
 

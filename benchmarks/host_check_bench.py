@@ -11,7 +11,6 @@ the difference is kvtrap's wrapper and checks. Prints a table and writes JSON + 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -31,7 +30,7 @@ def _call(backend, layer, fb, q, k, v) -> None:
 
 
 def _time_layers(backend, layers, fb, q, k, v, *, new_forward, reps: int) -> list[float]:
-    import sglang_world as w
+    from helpers import sglang_world as w
 
     per_call = []
     md = backend.forward_metadata
@@ -54,8 +53,8 @@ def main() -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
-    import sglang_world as w
-    import trapdumps as td
+    from helpers import sglang_world as w
+    from helpers import trapdumps as td
 
     import kvtrap
 
@@ -89,11 +88,10 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "host-check-cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-        md = ["# Armed host-check cost per trtllm_mha layer call (CPU)", ""]
-        md += [f"- {k}: {v}" for k, v in meta.items()] + ["", table, ""]
-        (args.out / "host-check-cpu.md").write_text("\n".join(md))
+        from _results import write_results
+
+        write_results(args.out, "host-check-cpu", "Armed host-check cost per trtllm_mha layer call (CPU)", meta, rows,
+                      table)  # fmt: skip
     return 0
 
 
