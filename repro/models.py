@@ -5,8 +5,9 @@ its frozen-KV MTP "assistant" draft dir, each with a ``config.json``, a ``genera
 word-level tokenizer, and the server starts with ``--load-format dummy`` (SGLang initialises the weights
 itself). Any GPU that runs SGLang can then run kvtrap's server scenarios without downloading anything.
 
-The shapes follow the public Gemma 4 checkpoints (see ``shared`` notes in the repo history and the
-``VARIANTS`` table below) except where a weight-free text-only model on SGLang 0.5.23 cannot follow them;
+The shapes follow the public Gemma 4 checkpoints' config.json values (the ``VARIANTS`` table below; the MoE and
+31B MLP widths are approximate, which only changes GEMM sizes) except where a weight-free text-only model on
+SGLang 0.5.23 cannot follow them;
 every such deviation is listed in :attr:`DummyModel.deviations` and recorded in the run's report:
 
 * head_dim 256 on every layer (the real full-attention layers use 512): FlashInfer's XQA decode kernel,
@@ -168,8 +169,9 @@ class DummyModel:
         return out
 
 
-#: Shapes of the public checkpoints (HF config.json values; see the repo's Gemma 4 kernel notes), as far as a
-#: weight-free text-only model on SGLang 0.5.23 can follow them.
+#: Shapes of the public checkpoints (HF config.json values: layers, hidden, heads, windows, KV sharing, PLE,
+#: experts; kernels/README.md lists them too), as far as a weight-free text-only model on SGLang 0.5.23 can
+#: follow them.
 VARIANTS: dict[str, DummyModel] = {
     m.name: m
     for m in (
