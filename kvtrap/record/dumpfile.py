@@ -57,6 +57,20 @@ class GpuInfo:
 
 
 @dataclass(frozen=True)
+class ParallelInfo:
+    """``parallel``: where the process sits in SGLang's parallel layout (a field SGLang has not set is null)."""
+
+    tp_rank: int | None = None
+    tp_size: int | None = None
+    dp_rank: int | None = None
+    attn_dp_rank: int | None = None
+    pp_rank: int | None = None
+    pp_size: int | None = None
+    world_rank: int | None = None
+    world_size: int | None = None
+
+
+@dataclass(frozen=True)
 class ConfigRecord:
     """``config``: :meth:`kvtrap.config.Config.to_json` as written."""
 
@@ -88,6 +102,7 @@ class ManifestRecord:
     seq: int | None = None
     versions: dict[str, str | None] | None = None
     gpu: GpuInfo | None = None
+    parallel: ParallelInfo | None = None
     config: ConfigRecord | None = None
     context: Context | None = None
     tensors_omitted: dict[str, TensorInfo] | None = None
@@ -156,6 +171,34 @@ def _gpu() -> dict[str, Any] | None:
     idx = torch.cuda.current_device()
     cap = torch.cuda.get_device_capability(idx)
     return {"index": idx, "name": torch.cuda.get_device_name(idx), "capability": f"sm_{cap[0]}{cap[1]}"}
+
+
+#: ``parallel`` field -> the name SGLang 0.5.23's ``get_parallel()`` gives it.
+_PARALLEL_NAMES = {"tp_rank": "tp_rank", "tp_size": "tp_size", "dp_rank": "dp_rank", "attn_dp_rank": "attn_dp_rank",
+                   "pp_rank": "pp_rank", "pp_size": "pp_size", "world_rank": "launch_world_rank",
+                   "world_size": "launch_world_size"}  # fmt: skip
+
+
+def _parallel() -> dict[str, int | None] | None:
+    """This process's ranks as SGLang published them; ``None`` outside SGLang. Never imports SGLang: the module
+    is read only when the process already loaded it (a dump is written from inside an SGLang scheduler)."""
+    import sys
+
+    ctx = sys.modules.get("sglang.srt.runtime_context")
+    if ctx is None:
+        return None
+    try:
+        par = ctx.get_parallel()
+    except Exception:  # another SGLang layout: no parallel record rather than no dump
+        return None
+    out: dict[str, int | None] = {}
+    for field, name in _PARALLEL_NAMES.items():
+        try:
+            value = getattr(par, name)
+        except Exception:  # SGLang raises for ranks not written in this process (e.g. before the groups exist)
+            value = None
+        out[field] = int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+    return out if any(v is not None for v in out.values()) else None
 
 
 def _rank() -> int | None:
@@ -268,6 +311,7 @@ def _write(
         "seq": seq,
         "versions": _versions(),
         "gpu": _gpu(),
+        "parallel": _parallel(),
         "config": config.to_json(),
         "violation": violation.to_json(),
         "context": context.to_json(),

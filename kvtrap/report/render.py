@@ -124,6 +124,7 @@ def ls_records(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], list[dict[s
                 "fatal": v.fatal,
                 "host": rec.host,
                 "rank": rec.rank,
+                "tp_rank": rec.parallel.tp_rank if rec.parallel else None,
                 "pid": rec.pid,
                 "seq": rec.seq,
                 "path": str(d.path),
@@ -132,7 +133,48 @@ def ls_records(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], list[dict[s
             }
         )
     recs.sort(key=lambda r: (r["time"] or 0.0, -1 if r["rank"] is None else r["rank"], r["pid"] or 0, r["seq"] or 0))
+    _group_events(recs)
     return recs, errs
+
+
+#: Dumps of one event from several ranks land within this many seconds of the first (TP ranks run the same
+#: step in lockstep; a dump takes milliseconds to a few seconds with large tables).
+EVENT_WINDOW_S = 30.0
+
+
+def _event_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    # Tensor-parallel ranks run the same batch with the same page tables, so the same fault shows the same
+    # violation on every rank: kind, hook, layer, table, row, column and the offending value all agree.
+    v: Violation = r["_v"]
+    return (r["kind"], r["where"], r["layer_id"], v.table, v.row, v.column, v.value, v.bound, v.count)
+
+
+def _group_events(recs: list[dict[str, Any]]) -> None:
+    """Give each record ``event`` (1-based, in order of first appearance) and ``event_ranks``: records of
+    different processes with the same violation within :data:`EVENT_WINDOW_S` are one event seen by several
+    ranks; the first record of an event is its first failing rank."""
+    events: list[dict[str, Any]] = []
+    for r in recs:
+        key, proc, t = _event_key(r), (r["host"], r["pid"]), r["time"] or 0.0
+        for ev in events:
+            if ev["key"] == key and proc not in ev["procs"] and t - ev["t0"] <= EVENT_WINDOW_S:
+                break
+        else:
+            ev = {"key": key, "procs": set(), "t0": t, "recs": []}
+            events.append(ev)
+        ev["procs"].add(proc)
+        ev["recs"].append(r)
+        r["event"] = events.index(ev) + 1
+    for ev in events:
+        ranks = sorted({_rank_label(r) for r in ev["recs"]})
+        for r in ev["recs"]:
+            r["event_ranks"] = ranks
+
+
+def _rank_label(r: dict[str, Any]) -> str:
+    if r.get("tp_rank") is not None:
+        return f"tp{r['tp_rank']}"
+    return "-" if r["rank"] is None else f"r{r['rank']}"
 
 
 def render_ls(con: Console, recs: list[dict[str, Any]]) -> None:
@@ -170,6 +212,15 @@ def render_ls(con: Console, recs: list[dict[str, Any]]) -> None:
     # paths on their own lines, never folded, so they can be copied
     for i, r in enumerate(recs):
         con.print(f"{i + 1:>3}  {escape(display_path(Path(r['path'])))}", soft_wrap=True)
+    events: dict[int, list[int]] = {}
+    for i, r in enumerate(recs):
+        events.setdefault(r["event"], []).append(i + 1)
+    if len(events) < len(recs):  # some event was dumped by several processes: say which rows belong together
+        for ev, rows in events.items():
+            if len(rows) > 1:
+                ranks = ", ".join(recs[rows[0] - 1]["event_ranks"])
+                con.print(f"event {ev}: rows {', '.join(map(str, rows))} are one fault seen by {len(rows)} processes "
+                          f"(ranks {ranks}); row {rows[0]} failed first", soft_wrap=True)  # fmt: skip
     con.print(f"next: kvtrap dump explain {escape(display_path(Path(recs[0]['path'])))}", soft_wrap=True)
 
 
