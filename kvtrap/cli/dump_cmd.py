@@ -87,20 +87,34 @@ def show_cmd(path: Path, rows_spec: str | None, all_rows: bool, limit: int) -> N
 @dump.command("explain")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Findings as JSON.")
-def explain_cmd(path: Path, as_json: bool) -> None:
+@click.option("--ranks", "rank_dirs", multiple=True, type=click.Path(path_type=Path),
+              metavar="DIR", help="Also say whether other processes (TP ranks) dumped the same fault among the "
+                                  "dumps under DIR (repeatable), and which rank failed first.")
+def explain_cmd(path: Path, as_json: bool, rank_dirs: tuple[Path, ...]) -> None:
     """Name the likely cause of the dump at PATH, from explicit rules, with evidence and next steps.
 
+    With --ranks DIR, also say whether every rank saw the same fault and which rank failed first.
     Exit 0 when a rule matched, 1 when none did (said plainly), 2 on bad input.
     """
     from kvtrap.report.explain import explain
 
     d = load_dump(path)
     findings = explain(d)
+    for rd in rank_dirs:
+        if not rd.is_dir():
+            raise DumpError(f"--ranks {rd}: not a directory")
+    peers, looked = render.event_peers(d.path, rank_dirs) if rank_dirs else ([], 0)
     if as_json:
-        click.echo(orjson.dumps({"path": str(d.path), "kind": d.kind, "matched": bool(findings),
-                                 "findings": [f.to_json() for f in findings]}, option=orjson.OPT_INDENT_2).decode())
+        out: dict[str, object] = {"path": str(d.path), "kind": d.kind, "matched": bool(findings),
+                                  "findings": [f.to_json() for f in findings]}  # fmt: skip
+        if rank_dirs:
+            out["ranks"] = {"processes": len(peers), "event_ranks": peers[0]["event_ranks"] if peers else [],
+                            "first": peers[0]["path"] if peers else None, "dumps_looked_at": looked}  # fmt: skip
+        click.echo(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
     else:
         render.render_explain(render.console(), d, findings)
+        if rank_dirs:
+            render.render_event_peers(render.console(), d.path, peers, looked, rank_dirs)
     if not findings:
         sys.exit(1)
 

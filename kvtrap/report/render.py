@@ -171,6 +171,33 @@ def _group_events(recs: list[dict[str, Any]]) -> None:
             r["event_ranks"] = ranks
 
 
+def event_peers(path: Path, dirs: Sequence[Path]) -> tuple[list[dict[str, Any]], int]:
+    """The records of the event the dump at ``path`` belongs to, among the dumps under ``dirs`` (first failing
+    first), and how many readable dumps were looked at. Unreadable neighbours are skipped: they are not this dump."""
+    from kvtrap.record.dumpfile import find_dumps
+
+    recs, _ = ls_records(find_dumps(list(dirs)))
+    me = next((r for r in recs if Path(r["path"]).resolve() == Path(path).resolve()), None)
+    if me is None:
+        return [], len(recs)
+    return [r for r in recs if r["event"] == me["event"]], len(recs)
+
+
+def render_event_peers(con: Console, path: Path, peers: list[dict[str, Any]], looked: int, where: Sequence[Path]) -> None:
+    """One line: whether other processes (ranks) dumped the same fault, and which failed first."""
+    under = ", ".join(display_path(Path(d)) for d in where)
+    if len(peers) <= 1:
+        con.print(f"ranks: no other process dumped this fault under {escape(under)} ({looked} dump(s) there)",
+                  soft_wrap=True)  # fmt: skip
+        return
+    first = peers[0]
+    mine = Path(first["path"]).resolve() == Path(path).resolve()
+    con.print(f"ranks: the same fault was dumped by {len(peers)} processes ({', '.join(first['event_ranks'])}) under "
+              f"{escape(under)}: every rank saw it; "
+              + ("this dump is the first." if mine else f"{_rank_label(first)} failed first: "
+                 f"{escape(display_path(Path(first['path'])))}"), soft_wrap=True)  # fmt: skip
+
+
 def _rank_label(r: dict[str, Any]) -> str:
     if r.get("tp_rank") is not None:
         return f"tp{r['tp_rank']}"

@@ -76,3 +76,21 @@ def test_a_dump_outside_sglang_has_no_parallel_record(tmp_path: Path) -> None:
     path, _ = trapdumps.make_swa_slot_dump(tmp_path)
     rec = load_dump(path, tensors=False).record
     assert rec.parallel is None and "parallel" in json.loads((Path(path) / "manifest.json").read_text())
+
+
+def test_explain_says_whether_every_rank_saw_the_same_fault(tp2: Path) -> None:
+    first, second, alone = sorted(find_dumps([tp2]), key=lambda p: load_dump(p, tensors=False).record.time)
+    cli = CliRunner()
+    res = cli.invoke(dump, ["explain", str(second), "--ranks", str(tp2)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "ranks: the same fault was dumped by 2 processes (tp0, tp1)" in res.stdout and "every rank saw it" in res.stdout
+    assert "tp0 failed first" in res.stdout
+    res = cli.invoke(dump, ["explain", str(first), "--ranks", str(tp2)], catch_exceptions=False)
+    assert "this dump is the first." in res.stdout
+    res = cli.invoke(dump, ["explain", str(alone), "--ranks", str(tp2)], catch_exceptions=False)
+    assert "ranks: no other process dumped this fault" in res.stdout
+    out = json.loads(cli.invoke(dump, ["explain", "--json", str(second), "--ranks", str(tp2)]).stdout)
+    assert out["ranks"]["processes"] == 2 and out["ranks"]["event_ranks"] == ["tp0", "tp1"]
+    assert Path(out["ranks"]["first"]).resolve() == first.resolve()
+    res = cli.invoke(dump, ["explain", str(first), "--ranks", str(tp2 / "nope")])
+    assert res.exit_code == 2 and "not a directory" in res.output
