@@ -275,7 +275,7 @@ NEEDS_31B = Needs(
     gpu="B200 (180 GB) or H200 (141 GB); an 80 GB H100 does not fit it on one GPU",
     min_gpu_mem_gib=96,
     weights_gib=59.0,
-    note="single GPU; on 2 x H100 pass --tp 2 as an extra server argument (untested)",
+    note="single GPU; on two GPUs use 31b-tp2-chat (--tp-size 2)",
 )
 
 SUMMARIZE = Workload(input_len=8000, output_len=1000, num_prompts=80, max_concurrency=64)

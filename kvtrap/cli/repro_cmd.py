@@ -54,6 +54,8 @@ def _print_list(as_json: bool) -> None:
             click.echo(f"    note: {s.needs.note}")
         if s.model_ids:
             click.echo(f"    models: {s.model} (draft {s.draft_model})")
+        if s.dummy_variant:
+            click.echo(f"    weight-free: --dummy-weights writes a {s.dummy_variant}-like model (kvtrap repro models list)")
         if s.workload is not None:
             w = s.workload
             click.echo(
