@@ -176,6 +176,27 @@ class LayerSnapshot:
         return "swa_page_table" if self.layer_type == SWA else "page_table"
 
 
+def padding_page_slots(table_name: str, forward_batch: Any) -> Any:
+    """The request slot of every row (``forward_batch.req_pool_indices``) when ``table_name`` is a table
+    whose page 0 no real request may read, else ``None`` (no padding-page check).
+
+    SGLang reserves request slot 0 (``ReqToTokenPool.free_slots`` starts at 1) and page 0 of every pool:
+    CUDA-graph padding rows are slot 0 with length 1 and read page 0 on purpose. A real slot reading
+    page 0 reads the padding page's garbage (padded-token writes land there): a silent wrong answer.
+    Only the full ``page_table``: the SWA table legally holds page 0 for pages that left the window
+    (``free_swa`` clears their mapping to 0), and the window edge is not known here per row.
+
+    Host only. The device guard does not check this: its separate kernel is handed only the tables
+    and ``cache_seqlens`` (not ``req_pool_indices``), its entry layout has no flag for it, and a change
+    to the in-graph kernels cannot be verified on CPU. So this covers eager forwards (every extend and
+    prefill, and decode with CUDA graphs off), not decode steps replayed from a CUDA graph.
+    """
+    if table_name != "page_table" or forward_batch is None:
+        return None
+    slots = getattr(forward_batch, "req_pool_indices", None)
+    return slots if hasattr(slots, "shape") else None
+
+
 def handed_table_name(md: Any, handed: Any) -> str:
     """Which of the metadata's tables the backend hands this layer: ``page_table``, ``swa_page_table``
     or ``other``."""

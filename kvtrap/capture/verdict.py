@@ -34,13 +34,15 @@ def judge_layer(view: LayerSnapshot, scan: TableScan | None) -> Verdict | None:
     """The most telling violation for this layer call, with its context and tensors; ``None`` if none.
 
     Order: index space (the concrete consequence for this layer), then drift (the stale state behind
-    it), then out-of-range values, then rows wider than the table. ``scan`` is the value scan of the
+    it), then out-of-range values, then rows wider than the table, then the padding page read for a
+    real request. ``scan`` is the value scan of the
     handed table against ``view.bound`` (``None`` while capturing a CUDA graph).
     """
     mismatch = view.handed_name != view.expected_name
     if not (mismatch or view.drift) and (scan is None or scan.ok):
         return None
-    fatal = scan is not None and not scan.ok
+    # page 0 read for a real request is in range (no fault, a wrong answer): not fatal on its own
+    fatal = scan is not None and (scan.bad is not None or scan.overflow is not None)
     # During capture nothing checks the values of a table handed to the wrong layer type: the device
     # guard bounds each table by its own pool, not by the pool of every layer that reads it. So a
     # mismatch found while capturing is never safe to continue from, even in log mode.
@@ -95,6 +97,23 @@ def judge_layer(view: LayerSnapshot, scan: TableScan | None) -> Verdict | None:
             details=details,
             **base,
         )
+    elif scan is not None and scan.overflow is None and scan.padding is not None:
+        p = scan.padding
+        slots = view.req_pool_indices
+        slot = int(slots[p.row]) if slots is not None else None
+        base.update(row=p.row, column=p.column, value=p.value, count=p.count, rows=p.rows, lower=1)
+        details["req_pool_index"] = slot
+        details["live_pages"] = _live_pages(view.cache_seqlens, p.row, view.page_size)
+        violation = Violation(
+            kind=Kind.PADDING_PAGE_FOR_REAL_REQUEST,
+            summary=(
+                f"{view.handed_name} row {p.row} (request slot {slot}) reads the reserved padding page 0 at "
+                f"column {p.column}, inside its live prefix ({p.count} such entries); only CUDA-graph "
+                "padding rows (request slot 0) may"
+            ),
+            details=details,
+            **base,
+        )
     else:
         o = scan.overflow  # type: ignore[union-attr]
         # value/bound stay empty: the numbers are pages needed vs columns, said in the summary
@@ -127,6 +146,10 @@ def judge_layer(view: LayerSnapshot, scan: TableScan | None) -> Verdict | None:
     if not view.capturing:  # copying device tensors to the host inside capture would abort it
         tensors = {**view.tables, "cache_seqlens": view.cache_seqlens, "req_pool_indices": view.req_pool_indices}
     return Verdict(violation, context, tensors, safe_to_continue=not unsafe)
+
+
+def _live_pages(cache_seqlens: Any, row: int, page_size: int) -> int:
+    return (int(cache_seqlens[row]) + page_size - 1) // page_size
 
 
 def judge_allocation(view: AllocationSnapshot, bad: BadEntries) -> Verdict:

@@ -601,6 +601,68 @@ def seqlens_exceed_table(f: Facts) -> Finding | None:
     )
 
 
+# ------------------------------------------------------------------------ page 0 for real requests
+def _padding_page_hits(f: Facts) -> tuple[list[int], int, np.ndarray, np.ndarray] | None:
+    """(rows, entries, req slots, seqlens) of the full table's live page-0 entries in rows of real request
+    slots, from the dump's tensors; ``None`` when the dump lacks them."""
+    t = f.dump.tensors
+    table, slots, lens = t.get("page_table"), t.get("req_pool_indices"), t.get("cache_seqlens")
+    if table is None or slots is None or lens is None or np.asarray(table).ndim != 2:
+        return None
+    table, slots, lens = np.asarray(table), np.asarray(slots).reshape(-1), np.asarray(lens).reshape(-1)
+    rows = min(table.shape[0], slots.shape[0], lens.shape[0])
+    live = (np.asarray(lens[:rows], dtype=np.int64) + f.page_size - 1) // f.page_size
+    mask = (np.arange(table.shape[1])[None, :] < live[:, None]) & (table[:rows] == 0) & (slots[:rows, None] != 0)
+    hit_rows = [int(r) for r in np.flatnonzero(mask.any(axis=1))]
+    return hit_rows, int(mask.sum()), slots, lens
+
+
+@rule("padding-page-for-real-request")
+def padding_page_for_real_request(f: Facts) -> Finding | None:
+    """A real request's live page-table row reads the reserved padding page 0."""
+    hits = _padding_page_hits(f)
+    evidence: list[str] = []
+    if hits is not None and hits[0]:
+        rows, entries, slots, lens = hits
+        first = rows[0]
+        evidence.append(
+            f"`page_table`: {entries} live entr(ies) equal to page 0 in {len(rows)} row(s) of real request slots:"
+            f" {_rows(rows)}; row {first} is request slot {int(slots[first])} with cache_seqlens {int(lens[first])}"
+            f" ({(int(lens[first]) + f.page_size - 1) // f.page_size} live pages)"
+        )
+        pads = int(((slots == 0)).sum())
+        if pads:
+            evidence.append(f"{pads} row(s) of request slot 0 (CUDA-graph padding) are not counted: they may read page 0")
+    elif f.kind == Kind.PADDING_PAGE_FOR_REAL_REQUEST:
+        v = f.violation
+        d = v.details or {}
+        evidence.append(
+            f"violation: row {v.row} (request slot {d.get('req_pool_index', '?')}), column {v.column} is page 0;"
+            " the tables are not in the dump"
+        )
+    else:
+        return None
+    return Finding(
+        rule="padding-page-for-real-request",
+        title="A real request reads the reserved padding page 0",
+        confidence="high",
+        cause=(
+            "Page 0 is reserved: CUDA-graph padding rows (request slot 0) read it and padded tokens write their"
+            " dummy K/V there. A real request's row holding it means its req_to_token entries at those positions"
+            " were never written or were cleared (0 is their fill value), e.g. a request freed, retracted or"
+            " reused while still in the batch, or a prefix-cache hit whose slots were not copied in. The kernel"
+            " does not fault: it attends over garbage and the output is silently wrong."
+        ),
+        evidence=evidence,
+        next_steps=[
+            "Check req_to_token[req_pool_index, :cache_seqlens] for the row (the dump has req_pool_indices): which"
+            " positions are 0, and who should have written them (alloc_extend / the prefix match / the retract path).",
+            "Check the request slot is still owned by that request (not freed and reused between scheduling and"
+            " the forward).",
+        ],
+    )
+
+
 # --------------------------------------------------------------------------------- SWA free path
 def _free_evidence(f: Facts) -> list[str]:
     """What every free-path dump holds: the call, the pages it was about to release, kvtrap's record."""

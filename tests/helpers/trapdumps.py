@@ -122,6 +122,15 @@ def make_seqlens_exceed_dump(dump_dir: Path):
     return _fire(dump_dir, lambda: _decode(backend, full_layer, fb, len(batch.seq_lens)))
 
 
+def make_padding_page_dump(dump_dir: Path, *, row: int = 1, column: int = 2):
+    """A real request's full-table row holds the reserved padding page 0 inside its live prefix (what a
+    table built from an unwritten or cleared ``req_to_token`` row reads), handed to a full layer."""
+    _, _, layers, batch, backend, fb = decode_world()
+    backend.forward_metadata.page_table[row, column] = 0
+    full_layer = next(layer for layer in layers if layer.layer_id in w.FULL_LAYERS)
+    return _fire(dump_dir, lambda: _decode(backend, full_layer, fb, len(batch.seq_lens)))
+
+
 def make_spec_context_limit_dump(dump_dir: Path, draft_tokens: int = 4, *, draft_decode: bool = False):
     """The last speculative step of a request at SGLang's length limit, built from real SGLang objects.
 
@@ -290,6 +299,7 @@ ALL = {
     "seqlens-exceed": make_seqlens_exceed_dump,
     "spec-context-limit": make_spec_context_limit_dump,
     "spec-context-limit-draft-decode": lambda d: make_spec_context_limit_dump(d, draft_decode=True),
+    "padding-page": make_padding_page_dump,
     "swa-page0-free": make_swa_page0_free_dump,
     "swa-double-free": make_swa_double_free_dump,
     "swa-not-owned": make_swa_not_owned_dump,

@@ -17,6 +17,12 @@ Before ``TRTLLMHAAttnBackend.forward_decode`` / ``forward_extend`` run, for the 
 4. Values: the live prefix of every row (``ceil(cache_seqlens / page_size)`` entries) lies in
    ``[0, pages)``, and no row needs more pages than the table is wide. Scanned once per table per
    forward (one host sync), not once per layer; skipped while a CUDA graph is being captured.
+5. Page 0 for real requests (same scan, same sync): no live entry of the full ``page_table`` is the
+   reserved padding page 0 in a row whose request slot (``forward_batch.req_pool_indices``) is real
+   (not 0). CUDA-graph padding rows (slot 0, length 1) may read page 0. Not checked on the SWA table:
+   ``free_swa`` clears the mapping of tokens that left the window to 0, so page 0 is a legal id there
+   for pages outside the window. Not checked by the device guard either (see
+   :func:`kvtrap.capture.sglang_view.padding_page_slots`).
 
 Checks 1-3 are host-only attribute reads (a few microseconds) and also run during graph capture.
 """
@@ -39,6 +45,7 @@ from kvtrap.capture.sglang_view import (
     layer_pages,
     layer_pool,
     layer_snapshot,
+    padding_page_slots,
     translating,
 )
 from kvtrap.capture.verdict import judge_layer
@@ -73,11 +80,16 @@ def _forward_cache(backend: Any, md: Any, live: Any) -> _ForwardCache:
     return entry
 
 
-def _scan(entry: _ForwardCache, name: str, table: Any, page_size: int, bound: int) -> checks.TableScan:
+def _scan(
+    entry: _ForwardCache, name: str, table: Any, page_size: int, bound: int, forward_batch: Any
+) -> checks.TableScan:
     key = (name, bound)
     scan = entry.scans.get(key)
     if scan is None:
-        scan = checks.scan_page_table(table, entry.md.cache_seqlens_int32, page_size, bound)
+        scan = checks.scan_page_table(
+            table, entry.md.cache_seqlens_int32, page_size, bound,
+            req_slots=padding_page_slots(name, forward_batch),
+        )
         entry.scans[key] = scan
     return scan
 
@@ -111,7 +123,7 @@ def check_forward(backend: Any, layer: Any, forward_batch: Any, where: str) -> N
             f"page-table values are not checked for {type(live).__name__} (virtual ids or no pool size); "
             "index-space and drift checks still run",
         )
-    scan = None if capturing or bound is None else _scan(entry, handed_name, handed, page_size, bound)
+    scan = None if capturing or bound is None else _scan(entry, handed_name, handed, page_size, bound, forward_batch)
     if not (mismatch or drift) and (scan is None or scan.ok):
         if capturing and session.config.guard == "off":
             session.warn_once(
