@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kvtrap.capture.sglang_view import AllocationSnapshot, FreeSnapshot, LayerSnapshot
+from kvtrap.capture.sglang_view import AllocationSnapshot, FreeSnapshot, LayerSnapshot, WriteSnapshot
 from kvtrap.record.context import Context, LayerInfo, PoolPages
 from kvtrap.record.kinds import Kind
 from kvtrap.record.violation import Violation
@@ -146,6 +146,59 @@ def judge_layer(view: LayerSnapshot, scan: TableScan | None) -> Verdict | None:
     if not view.capturing:  # copying device tensors to the host inside capture would abort it
         tensors = {**view.tables, "cache_seqlens": view.cache_seqlens, "req_pool_indices": view.req_pool_indices}
     return Verdict(violation, context, tensors, safe_to_continue=not unsafe)
+
+
+def judge_write(view: WriteSnapshot, bad: BadEntries) -> Verdict:
+    """A layer's K/V store is about to write outside the pool it writes (``bad``: from the slot scan)."""
+    full = None
+    if view.out_cache_loc is not None and bad.row < int(view.out_cache_loc.shape[0]):
+        full = int(view.out_cache_loc.reshape(-1)[bad.row])
+    pool = f"{view.layer_type} pool" if view.layer_type == "swa" or len(view.pools) > 1 else "KV pool"
+    violation = Violation(
+        kind=Kind.KV_WRITE_OUT_OF_RANGE,
+        summary=(
+            f"layer {view.layer_id} is about to store K/V at {view.name}[{bad.row}] = {bad.value},"
+            f" outside the {pool} it writes ({view.rows} rows; {bad.count} such location(s))"
+        ),
+        where=view.where,
+        layer_id=view.layer_id,
+        layer_type=view.layer_type,
+        window=view.window,
+        table=view.name,
+        pool=view.layer_type,
+        row=bad.row,
+        column=None,
+        value=bad.value,
+        lower=0,
+        bound=view.rows,
+        count=bad.count,
+        rows=bad.rows,
+        fatal=True,
+        details={"out_cache_loc": full, "pool_rows": view.rows},
+    )
+    context = Context(
+        hook=view.where,
+        forward_mode=view.forward_mode,
+        speculative=view.speculative,
+        batch_size=int(view.cache_seqlens.shape[0]),
+        page_size=view.page_size,
+        capturing=view.capturing,
+        layer=LayerInfo(id=view.layer_id, type=view.layer_type, window=view.window,
+                        index_in_pool=view.index_in_pool),
+        pools=view.pools,
+        live_pool=view.live_pool,
+        backend=view.backend,
+        num_tokens=int(view.locs.numel()),
+    )
+    tensors: dict[str, Any] = {}
+    if not view.capturing:
+        tensors = {
+            "out_cache_loc": view.out_cache_loc,
+            "swa_out_cache_loc": view.swa_out_cache_loc,
+            "cache_seqlens": view.cache_seqlens,
+            "req_pool_indices": view.req_pool_indices,
+        }
+    return Verdict(violation, context, tensors)
 
 
 def _live_pages(cache_seqlens: Any, row: int, page_size: int) -> int:

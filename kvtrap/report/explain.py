@@ -663,6 +663,69 @@ def padding_page_for_real_request(f: Facts) -> Finding | None:
     )
 
 
+# ---------------------------------------------------------------------------------- KV write path
+@rule("kv-write-out-of-range")
+def kv_write_out_of_range(f: Facts) -> Finding | None:
+    """A layer's K/V store was about to write outside the pool it writes."""
+    if f.kind != Kind.KV_WRITE_OUT_OF_RANGE:
+        return None
+    v = f.violation
+    d = v.details or {}
+    name = str(v.table or "out_cache_loc")
+    evidence = [
+        f"{f.layer} would store K/V at `{name}`[{v.row}] = {v.value}, outside [0, {v.bound}) of the {v.pool} pool"
+        f" ({v.count} bad location(s) of {f.context.num_tokens if f.context.has('num_tokens') else '?'})"
+    ]
+    locs = f.dump.tensors.get(name)
+    if locs is not None:
+        arr = np.asarray(locs).reshape(-1)
+        bad = (arr < 0) | (arr >= int(v.bound))
+        evidence.append(f"`{name}` in the dump: {int(bad.sum())} of {arr.size} location(s) out of range,"
+                        f" at positions {_rows([int(i) for i in np.flatnonzero(bad)])}")
+    full_loc = d.get("out_cache_loc")
+    swa_pages = f.pools.get("swa")
+    untranslated = name == "swa_out_cache_loc" and full_loc is not None and full_loc == v.value
+    if name == "swa_out_cache_loc" and full_loc is not None:
+        evidence.append(
+            f"the full-pool location at that position is {full_loc}"
+            + (": the SWA location equals it (never translated)" if untranslated else "")
+        )
+    if name == "swa_out_cache_loc":
+        cause = (
+            "The SWA write location is not a slot of the SWA pool: the full->SWA translation of out_cache_loc"
+            " (swa_out_cache_loc, built once per forward by init_forward_metadata) was skipped, read a stale or"
+            " foreign full_to_swa_index_mapping, or the mapping holds garbage for those slots."
+        )
+        steps = [
+            "Compare swa_out_cache_loc with full_to_swa_index_mapping[out_cache_loc] for this batch; check the"
+            " backend's cached SWA pool/mapping is the live pool's (kvtrap's drift check) and that the CUDA-graph"
+            " buffer was refreshed for this batch size.",
+        ]
+        if swa_pages:
+            steps.append(f"The SWA pool has {swa_pages} pages; a value below the full pool's rows but above the SWA"
+                         " pool's is a full-pool id written into the SWA pool.")
+    else:
+        cause = (
+            "out_cache_loc holds a slot outside the KV pool: the allocator handed out a bad slot (a corrupt free"
+            " list, a double free), or out_cache_loc is stale or uninitialised for this batch (a retracted request,"
+            " a padded batch whose locations were not filled). A negative location would silently write the pool's"
+            " last rows."
+        )
+        steps = [
+            "Check where out_cache_loc came from for this batch (alloc_extend / alloc_decode results) and whether"
+            " the allocator trap or free checks fired earlier (kvtrap dump ls).",
+            "Run with SGLANG_DEBUG_MEMORY_POOL=1 to catch the allocator state going bad.",
+        ]
+    return Finding(
+        rule="kv-write-out-of-range",
+        title="A K/V store would write outside the pool it writes",
+        confidence="high",
+        cause=cause,
+        evidence=evidence,
+        next_steps=steps,
+    )
+
+
 # --------------------------------------------------------------------------------- SWA free path
 def _free_evidence(f: Facts) -> list[str]:
     """What every free-path dump holds: the call, the pages it was about to release, kvtrap's record."""

@@ -357,3 +357,95 @@ def test_random_clean_decode_steps_armed_are_bit_identical_to_unarmed(tmp_path):
     assert not sum(session.counts.values()) and not list(tmp_path.iterdir())
     assert all(torch.equal(plain[k], armed[k]) for k in plain)
     assert any(bool(t.abs().sum()) for t in armed.values())  # the steps really wrote KV
+
+
+# ----------------------------------------------------------------------------------- KV write path
+def full_rows():
+    return (w.FULL_PAGES + 1) * w.PAGE_SIZE
+
+
+def swa_rows():
+    return (w.SWA_PAGES + 1) * w.PAGE_SIZE
+
+
+@pytest.mark.parametrize("value", [full_rows(), -1], ids=["pool-rows", "minus-one"])
+def test_out_cache_loc_past_the_full_pool_trapped_before_the_write(tmp_path, value):
+    pool, alloc, layers, batch, backend, fb = world()  # SWA write locs translated from the clean locations
+    fb.out_cache_loc[1] = value  # -1 would silently write the pool's last row
+    before, locs = kv_state(pool), fb.out_cache_loc.clone()
+    full_layer = next(layer for layer in layers if layer.layer_id in w.FULL_LAYERS)
+    with kvtrap.armed(dump_dir=str(tmp_path)), pytest.raises(kvtrap.KVTrapError) as info:
+        run_decode(backend, full_layer, fb, 3)
+    v = info.value.violation
+    assert (v.kind, v.table, v.pool, v.layer_id, v.layer_type) == ("kv_write_out_of_range", "out_cache_loc", "full", 3, "full")
+    assert (v.row, v.column, v.value, v.lower, v.bound, v.count, v.fatal) == (1, None, value, 0, full_rows(), 1, True)
+    after = kv_state(pool)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing stored, for any layer
+    assert torch.equal(fb.out_cache_loc, locs)
+    dump = load_dump(info.value.dump_path)
+    assert dump.kind == "kv_write_out_of_range"
+    assert dump.tensors["out_cache_loc"].tolist() == locs.tolist()
+    assert dump.tensors["req_pool_indices"].tolist() == [1, 2, 3]
+    ctx = dump.manifest["context"]
+    assert ctx["layer"]["type"] == "full" and ctx["num_tokens"] == 3 and ctx["pools"]["full"]["rows"] == full_rows()
+
+
+def test_untranslated_swa_write_location_trapped_on_the_swa_layer(tmp_path):
+    # a full-pool slot left in swa_out_cache_loc (not translated): past the SWA pool, inside the full one
+    pool, alloc, layers, batch, backend, fb = world()
+    md = backend.forward_metadata
+    md.swa_out_cache_loc[2] = full_rows() - 5
+    before = kv_state(pool)
+    with kvtrap.armed(dump_dir=str(tmp_path)):
+        full_layer = next(layer for layer in layers if layer.layer_id in w.FULL_LAYERS)
+        assert run_decode(backend, full_layer, fb, 3) == "kernel"  # full layers write out_cache_loc: fine
+        with pytest.raises(kvtrap.KVTrapError) as info:
+            run_decode(backend, layers[0], fb, 3)
+    v = info.value.violation
+    assert (v.kind, v.table, v.pool, v.layer_type, v.row, v.value, v.bound) == (
+        "kv_write_out_of_range", "swa_out_cache_loc", "swa", "swa", 2, full_rows() - 5, swa_rows())
+    assert v.details["out_cache_loc"] == int(fb.out_cache_loc[2])
+    after = kv_state(pool)
+    assert all(torch.equal(before[k], after[k]) for k in before if k != full_layer.layer_id)
+    dump = load_dump(info.value.dump_path)
+    assert int(dump.tensors["swa_out_cache_loc"][2]) == full_rows() - 5
+
+
+def test_padding_writes_to_slot_0_are_legal(tmp_path):
+    pool, alloc, layers, batch, backend, fb = world()
+    with_padding_rows(backend, alloc, fb, [0, 0, 0])
+    assert int(fb.out_cache_loc[-1]) == 0 and int(backend.forward_metadata.swa_out_cache_loc[-1]) == 0
+    with kvtrap.armed(dump_dir=str(tmp_path)):
+        for layer in layers:
+            assert run_decode(backend, layer, fb, 6) == "kernel"
+    assert not list(tmp_path.iterdir())
+
+
+def test_write_locations_not_scanned_while_capturing_or_without_a_store(tmp_path, monkeypatch):
+    pool, alloc, layers, batch, backend, fb = world()
+    fb.out_cache_loc[0] = full_rows() + 7
+    full_layer = next(layer for layer in layers if layer.layer_id in w.FULL_LAYERS)
+    q, k, v = w.qkv(3)
+    with kvtrap.armed(dump_dir=str(tmp_path)):
+        # save_kv_cache=False: nothing is stored, nothing to check (the kernel still runs)
+        with pytest.raises(NameError, match="flashinfer"):
+            backend.forward_decode(q, k, v, full_layer, fb, save_kv_cache=False)
+    monkeypatch.setattr(checks, "is_capturing", lambda t: True)
+    calls = []
+    monkeypatch.setattr(checks, "scan_slots", lambda *a, **kw: calls.append(1))
+    with kvtrap.armed(dump_dir=str(tmp_path), guard="off"):
+        # not checked while capturing: the bad location reaches SGLang's own store (on CPU an IndexError)
+        with pytest.raises(IndexError, match=str(full_rows() + 7)):
+            backend.forward_decode(q, k, v, full_layer, fb)
+    assert calls == [] and not list(tmp_path.iterdir())
+
+
+def test_write_scan_runs_once_per_pool_per_forward(tmp_path, monkeypatch):
+    pool, alloc, layers, batch, backend, fb = world()
+    calls = []
+    real = checks.scan_slots
+    monkeypatch.setattr(checks, "scan_slots", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with kvtrap.armed(dump_dir=str(tmp_path)):
+        for layer in layers:
+            run_decode(backend, layer, fb, 3)
+    assert len(calls) == 2  # out_cache_loc once (full layers), swa_out_cache_loc once (SWA layers)
