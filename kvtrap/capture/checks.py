@@ -39,10 +39,12 @@ class Overflow:
 class TableScan:
     bad: BadEntries | None
     overflow: Overflow | None
+    # live entries equal to the reserved padding page 0 in rows of real requests (only when asked)
+    padding: BadEntries | None = None
 
     @property
     def ok(self) -> bool:
-        return self.bad is None and self.overflow is None
+        return self.bad is None and self.overflow is None and self.padding is None
 
 
 def live_pages(cache_seqlens: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -52,28 +54,46 @@ def live_pages(cache_seqlens: torch.Tensor, page_size: int) -> torch.Tensor:
 
 
 def scan_page_table(
-    table: torch.Tensor, cache_seqlens: torch.Tensor, page_size: int, bound: int, lower: int = 0
+    table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    page_size: int,
+    bound: int,
+    lower: int = 0,
+    req_slots: torch.Tensor | None = None,
 ) -> TableScan:
     """Check the live prefix of every row of ``table`` lies in ``[lower, bound)``.
 
     Only ``ceil(cache_seqlens[r] / page_size)`` entries of row ``r`` are checked: SGLang allocates page
     tables with ``torch.empty`` and writes only that prefix, so the tail is uninitialised memory.
+
+    ``req_slots`` (the batch's ``req_pool_indices``, one per row): also find live entries equal to the
+    reserved padding page 0 in rows whose request slot is real (not 0). Rows of request slot 0 are
+    CUDA-graph padding rows and may read page 0. Folded into the same single host sync.
     """
     rows = min(int(table.shape[0]), int(cache_seqlens.shape[0]))
+    if req_slots is not None:
+        rows = min(rows, int(req_slots.shape[0]))
     table = table[:rows]
     pages = live_pages(cache_seqlens[:rows], page_size)
     width = int(table.shape[1]) if table.dim() == 2 else 0
     cols = torch.arange(width, device=table.device)
     live = cols.unsqueeze(0) < pages.unsqueeze(1)
     bad_mask = live & ((table < lower) | (table >= bound))
-    any_bad, any_overflow = torch.stack((bad_mask.any(), (pages > width).any())).tolist()
+    flags = [bad_mask.any(), (pages > width).any()]
+    pad_mask = None
+    if req_slots is not None:
+        pad_mask = live & (table == 0) & (req_slots[:rows] != 0).unsqueeze(1)
+        flags.append(pad_mask.any())
+    found = torch.stack(flags).tolist()
+    any_bad, any_overflow = found[0], found[1]
     bad = _locate(table, bad_mask) if any_bad else None
+    padding = _locate(table, pad_mask) if pad_mask is not None and found[2] else None
     overflow = None
     if any_overflow:
         over = (pages > width).nonzero().flatten()
         first = int(over[0])
         overflow = Overflow(row=first, needed_pages=int(pages[first]), width=width, count=int(over.numel()))
-    return TableScan(bad=bad, overflow=overflow)
+    return TableScan(bad=bad, overflow=overflow, padding=padding)
 
 
 def _locate(values: torch.Tensor, bad_mask: torch.Tensor) -> BadEntries:

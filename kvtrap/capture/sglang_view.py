@@ -176,6 +176,27 @@ class LayerSnapshot:
         return "swa_page_table" if self.layer_type == SWA else "page_table"
 
 
+def padding_page_slots(table_name: str, forward_batch: Any) -> Any:
+    """The request slot of every row (``forward_batch.req_pool_indices``) when ``table_name`` is a table
+    whose page 0 no real request may read, else ``None`` (no padding-page check).
+
+    SGLang reserves request slot 0 (``ReqToTokenPool.free_slots`` starts at 1) and page 0 of every pool:
+    CUDA-graph padding rows are slot 0 with length 1 and read page 0 on purpose. A real slot reading
+    page 0 reads the padding page's garbage (padded-token writes land there): a silent wrong answer.
+    Only the full ``page_table``: the SWA table legally holds page 0 for pages that left the window
+    (``free_swa`` clears their mapping to 0), and the window edge is not known here per row.
+
+    Host only. The device guard does not check this: its separate kernel is handed only the tables
+    and ``cache_seqlens`` (not ``req_pool_indices``), its entry layout has no flag for it, and a change
+    to the in-graph kernels cannot be verified on CPU. So this covers eager forwards (every extend and
+    prefill, and decode with CUDA graphs off), not decode steps replayed from a CUDA graph.
+    """
+    if table_name != "page_table" or forward_batch is None:
+        return None
+    slots = getattr(forward_batch, "req_pool_indices", None)
+    return slots if hasattr(slots, "shape") else None
+
+
 def handed_table_name(md: Any, handed: Any) -> str:
     """Which of the metadata's tables the backend hands this layer: ``page_table``, ``swa_page_table``
     or ``other``."""
@@ -336,3 +357,89 @@ def backend_context(backend: Any) -> tuple[Context, dict[str, Any]]:
             "cache_seqlens": md.cache_seqlens_int32,
         }
     return context, tensors
+
+
+# ------------------------------------------------------------------------------------ KV write path
+@dataclass
+class WriteSnapshot:
+    """Where one layer's K/V store is about to write: the locations and the pool rows they must fit.
+
+    An SWA layer (per the *live* pool's ``layers_mapping``) writes ``forward_metadata.swa_out_cache_loc``
+    (the full->SWA translation ``init_forward_metadata`` made once per forward) into the SWA sub-pool;
+    every other layer writes ``forward_batch.out_cache_loc`` into the full (or only) pool. Slot 0 is the
+    padding slot padded tokens write to: legal. Valid: ``[0, rows)``.
+    """
+
+    where: str
+    layer_id: int
+    layer_type: str
+    window: int | None
+    index_in_pool: int | None
+    page_size: int
+    name: str  # "out_cache_loc" or "swa_out_cache_loc"
+    locs: Any  # the write locations (narrowed to the batch's token count, as SGLang narrows them)
+    rows: int  # token rows of the pool written
+    out_cache_loc: Any
+    swa_out_cache_loc: Any
+    cache_seqlens: Any
+    req_pool_indices: Any
+    pools: dict[str, PoolPages | None]
+    backend: BackendState
+    live_pool: LivePool
+    forward_mode: str | None = None
+    speculative: bool | None = None
+    capturing: bool = False
+
+
+def write_locs(backend: Any, forward_batch: Any, layer_type: str) -> tuple[str, Any] | None:
+    """(name, locations) the layer's K/V store writes, as SGLang's ``_get_layer_cache_loc`` picks them but
+    by the live pool; ``None`` when there is nothing to check (no batch locations, or an SWA layer whose
+    translated locations are missing: SGLang's own assert reports that)."""
+    loc = getattr(forward_batch, "out_cache_loc", None)
+    if loc is None or not hasattr(loc, "shape"):
+        return None
+    if layer_type != SWA:
+        return "out_cache_loc", loc
+    swa = getattr(getattr(backend, "forward_metadata", None), "swa_out_cache_loc", None)
+    if swa is None or not hasattr(swa, "shape"):
+        return None
+    return "swa_out_cache_loc", swa[: loc.shape[0]]
+
+
+def write_rows(live: Any, layer_type: str, page_size: int) -> int | None:
+    """Token rows of the pool a layer of ``layer_type`` writes (``size + page_size``: slot 0's page is the
+    padding page); ``None``: no size known."""
+    sub = (live.swa_kv_pool if layer_type == SWA else live.full_kv_pool) if is_swa_pool(live) else live
+    info = _sub_pool_pages(sub, page_size)
+    return None if info is None else info.rows
+
+
+def write_snapshot(
+    backend: Any, layer: Any, forward_batch: Any, where: str, *, layer_type: str, index_in_pool: int | None,
+    name: str, locs: Any, rows: int, capturing: bool,
+) -> WriteSnapshot:
+    md = backend.forward_metadata
+    live = backend.token_to_kv_pool
+    page_size = int(backend.page_size)
+    window = getattr(layer, "sliding_window_size", None)
+    return WriteSnapshot(
+        where=where,
+        layer_id=int(layer.layer_id),
+        layer_type=layer_type,
+        window=None if window is None else int(window),
+        index_in_pool=index_in_pool,
+        page_size=page_size,
+        name=name,
+        locs=locs,
+        rows=rows,
+        out_cache_loc=forward_batch.out_cache_loc,
+        swa_out_cache_loc=getattr(md, "swa_out_cache_loc", None),
+        cache_seqlens=getattr(md, "cache_seqlens_int32", None),
+        req_pool_indices=getattr(forward_batch, "req_pool_indices", None),
+        pools=pool_summary(live, page_size),
+        backend=backend_state(backend, live),
+        live_pool=live_pool(live),
+        forward_mode=forward_mode(forward_batch),
+        speculative=getattr(forward_batch, "spec_info", None) is not None,
+        capturing=capturing,
+    )

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kvtrap.capture.sglang_view import AllocationSnapshot, FreeSnapshot, LayerSnapshot
+from kvtrap.capture.sglang_view import AllocationSnapshot, FreeSnapshot, LayerSnapshot, WriteSnapshot
 from kvtrap.record.context import Context, LayerInfo, PoolPages
 from kvtrap.record.kinds import Kind
 from kvtrap.record.violation import Violation
@@ -34,13 +34,15 @@ def judge_layer(view: LayerSnapshot, scan: TableScan | None) -> Verdict | None:
     """The most telling violation for this layer call, with its context and tensors; ``None`` if none.
 
     Order: index space (the concrete consequence for this layer), then drift (the stale state behind
-    it), then out-of-range values, then rows wider than the table. ``scan`` is the value scan of the
+    it), then out-of-range values, then rows wider than the table, then the padding page read for a
+    real request. ``scan`` is the value scan of the
     handed table against ``view.bound`` (``None`` while capturing a CUDA graph).
     """
     mismatch = view.handed_name != view.expected_name
     if not (mismatch or view.drift) and (scan is None or scan.ok):
         return None
-    fatal = scan is not None and not scan.ok
+    # page 0 read for a real request is in range (no fault, a wrong answer): not fatal on its own
+    fatal = scan is not None and (scan.bad is not None or scan.overflow is not None)
     # During capture nothing checks the values of a table handed to the wrong layer type: the device
     # guard bounds each table by its own pool, not by the pool of every layer that reads it. So a
     # mismatch found while capturing is never safe to continue from, even in log mode.
@@ -95,6 +97,23 @@ def judge_layer(view: LayerSnapshot, scan: TableScan | None) -> Verdict | None:
             details=details,
             **base,
         )
+    elif scan is not None and scan.overflow is None and scan.padding is not None:
+        p = scan.padding
+        slots = view.req_pool_indices
+        slot = int(slots[p.row]) if slots is not None else None
+        base.update(row=p.row, column=p.column, value=p.value, count=p.count, rows=p.rows, lower=1)
+        details["req_pool_index"] = slot
+        details["live_pages"] = _live_pages(view.cache_seqlens, p.row, view.page_size)
+        violation = Violation(
+            kind=Kind.PADDING_PAGE_FOR_REAL_REQUEST,
+            summary=(
+                f"{view.handed_name} row {p.row} (request slot {slot}) reads the reserved padding page 0 at "
+                f"column {p.column}, inside its live prefix ({p.count} such entries); only CUDA-graph "
+                "padding rows (request slot 0) may"
+            ),
+            details=details,
+            **base,
+        )
     else:
         o = scan.overflow  # type: ignore[union-attr]
         # value/bound stay empty: the numbers are pages needed vs columns, said in the summary
@@ -127,6 +146,63 @@ def judge_layer(view: LayerSnapshot, scan: TableScan | None) -> Verdict | None:
     if not view.capturing:  # copying device tensors to the host inside capture would abort it
         tensors = {**view.tables, "cache_seqlens": view.cache_seqlens, "req_pool_indices": view.req_pool_indices}
     return Verdict(violation, context, tensors, safe_to_continue=not unsafe)
+
+
+def judge_write(view: WriteSnapshot, bad: BadEntries) -> Verdict:
+    """A layer's K/V store is about to write outside the pool it writes (``bad``: from the slot scan)."""
+    full = None
+    if view.out_cache_loc is not None and bad.row < int(view.out_cache_loc.shape[0]):
+        full = int(view.out_cache_loc.reshape(-1)[bad.row])
+    pool = f"{view.layer_type} pool" if view.layer_type == "swa" or len(view.pools) > 1 else "KV pool"
+    violation = Violation(
+        kind=Kind.KV_WRITE_OUT_OF_RANGE,
+        summary=(
+            f"layer {view.layer_id} is about to store K/V at {view.name}[{bad.row}] = {bad.value},"
+            f" outside the {pool} it writes ({view.rows} rows; {bad.count} such location(s))"
+        ),
+        where=view.where,
+        layer_id=view.layer_id,
+        layer_type=view.layer_type,
+        window=view.window,
+        table=view.name,
+        pool=view.layer_type,
+        row=bad.row,
+        column=None,
+        value=bad.value,
+        lower=0,
+        bound=view.rows,
+        count=bad.count,
+        rows=bad.rows,
+        fatal=True,
+        details={"out_cache_loc": full, "pool_rows": view.rows},
+    )
+    context = Context(
+        hook=view.where,
+        forward_mode=view.forward_mode,
+        speculative=view.speculative,
+        batch_size=int(view.cache_seqlens.shape[0]),
+        page_size=view.page_size,
+        capturing=view.capturing,
+        layer=LayerInfo(id=view.layer_id, type=view.layer_type, window=view.window,
+                        index_in_pool=view.index_in_pool),
+        pools=view.pools,
+        live_pool=view.live_pool,
+        backend=view.backend,
+        num_tokens=int(view.locs.numel()),
+    )
+    tensors: dict[str, Any] = {}
+    if not view.capturing:
+        tensors = {
+            "out_cache_loc": view.out_cache_loc,
+            "swa_out_cache_loc": view.swa_out_cache_loc,
+            "cache_seqlens": view.cache_seqlens,
+            "req_pool_indices": view.req_pool_indices,
+        }
+    return Verdict(violation, context, tensors)
+
+
+def _live_pages(cache_seqlens: Any, row: int, page_size: int) -> int:
+    return (int(cache_seqlens[row]) + page_size - 1) // page_size
 
 
 def judge_allocation(view: AllocationSnapshot, bad: BadEntries) -> Verdict:

@@ -16,6 +16,8 @@ class Kind(str, Enum):
     SWA_FREE_RESERVED_PAGE = "swa_free_reserved_page"  # a free returns the reserved SWA page 0 to the free list
     SWA_DOUBLE_FREE = "swa_double_free"  # a free returns an SWA page that is not handed out (already free)
     SWA_FREE_NOT_OWNED = "swa_free_not_owned"  # a free returns an SWA page paired with another full page
+    PADDING_PAGE_FOR_REAL_REQUEST = "padding_page_for_real_request"  # a real request's live row reads page 0
+    KV_WRITE_OUT_OF_RANGE = "kv_write_out_of_range"  # a layer's K/V store would write outside its pool's rows
 
     # plain text in messages and file names (Python 3.11+ would otherwise format the member name)
     __str__ = str.__str__

@@ -601,6 +601,131 @@ def seqlens_exceed_table(f: Facts) -> Finding | None:
     )
 
 
+# ------------------------------------------------------------------------ page 0 for real requests
+def _padding_page_hits(f: Facts) -> tuple[list[int], int, np.ndarray, np.ndarray] | None:
+    """(rows, entries, req slots, seqlens) of the full table's live page-0 entries in rows of real request
+    slots, from the dump's tensors; ``None`` when the dump lacks them."""
+    t = f.dump.tensors
+    table, slots, lens = t.get("page_table"), t.get("req_pool_indices"), t.get("cache_seqlens")
+    if table is None or slots is None or lens is None or np.asarray(table).ndim != 2:
+        return None
+    table, slots, lens = np.asarray(table), np.asarray(slots).reshape(-1), np.asarray(lens).reshape(-1)
+    rows = min(table.shape[0], slots.shape[0], lens.shape[0])
+    live = (np.asarray(lens[:rows], dtype=np.int64) + f.page_size - 1) // f.page_size
+    mask = (np.arange(table.shape[1])[None, :] < live[:, None]) & (table[:rows] == 0) & (slots[:rows, None] != 0)
+    hit_rows = [int(r) for r in np.flatnonzero(mask.any(axis=1))]
+    return hit_rows, int(mask.sum()), slots, lens
+
+
+@rule("padding-page-for-real-request")
+def padding_page_for_real_request(f: Facts) -> Finding | None:
+    """A real request's live page-table row reads the reserved padding page 0."""
+    hits = _padding_page_hits(f)
+    evidence: list[str] = []
+    if hits is not None and hits[0]:
+        rows, entries, slots, lens = hits
+        first = rows[0]
+        evidence.append(
+            f"`page_table`: {entries} live entr(ies) equal to page 0 in {len(rows)} row(s) of real request slots:"
+            f" {_rows(rows)}; row {first} is request slot {int(slots[first])} with cache_seqlens {int(lens[first])}"
+            f" ({(int(lens[first]) + f.page_size - 1) // f.page_size} live pages)"
+        )
+        pads = int(((slots == 0)).sum())
+        if pads:
+            evidence.append(f"{pads} row(s) of request slot 0 (CUDA-graph padding) are not counted: they may read page 0")
+    elif f.kind == Kind.PADDING_PAGE_FOR_REAL_REQUEST:
+        v = f.violation
+        d = v.details or {}
+        evidence.append(
+            f"violation: row {v.row} (request slot {d.get('req_pool_index', '?')}), column {v.column} is page 0;"
+            " the tables are not in the dump"
+        )
+    else:
+        return None
+    return Finding(
+        rule="padding-page-for-real-request",
+        title="A real request reads the reserved padding page 0",
+        confidence="high",
+        cause=(
+            "Page 0 is reserved: CUDA-graph padding rows (request slot 0) read it and padded tokens write their"
+            " dummy K/V there. A real request's row holding it means its req_to_token entries at those positions"
+            " were never written or were cleared (0 is their fill value), e.g. a request freed, retracted or"
+            " reused while still in the batch, or a prefix-cache hit whose slots were not copied in. The kernel"
+            " does not fault: it attends over garbage and the output is silently wrong."
+        ),
+        evidence=evidence,
+        next_steps=[
+            "Check req_to_token[req_pool_index, :cache_seqlens] for the row (the dump has req_pool_indices): which"
+            " positions are 0, and who should have written them (alloc_extend / the prefix match / the retract path).",
+            "Check the request slot is still owned by that request (not freed and reused between scheduling and"
+            " the forward).",
+        ],
+    )
+
+
+# ---------------------------------------------------------------------------------- KV write path
+@rule("kv-write-out-of-range")
+def kv_write_out_of_range(f: Facts) -> Finding | None:
+    """A layer's K/V store was about to write outside the pool it writes."""
+    if f.kind != Kind.KV_WRITE_OUT_OF_RANGE:
+        return None
+    v = f.violation
+    d = v.details or {}
+    name = str(v.table or "out_cache_loc")
+    evidence = [
+        f"{f.layer} would store K/V at `{name}`[{v.row}] = {v.value}, outside [0, {v.bound}) of the {v.pool} pool"
+        f" ({v.count} bad location(s) of {f.context.num_tokens if f.context.has('num_tokens') else '?'})"
+    ]
+    locs = f.dump.tensors.get(name)
+    if locs is not None:
+        arr = np.asarray(locs).reshape(-1)
+        bad = (arr < 0) | (arr >= int(v.bound))
+        evidence.append(f"`{name}` in the dump: {int(bad.sum())} of {arr.size} location(s) out of range,"
+                        f" at positions {_rows([int(i) for i in np.flatnonzero(bad)])}")
+    full_loc = d.get("out_cache_loc")
+    swa_pages = f.pools.get("swa")
+    untranslated = name == "swa_out_cache_loc" and full_loc is not None and full_loc == v.value
+    if name == "swa_out_cache_loc" and full_loc is not None:
+        evidence.append(
+            f"the full-pool location at that position is {full_loc}"
+            + (": the SWA location equals it (never translated)" if untranslated else "")
+        )
+    if name == "swa_out_cache_loc":
+        cause = (
+            "The SWA write location is not a slot of the SWA pool: the full->SWA translation of out_cache_loc"
+            " (swa_out_cache_loc, built once per forward by init_forward_metadata) was skipped, read a stale or"
+            " foreign full_to_swa_index_mapping, or the mapping holds garbage for those slots."
+        )
+        steps = [
+            "Compare swa_out_cache_loc with full_to_swa_index_mapping[out_cache_loc] for this batch; check the"
+            " backend's cached SWA pool/mapping is the live pool's (kvtrap's drift check) and that the CUDA-graph"
+            " buffer was refreshed for this batch size.",
+        ]
+        if swa_pages:
+            steps.append(f"The SWA pool has {swa_pages} pages; a value below the full pool's rows but above the SWA"
+                         " pool's is a full-pool id written into the SWA pool.")
+    else:
+        cause = (
+            "out_cache_loc holds a slot outside the KV pool: the allocator handed out a bad slot (a corrupt free"
+            " list, a double free), or out_cache_loc is stale or uninitialised for this batch (a retracted request,"
+            " a padded batch whose locations were not filled). A negative location would silently write the pool's"
+            " last rows."
+        )
+        steps = [
+            "Check where out_cache_loc came from for this batch (alloc_extend / alloc_decode results) and whether"
+            " the allocator trap or free checks fired earlier (kvtrap dump ls).",
+            "Run with SGLANG_DEBUG_MEMORY_POOL=1 to catch the allocator state going bad.",
+        ]
+    return Finding(
+        rule="kv-write-out-of-range",
+        title="A K/V store would write outside the pool it writes",
+        confidence="high",
+        cause=cause,
+        evidence=evidence,
+        next_steps=steps,
+    )
+
+
 # --------------------------------------------------------------------------------- SWA free path
 def _free_evidence(f: Facts) -> list[str]:
     """What every free-path dump holds: the call, the pages it was about to release, kvtrap's record."""

@@ -210,7 +210,8 @@ def make_forward_batch(batch: Batch, out_cache_loc: torch.Tensor | None = None):
         forward_mode=sg["ForwardMode"].DECODE,
         batch_size=bs,
         input_ids=torch.zeros(bs, dtype=torch.int64),
-        req_pool_indices=torch.arange(bs, dtype=torch.int64),
+        # real request slots: SGLang's ReqToTokenPool reserves slot 0 for CUDA-graph padding rows
+        req_pool_indices=torch.arange(1, bs + 1, dtype=torch.int64),
         seq_lens=seq,
         out_cache_loc=out_cache_loc,
         seq_lens_sum=int(seq.sum()),

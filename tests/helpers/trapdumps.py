@@ -122,6 +122,30 @@ def make_seqlens_exceed_dump(dump_dir: Path):
     return _fire(dump_dir, lambda: _decode(backend, full_layer, fb, len(batch.seq_lens)))
 
 
+def make_padding_page_dump(dump_dir: Path, *, row: int = 1, column: int = 2):
+    """A real request's full-table row holds the reserved padding page 0 inside its live prefix (what a
+    table built from an unwritten or cleared ``req_to_token`` row reads), handed to a full layer."""
+    _, _, layers, batch, backend, fb = decode_world()
+    backend.forward_metadata.page_table[row, column] = 0
+    full_layer = next(layer for layer in layers if layer.layer_id in w.FULL_LAYERS)
+    return _fire(dump_dir, lambda: _decode(backend, full_layer, fb, len(batch.seq_lens)))
+
+
+def make_kv_write_dump(dump_dir: Path, *, swa: bool = False, value: int | None = None):
+    """A K/V store about to write past its pool: ``out_cache_loc[1]`` past the full pool (a full layer), or,
+    with ``swa``, ``swa_out_cache_loc[2]`` left untranslated (its full-pool slot; an SWA layer). The SWA case
+    fills the full pool first so the batch's full slots lie past the SWA pool (an in-range one is not seen)."""
+    _, alloc, layers, batch, backend, fb = decode_world(fill_pages=32 if swa else 0)
+    w.set_write_locs(backend, alloc, fb)
+    if swa:
+        backend.forward_metadata.swa_out_cache_loc[2] = fb.out_cache_loc[2] if value is None else value
+        layer = next(layer for layer in layers if layer.layer_id in w.SWA_LAYERS)
+    else:
+        fb.out_cache_loc[1] = (w.FULL_PAGES + 1) * w.PAGE_SIZE if value is None else value
+        layer = next(layer for layer in layers if layer.layer_id in w.FULL_LAYERS)
+    return _fire(dump_dir, lambda: _decode(backend, layer, fb, len(batch.seq_lens)))
+
+
 def make_spec_context_limit_dump(dump_dir: Path, draft_tokens: int = 4, *, draft_decode: bool = False):
     """The last speculative step of a request at SGLang's length limit, built from real SGLang objects.
 
@@ -290,6 +314,9 @@ ALL = {
     "seqlens-exceed": make_seqlens_exceed_dump,
     "spec-context-limit": make_spec_context_limit_dump,
     "spec-context-limit-draft-decode": lambda d: make_spec_context_limit_dump(d, draft_decode=True),
+    "padding-page": make_padding_page_dump,
+    "kv-write": make_kv_write_dump,
+    "kv-write-swa": lambda d: make_kv_write_dump(d, swa=True),
     "swa-page0-free": make_swa_page0_free_dump,
     "swa-double-free": make_swa_double_free_dump,
     "swa-not-owned": make_swa_not_owned_dump,

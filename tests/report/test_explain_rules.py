@@ -60,7 +60,8 @@ def _numbers(text: str) -> list[int]:
 def test_registry_is_ordered_and_unique() -> None:
     ids = rule_ids()
     assert ids == ["sglang-26957", "negative-id", "stale-row", "swa-slot-out-of-range", "spec-rows-past-context",
-                   "seqlens-exceed-table", "sglang-38269", "sglang-27779", "sglang-25805"]
+                   "seqlens-exceed-table", "padding-page-for-real-request", "kv-write-out-of-range", "sglang-38269", "sglang-27779",
+                   "sglang-25805"]
     assert len(set(ids)) == len(RULES)
 
 
@@ -261,3 +262,39 @@ def test_free_path_rules_without_the_injection(real: dict[str, Dump]) -> None:
 def test_no_rule_matched_is_an_empty_list(real: dict[str, Dump], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("kvtrap.report.explain.RULES", [])
     assert explain(real["26957"]) == []
+
+
+def test_padding_page_for_real_request(real: dict[str, Dump], tmp_path: Path) -> None:
+    d = trapdumps.make_padding_page_dump(tmp_path / "padding", row=2, column=1)[0]
+    dump = load_dump(d)
+    assert dump.kind == Kind.PADDING_PAGE_FOR_REAL_REQUEST
+    findings = explain(dump)
+    assert findings[0].rule == "padding-page-for-real-request" and findings[0].confidence == "high"
+    f = findings[0]
+    # row 2 is request slot 3, 17 tokens = 2 live pages (from the dump's tensors)
+    assert any("1 live entr(ies)" in e and "row 2 is request slot 3 with cache_seqlens 17 (2 live pages)" in e
+               for e in f.evidence)
+    # never on the other attention or allocator dumps (their real rows hold no page 0)
+    for name, other in real.items():
+        assert "padding-page-for-real-request" not in _by_rule(explain(other)), name
+
+
+def test_kv_write_out_of_range(real: dict[str, Dump], tmp_path: Path) -> None:
+    full = load_dump(trapdumps.make_kv_write_dump(tmp_path / "full")[0])
+    assert full.kind == Kind.KV_WRITE_OUT_OF_RANGE
+    findings = explain(full)
+    assert [f.rule for f in findings] == ["kv-write-out-of-range"]
+    f = findings[0]
+    assert f.confidence == "high" and "allocator" in f.cause
+    assert any("`out_cache_loc`[1] = 1040, outside [0, 1040) of the full pool (1 bad location(s) of 3)" in e
+               for e in f.evidence)
+    assert any("1 of 3 location(s) out of range, at positions 1" in e for e in f.evidence)
+    swa = load_dump(trapdumps.make_kv_write_dump(tmp_path / "swa", swa=True)[0])
+    f = explain(swa)[0]
+    assert f.rule == "kv-write-out-of-range" and "translation" in f.cause
+    loc = int(swa.tensors["out_cache_loc"][2])
+    assert int(swa.tensors["swa_out_cache_loc"][2]) == loc
+    assert any(f"full-pool location at that position is {loc}: the SWA location equals it (never translated)" in e
+               for e in f.evidence)
+    for name, other in real.items():
+        assert "kv-write-out-of-range" not in _by_rule(explain(other)), name

@@ -17,6 +17,21 @@ Before ``TRTLLMHAAttnBackend.forward_decode`` / ``forward_extend`` run, for the 
 4. Values: the live prefix of every row (``ceil(cache_seqlens / page_size)`` entries) lies in
    ``[0, pages)``, and no row needs more pages than the table is wide. Scanned once per table per
    forward (one host sync), not once per layer; skipped while a CUDA graph is being captured.
+5. Page 0 for real requests (same scan, same sync): no live entry of the full ``page_table`` is the
+   reserved padding page 0 in a row whose request slot (``forward_batch.req_pool_indices``) is real
+   (not 0). CUDA-graph padding rows (slot 0, length 1) may read page 0. Not checked on the SWA table:
+   ``free_swa`` clears the mapping of tokens that left the window to 0, so page 0 is a legal id there
+   for pages outside the window. Not checked by the device guard either (see
+   :func:`kvtrap.capture.sglang_view.padding_page_slots`).
+
+6. KV writes (when the call stores K/V: ``save_kv_cache`` and ``k`` given): every location the layer's
+   store writes lies in ``[0, rows)`` of the pool it writes: ``forward_metadata.swa_out_cache_loc``
+   (the full->SWA translation, narrowed to the batch's tokens as SGLang narrows it) into the SWA
+   sub-pool for SWA layers (per the live ``layers_mapping``), ``forward_batch.out_cache_loc`` into the
+   full (or only) pool otherwise. Slot 0 (padding writes) is legal. Once per pool type per forward
+   (one host sync each), skipped while capturing and for translating (unified) pools. It checks the
+   range, not that a location belongs to the request (a wrong in-range slot overwrites another
+   request's KV unseen).
 
 Checks 1-3 are host-only attribute reads (a few microseconds) and also run during graph capture.
 """
@@ -26,7 +41,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvtrap.capture import checks
@@ -39,9 +54,13 @@ from kvtrap.capture.sglang_view import (
     layer_pages,
     layer_pool,
     layer_snapshot,
+    padding_page_slots,
     translating,
+    write_locs,
+    write_rows,
+    write_snapshot,
 )
-from kvtrap.capture.verdict import judge_layer
+from kvtrap.capture.verdict import judge_layer, judge_write
 
 MODULE = "sglang.srt.layers.attention.trtllm_mha_backend"
 CLASS = "TRTLLMHAAttnBackend"
@@ -60,6 +79,7 @@ class _ForwardCache:
     drift: dict[str, str]
     pages: dict[str, int]  # layer type -> pages of the pool such layers read
     scans: dict[tuple[str, int], checks.TableScan]
+    writes: dict[str, tuple[Any, int]] = field(default_factory=dict)  # pool type -> (locations, n) scanned clean
 
 
 _forwards: weakref.WeakKeyDictionary[Any, _ForwardCache] = weakref.WeakKeyDictionary()
@@ -73,11 +93,16 @@ def _forward_cache(backend: Any, md: Any, live: Any) -> _ForwardCache:
     return entry
 
 
-def _scan(entry: _ForwardCache, name: str, table: Any, page_size: int, bound: int) -> checks.TableScan:
+def _scan(
+    entry: _ForwardCache, name: str, table: Any, page_size: int, bound: int, forward_batch: Any
+) -> checks.TableScan:
     key = (name, bound)
     scan = entry.scans.get(key)
     if scan is None:
-        scan = checks.scan_page_table(table, entry.md.cache_seqlens_int32, page_size, bound)
+        scan = checks.scan_page_table(
+            table, entry.md.cache_seqlens_int32, page_size, bound,
+            req_slots=padding_page_slots(name, forward_batch),
+        )
         entry.scans[key] = scan
     return scan
 
@@ -111,7 +136,7 @@ def check_forward(backend: Any, layer: Any, forward_batch: Any, where: str) -> N
             f"page-table values are not checked for {type(live).__name__} (virtual ids or no pool size); "
             "index-space and drift checks still run",
         )
-    scan = None if capturing or bound is None else _scan(entry, handed_name, handed, page_size, bound)
+    scan = None if capturing or bound is None else _scan(entry, handed_name, handed, page_size, bound, forward_batch)
     if not (mismatch or drift) and (scan is None or scan.ok):
         if capturing and session.config.guard == "off":
             session.warn_once(
@@ -130,6 +155,46 @@ def check_forward(backend: Any, layer: Any, forward_batch: Any, where: str) -> N
                        safe_to_continue=verdict.safe_to_continue)
 
 
+# ----------------------------------------------------------------------------- the KV write check
+def check_write(backend: Any, layer: Any, forward_batch: Any, where: str) -> None:
+    """Before the layer's K/V store: every write location lies in ``[0, rows)`` of the pool it writes.
+
+    Scanned once per (forward, pool type) and cached (one host sync each), skipped while capturing.
+    """
+    session = current()
+    if session is None or forward_batch is None:
+        return
+    md = getattr(backend, "forward_metadata", None)
+    if md is None:
+        return
+    live = backend.token_to_kv_pool
+    layer_type, index_in_pool = layer_pool(live, int(layer.layer_id))
+    picked = write_locs(backend, forward_batch, layer_type)
+    if picked is None:
+        return
+    name, locs = picked
+    if checks.is_capturing(locs):
+        return  # no host sync inside a capture; the capture notice of check_forward says so
+    entry = _forward_cache(backend, md, live)
+    source = getattr(md, "swa_out_cache_loc", None) if name == "swa_out_cache_loc" else forward_batch.out_cache_loc
+    cached = entry.writes.get(layer_type)
+    if cached is not None and cached[0] is source and cached[1] == int(locs.shape[0]):
+        return  # this forward's locations for this pool were scanned clean already
+    rows = None if translating(backend) else write_rows(live, layer_type, int(backend.page_size))
+    if rows is None:
+        session.warn_once("no-write-bound", f"KV write locations are not checked for {type(live).__name__} "
+                          "(virtual ids or no pool size)")
+        return
+    bad = checks.scan_slots(locs, 0, rows)
+    if bad is None:
+        entry.writes[layer_type] = (source, int(locs.shape[0]))
+        return
+    view = write_snapshot(backend, layer, forward_batch, f"{CLASS}.{where}", layer_type=layer_type,
+                          index_in_pool=index_in_pool, name=name, locs=locs, rows=rows, capturing=False)
+    verdict = judge_write(view, bad)
+    session.report(verdict.violation, verdict.context, verdict.tensors, safe_to_continue=verdict.safe_to_continue)
+
+
 # ------------------------------------------------------------------------------------ wrappers
 def _wrap(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -139,6 +204,10 @@ def _wrap(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             forward_batch = args[4] if len(args) > 4 else kwargs.get("forward_batch")
             if layer is not None:
                 check_forward(self, layer, forward_batch, method)
+                k = args[1] if len(args) > 1 else kwargs.get("k")
+                save = args[5] if len(args) > 5 else kwargs.get("save_kv_cache", True)
+                if save and k is not None:
+                    check_write(self, layer, forward_batch, method)
             return original(self, *args, **kwargs)
 
         return wrapper
