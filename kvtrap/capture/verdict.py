@@ -128,7 +128,16 @@ def judge_layer(view: LayerSnapshot, scan: TableScan | None) -> Verdict | None:
             **base,
         )
 
-    context = Context(
+    context = _layer_context(view, tables=view.table_bounds)
+    tensors: dict[str, Any] = {}
+    if not view.capturing:  # copying device tensors to the host inside capture would abort it
+        tensors = {**view.tables, "cache_seqlens": view.cache_seqlens, "req_pool_indices": view.req_pool_indices}
+    return Verdict(violation, context, tensors, safe_to_continue=not unsafe)
+
+
+def _layer_context(view: LayerSnapshot | WriteSnapshot, **extra: Any) -> Context:
+    """The context every dump of one layer's attention call carries (the batch, the layer, the pools)."""
+    return Context(
         hook=view.where,
         forward_mode=view.forward_mode,
         speculative=view.speculative,
@@ -140,12 +149,8 @@ def judge_layer(view: LayerSnapshot, scan: TableScan | None) -> Verdict | None:
         pools=view.pools,
         live_pool=view.live_pool,
         backend=view.backend,
-        tables=view.table_bounds,
+        **extra,
     )
-    tensors: dict[str, Any] = {}
-    if not view.capturing:  # copying device tensors to the host inside capture would abort it
-        tensors = {**view.tables, "cache_seqlens": view.cache_seqlens, "req_pool_indices": view.req_pool_indices}
-    return Verdict(violation, context, tensors, safe_to_continue=not unsafe)
 
 
 def judge_write(view: WriteSnapshot, bad: BadEntries) -> Verdict:
@@ -176,20 +181,7 @@ def judge_write(view: WriteSnapshot, bad: BadEntries) -> Verdict:
         fatal=True,
         details={"out_cache_loc": full, "pool_rows": view.rows},
     )
-    context = Context(
-        hook=view.where,
-        forward_mode=view.forward_mode,
-        speculative=view.speculative,
-        batch_size=int(view.cache_seqlens.shape[0]),
-        page_size=view.page_size,
-        capturing=view.capturing,
-        layer=LayerInfo(id=view.layer_id, type=view.layer_type, window=view.window,
-                        index_in_pool=view.index_in_pool),
-        pools=view.pools,
-        live_pool=view.live_pool,
-        backend=view.backend,
-        num_tokens=int(view.locs.numel()),
-    )
+    context = _layer_context(view, num_tokens=int(view.locs.numel()))
     tensors: dict[str, Any] = {}
     if not view.capturing:
         tensors = {
