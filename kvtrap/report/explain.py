@@ -223,7 +223,6 @@ def full_pool_ids_on_swa_layer(f: Facts) -> Finding | None:
     if lp is not None and lp.class_:
         mode = f.context.forward_mode if f.context.forward_mode is not None else "?"
         evidence.append(f"live pool at forward time: {lp.class_} (forward mode {mode})")
-    inject = (f.record.config.inject if f.record.config is not None else None) or []
     steps = [
         "Check the draft worker's TRTLLMHAAttnBackend: `_swa_kv_pool` / `use_sliding_window_kv_pool` must come from"
         " the live (target) SWAKVPool, not from the draft runner's own pool (SGLang PRs #26966 / #27491 fixed this).",
@@ -232,7 +231,7 @@ def full_pool_ids_on_swa_layer(f: Facts) -> Finding | None:
         "If the backend swaps `token_to_kv_pool` at forward time (frozen-KV views), refresh its SWA state"
         " (`_swa_kv_pool`, `_swa_full_to_swa_mapping`, SWA page-table buffers) in the same place.",
     ]
-    if "sglang-26957" in inject:
+    if _injected(f, "sglang-26957"):
         steps.insert(0, "This dump was armed with KVTRAP_INJECT=sglang-26957: the bug was re-introduced on purpose.")
     on_swa = f.layer_type == "swa"
     title = (
@@ -748,9 +747,13 @@ def _free_evidence(f: Facts) -> list[str]:
     return out
 
 
-def _injected(f: Facts, name: str) -> bool:
+def _injected(f: Facts, name: str, evidence: list[str] | None = None) -> bool:
+    """Whether the dump's config re-introduced ``name`` on purpose; said in ``evidence`` when given."""
     cfg = f.record.config
-    return cfg is not None and name in (cfg.inject or [])
+    injected = cfg is not None and name in (cfg.inject or [])
+    if injected and evidence is not None:
+        evidence.append(f"the dump's config injects {name} (KVTRAP_INJECT)")
+    return injected
 
 
 @rule("sglang-38269")
@@ -763,8 +766,7 @@ def swa_page0_freed(f: Facts) -> Finding | None:
     if idx is not None:
         evidence.append(f"the call was given {np.asarray(idx).size} token slot(s); their SWA peers read as slot 0"
                         " (no SWA pair: already evicted from the window, or never given one)")
-    if _injected(f, "sglang-38269"):
-        evidence.append("the dump's config injects sglang-38269 (KVTRAP_INJECT)")
+    _injected(f, "sglang-38269", evidence)
     return Finding(
         rule="sglang-38269",
         title="The reserved SWA page 0 was about to enter the SWA free list (SGLang #38269)",
@@ -791,9 +793,7 @@ def swa_double_free(f: Facts) -> Finding | None:
     if f.kind != Kind.SWA_DOUBLE_FREE:
         return None
     evidence = _free_evidence(f)
-    injected = _injected(f, "sglang-27779")
-    if injected:
-        evidence.append("the dump's config injects sglang-27779 (KVTRAP_INJECT)")
+    injected = _injected(f, "sglang-27779", evidence)
     return Finding(
         rule="sglang-27779",
         title="An SWA page was about to be freed twice (SGLang #27779)",
@@ -818,9 +818,7 @@ def swa_free_not_owned(f: Facts) -> Finding | None:
     if f.kind != Kind.SWA_FREE_NOT_OWNED:
         return None
     evidence = _free_evidence(f)
-    injected = _injected(f, "sglang-25805")
-    if injected:
-        evidence.append("the dump's config injects sglang-25805 (KVTRAP_INJECT)")
+    injected = _injected(f, "sglang-25805", evidence)
     return Finding(
         rule="sglang-25805",
         title="A free was about to release another request's SWA page through a stale mapping (SGLang #25805)",
