@@ -208,35 +208,43 @@ def handed_table_name(md: Any, handed: Any) -> str:
     return "other"
 
 
+def _layer_call(backend: Any, layer: Any, forward_batch: Any, where: str, layer_type: str,
+                index_in_pool: int | None, capturing: bool) -> dict[str, Any]:  # fmt: skip
+    """The fields every snapshot of one layer's attention call shares: the layer, the batch, the pools."""
+    live = backend.token_to_kv_pool
+    page_size = int(backend.page_size)
+    window = getattr(layer, "sliding_window_size", None)
+    return {
+        "where": where,
+        "layer_id": int(layer.layer_id),
+        "layer_type": layer_type,
+        "window": None if window is None else int(window),
+        "index_in_pool": index_in_pool,
+        "page_size": page_size,
+        "pools": pool_summary(live, page_size),
+        "backend": backend_state(backend, live),
+        "live_pool": live_pool(live),
+        "forward_mode": forward_mode(forward_batch),
+        "speculative": None if forward_batch is None else getattr(forward_batch, "spec_info", None) is not None,
+        "req_pool_indices": getattr(forward_batch, "req_pool_indices", None),
+        "capturing": capturing,
+    }
+
+
 def layer_snapshot(
     backend: Any, layer: Any, forward_batch: Any, where: str, *, handed_name: str, layer_type: str,
     index_in_pool: int | None, bound: int | None, drift: dict[str, str], capturing: bool,
 ) -> LayerSnapshot:
     """The full snapshot of one layer's attention call (built only once something looks wrong)."""
     md = backend.forward_metadata
-    live = backend.token_to_kv_pool
-    page_size = int(backend.page_size)
-    window = getattr(layer, "sliding_window_size", None)
     return LayerSnapshot(
-        where=where,
-        layer_id=int(layer.layer_id),
-        layer_type=layer_type,
-        window=None if window is None else int(window),
-        index_in_pool=index_in_pool,
-        page_size=page_size,
+        **_layer_call(backend, layer, forward_batch, where, layer_type, index_in_pool, capturing),
         bound=bound,
         handed_name=handed_name,
         tables={"page_table": md.page_table, "swa_page_table": getattr(md, "swa_page_table", None)},
         cache_seqlens=md.cache_seqlens_int32,
         drift=drift,
-        pools=pool_summary(live, page_size),
-        backend=backend_state(backend, live),
-        live_pool=live_pool(live),
-        table_bounds=table_infos(md, handed_name, live, page_size),
-        forward_mode=forward_mode(forward_batch),
-        speculative=None if forward_batch is None else getattr(forward_batch, "spec_info", None) is not None,
-        req_pool_indices=getattr(forward_batch, "req_pool_indices", None),
-        capturing=capturing,
+        table_bounds=table_infos(md, handed_name, backend.token_to_kv_pool, int(backend.page_size)),
     )
 
 
@@ -419,27 +427,12 @@ def write_snapshot(
     name: str, locs: Any, rows: int, capturing: bool,
 ) -> WriteSnapshot:
     md = backend.forward_metadata
-    live = backend.token_to_kv_pool
-    page_size = int(backend.page_size)
-    window = getattr(layer, "sliding_window_size", None)
     return WriteSnapshot(
-        where=where,
-        layer_id=int(layer.layer_id),
-        layer_type=layer_type,
-        window=None if window is None else int(window),
-        index_in_pool=index_in_pool,
-        page_size=page_size,
+        **_layer_call(backend, layer, forward_batch, where, layer_type, index_in_pool, capturing),
         name=name,
         locs=locs,
         rows=rows,
         out_cache_loc=forward_batch.out_cache_loc,
         swa_out_cache_loc=getattr(md, "swa_out_cache_loc", None),
         cache_seqlens=getattr(md, "cache_seqlens_int32", None),
-        req_pool_indices=getattr(forward_batch, "req_pool_indices", None),
-        pools=pool_summary(live, page_size),
-        backend=backend_state(backend, live),
-        live_pool=live_pool(live),
-        forward_mode=forward_mode(forward_batch),
-        speculative=getattr(forward_batch, "spec_info", None) is not None,
-        capturing=capturing,
     )
