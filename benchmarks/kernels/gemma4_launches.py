@@ -17,6 +17,7 @@ Needs a CUDA GPU and SGLang's full runtime (``sglang.srt`` with its CUDA kernels
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -114,7 +115,6 @@ def main() -> int:
     os.environ["SGLANG_ROPE_CACHE_FP32"] = "1"
     if a.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    sys.path.insert(0, str(ROOT))
     import torch
 
     if not a.cpu_smoke and not torch.cuda.is_available():
@@ -130,7 +130,14 @@ def main() -> int:
     from kvtrap.kernels import sglang_gemma4
     from kvtrap.repro.report import versions
 
-    from tests.helpers import gemma4_world as world
+    # by file, not through sys.path: the repository root on sys.path makes its kernels/ folder shadow the
+    # PyPI package transformers probes for
+    spec = importlib.util.spec_from_file_location(
+        "gemma4_world", ROOT / "tests" / "helpers" / "gemma4_world.py"
+    )
+    assert spec is not None and spec.loader is not None
+    world = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(world)
 
     results: dict[str, Any] = {}
     for v in a.variants:
