@@ -414,9 +414,10 @@ def write_locs(backend: Any, forward_batch: Any, layer_type: str) -> tuple[str, 
     return "swa_out_cache_loc", swa[: loc.shape[0]]
 
 
-def write_rows(live: Any, layer_type: str, page_size: int) -> int | None:
-    """Token rows of the pool a layer of ``layer_type`` writes (``size + page_size``: slot 0's page is the
-    padding page); ``None``: no size known."""
+def layer_rows(live: Any, layer_type: str, page_size: int) -> int | None:
+    """Token rows of the pool a layer of ``layer_type`` reads and writes (``size + page_size``: slot 0's
+    page is the padding page): the bound of K/V write locations and of token-slot read ids (triton's and
+    flashinfer's ragged ``kv_indices`` at page size 1); ``None``: no size known."""
     sub = (live.swa_kv_pool if layer_type == SWA else live.full_kv_pool) if is_swa_pool(live) else live
     info = _sub_pool_pages(sub, page_size)
     return None if info is None else info.rows
@@ -435,4 +436,134 @@ def write_snapshot(
         out_cache_loc=forward_batch.out_cache_loc,
         swa_out_cache_loc=getattr(md, "swa_out_cache_loc", None),
         cache_seqlens=getattr(md, "cache_seqlens_int32", None),
+    )
+
+
+# ---------------------------------------------------------------------- ragged KV ids (triton, ...)
+#: The ragged index sets a backend builds, and the id space each is built for. Window rails hold SWA-pool
+#: ids only when the live pool is an SWA pool (``update_sliding_window_buffer`` translates them then);
+#: ``out_cache_loc`` / ``swa_out_cache_loc`` are the current tokens' ids the unified extend path appends.
+_RAIL_SPACE = {
+    "kv_indices": FULL,
+    "window_kv_indices": SWA,
+    "aligned_window_kv_indices": SWA,
+    "out_cache_loc": FULL,
+    "swa_out_cache_loc": SWA,
+}
+#: What a layer of each pool type is expected to be handed, for the dump's ``expected_table``.
+EXPECTED_RAIL = {(FULL, False): "kv_indices", (SWA, False): "window_kv_indices",
+                 (FULL, True): "out_cache_loc", (SWA, True): "swa_out_cache_loc"}
+
+
+def rail_space(name: str, live: Any, layer_type: str) -> str:
+    """The pool whose ids the rail ``name`` holds; ``layer_type`` for an unknown tensor (not judged)."""
+    space = _RAIL_SPACE.get(name, layer_type)
+    return FULL if space == SWA and not is_swa_pool(live) else space
+
+
+def rail_name(md: Any, forward_batch: Any, tensor: Any) -> str:
+    """Which of the metadata's (or batch's) ragged tensors ``tensor`` is, by identity; ``other`` if none."""
+    if forward_batch is not None and tensor is getattr(forward_batch, "out_cache_loc", None):
+        return "out_cache_loc"  # first: a swa_out_cache_loc that *is* out_cache_loc was never translated
+    for name in ("kv_indices", "window_kv_indices", "aligned_window_kv_indices", "swa_out_cache_loc"):
+        if tensor is not None and tensor is getattr(md, name, None):
+            return name
+    return "other"
+
+
+def triton_rail(md: Any, layer: Any) -> tuple[str, Any, Any] | None:
+    """(name, indptr, indices) ``TritonAttnBackend`` hands ``layer``'s decode / extend kernel: the window
+    rail for a layer with a sliding window (``sliding_window_size > -1``), else ``kv_indices``. ``None``
+    when the rail is missing (SGLang's own assert reports that)."""
+    window = getattr(layer, "sliding_window_size", None)
+    name = "window_kv_indices" if window is not None and window > -1 else "kv_indices"
+    indptr = getattr(md, name.replace("indices", "indptr"), None)
+    indices = getattr(md, name, None)
+    if indptr is None or indices is None:
+        return None
+    return name, indptr, indices
+
+
+@dataclass
+class RaggedSnapshot:
+    """One layer's ragged KV read: the rail handed (``indptr`` / ``indices``), and for the unified
+    (deterministic) extend path the current tokens' ids appended to it (``extend_name`` / ``extend_ids``).
+    Ids are token slots (the triton kernels split them into page and offset themselves): valid
+    ``[0, bound)`` with ``bound`` the token rows of the pool this layer reads."""
+
+    where: str
+    layer_id: int
+    layer_type: str
+    window: int | None
+    index_in_pool: int | None
+    page_size: int
+    bound: int | None
+    handed_name: str
+    handed_space: str
+    indptr: Any
+    indices: Any
+    extend_name: str | None
+    extend_space: str | None
+    extend_ids: Any
+    drift: dict[str, str]
+    cache_seqlens: Any  # the batch's seq_lens (context batch size, and the dump)
+    tensors: dict[str, Any]
+    table_bounds: dict[str, TableInfo]
+    pools: dict[str, PoolPages | None]
+    backend: BackendState
+    live_pool: LivePool
+    forward_mode: str | None = None
+    speculative: bool | None = None
+    req_pool_indices: Any = None
+    capturing: bool = False
+
+    @property
+    def mismatch(self) -> bool:
+        return self.handed_space != self.layer_type or (
+            self.extend_space is not None and self.extend_space != self.layer_type
+        )
+
+
+def ragged_snapshot(
+    backend: Any, layer: Any, forward_batch: Any, where: str, *, layer_type: str, index_in_pool: int | None,
+    handed: tuple[str, Any, Any], extend: tuple[str, Any] | None, bound: int | None, drift: dict[str, str],
+    capturing: bool,
+) -> RaggedSnapshot:
+    """The full snapshot of one layer's ragged read (built only once something looks wrong)."""
+    md = backend.forward_metadata
+    live = backend.token_to_kv_pool
+    page_size = int(backend.page_size)
+    name, indptr, indices = handed
+    tensors: dict[str, Any] = {}
+    infos: dict[str, TableInfo] = {}
+    for rail in ("kv_indices", "window_kv_indices", "aligned_window_kv_indices"):
+        ids = getattr(md, rail, None)
+        if ids is None:
+            continue
+        space = rail_space(rail, live, layer_type)
+        tensors[rail] = ids
+        tensors[rail.replace("indices", "indptr")] = getattr(md, rail.replace("indices", "indptr"), None)
+        infos[rail] = TableInfo(pool=space, bound=layer_rows(live, space, page_size),
+                                handed_to_layer=rail == name, shape=list(ids.shape))
+    if name not in infos:  # a rail the metadata does not hold (handed by the caller)
+        tensors[f"{name}_handed"], tensors[f"{name}_handed_indptr"] = indices, indptr
+    tensors["out_cache_loc"] = getattr(forward_batch, "out_cache_loc", None)
+    tensors["swa_out_cache_loc"] = getattr(md, "swa_out_cache_loc", None)
+    tensors["seq_lens"] = getattr(forward_batch, "seq_lens", None)
+    if extend is not None and extend[0] not in tensors:
+        tensors[extend[0]] = extend[1]
+    return RaggedSnapshot(
+        **_layer_call(backend, layer, forward_batch, where, layer_type, index_in_pool, capturing),
+        bound=bound,
+        handed_name=name,
+        handed_space=rail_space(name, live, layer_type),
+        indptr=indptr,
+        indices=indices,
+        extend_name=None if extend is None else extend[0],
+        extend_space=None if extend is None else rail_space(extend[0], live, layer_type),
+        extend_ids=None if extend is None else extend[1],
+        drift=drift,
+        cache_seqlens=getattr(forward_batch, "seq_lens", None),
+        tensors=tensors,
+        table_bounds=infos,
     )
