@@ -379,7 +379,7 @@ def set_triton_metadata(backend, alloc, batch: Batch, fb, *, prefix_lens=None, w
     _, fm = triton_classes()
     pool = backend.token_to_kv_pool
     lens = prefix_lens if prefix_lens is not None else batch.seq_lens
-    slots = [s[:n] for s, n in zip(batch.token_slots, lens)]
+    slots = [s[:n] for s, n in zip(batch.token_slots, lens, strict=True)]
     kv_indptr, kv_indices = _ragged(slots)
     mapping = alloc.full_to_swa_index_mapping if is_swa(pool) else None
     win_indptr, win_indices = _ragged([s[max(0, s.numel() - window):] for s in slots], mapping)
@@ -388,11 +388,11 @@ def set_triton_metadata(backend, alloc, batch: Batch, fb, *, prefix_lens=None, w
     md = fm(
         attn_logits=torch.empty(bs, 2, backend.max_kv_splits, 8) if decode else None,
         attn_lse=torch.empty(bs, 2, backend.max_kv_splits) if decode else None,
-        max_extend_len=None if decode else max(n - p for n, p in zip(batch.seq_lens, lens)),
+        max_extend_len=None if decode else max(n - p for n, p in zip(batch.seq_lens, lens, strict=True)),
         num_kv_splits=torch.full((bs,), backend.max_kv_splits, dtype=torch.int32) if decode else None,
         kv_indptr=kv_indptr,
         kv_indices=kv_indices,
-        qo_indptr=None if decode else _ragged([s[p:] for s, p in zip(batch.token_slots, lens)])[0],
+        qo_indptr=None if decode else _ragged([s[p:] for s, p in zip(batch.token_slots, lens, strict=True)])[0],
         custom_mask=None,
         mask_indptr=None,
         window_kv_indptr=win_indptr,
@@ -411,8 +411,8 @@ def make_extend_batch(batch: Batch, prefix_lens: list[int]):
     slots (the rest of each request's slots) are ``out_cache_loc``."""
     sg = sglang()
     bs = len(batch.seq_lens)
-    ext = [n - p for n, p in zip(batch.seq_lens, prefix_lens)]
-    out = torch.cat([s[p:] for s, p in zip(batch.token_slots, prefix_lens)])
+    ext = [n - p for n, p in zip(batch.seq_lens, prefix_lens, strict=True)]
+    out = torch.cat([s[p:] for s, p in zip(batch.token_slots, prefix_lens, strict=True)])
     starts = torch.zeros(bs, dtype=torch.int32)
     starts[1:] = torch.cumsum(torch.tensor(ext[:-1]), 0).to(torch.int32)
     return sg["ForwardBatch"](

@@ -51,11 +51,11 @@ from kvtrap.capture.sglang_view import (
     handed_table_name,
     layer_pages,
     layer_pool,
+    layer_rows,
     layer_snapshot,
     padding_page_slots,
     translating,
     write_locs,
-    layer_rows,
     write_snapshot,
 )
 from kvtrap.capture.verdict import judge_layer, judge_write
