@@ -287,27 +287,12 @@ class KernelRecorder:
 
     def __init__(self, real, result=None):
         self.real = real
-        self.result = result  # computes what the launch would return (a CPU reference), if anything
+        self.result = result  # what computes the launch's return value, if the caller needs one
         self.calls: list[tuple] = []
 
     def __call__(self, *args, **kwargs):
         self.calls.append(tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
         return None if self.result is None else self.result(*args)
-
-
-def unified_kv_indices_reference(prefix_indptr, prefix_indices, extend_start_loc, extend_seq_lens, extend_ids, bs):
-    """What SGLang's ``build_unified_kv_indices`` (a Triton gather) returns, in torch: per request its prefix
-    ids, then its extend tokens' ids."""
-    prefix_lens = prefix_indptr[1 : bs + 1] - prefix_indptr[:bs]
-    parts = []
-    for r in range(bs):
-        parts.append(prefix_indices[int(prefix_indptr[r]) : int(prefix_indptr[r + 1])])
-        start = int(extend_start_loc[r])
-        parts.append(extend_ids[start : start + int(extend_seq_lens[r])])
-    lens = prefix_lens + extend_seq_lens[:bs]
-    indptr = torch.zeros(bs + 1, dtype=torch.int32)
-    indptr[1:] = torch.cumsum(lens, 0)
-    return indptr, torch.cat(parts).to(torch.int64), prefix_lens
 
 
 def triton_classes():
@@ -348,8 +333,9 @@ def make_triton_backend(pool, *, deterministic: bool = False):
     backend.decode_attention_fwd = KernelRecorder(decode_attention.decode_attention_fwd)
     backend.extend_attention_fwd = KernelRecorder(extend_attention.extend_attention_fwd)
     backend.extend_attention_fwd_unified = KernelRecorder(extend_attention.extend_attention_fwd_unified)
-    backend.build_unified_kv_indices = KernelRecorder(extend_attention.build_unified_kv_indices,
-                                                      unified_kv_indices_reference)
+    # an index gather, not attention: it runs for real (in Triton's interpreter on a CPU machine)
+    real_build = extend_attention.build_unified_kv_indices
+    backend.build_unified_kv_indices = KernelRecorder(real_build, real_build)
     backend.forward_metadata = None
     return backend
 
@@ -386,8 +372,8 @@ def set_triton_metadata(backend, alloc, batch: Batch, fb, *, prefix_lens=None, w
     bs = len(batch.seq_lens)
     decode = prefix_lens is None
     md = fm(
-        attn_logits=torch.empty(bs, 2, backend.max_kv_splits, 8) if decode else None,
-        attn_lse=torch.empty(bs, 2, backend.max_kv_splits) if decode else None,
+        attn_logits=torch.zeros(bs, 2, backend.max_kv_splits, 8) if decode else None,
+        attn_lse=torch.zeros(bs, 2, backend.max_kv_splits) if decode else None,
         max_extend_len=None if decode else max(n - p for n, p in zip(batch.seq_lens, lens, strict=True)),
         num_kv_splits=torch.full((bs,), backend.max_kv_splits, dtype=torch.int32) if decode else None,
         kv_indptr=kv_indptr,

@@ -303,6 +303,70 @@ def make_27779_dump(dump_dir: Path):
 def make_25805_dump(dump_dir: Path):
     return fire_world(dump_dir, bug_25805_world, inject=("sglang-25805",))
 
+# ------------------------------------------------------------------------------------ triton backend
+TRITON_WINDOW = 48  # smaller than the requests, so window rails really are the last tokens of each
+
+
+def triton_world(seq_lens=(40, 100, 17), *, prefix_lens=None, deterministic=False, fill_pages: int = 0):
+    """Pool, allocator, layers, a batch, a real TritonAttnBackend with its metadata set, and the batch:
+    decode (``prefix_lens`` None) or extend (the first ``prefix_lens`` tokens cached). ``fill_pages`` as in
+    :func:`decode_world` (full-pool ids start high)."""
+    pool = w.make_pool()
+    alloc = w.make_allocator(pool)
+    for _ in range(fill_pages // 8):
+        older = w.allocate_requests(alloc, [8 * w.PAGE_SIZE])
+        alloc.free_swa(older.token_slots[0])
+    batch = w.allocate_requests(alloc, list(seq_lens))
+    layers = w.make_layers(window=TRITON_WINDOW)
+    backend = w.make_triton_backend(pool, deterministic=deterministic)
+    if prefix_lens is None:
+        fb = w.make_forward_batch(batch)
+    else:
+        fb = w.make_extend_batch(batch, list(prefix_lens))
+    w.set_triton_metadata(backend, alloc, batch, fb, prefix_lens=prefix_lens, window=TRITON_WINDOW)
+    return pool, alloc, layers, batch, backend, fb
+
+
+def triton_qkv(fb, seed: int = 0):
+    n = int(fb.out_cache_loc.numel())
+    return w.qkv(n, seed)
+
+
+def triton_call(backend, layer, fb, seed: int = 0):
+    q, k, v = triton_qkv(fb, seed)
+    method = backend.forward_decode if fb.forward_mode.is_decode() else backend.forward_extend
+    return method(q, k, v, layer, fb)
+
+
+def make_triton_out_of_range_dump(dump_dir: Path, value: int | None = None):
+    """A window id past the SWA pool's rows, handed to the first SWA layer's decode kernel."""
+    _, _, layers, _, backend, fb = triton_world()
+    backend.forward_metadata.window_kv_indices[5] = w.SWA_PAGES * w.PAGE_SIZE + w.PAGE_SIZE if value is None else value
+    return _fire(dump_dir, lambda: triton_call(backend, layers[0], fb))
+
+
+def make_triton_indptr_dump(dump_dir: Path):
+    """kv_indptr that decreases (request 1's range ends before it starts), handed to a full layer."""
+    _, _, layers, _, backend, fb = triton_world()
+    backend.forward_metadata.kv_indptr[2] = 3
+    full = next(layer for layer in layers if layer.layer_id in w.FULL_LAYERS)
+    return _fire(dump_dir, lambda: triton_call(backend, full, fb))
+
+
+def make_24394_dump(dump_dir: Path, *, high_fill: bool = True):
+    """SGLang #24394 injected: deterministic extend appends full-pool ids for an SWA layer. ``high_fill``:
+    the batch's full-pool ids are past the SWA pool's rows (where it faulted upstream)."""
+    _, _, layers, _, backend, fb = triton_world(prefix_lens=(30, 90, 10), deterministic=True,
+                                                fill_pages=32 if high_fill else 0)
+    with kvtrap.armed(mode="raise", dump_dir=str(dump_dir), inject=("sglang-24394",)):
+        try:
+            triton_call(backend, layers[0], fb)
+        except kvtrap.KVTrapError as err:
+            assert err.dump_path is not None, err.dump_error
+            return err.dump_path, err
+    raise AssertionError("the trap did not fire")
+
+
 ALL = {
     "swa-slot": make_swa_slot_dump,
     "26957": make_26957_dump,
@@ -323,4 +387,7 @@ ALL = {
     "38269": make_38269_dump,
     "27779": make_27779_dump,
     "25805": make_25805_dump,
+    "triton-out-of-range": make_triton_out_of_range_dump,
+    "triton-indptr": make_triton_indptr_dump,
+    "24394": make_24394_dump,
 }
