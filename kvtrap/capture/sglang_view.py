@@ -439,10 +439,21 @@ def write_snapshot(
     )
 
 
-# ---------------------------------------------------------------------- ragged KV ids (triton, ...)
-#: The ragged index sets a backend builds, and the id space each is built for. Window rails hold SWA-pool
-#: ids only when the live pool is an SWA pool (``update_sliding_window_buffer`` translates them then);
-#: ``out_cache_loc`` / ``swa_out_cache_loc`` are the current tokens' ids the unified extend path appends.
+# ------------------------------------------------------------------ ragged KV ids (triton, flashinfer)
+@dataclass(frozen=True)
+class Rail:
+    """One ragged (CSR) index set a backend reads K/V through: offsets, ids, and the pool whose id space
+    the backend built it for. Ids are token slots (the kernels split them into page and offset, or plan
+    with page size 1), so they are bounded by the token rows of a pool."""
+
+    name: str  # "kv_indices", "window_kv_indices", "aligned_window_kv_indices", "out_cache_loc", ...
+    indptr: Any
+    indices: Any
+    space: str  # FULL or SWA
+
+
+#: The id space of each index set (and of the ids the unified extend appends). Window rails hold SWA-pool
+#: ids only when the live pool is an SWA pool (``update_sliding_window_buffer`` translates them then).
 _RAIL_SPACE = {
     "kv_indices": FULL,
     "window_kv_indices": SWA,
@@ -456,40 +467,75 @@ EXPECTED_RAIL = {(FULL, False): "kv_indices", (SWA, False): "window_kv_indices",
 
 
 def rail_space(name: str, live: Any, layer_type: str) -> str:
-    """The pool whose ids the rail ``name`` holds; ``layer_type`` for an unknown tensor (not judged)."""
+    """The pool whose ids the triton index set ``name`` holds; ``layer_type`` for an unknown tensor."""
     space = _RAIL_SPACE.get(name, layer_type)
     return FULL if space == SWA and not is_swa_pool(live) else space
 
 
 def rail_name(md: Any, forward_batch: Any, tensor: Any) -> str:
-    """Which of the metadata's (or batch's) ragged tensors ``tensor`` is, by identity; ``other`` if none."""
+    """Which of the metadata's (or batch's) ragged tensors ``tensor`` is, by identity; ``handed_kv_indices``
+    (an id space not known, so not judged) if none."""
     if forward_batch is not None and tensor is getattr(forward_batch, "out_cache_loc", None):
         return "out_cache_loc"  # first: a swa_out_cache_loc that *is* out_cache_loc was never translated
     for name in ("kv_indices", "window_kv_indices", "aligned_window_kv_indices", "swa_out_cache_loc"):
         if tensor is not None and tensor is getattr(md, name, None):
             return name
-    return "other"
+    return "handed_kv_indices"
 
 
-def triton_rail(md: Any, layer: Any) -> tuple[str, Any, Any] | None:
-    """(name, indptr, indices) ``TritonAttnBackend`` hands ``layer``'s decode / extend kernel: the window
-    rail for a layer with a sliding window (``sliding_window_size > -1``), else ``kv_indices``. ``None``
-    when the rail is missing (SGLang's own assert reports that)."""
+def triton_rails(md: Any, live: Any, layer_type: str) -> dict[str, Rail]:
+    """The index sets of a ``TritonAttnBackend`` forward (``ForwardMetadata``) that exist."""
+    out = {}
+    for name in ("kv_indices", "window_kv_indices", "aligned_window_kv_indices"):
+        indptr, indices = getattr(md, name.replace("indices", "indptr"), None), getattr(md, name, None)
+        if indptr is not None and indices is not None:
+            out[name] = Rail(name, indptr, indices, rail_space(name, live, layer_type))
+    return out
+
+
+def triton_handed(layer: Any) -> str:
+    """The index set ``TritonAttnBackend`` hands ``layer``'s decode / extend kernel: the window rail for a
+    layer with a sliding window (``sliding_window_size > -1``), else ``kv_indices``."""
     window = getattr(layer, "sliding_window_size", None)
-    name = "window_kv_indices" if window is not None and window > -1 else "kv_indices"
-    indptr = getattr(md, name.replace("indices", "indptr"), None)
-    indices = getattr(md, name, None)
-    if indptr is None or indices is None:
+    return "window_kv_indices" if window is not None and window > -1 else "kv_indices"
+
+
+def flashinfer_rails(backend: Any, md: Any, live: Any) -> dict[str, Rail] | None:
+    """The ids each FlashInfer wrapper of this forward was planned with (``_paged_kv_indptr_buf`` /
+    ``_paged_kv_indices_buf``: what ``plan`` stores and ``run`` reads), by index-set name: with a sliding
+    window, wrapper 0 (``window_kv_indices``) serves window layers and wrapper 1 (``kv_indices``) the rest.
+
+    Wrapper 0's ids are SWA-pool ids only if the indices updater that planned them translated them: it
+    does when its cached ``_swa_kv_pool`` (resolved at init) is set. ``None``: no paged wrappers planned.
+    """
+    wrappers = getattr(md, "decode_wrappers", None) or getattr(md, "prefill_wrappers", None)
+    if not wrappers:
         return None
-    return name, indptr, indices
+    updater = getattr(backend, "indices_updater_decode" if hasattr(md, "decode_wrappers")
+                      else "indices_updater_prefill", None)
+    window = getattr(getattr(backend, "dispatch_reason", None), "name", None) == "SLIDING_WINDOW"
+    translated = is_swa_pool(live) and getattr(updater, "_swa_kv_pool", None) is not None
+    out = {}
+    for idx, wrapper in enumerate(wrappers[:2]):
+        name = "window_kv_indices" if window and idx == 0 else "kv_indices"
+        indptr = getattr(wrapper, "_paged_kv_indptr_buf", None)
+        indices = getattr(wrapper, "_paged_kv_indices_buf", None)
+        if indptr is not None and indices is not None:
+            out[name] = Rail(name, indptr, indices, SWA if name == "window_kv_indices" and translated else FULL)
+    return out
+
+
+def flashinfer_handed(backend: Any, layer: Any) -> str:
+    """The index set ``FlashInferAttnBackend`` runs ``layer`` on (its ``_get_wrapper_idx``)."""
+    window = getattr(getattr(backend, "dispatch_reason", None), "name", None) == "SLIDING_WINDOW"
+    return "window_kv_indices" if window and int(backend._get_wrapper_idx(layer)) == 0 else "kv_indices"
 
 
 @dataclass
 class RaggedSnapshot:
-    """One layer's ragged KV read: the rail handed (``indptr`` / ``indices``), and for the unified
-    (deterministic) extend path the current tokens' ids appended to it (``extend_name`` / ``extend_ids``).
-    Ids are token slots (the triton kernels split them into page and offset themselves): valid
-    ``[0, bound)`` with ``bound`` the token rows of the pool this layer reads."""
+    """One layer's ragged KV read: the index set handed (``handed``), and for triton's unified
+    (deterministic) extend the current tokens' ids appended to it (``extend``, a :class:`Rail` without
+    offsets). Valid ids: ``[0, bound)``, ``bound`` the token rows of the pool this layer reads."""
 
     where: str
     layer_id: int
@@ -498,13 +544,8 @@ class RaggedSnapshot:
     index_in_pool: int | None
     page_size: int
     bound: int | None
-    handed_name: str
-    handed_space: str
-    indptr: Any
-    indices: Any
-    extend_name: str | None
-    extend_space: str | None
-    extend_ids: Any
+    handed: Rail
+    extend: Rail | None
     drift: dict[str, str]
     cache_seqlens: Any  # the batch's seq_lens (context batch size, and the dump)
     tensors: dict[str, Any]
@@ -518,50 +559,39 @@ class RaggedSnapshot:
     capturing: bool = False
 
     @property
+    def handed_name(self) -> str:
+        return self.handed.name
+
+    @property
     def mismatch(self) -> bool:
-        return self.handed_space != self.layer_type or (
-            self.extend_space is not None and self.extend_space != self.layer_type
-        )
+        return self.handed.space != self.layer_type or (self.extend is not None and self.extend.space != self.layer_type)
 
 
 def ragged_snapshot(
     backend: Any, layer: Any, forward_batch: Any, where: str, *, layer_type: str, index_in_pool: int | None,
-    handed: tuple[str, Any, Any], extend: tuple[str, Any] | None, bound: int | None, drift: dict[str, str],
+    rails: dict[str, Rail], handed: Rail, extend: Rail | None, bound: int | None, drift: dict[str, str],
     capturing: bool,
 ) -> RaggedSnapshot:
     """The full snapshot of one layer's ragged read (built only once something looks wrong)."""
-    md = backend.forward_metadata
     live = backend.token_to_kv_pool
     page_size = int(backend.page_size)
-    name, indptr, indices = handed
     tensors: dict[str, Any] = {}
     infos: dict[str, TableInfo] = {}
-    for rail in ("kv_indices", "window_kv_indices", "aligned_window_kv_indices"):
-        ids = getattr(md, rail, None)
-        if ids is None:
-            continue
-        space = rail_space(rail, live, layer_type)
-        tensors[rail] = ids
-        tensors[rail.replace("indices", "indptr")] = getattr(md, rail.replace("indices", "indptr"), None)
-        infos[rail] = TableInfo(pool=space, bound=layer_rows(live, space, page_size),
-                                handed_to_layer=rail == name, shape=list(ids.shape))
-    if name not in infos:  # a rail the metadata does not hold (handed by the caller)
-        tensors[f"{name}_handed"], tensors[f"{name}_handed_indptr"] = indices, indptr
+    for rail in {**rails, handed.name: handed}.values():
+        tensors[rail.name] = rail.indices
+        tensors[rail.name.replace("indices", "indptr")] = rail.indptr
+        infos[rail.name] = TableInfo(pool=rail.space, bound=layer_rows(live, rail.space, page_size),
+                                     handed_to_layer=rail.name == handed.name, shape=list(rail.indices.shape))
     tensors["out_cache_loc"] = getattr(forward_batch, "out_cache_loc", None)
-    tensors["swa_out_cache_loc"] = getattr(md, "swa_out_cache_loc", None)
+    tensors["swa_out_cache_loc"] = getattr(backend.forward_metadata, "swa_out_cache_loc", None)
     tensors["seq_lens"] = getattr(forward_batch, "seq_lens", None)
-    if extend is not None and extend[0] not in tensors:
-        tensors[extend[0]] = extend[1]
+    if extend is not None and extend.name not in tensors:
+        tensors[extend.name] = extend.indices
     return RaggedSnapshot(
         **_layer_call(backend, layer, forward_batch, where, layer_type, index_in_pool, capturing),
         bound=bound,
-        handed_name=name,
-        handed_space=rail_space(name, live, layer_type),
-        indptr=indptr,
-        indices=indices,
-        extend_name=None if extend is None else extend[0],
-        extend_space=None if extend is None else rail_space(extend[0], live, layer_type),
-        extend_ids=None if extend is None else extend[1],
+        handed=handed,
+        extend=extend,
         drift=drift,
         cache_seqlens=getattr(forward_batch, "seq_lens", None),
         tensors=tensors,

@@ -219,13 +219,13 @@ def judge_ragged(view: RaggedSnapshot, scan: RaggedScan | None, extend_bad: BadE
         return None
     malformed = scan is not None and scan.indptr_problem is not None
     bad = (scan.bad if scan is not None else None) or extend_bad
-    on_extend = bad is not None and bad is extend_bad
-    table = (view.extend_name if on_extend else view.handed_name) or view.handed_name
+    on_extend = bad is not None and bad is extend_bad and view.extend is not None
+    table = view.extend.name if on_extend else view.handed.name  # type: ignore[union-attr]
     fatal = malformed or bad is not None
     unsafe = fatal or (mismatch and scan is None)
-    wrong_extend = view.extend_space is not None and view.extend_space != view.layer_type
-    handed = view.extend_name if wrong_extend and view.handed_space == view.layer_type else view.handed_name
-    expected = EXPECTED_RAIL[(view.layer_type, handed == view.extend_name)]
+    wrong_extend = view.extend is not None and view.extend.space != view.layer_type
+    handed = view.extend.name if wrong_extend and view.handed.space == view.layer_type else view.handed.name  # type: ignore[union-attr]
+    expected = EXPECTED_RAIL[(view.layer_type, view.extend is not None and handed == view.extend.name)]
     base: dict[str, Any] = {
         "where": view.where, "layer_id": view.layer_id, "layer_type": view.layer_type, "window": view.window,
         "table": handed if mismatch else table, "pool": view.layer_type, "lower": 0, "bound": view.bound,
@@ -234,8 +234,8 @@ def judge_ragged(view: RaggedSnapshot, scan: RaggedScan | None, extend_bad: BadE
     if bad is not None:
         base.update(row=bad.row, column=bad.column, value=bad.value, count=bad.count, rows=bad.rows)
     details: dict[str, Any] = {"expected_table": expected, "handed_table": handed}
-    if view.extend_name is not None:
-        details["extend_ids"] = view.extend_name
+    if view.extend is not None:
+        details["extend_ids"] = view.extend.name
     if view.drift:
         details["drift"] = view.drift
     if mismatch:
@@ -251,13 +251,13 @@ def judge_ragged(view: RaggedSnapshot, scan: RaggedScan | None, extend_bad: BadE
         assert scan is not None
         indptr_name = view.handed_name.replace("indices", "indptr")
         # a range says something for the first and last offsets only: [0, 1) and [0, len(ids)]
-        edge = {"start": 1, "overrun": int(view.indices.numel()) + 1}.get(scan.indptr_problem)
+        edge = {"start": 1, "overrun": int(view.handed.indices.numel()) + 1}.get(scan.indptr_problem)
         base.update(table=indptr_name, row=scan.indptr_at, column=None, count=1, lower=None if edge is None else 0,
                     value=None if edge is None else scan.indptr_value, bound=edge)
         details.update(indptr_problem=scan.indptr_problem, indptr_value=scan.indptr_value)
         kind, summary = Kind.KV_INDPTR_MALFORMED, (
             f"{indptr_name} {_INDPTR_PROBLEM[scan.indptr_problem]}: [{scan.indptr_at}] = {scan.indptr_value}"
-            f" ({view.handed_name} holds {int(view.indices.numel())} ids)")
+            f" ({view.handed_name} holds {int(view.handed.indices.numel())} ids)")
     else:
         assert bad is not None
         where_in = f"position {bad.row}" if on_extend else f"request {bad.row}, position {bad.column}"

@@ -33,7 +33,7 @@ def test_eager_cuda_scan_traps_a_bad_window_id(tmp_path):
     layers, backend, fb = cuda_world()
     backend.forward_metadata.window_kv_indices[7] = 10**6
     with kvtrap.armed(dump_dir=str(tmp_path)), pytest.raises(kvtrap.KVTrapError) as info:
-        triton_hook.check_ragged(backend, layers[0], fb, "forward_decode")
+        triton_hook.check_layer(backend, layers[0], fb, "forward_decode")
     v = info.value.violation
     assert (v.kind, v.table, v.value) == ("kv_indices_out_of_range", "window_kv_indices", 10**6)
 
@@ -47,5 +47,5 @@ def test_no_scan_and_no_sync_while_capturing(tmp_path, monkeypatch):
     stream = torch.cuda.Stream()
     with kvtrap.armed(dump_dir=str(tmp_path)), torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
         for layer in layers:  # any host sync here aborts the capture
-            triton_hook.check_ragged(backend, layer, fb, "forward_decode")
+            triton_hook.check_layer(backend, layer, fb, "forward_decode")
     assert scans == [] and not list(tmp_path.iterdir())

@@ -27,20 +27,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from kvtrap.capture import checks
-from kvtrap.capture.forward_cache import ForwardCache, forward_cache
 from kvtrap.capture.patching import MethodTarget
-from kvtrap.capture.session import Session, current
-from kvtrap.capture.sglang_view import (
-    layer_pool,
-    layer_rows,
-    ragged_snapshot,
-    rail_name,
-    rail_space,
-    translating,
-    triton_rail,
-)
-from kvtrap.capture.verdict import judge_ragged
+from kvtrap.capture.ragged import check_ragged
+from kvtrap.capture.session import current
+from kvtrap.capture.sglang_view import Rail, layer_pool, rail_name, rail_space, triton_handed, triton_rails
 
 MODULE = "sglang.srt.layers.attention.triton_backend"
 CLASS = "TritonAttnBackend"
@@ -48,71 +38,24 @@ CLASS = "TritonAttnBackend"
 ATTENTION_BACKEND = "triton"
 
 
-def _rows(session: Session, entry: ForwardCache, backend: Any, live: Any, layer_type: str) -> int | None:
-    if layer_type not in entry.pages:
-        entry.pages[layer_type] = None if translating(backend) else layer_rows(live, layer_type, int(backend.page_size))
-        if entry.pages[layer_type] is None:
-            session.warn_once("no-ragged-bound", f"ragged KV ids are not range-checked for {type(live).__name__}"
-                              " (virtual ids or no pool size); index-space and drift checks still run")
-    return entry.pages[layer_type]
+def _rails(backend: Any) -> Callable[[Any, str], dict[str, Rail]]:
+    return lambda live, layer_type: triton_rails(backend.forward_metadata, live, layer_type)
 
 
-def _scan_once(entry: ForwardCache, key: tuple[Any, ...], scan: Callable[[], Any]) -> Any:
-    if key not in entry.scans:
-        entry.scans[key] = scan()
-    return entry.scans[key]
-
-
-def check_ragged(
-    backend: Any, layer: Any, forward_batch: Any, where: str,
-    handed: tuple[str, Any, Any] | None = None, extend_ids: Any = None,
-) -> None:
-    """Check the rail ``layer`` is handed (``handed``: name, indptr, indices; by default the one SGLang's
-    forward picks) and, for the unified extend path, the ids appended to it (``extend_ids``)."""
-    session = current()
-    if session is None:
-        return
-    md = getattr(backend, "forward_metadata", None)
-    if md is None:
-        return
-    rail = handed if handed is not None else triton_rail(md, layer)
-    if rail is None:
-        return  # no rail for this layer: SGLang's own assert says so right after us
-    name, indptr, indices = rail
-    live = backend.token_to_kv_pool
-    layer_type, index_in_pool = layer_pool(live, int(layer.layer_id))
-    entry = forward_cache(backend, md, live)
-    extend = None if extend_ids is None else (rail_name(md, forward_batch, extend_ids), extend_ids)
-    mismatch = rail_space(name, live, layer_type) != layer_type or (
-        extend is not None and rail_space(extend[0], live, layer_type) != layer_type)
-    capturing = checks.is_capturing(indices)
-    bound = _rows(session, entry, backend, live, layer_type)
-    scan = extend_bad = None
-    if not capturing and bound is not None:
-        scan = _scan_once(entry, (name, id(indices), bound), lambda: checks.scan_ragged(indptr, indices, bound))
-        if extend is not None:
-            extend_bad = _scan_once(entry, (extend[0], id(extend_ids), bound),
-                                    lambda: checks.scan_slots(extend_ids, 0, bound))
-    if not (mismatch or entry.drift or extend_bad is not None) and (scan is None or scan.ok):
-        if capturing and session.config.guard == "off":
-            session.warn_once("capture-ragged", "ragged KV ids are not value-checked inside CUDA-graph capture or"
-                              " replay (host checks only); run eager to check them every step")
-        return  # the common case: a few attribute reads, no sync
-    view = ragged_snapshot(
-        backend, layer, forward_batch, f"{CLASS}.{where}", layer_type=layer_type, index_in_pool=index_in_pool,
-        handed=rail, extend=extend, bound=bound, drift=entry.drift, capturing=capturing,
-    )
-    verdict = judge_ragged(view, scan, extend_bad)
-    if verdict is not None:
-        session.report(verdict.violation, verdict.context, verdict.tensors, safe_to_continue=verdict.safe_to_continue)
+def check_layer(backend: Any, layer: Any, forward_batch: Any, where: str) -> None:
+    check_ragged(backend, layer, forward_batch, f"{CLASS}.{where}", _rails(backend), triton_handed(layer))
 
 
 # ------------------------------------------------------------------------------------ wrappers
 def _checked_unified_build(backend: Any, layer: Any, forward_batch: Any, build: Callable[..., Any]) -> Callable[..., Any]:
     def checked_build(prefix_indptr: Any, prefix_indices: Any, start: Any, lens: Any, ids: Any, bs: int) -> Any:
-        name = rail_name(backend.forward_metadata, forward_batch, prefix_indices)
-        check_ragged(backend, layer, forward_batch, "_forward_extend_unified",
-                     handed=(name, prefix_indptr, prefix_indices), extend_ids=ids)
+        md, live = backend.forward_metadata, backend.token_to_kv_pool
+        layer_type = layer_pool(live, int(layer.layer_id))[0]
+        prefix = rail_name(md, forward_batch, prefix_indices)
+        appended = rail_name(md, forward_batch, ids)
+        check_ragged(backend, layer, forward_batch, f"{CLASS}._forward_extend_unified", _rails(backend),
+                     Rail(prefix, prefix_indptr, prefix_indices, rail_space(prefix, live, layer_type)),
+                     extend=Rail(appended, None, ids, rail_space(appended, live, layer_type)))
         return build(prefix_indptr, prefix_indices, start, lens, ids, bs)
 
     return checked_build
@@ -128,7 +71,7 @@ def _forward(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                 return original(self, *args, **kwargs)
             build = self.__dict__.get("build_unified_kv_indices")
             if method != "forward_extend" or not getattr(self, "enable_deterministic", False) or build is None:
-                check_ragged(self, layer, forward_batch, method)
+                check_layer(self, layer, forward_batch, method)
                 return original(self, *args, **kwargs)
             # Deterministic extend reads prefix + current ids merged by build_unified_kv_indices inside
             # _forward_extend_unified: checked on the arguments really handed to it. It is an instance
