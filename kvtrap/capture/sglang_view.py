@@ -72,17 +72,12 @@ def find_drift(backend: Any, live: Any) -> dict[str, str]:
     if not is_swa_pool(live):
         return {}
     problems: dict[str, str] = {}
-    live_desc = f"{type(live).__name__}@{id(live):#x}"
-    cached = getattr(backend, "_swa_kv_pool", _MISSING)
-    if cached is None:
-        problems["_swa_kv_pool"] = f"None, but the live pool is {live_desc}"
-    elif cached is not _MISSING and cached is not live:
-        # Equivalent when it shares the live pool's SWA buffers and mapping (a different wrapper object).
-        same = getattr(cached, "swa_kv_pool", None) is live.swa_kv_pool and getattr(
-            cached, "full_to_swa_index_mapping", None
-        ) is getattr(live, "full_to_swa_index_mapping", None)
-        if not same:
-            problems["_swa_kv_pool"] = f"{type(cached).__name__}@{id(cached):#x}, not the live {live_desc}"
+    # flashinfer's indices updaters copy the backend's pool at init and decide the translation from it
+    for owner, prefix in ((backend, ""), (getattr(backend, "indices_updater_decode", None), "indices_updater_decode."),
+                          (getattr(backend, "indices_updater_prefill", None), "indices_updater_prefill.")):
+        problem = _stale_pool(getattr(owner, "_swa_kv_pool", _MISSING), live)
+        if problem:
+            problems[prefix + "_swa_kv_pool"] = problem
     if getattr(backend, "use_sliding_window_kv_pool", True) is False:
         problems["use_sliding_window_kv_pool"] = "False, but the live pool is an SWA pool"
     mapping = getattr(backend, "_swa_full_to_swa_mapping", _MISSING)  # read in-graph since 0.5.15
@@ -94,6 +89,20 @@ def find_drift(backend: Any, live: Any) -> dict[str, str]:
         elif live_mapping is not None and mapping is not live_mapping:
             problems["_swa_full_to_swa_mapping"] = "a different tensor than the live pool's mapping"
     return problems
+
+
+def _stale_pool(cached: Any, live: Any) -> str | None:
+    """Why a cached SWA pool is not the live one, or ``None`` (also when nothing is cached)."""
+    live_desc = f"{type(live).__name__}@{id(live):#x}"
+    if cached is None:
+        return f"None, but the live pool is {live_desc}"
+    if cached is _MISSING or cached is live:
+        return None
+    # Equivalent when it shares the live pool's SWA buffers and mapping (a different wrapper object).
+    same = getattr(cached, "swa_kv_pool", None) is live.swa_kv_pool and getattr(
+        cached, "full_to_swa_index_mapping", None
+    ) is getattr(live, "full_to_swa_index_mapping", None)
+    return None if same else f"{type(cached).__name__}@{id(cached):#x}, not the live {live_desc}"
 
 
 def live_pool(live: Any) -> LivePool:

@@ -240,9 +240,10 @@ def judge_ragged(view: RaggedSnapshot, scan: RaggedScan | None, extend_bad: BadE
         details["drift"] = view.drift
     if mismatch:
         stale = " (backend SWA state is stale: " + ", ".join(view.drift) + ")" if view.drift else ""
+        other = "full" if view.layer_type == "swa" else "SWA"
+        what = f"{handed} instead of {expected}" if handed != expected else f"{handed} built with {other}-pool ids"
         kind, summary = Kind.INDEX_SPACE_MISMATCH, (
-            f"{view.layer_type.upper()} layer {view.layer_id} is handed {handed} instead of {expected}: its ids"
-            f" index the {'full' if view.layer_type == 'swa' else 'SWA'} pool{stale}"
+            f"{view.layer_type.upper()} layer {view.layer_id} is handed {what}: its ids index the {other} pool{stale}"
         )
     elif view.drift:
         kind, summary = Kind.SWA_STATE_DRIFT, "the backend's cached SWA state disagrees with the live KV pool: " + (

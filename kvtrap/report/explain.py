@@ -778,6 +778,49 @@ def untranslated_unified_extend(f: Facts) -> Finding | None:
     )
 
 
+def _flashinfer_stale_pool(f: Facts) -> bool:
+    """A flashinfer dump whose backend resolved no (or another) SWA pool while the live pool is one."""
+    drift = (f.violation.details or {}).get("drift") or {}
+    backend = f.context.backend
+    return (backend is not None and backend.class_ == "FlashInferAttnBackend" and "_swa_kv_pool" in drift
+            and f.kind in (Kind.INDEX_SPACE_MISMATCH, Kind.SWA_STATE_DRIFT))
+
+
+@rule("sglang-27737")
+def flashinfer_swa_pool_from_allocator(f: Facts) -> Finding | None:
+    """flashinfer's SWA pool resolved from the allocator, not the active pool (SGLang #27737)."""
+    if not _flashinfer_stale_pool(f):
+        return None
+    drift = f.violation.details["drift"]
+    evidence = ["backend (FlashInferAttnBackend) cached state vs the live pool: "
+                + "; ".join(f"{k} is {v}" for k, v in drift.items())]
+    window = (f.context.tables or {}).get("window_kv_indices")
+    if window is not None and window.pool == "full" and "swa" in f.pools:
+        evidence.append("the window wrapper (wrapper 0) was planned with full-pool ids: the indices updater had no"
+                        " SWA pool to translate with")
+    if f.kind == Kind.INDEX_SPACE_MISMATCH:
+        evidence.append(f"{f.layer} runs on it: {f.violation.summary}")
+    injected = _injected(f, "sglang-27737", evidence)
+    return Finding(
+        rule="sglang-27737",
+        title="flashinfer resolved its SWA pool from the allocator, not the active pool (SGLang #27737)",
+        confidence="high" if injected or f.kind == Kind.INDEX_SPACE_MISMATCH else "medium",
+        cause=(
+            "FlashInferAttnBackend decides at init whether it serves an SWA pool, and its indices updaters copy that"
+            " decision. Decided from the allocator (its type and kvcache) instead of the runner's active pool, a"
+            " runner whose active pool is an SWA pool (DFlash drafts of Gemma 4) gets none: window layers read"
+            " untranslated full-pool slots from the SWA pool and SWA write locations are not built (fixed by PR"
+            " #27737, aligned with trtllm_mha's #27491)."
+        ),
+        evidence=evidence,
+        next_steps=[
+            "Resolve the SWA pool from model_runner.token_to_kv_pool first (FlashInferAttnBackend._resolve_swa_kv_pool"
+            " in 0.5.23 does), and refresh the indices updaters' _swa_kv_pool with the backend's.",
+            "If the backend's pool is swapped at forward time (speculative views), update that state in the same place.",
+        ],
+    )
+
+
 @rule("ragged-kv-ids")
 def ragged_kv_ids(f: Facts) -> Finding | None:
     """A ragged kv_indptr / kv_indices set that is malformed or holds ids outside the pool the layer reads."""
@@ -786,8 +829,8 @@ def ragged_kv_ids(f: Facts) -> Finding | None:
         return None
     v = f.violation
     d = v.details or {}
-    if f.kind == Kind.INDEX_SPACE_MISMATCH and d.get("extend_ids") == "out_cache_loc":
-        return None  # sglang-24394
+    if (f.kind == Kind.INDEX_SPACE_MISMATCH and d.get("extend_ids") == "out_cache_loc") or _flashinfer_stale_pool(f):
+        return None  # sglang-24394 / sglang-27737
     evidence = [f"violation kind is {f.kind} on {f.layer} in {v.where}: {v.summary}"]
     if f.kind == Kind.KV_INDPTR_MALFORMED:
         cause = ("The CSR offsets the kernel walks are broken, so the ranges it reads are not the requests':"

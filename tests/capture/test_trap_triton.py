@@ -80,10 +80,10 @@ def test_many_random_clean_steps_are_bit_identical_armed_and_unarmed(tmp_path, m
         rng.setstate(state)
         pool_b, _, layers_b, _, backend_b, fb_b = random_world(rng, mode)
         for layer in layers_a:
-            td.triton_call(backend_a, layer, fb_a, seed=step)
+            td.attend(backend_a, layer, fb_a, seed=step)
         with kvtrap.armed(dump_dir=str(tmp_path)):
             for layer in layers_b:
-                td.triton_call(backend_b, layer, fb_b, seed=step)
+                td.attend(backend_b, layer, fb_b, seed=step)
         assert same_kv(kv_state(pool_a), kv_state(pool_b)), step
         assert w.kernel_calls(backend_b) >= len(layers_b)  # every layer reached its launch
         assert same_launches(launches(backend_a), launches(backend_b)), step
@@ -98,7 +98,7 @@ def test_garbage_past_the_last_offset_is_ignored(tmp_path):
     md.window_kv_indices = torch.cat([md.window_kv_indices, torch.full((64,), -5, dtype=torch.int64)])
     with kvtrap.armed(dump_dir=str(tmp_path)):
         for layer in layers:
-            td.triton_call(backend, layer, fb)
+            td.attend(backend, layer, fb)
     assert len(backend.decode_attention_fwd.calls) == len(layers)
 
 
@@ -110,7 +110,7 @@ def test_out_of_range_window_id_trapped_before_the_kernel(tmp_path, value):
     md.window_kv_indices[50] = value  # request 1 (window 48 from index 40): its 11th id
     before, tables = kv_state(pool), (md.kv_indices.clone(), md.window_kv_indices.clone())
     with kvtrap.armed(dump_dir=str(tmp_path)), pytest.raises(kvtrap.KVTrapError) as info:
-        td.triton_call(backend, layers[0], fb)
+        td.attend(backend, layers[0], fb)
     v = info.value.violation
     assert (v.kind, v.layer_id, v.layer_type, v.table, v.pool) == ("kv_indices_out_of_range", 0, "swa",
                                                                    "window_kv_indices", "swa")
@@ -136,9 +136,9 @@ def test_full_layer_checked_against_the_full_pool(tmp_path):
     pool, alloc, layers, batch, backend, fb = td.triton_world()
     backend.forward_metadata.kv_indices[3] = FULL_ROWS
     with kvtrap.armed(dump_dir=str(tmp_path)):
-        td.triton_call(backend, layers[0], fb)  # the SWA layer reads the window rail: fine
+        td.attend(backend, layers[0], fb)  # the SWA layer reads the window rail: fine
         with pytest.raises(kvtrap.KVTrapError) as info:
-            td.triton_call(backend, full_layer(layers), fb)
+            td.attend(backend, full_layer(layers), fb)
     v = info.value.violation
     assert (v.kind, v.table, v.pool, v.row, v.column, v.value, v.bound) == (
         "kv_indices_out_of_range", "kv_indices", "full", 0, 3, FULL_ROWS, FULL_ROWS)
@@ -156,7 +156,7 @@ def test_malformed_kv_indptr_trapped_before_the_kernel(tmp_path, fault, problem,
     fault(md.kv_indptr, int(md.kv_indices.numel()))
     before = kv_state(pool)
     with kvtrap.armed(dump_dir=str(tmp_path)), pytest.raises(kvtrap.KVTrapError) as info:
-        td.triton_call(backend, full_layer(layers), fb)
+        td.attend(backend, full_layer(layers), fb)
     v = info.value.violation
     assert (v.kind, v.table, v.row, v.fatal) == ("kv_indptr_malformed", "kv_indptr", at, True)
     assert v.details["indptr_problem"] == problem and v.details["indptr_value"] == int(md.kv_indptr[at])
@@ -170,7 +170,7 @@ def test_swa_layer_handed_full_ids_is_an_index_space_mismatch(tmp_path):
     layer = w.sglang()["RadixAttention"](num_heads=2, head_dim=8, scaling=8**-0.5, num_kv_heads=1, layer_id=0,
                                          sliding_window_size=-1)
     with kvtrap.armed(dump_dir=str(tmp_path)), pytest.raises(kvtrap.KVTrapError) as info:
-        td.triton_call(backend, layer, fb)
+        td.attend(backend, layer, fb)
     v = info.value.violation
     assert (v.kind, v.layer_type, v.table) == ("index_space_mismatch", "swa", "kv_indices")
     assert v.details["expected_table"] == "window_kv_indices" and w.kernel_calls(backend) == 0
@@ -182,12 +182,12 @@ def test_drift_of_the_cached_swa_flag(tmp_path):
     pool, alloc, layers, batch, backend, fb = td.triton_world()
     backend.use_sliding_window_kv_pool = False
     with kvtrap.armed(dump_dir=str(tmp_path)), pytest.raises(kvtrap.KVTrapError) as info:
-        td.triton_call(backend, full_layer(layers), fb)
+        td.attend(backend, full_layer(layers), fb)
     v = info.value.violation
     assert v.kind == "swa_state_drift" and set(v.details["drift"]) == {"use_sliding_window_kv_pool"}
     with kvtrap.armed(mode="log", dump_dir=str(tmp_path / "log")):
         for layer in layers:
-            td.triton_call(backend, layer, fb)  # log mode: nothing out of range, so it goes on
+            td.attend(backend, layer, fb)  # log mode: nothing out of range, so it goes on
     assert len(backend.decode_attention_fwd.calls) == len(layers)
 
 
@@ -195,7 +195,7 @@ def test_extend_window_rail_checked(tmp_path):
     pool, alloc, layers, batch, backend, fb = td.triton_world(prefix_lens=(30, 90, 10))
     backend.forward_metadata.window_kv_indices[0] = SWA_ROWS + 7
     with kvtrap.armed(dump_dir=str(tmp_path)), pytest.raises(kvtrap.KVTrapError) as info:
-        td.triton_call(backend, layers[0], fb)
+        td.attend(backend, layers[0], fb)
     v = info.value.violation
     assert (v.kind, v.where, v.table, v.row, v.column) == (
         "kv_indices_out_of_range", "TritonAttnBackend.forward_extend", "window_kv_indices", 0, 0)
@@ -207,7 +207,7 @@ def test_unified_extend_checks_what_build_unified_kv_indices_is_handed(tmp_path)
     backend.forward_metadata.window_kv_indices[4] = -3
     before = kv_state(pool)
     with kvtrap.armed(dump_dir=str(tmp_path)), pytest.raises(kvtrap.KVTrapError) as info:
-        td.triton_call(backend, layers[0], fb)
+        td.attend(backend, layers[0], fb)
     v = info.value.violation
     assert (v.kind, v.where, v.table, v.value) == (
         "kv_indices_out_of_range", "TritonAttnBackend._forward_extend_unified", "window_kv_indices", -3)
@@ -227,10 +227,10 @@ def test_value_scan_runs_once_per_index_set_per_forward(tmp_path, monkeypatch):
     monkeypatch.setattr(checks, "scan_ragged", lambda *a, **k: calls.append(1) or real(*a, **k))
     with kvtrap.armed(dump_dir=str(tmp_path)):
         for layer in layers:
-            td.triton_call(backend, layer, fb)
+            td.attend(backend, layer, fb)
         assert len(calls) == 2  # kv_indices once, window_kv_indices once
         w.set_triton_metadata(backend, alloc, batch, fb, window=td.TRITON_WINDOW)  # the next forward
-        td.triton_call(backend, layers[0], fb)
+        td.attend(backend, layers[0], fb)
         assert len(calls) == 3
 
 
@@ -254,7 +254,7 @@ def test_24394_world_is_clean_without_the_injection_and_the_injection_reaches_th
     _, _, layers, _, backend, fb = td.triton_world(prefix_lens=(30, 90, 10), deterministic=True, fill_pages=32)
     with kvtrap.armed(dump_dir=str(tmp_path)):
         for layer in layers:
-            td.triton_call(backend, layer, fb)
+            td.attend(backend, layer, fb)
     gathers = backend.build_unified_kv_indices.calls
     assert len(gathers) == len(layers) and not list(tmp_path.iterdir())
     swa = backend.forward_metadata.swa_out_cache_loc
@@ -264,7 +264,7 @@ def test_24394_world_is_clean_without_the_injection_and_the_injection_reaches_th
 
     bugs.sync(["sglang-24394"])
     try:
-        td.triton_call(backend, layers[0], fb)
+        td.attend(backend, layers[0], fb)
     finally:
         bugs.sync([])
     assert torch.equal(backend.build_unified_kv_indices.calls[-1][4], fb.out_cache_loc)

@@ -415,3 +415,103 @@ def make_extend_batch(batch: Batch, prefix_lens: list[int]):
         extend_seq_lens_cpu=ext,
         extend_start_loc=starts,
     )
+
+
+# -------------------------------------------------------------------------------- flashinfer backend
+def flashinfer_classes():
+    from helpers.srt import import_srt
+
+    mod = import_srt("sglang.srt.layers.attention.flashinfer_backend")
+    return mod
+
+
+def make_runner(pool, alloc, *, draft: bool = False, algorithm: str = "NONE"):
+    """A real ``ModelRunner`` (partially constructed) with what the backends' ``_resolve_swa_kv_pool`` reads."""
+    from sglang.srt.model_executor.model_runner import ModelRunner
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    runner = object.__new__(ModelRunner)
+    runner.token_to_kv_pool = pool
+    runner.token_to_kv_pool_allocator = alloc
+    runner.is_draft_worker = draft
+    runner.spec_algorithm = getattr(SpeculativeAlgorithm, algorithm)
+    return runner
+
+
+def make_plain_allocator(pool, page_size: int = PAGE_SIZE):
+    """SGLang's plain paged allocator over ``pool`` (not an SWA allocator type)."""
+    from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+
+    return PagedTokenToKVPoolAllocator(pool.size, page_size, torch.bfloat16, "cpu", kvcache=pool, need_sort=False)
+
+
+def _planned_wrapper(cls, indptr, indices):
+    """A real FlashInfer paged wrapper in the state its ``plan`` leaves (outside CUDA graphs): the index
+    buffers it keeps for ``run``. Its constructor pins host memory and ``plan`` / ``run`` launch CUDA work,
+    which a CPU machine cannot do, so the planned state is set the way ``plan`` sets it and ``forward`` is a
+    :class:`KernelRecorder` of the real method."""
+    wrapper = object.__new__(cls)
+    wrapper._paged_kv_indptr_buf = indptr
+    wrapper._paged_kv_indices_buf = indices
+    wrapper._paged_kv_last_page_len_buf = torch.ones(indptr.numel() - 1, dtype=torch.int32)
+    wrapper.forward = KernelRecorder(cls.forward, lambda q, *_: torch.zeros_like(q))  # the output's shape
+    return wrapper
+
+
+def make_flashinfer_backend(runner, window: int = WINDOW):
+    """A real ``FlashInferAttnBackend`` (and its real decode / prefill indices updaters) with the attributes
+    their ``__init__`` set from ``runner``; the SWA pool is resolved by SGLang's own ``_resolve_swa_kv_pool``
+    (as ``__init__`` does), so an injected resolver shows up here."""
+    fi = flashinfer_classes()
+    backend = object.__new__(fi.FlashInferAttnBackend)
+    backend.token_to_kv_pool = runner.token_to_kv_pool
+    backend.req_to_token_pool = None
+    backend._swa_kv_pool = fi.FlashInferAttnBackend._resolve_swa_kv_pool(runner)
+    backend.use_sliding_window_kv_pool = backend._swa_kv_pool is not None
+    backend.kv_cache_quant_method = runner.token_to_kv_pool.get_kv_cache_quant_method()
+    backend.decode_uses_dequant_workspace = False
+    backend.prefill_uses_dequant_workspace = False
+    backend.page_size = PAGE_SIZE
+    backend.max_context_len = MAX_PAGES * PAGE_SIZE
+    backend.num_wrappers = 2
+    backend.dispatch_reason = fi.WrapperDispatch.SLIDING_WINDOW
+    backend.sliding_window_size = window
+    backend.forward_metadata = None
+    for name, cls in (("indices_updater_decode", fi.FlashInferIndicesUpdaterDecode),
+                      ("indices_updater_prefill", fi.FlashInferIndicesUpdaterPrefill)):
+        updater = object.__new__(cls)
+        updater.attn_backend = backend
+        updater.sliding_window_size = window
+        updater._swa_kv_pool = backend._swa_kv_pool  # as its __init__ copies it
+        setattr(backend, name, updater)
+    return backend
+
+
+def set_flashinfer_metadata(backend, alloc, batch: Batch, fb, *, prefix_lens=None):
+    """The wrappers' planned ids as ``update_sliding_window`` + ``call_begin_forward`` build them (that
+    gather runs on CUDA in SGLang): wrapper 0 (window layers) the last ``min(len, window + 1)`` tokens of
+    each request, translated by the updater's ``_swa_kv_pool`` when it has one (SGLang's own
+    ``translate_loc_from_full_to_swa``); wrapper 1 every token (an extend: the prefix only)."""
+    fi = flashinfer_classes()
+    lens = prefix_lens if prefix_lens is not None else batch.seq_lens
+    slots = [s[:n] for s, n in zip(batch.token_slots, lens, strict=True)]
+    window = backend.sliding_window_size
+    decode = prefix_lens is None
+    updater = backend.indices_updater_decode if decode else backend.indices_updater_prefill
+    win_indptr, win_ids = _ragged([s[max(0, s.numel() - (window + 1)) :] for s in slots])
+    if updater._swa_kv_pool is not None:
+        win_ids = updater._swa_kv_pool.translate_loc_from_full_to_swa(win_ids).to(torch.int64)
+    full_indptr, full_ids = _ragged(slots)
+    import flashinfer
+
+    cls = flashinfer.BatchDecodeWithPagedKVCacheWrapper if decode else flashinfer.BatchPrefillWithPagedKVCacheWrapper
+    wrappers = [_planned_wrapper(cls, win_indptr, win_ids.to(torch.int32)),
+                _planned_wrapper(cls, full_indptr, full_ids.to(torch.int32))]
+    swa_loc = alloc.full_to_swa_index_mapping[fb.out_cache_loc] if backend.use_sliding_window_kv_pool else None
+    if decode:
+        md = fi.DecodeMetadata(decode_wrappers=wrappers, swa_out_cache_loc=swa_loc)
+    else:
+        md = fi.PrefillMetadata(prefill_wrappers=wrappers, use_ragged=False, extend_no_prefix=False,
+                                swa_out_cache_loc=swa_loc)
+    backend.forward_metadata = md
+    return md

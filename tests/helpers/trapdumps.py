@@ -332,7 +332,8 @@ def triton_qkv(fb, seed: int = 0):
     return w.qkv(n, seed)
 
 
-def triton_call(backend, layer, fb, seed: int = 0):
+def attend(backend, layer, fb, seed: int = 0):
+    """One layer's real ``forward_decode`` / ``forward_extend`` (by the batch's mode); flashinfer's too."""
     q, k, v = triton_qkv(fb, seed)
     method = backend.forward_decode if fb.forward_mode.is_decode() else backend.forward_extend
     return method(q, k, v, layer, fb)
@@ -342,7 +343,7 @@ def make_triton_out_of_range_dump(dump_dir: Path, value: int | None = None):
     """A window id past the SWA pool's rows, handed to the first SWA layer's decode kernel."""
     _, _, layers, _, backend, fb = triton_world()
     backend.forward_metadata.window_kv_indices[5] = w.SWA_PAGES * w.PAGE_SIZE + w.PAGE_SIZE if value is None else value
-    return _fire(dump_dir, lambda: triton_call(backend, layers[0], fb))
+    return _fire(dump_dir, lambda: attend(backend, layers[0], fb))
 
 
 def make_triton_indptr_dump(dump_dir: Path):
@@ -350,7 +351,7 @@ def make_triton_indptr_dump(dump_dir: Path):
     _, _, layers, _, backend, fb = triton_world()
     backend.forward_metadata.kv_indptr[2] = 3
     full = next(layer for layer in layers if layer.layer_id in w.FULL_LAYERS)
-    return _fire(dump_dir, lambda: triton_call(backend, full, fb))
+    return _fire(dump_dir, lambda: attend(backend, full, fb))
 
 
 def make_24394_dump(dump_dir: Path, *, high_fill: bool = True):
@@ -360,7 +361,49 @@ def make_24394_dump(dump_dir: Path, *, high_fill: bool = True):
                                                 fill_pages=32 if high_fill else 0)
     with kvtrap.armed(mode="raise", dump_dir=str(dump_dir), inject=("sglang-24394",)):
         try:
-            triton_call(backend, layers[0], fb)
+            attend(backend, layers[0], fb)
+        except kvtrap.KVTrapError as err:
+            assert err.dump_path is not None, err.dump_error
+            return err.dump_path, err
+    raise AssertionError("the trap did not fire")
+
+
+# -------------------------------------------------------------------------------- flashinfer backend
+def flashinfer_world(seq_lens=(40, 100, 17), *, prefix_lens=None, dflash_draft=False):
+    """Pool, allocator, layers, a batch, a real FlashInferAttnBackend built from a real ModelRunner (its SWA
+    pool resolved by SGLang's own ``_resolve_swa_kv_pool``) with its wrappers planned, and the batch.
+
+    ``dflash_draft``: the runner is a DFlash draft worker whose active pool is the SWA pool but whose allocator
+    is SGLang's plain paged allocator (not an SWA allocator type): the state SGLang #27737 mis-resolved.
+    """
+    pool = w.make_pool()
+    alloc = w.make_allocator(pool)
+    batch = w.allocate_requests(alloc, list(seq_lens))
+    layers = w.make_layers(window=TRITON_WINDOW)
+    if dflash_draft:
+        runner = w.make_runner(pool, w.make_plain_allocator(pool), draft=True, algorithm="DFLASH")
+    else:
+        runner = w.make_runner(pool, alloc)
+    backend = w.make_flashinfer_backend(runner, window=TRITON_WINDOW)
+    fb = w.make_forward_batch(batch) if prefix_lens is None else w.make_extend_batch(batch, list(prefix_lens))
+    w.set_flashinfer_metadata(backend, alloc, batch, fb, prefix_lens=prefix_lens)
+    return pool, alloc, layers, batch, backend, fb
+
+
+def make_flashinfer_out_of_range_dump(dump_dir: Path, value: int | None = None):
+    """A window id past the SWA pool's rows in the ids wrapper 0 was planned with."""
+    _, _, layers, _, backend, fb = flashinfer_world()
+    ids = backend.forward_metadata.decode_wrappers[0]._paged_kv_indices_buf
+    ids[5] = w.SWA_PAGES * w.PAGE_SIZE + w.PAGE_SIZE if value is None else value
+    return _fire(dump_dir, lambda: attend(backend, layers[0], fb))
+
+
+def make_27737_dump(dump_dir: Path):
+    """SGLang #27737 injected: a DFlash draft's flashinfer backend resolves no SWA pool (allocator-based)."""
+    with kvtrap.armed(mode="raise", dump_dir=str(dump_dir), inject=("sglang-27737",)):
+        _, _, layers, _, backend, fb = flashinfer_world(dflash_draft=True)
+        try:
+            attend(backend, layers[0], fb)
         except kvtrap.KVTrapError as err:
             assert err.dump_path is not None, err.dump_error
             return err.dump_path, err
@@ -390,4 +433,6 @@ ALL = {
     "triton-out-of-range": make_triton_out_of_range_dump,
     "triton-indptr": make_triton_indptr_dump,
     "24394": make_24394_dump,
+    "flashinfer-out-of-range": make_flashinfer_out_of_range_dump,
+    "27737": make_27737_dump,
 }

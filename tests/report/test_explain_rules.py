@@ -49,6 +49,8 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Dump]:
         "24394-low-fill": trapdumps.make_24394_dump(root / "24394-low-fill", high_fill=False),
         "triton-oor": trapdumps.make_triton_out_of_range_dump(root / "triton-oor"),
         "triton-indptr": trapdumps.make_triton_indptr_dump(root / "triton-indptr"),
+        "27737": trapdumps.make_27737_dump(root / "27737"),
+        "flashinfer-oor": trapdumps.make_flashinfer_out_of_range_dump(root / "flashinfer-oor"),
     }
     return {k: load_dump(_path(p)) for k, p in made.items()}
 
@@ -65,7 +67,7 @@ def test_registry_is_ordered_and_unique() -> None:
     ids = rule_ids()
     assert ids == ["sglang-26957", "negative-id", "stale-row", "swa-slot-out-of-range", "spec-rows-past-context",
                    "seqlens-exceed-table", "padding-page-for-real-request", "kv-write-out-of-range", "sglang-24394",
-                   "ragged-kv-ids", "sglang-38269", "sglang-27779", "sglang-25805"]
+                   "sglang-27737", "ragged-kv-ids", "sglang-38269", "sglang-27779", "sglang-25805"]
     assert len(set(ids)) == len(RULES)
 
 
@@ -329,5 +331,16 @@ def test_ragged_kv_ids(real: dict[str, Dump]) -> None:
     indptr = explain(real["triton-indptr"])
     assert [f.rule for f in indptr] == ["ragged-kv-ids"] and "#26750" in indptr[0].cause
     for name, other in real.items():  # page-table and allocator dumps never get the ragged rules
-        if name not in ("24394", "24394-low-fill", "triton-oor", "triton-indptr"):
-            assert not {"ragged-kv-ids", "sglang-24394"} & _by_rule(explain(other)).keys(), name
+        if name not in ("24394", "24394-low-fill", "triton-oor", "triton-indptr", "27737", "flashinfer-oor"):
+            assert not {"ragged-kv-ids", "sglang-24394", "sglang-27737"} & _by_rule(explain(other)).keys(), name
+    assert [f.rule for f in explain(real["flashinfer-oor"])] == ["ragged-kv-ids"]
+
+
+def test_27737_named_on_the_injected_flashinfer_draft(real: dict[str, Dump]) -> None:
+    findings = explain(real["27737"])
+    assert [f.rule for f in findings] == ["sglang-27737"]  # not #26957, not the generic ragged rule
+    f = findings[0]
+    assert f.confidence == "high" and "#27737" in f.title
+    assert any("injects sglang-27737" in e for e in f.evidence)
+    assert any("planned with full-pool ids" in e for e in f.evidence)
+    assert any("indices_updater_decode._swa_kv_pool is None" in e for e in f.evidence)
