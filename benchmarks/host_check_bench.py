@@ -4,11 +4,14 @@
 constructed backend, real SWAKVPool, real RadixAttention layers; see tests/helpers/sglang_world.py) up to the
 FlashInfer launch, which does not exist on a CPU machine: the call writes K/V into the pool and stops at the
 launch. ``--backend triton`` runs SGLang's real ``TritonAttnBackend.forward_decode`` the same way, up to its
-decode kernel launch (a recorder stands there; see ``sglang_world.KernelRecorder``). Both sides do exactly that;
+decode kernel launch (a recorder stands there; see ``sglang_world.KernelRecorder``); ``--backend flashinfer``
+runs SGLang's real ``FlashInferAttnBackend.forward_decode`` up to the planned wrapper's ``run`` (a recorder; see
+``sglang_world._planned_wrapper``). Both sides do exactly that;
 the difference is kvtrap's wrapper and checks. Prints a table and writes JSON + markdown.
 
     python benchmarks/host_check_bench.py --out benchmarks/results
     python benchmarks/host_check_bench.py --backend triton --out benchmarks/results
+    python benchmarks/host_check_bench.py --backend flashinfer --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--reps", type=int, default=300)
-    ap.add_argument("--backend", choices=["trtllm_mha", "triton"], default="trtllm_mha")
+    ap.add_argument("--backend", choices=["trtllm_mha", "triton", "flashinfer"], default="trtllm_mha")
     args = ap.parse_args()
     import warnings
 
@@ -67,6 +70,8 @@ def main() -> int:
 
     if args.backend == "triton":
         pool, alloc, layers, batch, backend, fb = td.triton_world(seq_lens=(40, 100, 17, 30))
+    elif args.backend == "flashinfer":
+        pool, alloc, layers, batch, backend, fb = td.flashinfer_world(seq_lens=(40, 100, 17, 30))
     else:
         pool, alloc, layers, batch, backend, fb = td.decode_world(seq_lens=(40, 100, 17, 30))
         w.set_write_locs(backend, alloc, fb)

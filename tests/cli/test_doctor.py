@@ -138,8 +138,8 @@ def test_doctor_names_sglangs_default_backend_and_whether_kvtrap_covers_it(monke
     check = check_default_backend()
     assert check.status == "info" and check.detail.startswith("MHA: ")
     picked = check.detail.split()[1]  # SGLang's own answer on this machine (triton on a CPU-only one)
-    assert "covered: trtllm_mha, triton" in check.detail  # each adapter's ATTENTION_BACKEND, picked up as is
-    covered = picked in ("trtllm_mha", "triton")
+    assert "covered: trtllm_mha, triton, flashinfer" in check.detail  # each adapter's ATTENTION_BACKEND, as is
+    covered = picked in ("trtllm_mha", "triton", "flashinfer")
     assert f"MHA: {picked} ({'kvtrap checks its KV index tables' if covered else 'NOT covered'}" in check.detail
     monkeypatch.setattr(hooks, "covered_attention_backends", lambda: ("trtllm_mha",))
     if picked != "trtllm_mha":
