@@ -206,6 +206,12 @@ def padding_page_slots(table_name: str, forward_batch: Any) -> Any:
     return slots if hasattr(slots, "shape") else None
 
 
+def call_arg(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, name: str) -> Any:
+    """An argument of a hooked SGLang call, passed by position or by name (``None`` if absent). Attention
+    backends' ``forward_decode`` / ``forward_extend`` take ``(q, k, v, layer, forward_batch, save_kv_cache)``."""
+    return args[position] if len(args) > position else kwargs.get(name)
+
+
 def handed_table_name(md: Any, handed: Any) -> str:
     """Which of the metadata's tables the backend hands this layer: ``page_table``, ``swa_page_table``
     or ``other``."""

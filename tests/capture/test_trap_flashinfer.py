@@ -27,15 +27,6 @@ SWA_ROWS = w.SWA_PAGES * w.PAGE_SIZE + w.PAGE_SIZE
 FULL_ROWS = w.FULL_PAGES * w.PAGE_SIZE + w.PAGE_SIZE
 
 
-def kv_state(pool):
-    return {lid: (pool.get_key_buffer(lid).clone(), pool.get_value_buffer(lid).clone())
-            for lid in w.SWA_LAYERS + w.FULL_LAYERS}
-
-
-def same_kv(a, b) -> bool:
-    return all(torch.equal(a[k][0], b[k][0]) and torch.equal(a[k][1], b[k][1]) for k in a)
-
-
 def wrappers(backend):
     md = backend.forward_metadata
     return md.decode_wrappers if hasattr(md, "decode_wrappers") else md.prefill_wrappers
@@ -72,7 +63,7 @@ def test_many_random_clean_steps_are_bit_identical_armed_and_unarmed(tmp_path, e
         outs_a = [td.attend(backend_a, layer, fb_a, seed=step) for layer in layers_a]
         with kvtrap.armed(dump_dir=str(tmp_path)):
             outs_b = [td.attend(backend_b, layer, fb_b, seed=step) for layer in layers_b]
-        assert same_kv(kv_state(pool_a), kv_state(pool_b)), step
+        assert w.same_kv(w.kv_snapshot(pool_a), w.kv_snapshot(pool_b)), step
         assert all(torch.equal(x, y) for x, y in zip(outs_a, outs_b, strict=True))
         assert sum(len(c) for c in runs(backend_b)) == len(layers_b)  # every layer reached its run
         assert same_runs(runs(backend_a), runs(backend_b)), step
@@ -96,7 +87,7 @@ def test_out_of_range_window_id_trapped_before_run(tmp_path, value):
 def test_trapped_before_the_kv_store_and_the_run(tmp_path):
     pool, alloc, layers, batch, backend, fb = td.flashinfer_world()
     wrappers(backend)[1]._paged_kv_indices_buf[7] = FULL_ROWS + 3
-    before = kv_state(pool)
+    before = w.kv_snapshot(pool)
     with kvtrap.armed(dump_dir=str(tmp_path)):
         td.attend(backend, layers[0], fb)  # an SWA layer runs wrapper 0: fine
         with pytest.raises(kvtrap.KVTrapError) as info:
@@ -105,7 +96,7 @@ def test_trapped_before_the_kv_store_and_the_run(tmp_path):
     assert (v.kind, v.table, v.pool, v.value, v.bound) == ("kv_indices_out_of_range", "kv_indices", "full",
                                                            FULL_ROWS + 3, FULL_ROWS)
     assert [len(c) for c in runs(backend)] == [1, 0]
-    after = kv_state(pool)  # only the SWA layer stored K/V
+    after = w.kv_snapshot(pool)  # only the SWA layer stored K/V
     assert all(torch.equal(before[k][0], after[k][0]) for k in before if k != layers[0].layer_id)
 
 

@@ -29,15 +29,6 @@ LAUNCHES = {"decode_attention_fwd": 3, "extend_attention_fwd": 3, "extend_attent
             "build_unified_kv_indices": None}
 
 
-def kv_state(pool):
-    return {lid: (pool.get_key_buffer(lid).clone(), pool.get_value_buffer(lid).clone())
-            for lid in w.SWA_LAYERS + w.FULL_LAYERS}
-
-
-def same_kv(a, b) -> bool:
-    return all(torch.equal(a[k][0], b[k][0]) and torch.equal(a[k][1], b[k][1]) for k in a)
-
-
 def launches(backend):
     return {n: getattr(backend, n).calls for n in LAUNCHES}
 
@@ -84,7 +75,7 @@ def test_many_random_clean_steps_are_bit_identical_armed_and_unarmed(tmp_path, m
         with kvtrap.armed(dump_dir=str(tmp_path)):
             for layer in layers_b:
                 td.attend(backend_b, layer, fb_b, seed=step)
-        assert same_kv(kv_state(pool_a), kv_state(pool_b)), step
+        assert w.same_kv(w.kv_snapshot(pool_a), w.kv_snapshot(pool_b)), step
         assert w.kernel_calls(backend_b) >= len(layers_b)  # every layer reached its launch
         assert same_launches(launches(backend_a), launches(backend_b)), step
     assert not list(tmp_path.iterdir()), "a clean run wrote a dump"
@@ -108,7 +99,7 @@ def test_out_of_range_window_id_trapped_before_the_kernel(tmp_path, value):
     pool, alloc, layers, batch, backend, fb = td.triton_world()
     md = backend.forward_metadata
     md.window_kv_indices[50] = value  # request 1 (window 48 from index 40): its 11th id
-    before, tables = kv_state(pool), (md.kv_indices.clone(), md.window_kv_indices.clone())
+    before, tables = w.kv_snapshot(pool), (md.kv_indices.clone(), md.window_kv_indices.clone())
     with kvtrap.armed(dump_dir=str(tmp_path)), pytest.raises(kvtrap.KVTrapError) as info:
         td.attend(backend, layers[0], fb)
     v = info.value.violation
@@ -116,7 +107,7 @@ def test_out_of_range_window_id_trapped_before_the_kernel(tmp_path, value):
                                                                    "window_kv_indices", "swa")
     assert (v.row, v.column, v.value, v.lower, v.bound, v.count, v.fatal) == (1, 10, value, 0, SWA_ROWS, 1, True)
     assert w.kernel_calls(backend) == 0  # trapped before the launch...
-    assert same_kv(before, kv_state(pool))  # ...and before the K/V store: nothing else changed
+    assert w.same_kv(before, w.kv_snapshot(pool))  # ...and before the K/V store: nothing else changed
     assert torch.equal(tables[0], md.kv_indices) and torch.equal(tables[1], md.window_kv_indices)
     dump = load_dump(info.value.dump_path)
     assert dump.tensors["window_kv_indices"][50] == value
@@ -154,13 +145,13 @@ def test_malformed_kv_indptr_trapped_before_the_kernel(tmp_path, fault, problem,
     pool, alloc, layers, batch, backend, fb = td.triton_world()
     md = backend.forward_metadata
     fault(md.kv_indptr, int(md.kv_indices.numel()))
-    before = kv_state(pool)
+    before = w.kv_snapshot(pool)
     with kvtrap.armed(dump_dir=str(tmp_path)), pytest.raises(kvtrap.KVTrapError) as info:
         td.attend(backend, full_layer(layers), fb)
     v = info.value.violation
     assert (v.kind, v.table, v.row, v.fatal) == ("kv_indptr_malformed", "kv_indptr", at, True)
     assert v.details["indptr_problem"] == problem and v.details["indptr_value"] == int(md.kv_indptr[at])
-    assert w.kernel_calls(backend) == 0 and same_kv(before, kv_state(pool))
+    assert w.kernel_calls(backend) == 0 and w.same_kv(before, w.kv_snapshot(pool))
     assert (load_dump(info.value.dump_path).tensors["kv_indptr"] == md.kv_indptr.numpy()).all()
 
 
@@ -205,7 +196,7 @@ def test_extend_window_rail_checked(tmp_path):
 def test_unified_extend_checks_what_build_unified_kv_indices_is_handed(tmp_path):
     pool, alloc, layers, batch, backend, fb = td.triton_world(prefix_lens=(30, 90, 10), deterministic=True)
     backend.forward_metadata.window_kv_indices[4] = -3
-    before = kv_state(pool)
+    before = w.kv_snapshot(pool)
     with kvtrap.armed(dump_dir=str(tmp_path)), pytest.raises(kvtrap.KVTrapError) as info:
         td.attend(backend, layers[0], fb)
     v = info.value.violation
@@ -214,7 +205,7 @@ def test_unified_extend_checks_what_build_unified_kv_indices_is_handed(tmp_path)
     assert v.details["extend_ids"] == "swa_out_cache_loc"
     assert w.kernel_calls(backend) == 0  # not even the index gather ran
     # the K/V store runs before _forward_extend_unified in SGLang's forward_extend: only layer 0's rows moved
-    after = kv_state(pool)
+    after = w.kv_snapshot(pool)
     assert all(torch.equal(before[k][0], after[k][0]) for k in before if k != 0)
     assert "build_unified_kv_indices" not in type(backend).__dict__ and backend.__dict__[
         "build_unified_kv_indices"] is not None  # the per-call swap was undone

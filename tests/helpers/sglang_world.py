@@ -344,6 +344,16 @@ def is_swa(pool) -> bool:
     return hasattr(pool, "swa_kv_pool")
 
 
+def kv_snapshot(pool) -> dict:
+    """Every layer's K and V buffers, cloned (to show a trapped call stored nothing)."""
+    return {lid: (pool.get_key_buffer(lid).clone(), pool.get_value_buffer(lid).clone())
+            for lid in SWA_LAYERS + FULL_LAYERS}
+
+
+def same_kv(a: dict, b: dict, skip=()) -> bool:
+    return all(torch.equal(a[k][0], b[k][0]) and torch.equal(a[k][1], b[k][1]) for k in a if k not in skip)
+
+
 def kernel_calls(backend) -> int:
     return sum(len(getattr(backend, n).calls) for n in (
         "decode_attention_fwd", "extend_attention_fwd", "extend_attention_fwd_unified", "build_unified_kv_indices"))

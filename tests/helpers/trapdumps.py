@@ -15,8 +15,9 @@ import kvtrap
 from helpers import sglang_world as w
 
 
-def _fire(dump_dir: Path, call) -> tuple[Path, kvtrap.KVTrapError]:
-    with kvtrap.armed(mode="raise", dump_dir=str(dump_dir)):
+def _fire(dump_dir: Path, call, inject: tuple[str, ...] = ()) -> tuple[Path, kvtrap.KVTrapError]:
+    """Arm (with ``inject``), make ``call()``: the trap must fire. ``call`` may build its world (armed)."""
+    with kvtrap.armed(mode="raise", dump_dir=str(dump_dir), inject=inject):
         try:
             call()
         except kvtrap.KVTrapError as err:
@@ -25,18 +26,24 @@ def _fire(dump_dir: Path, call) -> tuple[Path, kvtrap.KVTrapError]:
     raise AssertionError("the trap did not fire")
 
 
+def _filled(fill_pages: int):
+    """A real pool and allocator with ``fill_pages`` full pages held by older requests whose tokens left the
+    sliding window (SGLang released their SWA pages, the full ones stay): new full-pool ids start high."""
+    pool = w.make_pool()
+    alloc = w.make_allocator(pool)
+    for _ in range(fill_pages // 8):
+        older = w.allocate_requests(alloc, [8 * w.PAGE_SIZE])
+        alloc.free_swa(older.token_slots[0])
+    return pool, alloc
+
+
 def decode_world(seq_lens=(40, 100, 17), *, stale=False, fill_pages: int = 0):
     """Pool, allocator, layers, a batch and a backend with its metadata set, ready for forward_decode.
 
     ``fill_pages`` first allocates (and keeps) that many pages of other requests, so the batch's
     full-pool page ids start high: how #26957's ids outgrow the SWA pool at high fill.
     """
-    pool = w.make_pool()
-    alloc = w.make_allocator(pool)
-    for _ in range(fill_pages // 8):
-        older = w.allocate_requests(alloc, [8 * w.PAGE_SIZE])
-        # the old tokens leave the sliding window: SGLang releases their SWA pages, the full ones stay
-        alloc.free_swa(older.token_slots[0])
+    pool, alloc = _filled(fill_pages)
     batch = w.allocate_requests(alloc, list(seq_lens))
     full, swa, seqlens = w.page_tables(alloc, batch)
     layers = w.make_layers()
@@ -311,11 +318,7 @@ def triton_world(seq_lens=(40, 100, 17), *, prefix_lens=None, deterministic=Fals
     """Pool, allocator, layers, a batch, a real TritonAttnBackend with its metadata set, and the batch:
     decode (``prefix_lens`` None) or extend (the first ``prefix_lens`` tokens cached). ``fill_pages`` as in
     :func:`decode_world` (full-pool ids start high)."""
-    pool = w.make_pool()
-    alloc = w.make_allocator(pool)
-    for _ in range(fill_pages // 8):
-        older = w.allocate_requests(alloc, [8 * w.PAGE_SIZE])
-        alloc.free_swa(older.token_slots[0])
+    pool, alloc = _filled(fill_pages)
     batch = w.allocate_requests(alloc, list(seq_lens))
     layers = w.make_layers(window=TRITON_WINDOW)
     backend = w.make_triton_backend(pool, deterministic=deterministic)
@@ -359,13 +362,7 @@ def make_24394_dump(dump_dir: Path, *, high_fill: bool = True):
     the batch's full-pool ids are past the SWA pool's rows (where it faulted upstream)."""
     _, _, layers, _, backend, fb = triton_world(prefix_lens=(30, 90, 10), deterministic=True,
                                                 fill_pages=32 if high_fill else 0)
-    with kvtrap.armed(mode="raise", dump_dir=str(dump_dir), inject=("sglang-24394",)):
-        try:
-            attend(backend, layers[0], fb)
-        except kvtrap.KVTrapError as err:
-            assert err.dump_path is not None, err.dump_error
-            return err.dump_path, err
-    raise AssertionError("the trap did not fire")
+    return _fire(dump_dir, lambda: attend(backend, layers[0], fb), inject=("sglang-24394",))
 
 
 # -------------------------------------------------------------------------------- flashinfer backend
@@ -400,14 +397,11 @@ def make_flashinfer_out_of_range_dump(dump_dir: Path, value: int | None = None):
 
 def make_27737_dump(dump_dir: Path):
     """SGLang #27737 injected: a DFlash draft's flashinfer backend resolves no SWA pool (allocator-based)."""
-    with kvtrap.armed(mode="raise", dump_dir=str(dump_dir), inject=("sglang-27737",)):
+    def call():  # the backend is built armed: its __init__-time resolver is the injected one
         _, _, layers, _, backend, fb = flashinfer_world(dflash_draft=True)
-        try:
-            attend(backend, layers[0], fb)
-        except kvtrap.KVTrapError as err:
-            assert err.dump_path is not None, err.dump_error
-            return err.dump_path, err
-    raise AssertionError("the trap did not fire")
+        attend(backend, layers[0], fb)
+
+    return _fire(dump_dir, call, inject=("sglang-27737",))
 
 
 ALL = {

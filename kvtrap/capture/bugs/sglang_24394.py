@@ -20,7 +20,7 @@ from typing import Any
 
 from kvtrap.capture.bugs import Bug
 from kvtrap.capture.patching import MethodTarget, install, uninstall
-from kvtrap.capture.sglang_view import SWA, is_swa_pool, layer_pool
+from kvtrap.capture.sglang_view import SWA, call_arg, is_swa_pool, layer_pool
 
 MODULE = "sglang.srt.layers.attention.triton_backend"
 CLASS = "TritonAttnBackend"
@@ -29,8 +29,8 @@ CLASS = "TritonAttnBackend"
 def _untranslated_extend(original: Any) -> Any:
     def _forward_extend_unified(self: Any, *args: Any, **kwargs: Any) -> Any:
         # signature: (q, o, layer, forward_batch, causal, logits_soft_cap, sinks, ...) in 0.5.23
-        layer = args[2] if len(args) > 2 else kwargs.get("layer")
-        forward_batch = args[3] if len(args) > 3 else kwargs.get("forward_batch")
+        layer = call_arg(args, kwargs, 2, "layer")
+        forward_batch = call_arg(args, kwargs, 3, "forward_batch")
         md = self.forward_metadata
         pool = self.token_to_kv_pool
         if layer is None or not is_swa_pool(pool) or layer_pool(pool, int(layer.layer_id))[0] != SWA:

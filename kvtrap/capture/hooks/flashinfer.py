@@ -22,7 +22,7 @@ from typing import Any
 from kvtrap.capture.patching import MethodTarget
 from kvtrap.capture.ragged import check_ragged
 from kvtrap.capture.session import current
-from kvtrap.capture.sglang_view import flashinfer_handed, flashinfer_rails
+from kvtrap.capture.sglang_view import call_arg, flashinfer_handed, flashinfer_rails
 
 MODULE = "sglang.srt.layers.attention.flashinfer_backend"
 CLASS = "FlashInferAttnBackend"
@@ -40,8 +40,8 @@ def _forward(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             # signature: (q, k, v, layer, forward_batch, save_kv_cache=True) in 0.5.23
-            layer = args[3] if len(args) > 3 else kwargs.get("layer")
-            forward_batch = args[4] if len(args) > 4 else kwargs.get("forward_batch")
+            layer = call_arg(args, kwargs, 3, "layer")
+            forward_batch = call_arg(args, kwargs, 4, "forward_batch")
             if layer is not None and current() is not None and getattr(self, "forward_metadata", None) is not None:
                 check_layer(self, layer, forward_batch, method)
             return original(self, *args, **kwargs)

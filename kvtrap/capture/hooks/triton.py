@@ -30,7 +30,15 @@ from typing import Any
 from kvtrap.capture.patching import MethodTarget
 from kvtrap.capture.ragged import check_ragged
 from kvtrap.capture.session import current
-from kvtrap.capture.sglang_view import Rail, layer_pool, rail_name, rail_space, triton_handed, triton_rails
+from kvtrap.capture.sglang_view import (
+    Rail,
+    call_arg,
+    layer_pool,
+    rail_name,
+    rail_space,
+    triton_handed,
+    triton_rails,
+)
 
 MODULE = "sglang.srt.layers.attention.triton_backend"
 CLASS = "TritonAttnBackend"
@@ -65,8 +73,8 @@ def _forward(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             # signature: (q, k, v, layer, forward_batch, save_kv_cache=True, ...) in 0.5.23
-            layer = args[3] if len(args) > 3 else kwargs.get("layer")
-            forward_batch = args[4] if len(args) > 4 else kwargs.get("forward_batch")
+            layer = call_arg(args, kwargs, 3, "layer")
+            forward_batch = call_arg(args, kwargs, 4, "forward_batch")
             if layer is None or current() is None:
                 return original(self, *args, **kwargs)
             build = self.__dict__.get("build_unified_kv_indices")

@@ -48,6 +48,7 @@ from kvtrap.capture.patching import MethodTarget
 from kvtrap.capture.session import current
 from kvtrap.capture.sglang_view import (
     SWA,
+    call_arg,
     handed_table_name,
     layer_pages,
     layer_pool,
@@ -174,11 +175,11 @@ def _wrap(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             # signature: (q, k, v, layer, forward_batch, save_kv_cache=True, **kw) since 0.5.x
-            layer = args[3] if len(args) > 3 else kwargs.get("layer")
-            forward_batch = args[4] if len(args) > 4 else kwargs.get("forward_batch")
+            layer = call_arg(args, kwargs, 3, "layer")
+            forward_batch = call_arg(args, kwargs, 4, "forward_batch")
             if layer is not None:
                 check_forward(self, layer, forward_batch, method)
-                k = args[1] if len(args) > 1 else kwargs.get("k")
+                k = call_arg(args, kwargs, 1, "k")
                 save = args[5] if len(args) > 5 else kwargs.get("save_kv_cache", True)
                 if save and k is not None:
                     check_write(self, layer, forward_batch, method)
