@@ -20,7 +20,7 @@ from typing import Any
 from kvtrap.capture import checks
 from kvtrap.capture.forward_cache import ForwardCache, forward_cache
 from kvtrap.capture.session import Session, current
-from kvtrap.capture.sglang_view import Rail, layer_pool, layer_rows, ragged_snapshot, translating
+from kvtrap.capture.sglang_view import Rail, layer_pool, layer_rows, ragged_snapshot, sharded_kv, translating
 from kvtrap.capture.verdict import judge_ragged
 
 
@@ -49,7 +49,7 @@ def check_ragged(
     if session is None:
         return
     md = getattr(backend, "forward_metadata", None)
-    if md is None:
+    if md is None or sharded_kv(backend):
         return
     live = backend.token_to_kv_pool
     layer_type, index_in_pool = layer_pool(live, int(layer.layer_id))

@@ -46,6 +46,12 @@ def layer_pages(live: Any, layer_type: str, page_size: int) -> int | None:
     return None if info is None else info.pages
 
 
+def sharded_kv(backend: Any) -> bool:
+    """Decode context parallelism (``dcp_size > 1``): each rank reads its own shard of the ids, in a space
+    kvtrap does not bound; the ragged checks stand aside."""
+    return int(getattr(backend, "dcp_size", 1) or 1) > 1
+
+
 def translating(backend: Any) -> bool:
     """Unified KV pools address pages through virtual ids (``kv_index_translator``): other bounds apply."""
     return bool(getattr(getattr(backend, "kv_index_translator", None), "is_translating", False))

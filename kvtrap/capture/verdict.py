@@ -76,7 +76,7 @@ def judge_layer(view: LayerSnapshot, scan: TableScan | None) -> Verdict | None:
         details["overflow"] = {"row": o.row, "needed_pages": o.needed_pages, "width": o.width, "rows": o.count}
 
     if mismatch:
-        stale = " (backend SWA state is stale: " + ", ".join(view.drift) + ")" if view.drift else ""
+        stale = _stale_note(view.drift)
         violation = Violation(
             kind=Kind.INDEX_SPACE_MISMATCH,
             summary=(
@@ -89,8 +89,7 @@ def judge_layer(view: LayerSnapshot, scan: TableScan | None) -> Verdict | None:
     elif view.drift:
         violation = Violation(
             kind=Kind.SWA_STATE_DRIFT,
-            summary="the backend's cached SWA state disagrees with the live KV pool: "
-            + "; ".join(f"{k} is {v}" for k, v in view.drift.items()),
+            summary=_drift_summary(view.drift),
             details=details,
             **base,
         )
@@ -140,6 +139,15 @@ def judge_layer(view: LayerSnapshot, scan: TableScan | None) -> Verdict | None:
     if not view.capturing:  # copying device tensors to the host inside capture would abort it
         tensors = {**view.tables, "cache_seqlens": view.cache_seqlens, "req_pool_indices": view.req_pool_indices}
     return Verdict(violation, context, tensors, safe_to_continue=not unsafe)
+
+
+def _stale_note(drift: dict[str, str]) -> str:
+    return " (backend SWA state is stale: " + ", ".join(drift) + ")" if drift else ""
+
+
+def _drift_summary(drift: dict[str, str]) -> str:
+    return "the backend's cached SWA state disagrees with the live KV pool: " + "; ".join(
+        f"{k} is {v}" for k, v in drift.items())
 
 
 def _layer_context(view: LayerSnapshot | WriteSnapshot | RaggedSnapshot, **extra: Any) -> Context:
@@ -239,15 +247,14 @@ def judge_ragged(view: RaggedSnapshot, scan: RaggedScan | None, extend_bad: BadE
     if view.drift:
         details["drift"] = view.drift
     if mismatch:
-        stale = " (backend SWA state is stale: " + ", ".join(view.drift) + ")" if view.drift else ""
+        stale = _stale_note(view.drift)
         other = "full" if view.layer_type == "swa" else "SWA"
         what = f"{handed} instead of {expected}" if handed != expected else f"{handed} built with {other}-pool ids"
         kind, summary = Kind.INDEX_SPACE_MISMATCH, (
             f"{view.layer_type.upper()} layer {view.layer_id} is handed {what}: its ids index the {other} pool{stale}"
         )
     elif view.drift:
-        kind, summary = Kind.SWA_STATE_DRIFT, "the backend's cached SWA state disagrees with the live KV pool: " + (
-            "; ".join(f"{k} is {v}" for k, v in view.drift.items()))
+        kind, summary = Kind.SWA_STATE_DRIFT, _drift_summary(view.drift)
     elif malformed:
         assert scan is not None
         indptr_name = view.handed_name.replace("indices", "indptr")

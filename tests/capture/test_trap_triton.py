@@ -261,3 +261,18 @@ def test_24394_world_is_clean_without_the_injection_and_the_injection_reaches_th
     assert torch.equal(backend.build_unified_kv_indices.calls[-1][4], fb.out_cache_loc)
     assert int(fb.out_cache_loc.max()) >= SWA_ROWS  # an SWA-pool read past its rows on a GPU
     assert backend.forward_metadata.swa_out_cache_loc is swa  # the injection put the metadata back
+
+
+def test_decode_context_parallel_stands_aside(tmp_path, monkeypatch):
+    # with dcp_size > 1 each rank reads rank-local shard ids kvtrap does not bound: no judgement, no sync
+    pool, alloc, layers, batch, backend, fb = td.triton_world()
+    backend.dcp_size = 2
+    backend.forward_metadata.kv_indices[0] = FULL_ROWS  # would be out of range for an unsharded pool
+    calls = []
+    real = checks.scan_ragged
+    monkeypatch.setattr(checks, "scan_ragged", lambda *a, **k: calls.append(1) or real(*a, **k))
+    from kvtrap.capture.hooks import triton as hook
+
+    with kvtrap.armed(dump_dir=str(tmp_path)):
+        hook.check_layer(backend, full_layer(layers), fb, "forward_decode")
+    assert calls == [] and not list(tmp_path.iterdir())
