@@ -5,7 +5,8 @@ this decides, with the per-forward cache (:mod:`kvtrap.capture.forward_cache`):
 
 1. the pool the layer reads, from the *live* ``token_to_kv_pool`` and its ``layers_mapping``;
 2. index space: the handed set (and ids appended to it, ``extend``) holds ids of that pool;
-3. drift of the backend's cached SWA state against the live pool (once per forward);
+3. drift of the backend's cached SWA state against the live pool (once per forward), where that state
+   decides what the read uses;
 4. values: ``indptr`` sound, every live id in ``[0, token rows)`` of that pool: one host sync per index
    set per forward, none while a CUDA graph is being captured.
 
@@ -41,10 +42,13 @@ def _scan_once(entry: ForwardCache, key: tuple[Any, ...], scan: Callable[[], Any
 
 def check_ragged(
     backend: Any, layer: Any, forward_batch: Any, where: str, rails: Callable[[Any, str], dict[str, Rail] | None],
-    handed: str | Rail, extend: Rail | None = None,
+    handed: str | Rail, extend: Rail | None = None, judge_drift: bool = True,
 ) -> None:
     """Check the index set ``handed`` (a name in ``rails(live, layer_type)``, or a :class:`Rail`) that
-    ``layer`` reads and the ids ``extend`` appended to it; report through the armed session."""
+    ``layer`` reads and the ids ``extend`` appended to it; report through the armed session.
+
+    ``judge_drift=False``: the backend's cached SWA state does not decide what this read uses (it is still
+    recorded in a dump's context when something else is wrong)."""
     session = current()
     if session is None:
         return
@@ -58,6 +62,7 @@ def check_ragged(
     if rail is None or sets is None:
         return  # nothing planned for this layer: SGLang's own checks say so right after us
     entry = forward_cache(backend, md, live)
+    drift = entry.drift if judge_drift else {}
     mismatch = rail.space != layer_type or (extend is not None and extend.space != layer_type)
     capturing = checks.is_capturing(rail.indices)
     bound = _rows(session, entry, backend, live, layer_type)
@@ -68,14 +73,14 @@ def check_ragged(
         if extend is not None:
             extend_bad = _scan_once(entry, (extend.name, id(extend.indices), bound),
                                     lambda: checks.scan_slots(extend.indices, 0, bound))
-    if not (mismatch or entry.drift or extend_bad is not None) and (scan is None or scan.ok):
+    if not (mismatch or drift or extend_bad is not None) and (scan is None or scan.ok):
         if capturing and session.config.guard == "off":
             session.warn_once("capture-ragged", "ragged KV ids are not value-checked inside CUDA-graph capture or"
                               " replay (host checks only); run eager to check them every step")
         return  # the common case: a few attribute reads, no sync
     view = ragged_snapshot(
         backend, layer, forward_batch, where, layer_type=layer_type, index_in_pool=index_in_pool, rails=sets,
-        handed=rail, extend=extend, bound=bound, drift=entry.drift, capturing=capturing,
+        handed=rail, extend=extend, bound=bound, drift=drift, capturing=capturing,
     )
     verdict = judge_ragged(view, scan, extend_bad)
     if verdict is not None:

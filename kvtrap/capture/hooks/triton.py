@@ -10,8 +10,11 @@ Before ``forward_decode`` / ``forward_extend`` run, for the layer:
 
 1. Resolve the pool the layer reads from the *live* ``token_to_kv_pool`` and its ``layers_mapping``.
 2. Index space: an SWA layer must be handed the (translated) window rail, a full layer ``kv_indices``.
-3. Drift: the backend's cached ``use_sliding_window_kv_pool`` (decided at ``__init__`` from the runner's
-   pool; it decides whether ``swa_out_cache_loc`` is built) must agree with the live pool.
+3. Drift is not judged here: the triton backend's only cached SWA state, ``use_sliding_window_kv_pool``
+   (decided at ``__init__`` from the runner's pool), decides whether ``swa_out_cache_loc`` (the write side)
+   is built, and SGLang's ``SWAKVPool.set_kv_buffer`` asserts on a missing one; the read rails are
+   translated by the live pool's type when they are built. (A frozen-KV draft whose own pool is plain reads
+   the target's SWA pool through a view and writes nothing: flagging its stale flag would be a false trap.)
 4. Values: ``indptr`` starts at 0, never decreases and ends within ``indices``; every live id lies in
    ``[0, rows)``. Once per index set per forward (one host sync), skipped while a CUDA graph is captured.
 
@@ -51,7 +54,8 @@ def _rails(backend: Any) -> Callable[[Any, str], dict[str, Rail]]:
 
 
 def check_layer(backend: Any, layer: Any, forward_batch: Any, where: str) -> None:
-    check_ragged(backend, layer, forward_batch, f"{CLASS}.{where}", _rails(backend), triton_handed(layer))
+    check_ragged(backend, layer, forward_batch, f"{CLASS}.{where}", _rails(backend), triton_handed(layer),
+                 judge_drift=False)
 
 
 # ------------------------------------------------------------------------------------ wrappers
@@ -63,7 +67,7 @@ def _checked_unified_build(backend: Any, layer: Any, forward_batch: Any, build: 
         appended = rail_name(md, forward_batch, ids)
         check_ragged(backend, layer, forward_batch, f"{CLASS}._forward_extend_unified", _rails(backend),
                      Rail(prefix, prefix_indptr, prefix_indices, rail_space(prefix, live, layer_type)),
-                     extend=Rail(appended, None, ids, rail_space(appended, live, layer_type)))
+                     extend=Rail(appended, None, ids, rail_space(appended, live, layer_type)), judge_drift=False)
         return build(prefix_indptr, prefix_indices, start, lens, ids, bs)
 
     return checked_build
