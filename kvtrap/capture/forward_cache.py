@@ -26,6 +26,7 @@ class ForwardCache:
     pages: dict[str, int | None] = field(default_factory=dict)  # layer type -> pages (or rows) of its pool
     scans: dict[tuple[Any, ...], Any] = field(default_factory=dict)  # (index set, bound) -> its scan
     writes: dict[str, tuple[Any, int]] = field(default_factory=dict)  # pool type -> (locations, n) scanned clean
+    rails: dict[str, Any] = field(default_factory=dict)  # layer type -> the ragged index sets a layer may read
 
 
 _forwards: weakref.WeakKeyDictionary[Any, ForwardCache] = weakref.WeakKeyDictionary()

@@ -34,12 +34,6 @@ def _rows(session: Session, entry: ForwardCache, backend: Any, live: Any, layer_
     return entry.pages[layer_type]
 
 
-def _scan_once(entry: ForwardCache, key: tuple[Any, ...], scan: Callable[[], Any]) -> Any:
-    if key not in entry.scans:
-        entry.scans[key] = scan()
-    return entry.scans[key]
-
-
 def check_ragged(
     backend: Any, layer: Any, forward_batch: Any, where: str, rails: Callable[[Any, str], dict[str, Rail] | None],
     handed: str | Rail, extend: Rail | None = None, judge_drift: bool = True,
@@ -57,22 +51,28 @@ def check_ragged(
         return
     live = backend.token_to_kv_pool
     layer_type, index_in_pool = layer_pool(live, int(layer.layer_id))
-    sets = rails(live, layer_type)
+    entry = forward_cache(backend, md, live)
+    if layer_type not in entry.rails:
+        entry.rails[layer_type] = rails(live, layer_type)
+    sets = entry.rails[layer_type]
     rail = handed if isinstance(handed, Rail) else (sets or {}).get(handed)
     if rail is None or sets is None:
         return  # nothing planned for this layer: SGLang's own checks say so right after us
-    entry = forward_cache(backend, md, live)
     drift = entry.drift if judge_drift else {}
     mismatch = rail.space != layer_type or (extend is not None and extend.space != layer_type)
     capturing = checks.is_capturing(rail.indices)
     bound = _rows(session, entry, backend, live, layer_type)
     scan = extend_bad = None
     if not capturing and bound is not None:
-        scan = _scan_once(entry, (rail.name, id(rail.indices), bound),
-                          lambda: checks.scan_ragged(rail.indptr, rail.indices, bound))
+        key = (rail.name, id(rail.indices), bound)
+        scan = entry.scans.get(key)
+        if scan is None:
+            scan = entry.scans[key] = checks.scan_ragged(rail.indptr, rail.indices, bound)
         if extend is not None:
-            extend_bad = _scan_once(entry, (extend.name, id(extend.indices), bound),
-                                    lambda: checks.scan_slots(extend.indices, 0, bound))
+            key = (extend.name, id(extend.indices), bound)
+            if key not in entry.scans:
+                entry.scans[key] = checks.scan_slots(extend.indices, 0, bound)
+            extend_bad = entry.scans[key]
     if not (mismatch or drift or extend_bad is not None) and (scan is None or scan.ok):
         if capturing and session.config.guard == "off":
             session.warn_once("capture-ragged", "ragged KV ids are not value-checked inside CUDA-graph capture or"
