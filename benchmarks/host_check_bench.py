@@ -1,11 +1,17 @@
 """Armed host-check cost per layer call vs the unarmed call, on CPU, with real sglang==0.5.23 objects.
 
-Runs SGLang's real ``TRTLLMHAAttnBackend.forward_decode`` (partially constructed backend, real SWAKVPool,
-real RadixAttention layers; see tests/helpers/sglang_world.py) up to the FlashInfer launch, which does not exist
-on a CPU machine: the call writes K/V into the pool and stops at the launch. Both sides do exactly that;
+``--backend trtllm_mha`` (default) runs SGLang's real ``TRTLLMHAAttnBackend.forward_decode`` (partially
+constructed backend, real SWAKVPool, real RadixAttention layers; see tests/helpers/sglang_world.py) up to the
+FlashInfer launch, which does not exist on a CPU machine: the call writes K/V into the pool and stops at the
+launch. ``--backend triton`` runs SGLang's real ``TritonAttnBackend.forward_decode`` the same way, up to its
+decode kernel launch (a recorder stands there; see ``sglang_world.KernelRecorder``); ``--backend flashinfer``
+runs SGLang's real ``FlashInferAttnBackend.forward_decode`` up to the planned wrapper's ``run`` (a recorder; see
+``sglang_world._planned_wrapper``). Both sides do exactly that;
 the difference is kvtrap's wrapper and checks. Prints a table and writes JSON + markdown.
 
     python benchmarks/host_check_bench.py --out benchmarks/results
+    python benchmarks/host_check_bench.py --backend triton --out benchmarks/results
+    python benchmarks/host_check_bench.py --backend flashinfer --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -29,15 +35,18 @@ def _call(backend, layer, fb, q, k, v) -> None:
         pass
 
 
-def _time_layers(backend, layers, fb, q, k, v, *, new_forward, reps: int) -> list[float]:
-    from helpers import sglang_world as w
+def _new_forward(backend) -> None:
+    """A new forward's metadata (same tensors, a new object): the first layer pays the value scans."""
+    import copy
 
+    backend.forward_metadata = copy.copy(backend.forward_metadata)
+
+
+def _time_layers(backend, layers, fb, q, k, v, *, new_forward, reps: int) -> list[float]:
     per_call = []
-    md = backend.forward_metadata
     for _ in range(reps):
-        if new_forward:  # a new forward's metadata: the first layer pays the value scan
-            w.set_metadata(backend, md.page_table, md.swa_page_table, md.cache_seqlens_int32)
-            backend.forward_metadata.swa_out_cache_loc = md.swa_out_cache_loc
+        if new_forward:
+            _new_forward(backend)
         t0 = time.perf_counter_ns()
         for layer in layers:
             _call(backend, layer, fb, q, k, v)
@@ -49,6 +58,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--backend", choices=["trtllm_mha", "triton", "flashinfer"], default="trtllm_mha")
     args = ap.parse_args()
     import warnings
 
@@ -58,8 +68,13 @@ def main() -> int:
 
     import kvtrap
 
-    pool, alloc, layers, batch, backend, fb = td.decode_world(seq_lens=(40, 100, 17, 30))
-    w.set_write_locs(backend, alloc, fb)
+    if args.backend == "triton":
+        pool, alloc, layers, batch, backend, fb = td.triton_world(seq_lens=(40, 100, 17, 30))
+    elif args.backend == "flashinfer":
+        pool, alloc, layers, batch, backend, fb = td.flashinfer_world(seq_lens=(40, 100, 17, 30))
+    else:
+        pool, alloc, layers, batch, backend, fb = td.decode_world(seq_lens=(40, 100, 17, 30))
+        w.set_write_locs(backend, alloc, fb)
     q, k, v = w.qkv(len(batch.seq_lens))
     rows = {}
     for name, new_forward in (("steady (same forward)", False), ("new forward each pass", True)):
@@ -76,7 +91,8 @@ def main() -> int:
         "python": platform.python_version(),
         "versions": {d: metadata.version(d) for d in ("kvtrap", "sglang", "torch")},
         "date": time.strftime("%Y-%m-%d"),
-        "command": "python benchmarks/host_check_bench.py --out benchmarks/results",
+        "command": "python benchmarks/host_check_bench.py"
+        + ("" if args.backend == "trtllm_mha" else f" --backend {args.backend}") + " --out benchmarks/results",
         "layers": len(layers), "batch": len(batch.seq_lens), "reps": args.reps,
         "note": "CPU tensors: the value scan's host sync is a CPU op here; on a GPU it is one "
                 "device sync (~20-40 us) per table per forward, measured in benchmarks/results/guard-*.md",
@@ -90,7 +106,8 @@ def main() -> int:
     if args.out:
         from _results import write_results
 
-        write_results(args.out, "host-check-cpu", "Armed host-check cost per trtllm_mha layer call (CPU)", meta, rows,
+        stem = "host-check-cpu" if args.backend == "trtllm_mha" else f"host-check-{args.backend}-cpu"
+        write_results(args.out, stem, f"Armed host-check cost per {args.backend} layer call (CPU)", meta, rows,
                       table)  # fmt: skip
     return 0
 

@@ -27,6 +27,8 @@ SCENARIOS = {
     "sglang-38269": "make_38269_dump",
     "sglang-27779": "make_27779_dump",
     "sglang-25805": "make_25805_dump",
+    "sglang-24394": "make_24394_dump",
+    "sglang-27737": "make_27737_dump",
 }
 
 KWARGS: dict[str, dict[str, object]] = {"sglang-26957": {"high_fill": True}}

@@ -122,6 +122,68 @@ def scan_slots(slots: torch.Tensor, lower: int, bound: int) -> BadEntries | None
     )
 
 
+@dataclass(frozen=True)
+class RaggedScan:
+    """A ragged (CSR) index set: ``indptr`` (``bs + 1`` offsets) into a flat ``indices``.
+
+    ``indptr_problem``: ``"start"`` (``indptr[0] != 0``), ``"decreasing"`` (a row ends before it starts)
+    or ``"overrun"`` (the last offset is past ``len(indices)``), with the position in ``indptr`` and the
+    value there. ``bad``: live ids outside ``[lower, bound)``; ``row`` is the request, ``column`` the
+    position inside its range. Ids are only judged when ``indptr`` is sound (otherwise the live ranges are
+    not known).
+    """
+
+    indptr_problem: str | None = None
+    indptr_at: int | None = None
+    indptr_value: int | None = None
+    bad: BadEntries | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.indptr_problem is None and self.bad is None
+
+
+def scan_ragged(indptr: torch.Tensor, indices: torch.Tensor, bound: int, lower: int = 0) -> RaggedScan:
+    """Check ``indptr`` is a sound CSR offset vector for ``indices`` and every live id lies in
+    ``[lower, bound)``. Live ids are ``indices[indptr[0]:indptr[-1]]``: SGLang allocates the flat
+    buffers with ``torch.empty`` (or reuses a CUDA-graph buffer), so the tail past ``indptr[-1]`` is garbage.
+
+    One host sync (a four-flag ``tolist()``); locating the first problem costs more, only on failure.
+    """
+    ptr = indptr.reshape(-1).to(torch.int64)
+    flat = indices.reshape(-1)
+    n = int(flat.numel())
+    if ptr.numel() == 0:
+        return RaggedScan()
+    first, last = ptr[0], ptr[-1]
+    pos = torch.arange(n, device=flat.device)
+    live = (pos >= first) & (pos < torch.clamp(last, max=n))
+    bad_mask = live & ((flat < lower) | (flat >= bound))
+    decreasing = ptr[1:] < ptr[:-1]
+    found = torch.stack([first != 0, decreasing.any(), last > n, bad_mask.any()]).tolist()
+    if found[0]:
+        return RaggedScan("start", 0, int(first))
+    if found[1]:
+        at = int(decreasing.nonzero()[0]) + 1
+        return RaggedScan("decreasing", at, int(ptr[at]))
+    if found[2]:
+        return RaggedScan("overrun", int(ptr.numel()) - 1, int(last))
+    if not found[3]:
+        return RaggedScan()
+    hits = bad_mask.nonzero().flatten()
+    at = int(hits[0])
+    req = torch.searchsorted(ptr, hits, right=True) - 1
+    row = int(req[0])
+    bad = BadEntries(
+        count=int(hits.numel()),
+        rows=tuple(torch.unique(req)[:MAX_LISTED_ROWS].tolist()),
+        row=row,
+        column=at - int(ptr[row]),
+        value=int(flat[at]),
+    )
+    return RaggedScan(bad=bad)
+
+
 def is_capturing(t: torch.Tensor) -> bool:
     """True while the current CUDA stream is capturing a graph (never true for CPU tensors)."""
     return t.is_cuda and torch.cuda.is_current_stream_capturing()

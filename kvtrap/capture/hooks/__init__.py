@@ -1,5 +1,10 @@
 """Thin adapters kvtrap installs around SGLang methods: each module exposes ``TARGETS``.
 
+Attention backends guarded (each adapter declares its ``ATTENTION_BACKEND``): ``trtllm_mha`` (page tables,
+K/V write locations, the device guard in its CUDA graphs) and ``triton`` (ragged ``kv_indptr`` /
+``kv_indices`` and the SWA window rail, incl. the deterministic unified extend path; host checks only).
+The SWA allocator's alloc and free paths are guarded by :mod:`~kvtrap.capture.hooks.allocator`.
+
 A hook reads SGLang's objects through :mod:`kvtrap.capture.sglang_view`, asks
 :mod:`kvtrap.capture.verdict` what is wrong, and hands the answer to the armed session. Adding a backend
 means one module here (and its view), listed in :data:`HOOKS`.
@@ -7,10 +12,10 @@ means one module here (and its view), listed in :data:`HOOKS`.
 
 from __future__ import annotations
 
-from kvtrap.capture.hooks import allocator, device_guard, trtllm_mha
+from kvtrap.capture.hooks import allocator, device_guard, flashinfer, triton, trtllm_mha
 from kvtrap.capture.patching import MethodTarget
 
-HOOKS = (allocator, trtllm_mha, device_guard)
+HOOKS = (allocator, trtllm_mha, triton, flashinfer, device_guard)
 
 
 def targets() -> list[MethodTarget]:

@@ -39,25 +39,24 @@ Checks 1-3 are host-only attribute reads (a few microseconds) and also run durin
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from kvtrap.capture import checks
+from kvtrap.capture.forward_cache import ForwardCache, forward_cache
 from kvtrap.capture.patching import MethodTarget
 from kvtrap.capture.session import current
 from kvtrap.capture.sglang_view import (
     SWA,
-    find_drift,
+    call_arg,
     handed_table_name,
     layer_pages,
     layer_pool,
+    layer_rows,
     layer_snapshot,
     padding_page_slots,
     translating,
     write_locs,
-    write_rows,
     write_snapshot,
 )
 from kvtrap.capture.verdict import judge_layer, judge_write
@@ -69,32 +68,8 @@ ATTENTION_BACKEND = "trtllm_mha"
 
 
 # ------------------------------------------------------------------------------------- the check
-@dataclass
-class _ForwardCache:
-    """What stays fixed for one forward (one metadata object and one live pool): checked once, reused
-    by every layer. Holding ``md`` keeps its id from being reused, so a new forward never hits it."""
-
-    md: Any
-    live: Any
-    drift: dict[str, str]
-    pages: dict[str, int]  # layer type -> pages of the pool such layers read
-    scans: dict[tuple[str, int], checks.TableScan]
-    writes: dict[str, tuple[Any, int]] = field(default_factory=dict)  # pool type -> (locations, n) scanned clean
-
-
-_forwards: weakref.WeakKeyDictionary[Any, _ForwardCache] = weakref.WeakKeyDictionary()
-
-
-def _forward_cache(backend: Any, md: Any, live: Any) -> _ForwardCache:
-    entry = _forwards.get(backend)
-    if entry is None or entry.md is not md or entry.live is not live:
-        entry = _ForwardCache(md, live, find_drift(backend, live), {}, {})
-        _forwards[backend] = entry
-    return entry
-
-
 def _scan(
-    entry: _ForwardCache, name: str, table: Any, page_size: int, bound: int, forward_batch: Any
+    entry: ForwardCache, name: str, table: Any, page_size: int, bound: int, forward_batch: Any
 ) -> checks.TableScan:
     key = (name, bound)
     scan = entry.scans.get(key)
@@ -123,7 +98,7 @@ def check_forward(backend: Any, layer: Any, forward_batch: Any, where: str) -> N
     layer_id = int(layer.layer_id)
     layer_type, index_in_pool = layer_pool(live, layer_id)
     handed_name = handed_table_name(md, handed)
-    entry = _forward_cache(backend, md, live)
+    entry = forward_cache(backend, md, live)
     drift = entry.drift
     capturing = checks.is_capturing(handed)
     mismatch = handed_name != ("swa_page_table" if layer_type == SWA else "page_table")
@@ -175,12 +150,12 @@ def check_write(backend: Any, layer: Any, forward_batch: Any, where: str) -> Non
     name, locs = picked
     if checks.is_capturing(locs):
         return  # no host sync inside a capture; the capture notice of check_forward says so
-    entry = _forward_cache(backend, md, live)
+    entry = forward_cache(backend, md, live)
     source = getattr(md, "swa_out_cache_loc", None) if name == "swa_out_cache_loc" else forward_batch.out_cache_loc
     cached = entry.writes.get(layer_type)
     if cached is not None and cached[0] is source and cached[1] == int(locs.shape[0]):
         return  # this forward's locations for this pool were scanned clean already
-    rows = None if translating(backend) else write_rows(live, layer_type, int(backend.page_size))
+    rows = None if translating(backend) else layer_rows(live, layer_type, int(backend.page_size))
     if rows is None:
         session.warn_once("no-write-bound", f"KV write locations are not checked for {type(live).__name__} "
                           "(virtual ids or no pool size)")
@@ -200,11 +175,11 @@ def _wrap(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             # signature: (q, k, v, layer, forward_batch, save_kv_cache=True, **kw) since 0.5.x
-            layer = args[3] if len(args) > 3 else kwargs.get("layer")
-            forward_batch = args[4] if len(args) > 4 else kwargs.get("forward_batch")
+            layer = call_arg(args, kwargs, 3, "layer")
+            forward_batch = call_arg(args, kwargs, 4, "forward_batch")
             if layer is not None:
                 check_forward(self, layer, forward_batch, method)
-                k = args[1] if len(args) > 1 else kwargs.get("k")
+                k = call_arg(args, kwargs, 1, "k")
                 save = args[5] if len(args) > 5 else kwargs.get("save_kv_cache", True)
                 if save and k is not None:
                     check_write(self, layer, forward_batch, method)
