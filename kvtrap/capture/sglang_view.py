@@ -291,6 +291,11 @@ class AllocationSnapshot:
     args: dict[str, Any]
 
 
+def full_page_bound(alloc: Any) -> int:
+    """More than any full-pool page id of ``alloc`` (pages 1..size_full // page_size, plus slack for padding)."""
+    return int(alloc.size_full) // int(alloc.page_size) + 2
+
+
 def swa_slot_bound(alloc: Any) -> int:
     """Exclusive upper bound of valid SWA slots: pages handed out are 1..num_pages."""
     page_size = int(alloc.page_size)

@@ -52,7 +52,8 @@ def sglang():
     }
 
 
-def make_pool(page_size: int = PAGE_SIZE, full_pages: int = FULL_PAGES, swa_pages: int = SWA_PAGES):
+def make_pool(page_size: int = PAGE_SIZE, full_pages: int = FULL_PAGES, swa_pages: int = SWA_PAGES,
+              device: str = "cpu"):  # fmt: skip
     sg = sglang()
     return sg["SWAKVPool"](
         size=full_pages * page_size,
@@ -63,18 +64,18 @@ def make_pool(page_size: int = PAGE_SIZE, full_pages: int = FULL_PAGES, swa_page
         head_dim=8,
         swa_attention_layer_ids=SWA_LAYERS,
         full_attention_layer_ids=FULL_LAYERS,
-        device="cpu",
+        device=device,
     )
 
 
-def make_allocator(pool, page_size: int = PAGE_SIZE):
+def make_allocator(pool, page_size: int = PAGE_SIZE, device: str = "cpu"):
     sg = sglang()
     return sg["SWATokenToKVPoolAllocator"](
         size=pool.size,
         size_swa=pool.size_swa,
         page_size=page_size,
         dtype=torch.bfloat16,
-        device="cpu",
+        device=device,
         kvcache=pool,
         need_sort=False,
     )
@@ -109,10 +110,11 @@ class Batch:
 def allocate_requests(alloc, seq_lens: list[int]) -> Batch:
     """Prefill ``len(seq_lens)`` fresh requests through the real ``alloc_extend``."""
     n = len(seq_lens)
+    dev = getattr(alloc, "device", "cpu")  # the *_cpu arguments stay on the host, as SGLang passes them
     prefix = torch.zeros(n, dtype=torch.int64)
     seq = torch.tensor(seq_lens, dtype=torch.int64)
-    last_loc = torch.full((n,), -1, dtype=torch.int64)
-    out = alloc.alloc_extend(prefix, prefix.clone(), seq, seq.clone(), last_loc, int(seq.sum()))
+    last_loc = torch.full((n,), -1, dtype=torch.int64, device=dev)
+    out = alloc.alloc_extend(prefix.to(dev), prefix.clone(), seq.to(dev), seq.clone(), last_loc, int(seq.sum()))
     assert out is not None, "allocator ran out of pages"
     batch = Batch(seq_lens=list(seq_lens))
     start = 0

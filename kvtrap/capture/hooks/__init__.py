@@ -12,10 +12,10 @@ means one module here (and its view), listed in :data:`HOOKS`.
 
 from __future__ import annotations
 
-from kvtrap.capture.hooks import allocator, device_guard, flashinfer, triton, trtllm_mha
+from kvtrap.capture.hooks import allocator, device_guard, flashinfer, step_drain, triton, trtllm_mha
 from kvtrap.capture.patching import MethodTarget
 
-HOOKS = (allocator, trtllm_mha, triton, flashinfer, device_guard)
+HOOKS = (allocator, trtllm_mha, triton, flashinfer, device_guard, step_drain)
 
 
 def targets() -> list[MethodTarget]:
