@@ -63,10 +63,11 @@ class Findings:
         while len(self.calls) > REMEMBERED_CALLS:
             self.calls.popitem(last=False)
         hit = codes > 0
-        first = torch.argmax(hit.to(torch.int8))  # the first hit (0 when there is none: then unused)
+        first = torch.argmax(hit.to(torch.int32))  # the first hit (0 when there is none: then unused)
         seq = torch.full((), self.seq, dtype=torch.int64, device=codes.device)
         owner = owners[first] if owners is not None else torch.full_like(seq, -1)
-        new = torch.stack([hit.sum(), codes[first], first, values[first], owner, seq]).to(torch.int64)
+        parts = (hit.sum(), codes[first], first, values[first], owner, seq)
+        new = torch.stack([t.to(torch.int64) for t in parts])
         take = (new[0] > 0) & (self.buf[0] == 0)  # the first finding wins until it is read
         self.buf.copy_(torch.where(take, new, self.buf))
         if self.host is not self.buf:
