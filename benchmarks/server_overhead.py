@@ -33,7 +33,7 @@ from typing import Any
 from kvtrap.repro import probe, runner
 from kvtrap.repro.classify import bench_metrics
 from kvtrap.repro.models import variant, write_model_dirs
-from kvtrap.repro.scenarios import Workload, get
+from kvtrap.repro.scenarios import SPEC_ARGS, Workload, get
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "unarmed": {"armed": False, "extra": (), "env": {}},
@@ -71,11 +71,17 @@ def main() -> int:
         "--min-prompts", type=int, default=8, help="prompts per benchmark: max(this, 2 x concurrency)"
     )
     ap.add_argument("--probe", type=int, default=0, help="greedy prompts each server answers first (0: none)")
+    ap.add_argument("--no-spec", action="store_true",
+                    help="serve without the MTP draft (SGLang's --kv-canary does not start with frozen-KV MTP)")  # fmt: skip
     a = ap.parse_args()
     if "unarmed" not in a.configs:
         ap.error("--configs needs 'unarmed': every ratio is to it")
 
     scenario = get(a.scenario)
+    if a.no_spec:
+        scenario = dataclasses.replace(
+            scenario, draft_model=None, server_args=_without(scenario.server_args, SPEC_ARGS)
+        )
     model = variant(scenario.dummy_variant or "e4b", a.layers)
     work = a.work.absolute()
     work.mkdir(parents=True, exist_ok=True)
@@ -91,7 +97,8 @@ def main() -> int:
             run_dir = work / name
             run_dir.mkdir(parents=True, exist_ok=True)
             opts = runner.RunOptions(scenario=scenario, out_dir=run_dir, armed=cfg["armed"],
-                                     model_path=str(dirs.target), draft_model_path=str(dirs.draft),
+                                     model_path=str(dirs.target),
+                                     draft_model_path=None if a.no_spec else str(dirs.draft),
                                      extra_server_args=common + tuple(cfg["extra"]), follow=False)  # fmt: skip
             plan = runner.build_plan(opts)
             cmd = [c for c in plan.server_cmd]
@@ -147,6 +154,19 @@ def main() -> int:
             child.stop(20)
     write_results(a, model, rows, traps, started, probes)
     return 0
+
+
+def _without(args: tuple[str, ...], drop: tuple[str, ...]) -> tuple[str, ...]:
+    """``args`` without the flag/value pairs of ``drop``."""
+    flags = set(drop[::2])
+    out: list[str] = []
+    it = iter(args)
+    for flag in it:
+        if flag in flags:
+            next(it, None)
+        else:
+            out.append(flag)
+    return tuple(out)
 
 
 def run_probes(a: argparse.Namespace, servers: dict[str, tuple[runner.Child, runner.Plan]]) -> dict[str, Any]:
@@ -222,8 +242,9 @@ def write_results(a: argparse.Namespace, model: Any, rows: list[dict[str, Any]],
     lines = [f"# kvtrap in a real SGLang server: {', '.join(a.configs)} on {device}", "",
              f"- date {data['date']}; command `{data['command']}`",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items() if v),
-             f"- scenario {a.scenario}; model: weight-free {model.name}-like, {model.layers} layers, frozen-KV MTP"
-             " (3 steps, 4 draft tokens), trtllm_mha, page 64, CUDA graphs (decode); prefill eager on KV-shared models",
+             f"- scenario {a.scenario}; model: weight-free {model.name}-like, {model.layers} layers, "
+             + ("no speculative decoding" if a.no_spec else "frozen-KV MTP (3 steps, 4 draft tokens)")
+             + ", trtllm_mha, page 64, CUDA graphs (decode); prefill eager on KV-shared models",
              f"- {a.rounds} rounds per cell after a warm-up round at every concurrency (order rotated), medians;"
              f" {a.input_len} in / {a.output_len} out, prompts = max({a.min_prompts}, 2 x concurrency); servers side"
              " by side on one GPU, one benchmarked at a time",
