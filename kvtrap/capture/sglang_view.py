@@ -119,16 +119,20 @@ def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def table_infos(md: Any, handed_name: str, live: Any, page_size: int) -> dict[str, TableInfo]:
+def table_infos(md: Any, handed_name: str, live: Any, page_size: int,
+                extra: dict[str, tuple[Any, str]] | None = None) -> dict[str, TableInfo]:  # fmt: skip
+    """The metadata's tables (``page_table``, ``swa_page_table``, and ``extra``: name -> (table, pool)) with
+    the page count of the pool each indexes and whether it is the one handed to the layer."""
     out: dict[str, TableInfo] = {}
     swa = is_swa_pool(live)
-    for name in ("page_table", "swa_page_table"):
-        table = getattr(md, name, None)
+    named = {name: (getattr(md, name, None), SWA if name == "swa_page_table" else FULL)
+             for name in ("page_table", "swa_page_table")}  # fmt: skip
+    named.update(extra or {})
+    for name, (table, pool) in named.items():
         if table is None:
             continue
-        pool = SWA if name == "swa_page_table" else FULL
         sub = (live.swa_kv_pool if pool == SWA else live.full_kv_pool) if swa else live
-        info = _sub_pool_pages(sub, page_size) if pool == SWA or swa else _sub_pool_pages(live, page_size)
+        info = _sub_pool_pages(sub, page_size)
         out[name] = TableInfo(
             pool=pool,
             bound=None if info is None else info.pages,
@@ -170,10 +174,100 @@ class LayerSnapshot:
     speculative: bool | None = None  # the batch carries spec_info (draft decode steps run as DECODE)
     req_pool_indices: Any = None
     capturing: bool = False
+    # index space of the handed table ("swa", "full", "other"); None: judged by its name (page_table /
+    # swa_page_table), as the weight-free repro builds it
+    handed_pool: str | None = None
 
     @property
     def expected_name(self) -> str:
         return "swa_page_table" if self.layer_type == SWA else "page_table"
+
+    @property
+    def mismatch(self) -> bool:
+        """The handed table indexes another pool than the one this layer reads."""
+        if self.handed_pool is not None:
+            return self.handed_pool != self.layer_type
+        return self.handed_name != self.expected_name
+
+
+@dataclass(frozen=True)
+class HandedTable:
+    """The paged table a backend is about to hand one layer's kernel, as an adapter resolves it.
+
+    ``pool``: the index space its ids are in (``"swa"``, ``"full"``, ``"other"``: not one of the
+    metadata's tables). ``full_ids``: for a table of SWA ids, the full-pool table it was translated from
+    (same shape, same live prefix), so the scan can check ``swa == mapping[full * page_size] //
+    page_size``; ``None`` where there is none to compare with. ``extra``: tables to list in the dump's
+    context beside ``page_table`` / ``swa_page_table`` (name -> (table, pool)).
+    """
+
+    name: str
+    table: Any
+    cache_seqlens: Any
+    pool: str
+    full_ids: Any = None  # a tensor, or a zero-argument callable building it (called once per forward)
+    extra: dict[str, tuple[Any, str]] | None = None
+
+
+def trtllm_handed_table(backend: Any, layer: Any, forward_batch: Any) -> HandedTable:
+    """trtllm_mha: the table its own ``_get_layer_page_table`` picks (no SWA-translation check: which
+    metadata table it is says the index space)."""
+    md = backend.forward_metadata
+    handed = backend._get_layer_page_table(layer, forward_batch)
+    name = handed_table_name(md, handed)
+    pool = {"swa_page_table": SWA, "page_table": FULL}.get(name, "other")
+    return HandedTable(name, handed, md.cache_seqlens_int32, pool)
+
+
+def fa3_handed_table(backend: Any, layer: Any, method: str, spec_full_rows: Any) -> HandedTable | None:
+    """fa3 (``FlashAttentionBackend``, SGLang 0.5.23): the paged table ``forward_decode`` /
+    ``forward_extend`` hand this layer's kernel, chosen as they choose it (fa3 has no method for it).
+
+    * an SWA layer (``layer.sliding_window_size > -1``) in ``forward_extend`` whose metadata carries
+      ``swa_spec_metadata`` (target verify, topk > 1): ``swa_spec_metadata.page_table`` with its own
+      ``cache_seqlens``, SWA ids when the backend believes it serves an SWA pool (it translates only then);
+      its full-pool counterpart is rebuilt by ``spec_full_rows`` (checks.spec_full_rows) for the
+      translation check (SGLang #24402: this table was built from untranslated full ids);
+    * an SWA layer with ``use_sliding_window_kv_pool`` (cached at ``__init__``): ``swa_page_table`` (or the
+      per-call translation of ``page_table`` when it is missing);
+    * otherwise ``page_table`` (full-pool ids), also for SWA layers of a backend that cached "no SWA pool".
+
+    ``None`` (not checked here): cross attention (encoder table), chunked local attention (its own block
+    table), prefill-aware SWA decode (``pa_swa_page_table``, page size 1 only). The second table of the
+    topk > 1 cascade (``forward_metadata_spec_decode_expand``) is not checked either.
+    """
+    md = backend.forward_metadata
+    if getattr(layer, "is_cross_attention", False):
+        return None
+    builder = getattr(backend, "local_attn_builder", None)
+    if builder is not None and builder.applies(layer, md):
+        return None
+    window = getattr(layer, "sliding_window_size", None)
+    swa_layer = window is not None and window > -1 and not getattr(backend, "use_mla", False)
+    cached_swa = bool(getattr(backend, "use_sliding_window_kv_pool", False))
+    seqlens = md.cache_seqlens_int32
+    spec = getattr(md, "swa_spec_metadata", None)
+    if method == "forward_extend" and swa_layer and spec is not None:
+        expand = getattr(backend, "forward_metadata_spec_decode_expand", None)
+        full_ids = None
+        if cached_swa and expand is not None:
+            def full_ids() -> Any:
+                return spec_full_rows(md.page_table, seqlens, expand.page_table, expand.cache_seqlens_int32,
+                                      int(backend.speculative_num_draft_tokens), int(spec.page_table.shape[1]))
+        return HandedTable("swa_spec_page_table", spec.page_table, spec.cache_seqlens_int32,
+                           SWA if cached_swa else FULL, full_ids, {"swa_spec_page_table": (spec.page_table, SWA)})
+    if method == "forward_decode" and getattr(backend, "is_prefill_aware_swa", False) and getattr(
+        md, "pa_swa_page_table", None
+    ) is not None:
+        return None
+    if swa_layer and cached_swa:
+        swa = getattr(md, "swa_page_table", None)
+        if swa is None:  # fa3 translates per call then (ids of page_table read as token slots)
+            swa = backend.token_to_kv_pool.translate_loc_from_full_to_swa(md.page_table)
+            return HandedTable("page_table (translated per call)", swa, seqlens, SWA,
+                               extra={"page_table (translated per call)": (swa, SWA)})
+        return HandedTable("swa_page_table", swa, seqlens, SWA, md.page_table)
+    return HandedTable("page_table", md.page_table, seqlens, FULL)
 
 
 def padding_page_slots(table_name: str, forward_batch: Any) -> Any:
@@ -232,21 +326,24 @@ def _layer_call(backend: Any, layer: Any, forward_batch: Any, where: str, layer_
 
 
 def layer_snapshot(
-    backend: Any, layer: Any, forward_batch: Any, where: str, *, handed_name: str, layer_type: str,
+    backend: Any, layer: Any, forward_batch: Any, where: str, *, handed: HandedTable, layer_type: str,
     index_in_pool: int | None, bound: int | None, drift: dict[str, str], capturing: bool,
 ) -> LayerSnapshot:
     """The full snapshot of one layer's attention call (built only once something looks wrong)."""
     md = backend.forward_metadata
+    tables = {"page_table": md.page_table, "swa_page_table": getattr(md, "swa_page_table", None)}
+    for name, (table, _pool) in (handed.extra or {}).items():
+        tables[name] = table
     return LayerSnapshot(
         **_layer_call(backend, layer, forward_batch, where, layer_type, index_in_pool, capturing),
         bound=bound,
-        handed_name=handed_name,
-        tables={"page_table": md.page_table, "swa_page_table": getattr(md, "swa_page_table", None)},
-        cache_seqlens=md.cache_seqlens_int32,
+        handed_name=handed.name,
+        handed_pool=handed.pool,
+        tables=tables,
+        cache_seqlens=handed.cache_seqlens,
         drift=drift,
-        table_bounds=table_infos(md, handed_name, backend.token_to_kv_pool, int(backend.page_size)),
+        table_bounds=table_infos(md, handed.name, backend.token_to_kv_pool, int(backend.page_size), handed.extra),
     )
-
 
 
 # ------------------------------------------------------------------------------------- allocator

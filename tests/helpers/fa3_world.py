@@ -1,0 +1,148 @@
+"""Real sglang==0.5.23 fa3 objects: ``FlashAttentionBackend`` with real pools, built on CPU or CUDA.
+
+On CPU the fa3 module imports through the ``common_ops`` stand-in (``standins/sgl_kernel_ops.py``); on a
+GPU machine with SGLang's full runtime it imports as is. The backend is a *partially constructed* real
+``FlashAttentionBackend`` (``object.__new__`` plus the attributes its ``__init__`` sets from a model
+runner: that ``__init__`` needs SGLang's server context); its metadata is built by its own
+``init_forward_metadata`` from a real ``ReqToTokenPool``, a real ``KVIndexTranslator`` and a
+``ForwardBatch`` bound to a real ``KVLocPlan``, exactly as SGLang builds it for an eager forward.
+
+``KernelRecorder`` replaces the module-level ``flash_attn_with_kvcache`` that fa3's forwards call: it
+records what each launch was handed (page table, cache_seqlens) and, with ``real`` given (GPU), runs the
+real kernel; on CPU it returns zeros instead (the kernel cannot run there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from helpers import sglang_world as w
+
+PAGE_SIZE = w.PAGE_SIZE
+MAX_CONTEXT = w.MAX_PAGES * w.PAGE_SIZE
+
+
+def fa3_module():
+    """SGLang's fa3 backend module, importable on CPU through the op-library stand-in."""
+    from helpers.srt import import_srt
+    from helpers.standins import sgl_kernel_ops
+
+    import_srt("sglang.srt.mem_cache.swa_memory_pool")  # skips on a GPU machine without sgl_kernel
+    sgl_kernel_ops.install()
+    import sglang.srt.layers.attention.flashattention_backend as fa
+
+    return fa
+
+
+@dataclass
+class KernelRecorder:
+    """Stands where fa3 launches ``flash_attn_with_kvcache``; ``calls`` holds what each launch got."""
+
+    real: Any = None
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        table = kwargs.get("page_table")
+        seqlens = kwargs.get("cache_seqlens")
+        self.calls.append({
+            "page_table": None if table is None else table.clone(),
+            "cache_seqlens": None if seqlens is None else seqlens.clone(),
+            "window_size": kwargs.get("window_size"),
+        })
+        if self.real is not None:
+            return self.real(*args, **kwargs)
+        q = kwargs["q"]
+        out = torch.zeros(q.shape[0], q.shape[1], kwargs["v_cache"].shape[-1], dtype=q.dtype, device=q.device)
+        if kwargs.get("return_softmax_lse"):
+            return out, torch.zeros(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+        return out
+
+
+@dataclass
+class Fa3World:
+    pool: Any
+    alloc: Any
+    layers: list[Any]
+    batch: w.Batch
+    req_to_token_pool: Any
+    translator: Any
+    backend: Any
+    fb: Any
+
+
+def make_backend(fa, pool, r2t, translator, *, device: str = "cpu", swa: bool = True, topk: int = 0,
+                 draft_tokens: int | None = None):  # fmt: skip
+    """A real FlashAttentionBackend with what ``__init__`` sets for an MHA model with an SWA pool."""
+    b = object.__new__(fa.FlashAttentionBackend)
+    attrs = dict(
+        page_size=PAGE_SIZE if topk <= 1 else 1, device=device, max_context_len=MAX_CONTEXT,
+        req_to_token_pool=r2t, req_to_token=r2t.req_to_token, token_to_kv_pool=pool,
+        kv_index_translator=translator, use_sliding_window_kv_pool=swa, topk=topk, speculative_num_steps=0,
+        speculative_step_id=0, speculative_num_draft_tokens=draft_tokens, is_prefill_aware_swa=False,
+        has_swa=True, sliding_window_size=w.WINDOW, local_attn_builder=None, has_local_attention=False,
+        _get_scheduler_metadata=None, use_mla=False, _disable_scheduler_metadata_precompute=True,
+        forward_metadata=None, forward_metadata_spec_decode_expand=None, kv_cache_dtype=torch.bfloat16,
+        kv_cache_dtype_str="auto", kv_cache_is_mxfp8=False, fa_impl_ver=3, num_splits=0, decode_num_splits=0,
+        _decode_uses_static_max_seqlen_k=False, full_cg_prefill_metadata=None, fa_skip_kv_cache=False,
+        is_encoder_decoder=False, skip_prefill=False, _kv_shard_pool=None, attn_cp_size=1,
+        is_draft_runner=False, _verify_mask=None,
+    )
+    attrs["max_num_pages"] = (MAX_CONTEXT + attrs["page_size"] - 1) // attrs["page_size"]
+    for k, v in attrs.items():
+        setattr(b, k, v)
+    return b
+
+
+def decode_world(seq_lens=(40, 100, 17), *, device: str = "cpu", swa: bool = True, fill_pages: int = 0,
+                 seed: int | None = None) -> Fa3World:  # fmt: skip
+    """Requests allocated for real, one decode step's metadata built by fa3's own ``init_forward_metadata``.
+
+    ``fill_pages``: allocate (and keep) that many pages of filler first, so the batch's ids are large.
+    ``swa=False``: the backend cached "no SWA pool" at init while its live pool is an SWA pool (the
+    #26957 state, here on fa3)."""
+    fa = fa3_module()
+    from sglang.srt.mem_cache.kv_index_translator import KVIndexTranslator
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+
+    pool = w.make_pool()
+    alloc = w.make_allocator(pool)
+    if fill_pages:
+        w.allocate_requests(alloc, [fill_pages * PAGE_SIZE])
+    if seed is not None:
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(int(torch.randint(0, 4, (1,), generator=g))):
+            w.allocate_requests_or_none(alloc, [int(torch.randint(1, 80, (1,), generator=g))])
+    layers = w.make_layers()
+    batch = w.allocate_requests(alloc, list(seq_lens))
+    # the decode step's new token: one more slot per request, allocated by the real alloc_decode
+    seq = torch.tensor(batch.seq_lens, dtype=torch.int64)
+    last = torch.stack([s[-1] for s in batch.token_slots])
+    new = alloc.alloc_decode(seq + 1, seq + 1, last)
+    assert new is not None
+    batch = w.Batch([n + 1 for n in batch.seq_lens], [torch.cat([s, new[i : i + 1]]) for i, s in enumerate(batch.token_slots)])
+    r2t = ReqToTokenPool(size=8, max_context_len=MAX_CONTEXT, device="cpu", enable_memory_saver=False)
+    for r, slots in enumerate(batch.token_slots):
+        r2t.req_to_token[r + 1, : slots.numel()] = slots.to(torch.int32)
+    translator = KVIndexTranslator(req_to_token=r2t.req_to_token, token_to_kv_pool_allocator=alloc,
+                                   token_to_kv_pool=pool, page_size=PAGE_SIZE, device="cpu")
+    fb = w.make_forward_batch(batch, out_cache_loc=new)
+    fb.seq_lens_cpu = fb.seq_lens.clone()
+    plan = translator.plan(req_pool_indices=fb.req_pool_indices, seq_lens=fb.seq_lens,
+                           seq_lens_cpu=fb.seq_lens_cpu, write_virtual=new)
+    plan.bind(fb, translator)
+    backend = make_backend(fa, pool, r2t, translator, device=device, swa=swa)
+    backend.init_forward_metadata(fb)
+    return Fa3World(pool, alloc, layers, batch, r2t, translator, backend, fb)
+
+
+def run_layer(world: Fa3World, layer, recorder: KernelRecorder, monkeypatch, *, method: str = "forward_decode",
+              seed: int = 0):  # fmt: skip
+    """One real fa3 ``forward_decode`` (or ``forward_extend``) for ``layer``, the kernel launch recorded."""
+    fa = fa3_module()
+    monkeypatch.setattr(fa, "flash_attn_with_kvcache", recorder)
+    bs = len(world.batch.seq_lens)
+    q, k, v = w.qkv(bs, seed=seed)
+    return getattr(world.backend, method)(q, k, v, layer, world.fb)
