@@ -101,15 +101,19 @@ def live_pool(live: Any) -> LivePool:
 
 
 def backend_state(backend: Any, live: Any) -> BackendState:
+    # fa3 caches only use_sliding_window_kv_pool: the trtllm_mha fields stay None (not "stale") there
+    has_pool = hasattr(backend, "_swa_kv_pool")
+    has_mapping = hasattr(backend, "_swa_full_to_swa_mapping")
     cached = getattr(backend, "_swa_kv_pool", None)
     mapping = getattr(backend, "_swa_full_to_swa_mapping", None)
     return BackendState(
         class_=type(backend).__name__,
         use_sliding_window_kv_pool=getattr(backend, "use_sliding_window_kv_pool", None),
         swa_kv_pool=None if cached is None else f"{type(cached).__name__}@{id(cached):#x}",
-        swa_kv_pool_is_live=cached is live,
-        has_swa_full_to_swa_mapping=mapping is not None,
-        swa_mapping_is_live=mapping is not None and mapping is getattr(live, "full_to_swa_index_mapping", None),
+        swa_kv_pool_is_live=cached is live if has_pool else None,
+        has_swa_full_to_swa_mapping=mapping is not None if has_mapping else None,
+        swa_mapping_is_live=(mapping is not None and mapping is getattr(live, "full_to_swa_index_mapping", None))
+        if has_mapping else None,
         max_context_len=_int_or_none(getattr(backend, "max_context_len", None)),
         speculative_num_draft_tokens=_int_or_none(getattr(backend, "speculative_num_draft_tokens", None)),
     )
@@ -126,10 +130,10 @@ def table_infos(md: Any, handed_name: str, live: Any, page_size: int,
     out: dict[str, TableInfo] = {}
     swa = is_swa_pool(live)
     named = {name: (getattr(md, name, None), SWA if name == "swa_page_table" else FULL)
-             for name in ("page_table", "swa_page_table")}  # fmt: skip
+             for name in ("page_table", "swa_page_table")} if md is not None else {}  # fmt: skip
     named.update(extra or {})
     for name, (table, pool) in named.items():
-        if table is None:
+        if table is None or not hasattr(table, "shape"):
             continue
         sub = (live.swa_kv_pool if pool == SWA else live.full_kv_pool) if swa else live
         info = _sub_pool_pages(sub, page_size)
@@ -331,8 +335,16 @@ def layer_snapshot(
 ) -> LayerSnapshot:
     """The full snapshot of one layer's attention call (built only once something looks wrong)."""
     md = backend.forward_metadata
-    tables = {"page_table": md.page_table, "swa_page_table": getattr(md, "swa_page_table", None)}
-    for name, (table, _pool) in (handed.extra or {}).items():
+    extra = dict(handed.extra or {})
+    if handed.cache_seqlens is md.cache_seqlens_int32:
+        tables = {"page_table": md.page_table, "swa_page_table": getattr(md, "swa_page_table", None)}
+        names = md
+    else:  # a table with rows of its own (fa3's speculative SWA table): only it, with its full-pool rows
+        tables, names = {}, None
+        full = handed.full_ids() if callable(handed.full_ids) else handed.full_ids
+        if full is not None:
+            extra[f"{handed.name}_full_ids"] = (full, FULL)
+    for name, (table, _pool) in extra.items():
         tables[name] = table
     return LayerSnapshot(
         **_layer_call(backend, layer, forward_batch, where, layer_type, index_in_pool, capturing),
@@ -342,7 +354,7 @@ def layer_snapshot(
         tables=tables,
         cache_seqlens=handed.cache_seqlens,
         drift=drift,
-        table_bounds=table_infos(md, handed.name, backend.token_to_kv_pool, int(backend.page_size), handed.extra),
+        table_bounds=table_infos(names, handed.name, backend.token_to_kv_pool, int(backend.page_size), extra),
     )
 
 

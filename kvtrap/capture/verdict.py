@@ -99,7 +99,9 @@ def judge_layer(view: LayerSnapshot, scan: TableScan | None) -> Verdict | None:
         )
     elif scan is not None and scan.overflow is None and scan.swa_mismatch is not None:
         m = scan.swa_mismatch
-        base.update(row=m.row, column=m.column, value=m.value, count=m.count, rows=m.rows)
+        # an in-range id naming the wrong slot: no range to state
+        base.update(row=m.row, column=m.column, value=m.value, count=m.count, rows=m.rows, lower=None, bound=None)
+        details["pool_pages"] = view.bound
         details["swa_translation"] = "live entries differ from mapping[full_id * page_size] // page_size"
         violation = Violation(
             kind=Kind.INDEX_SPACE_MISMATCH,

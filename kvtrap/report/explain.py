@@ -150,6 +150,10 @@ def _same_as_full_table(f: Facts, name: str, swa: int, full: int) -> tuple[int, 
 
 
 # ---------------------------------------------------------------------------------------------- rules
+#: fa3's speculative SWA table (``swa_spec_metadata.page_table``) and its full-pool rows, as kvtrap dumps them
+SPEC_SWA_TABLE = "swa_spec_page_table"
+SPEC_SWA_FULL = SPEC_SWA_TABLE + "_full_ids"
+
 @rule("sglang-26957")
 def full_pool_ids_on_swa_layer(f: Facts) -> Finding | None:
     """An SWA layer reads full-pool page ids: the SWA translation was skipped (SGLang #26957)."""
@@ -159,6 +163,8 @@ def full_pool_ids_on_swa_layer(f: Facts) -> Finding | None:
     weak = False  # a few ids in the gap, nothing else: could as well be an off-by-one elsewhere
     swa, full = f.pools.get("swa"), f.pools.get("full")
     backend = f.context.backend
+    if f.violation.table == SPEC_SWA_TABLE:
+        return None  # fa3's speculative SWA table: its own rule (sglang-24402)
 
     if f.kind == Kind.SWA_STATE_DRIFT:
         strong = True
@@ -834,6 +840,52 @@ def swa_free_not_owned(f: Facts) -> Finding | None:
             "Clear the mapping of every full slot handed out without an SWA peer (alloc_extend_swa_tail's head,"
             " including swa_tail_len == 0).",
             "Audit code that frees full pages while their mapping is still set (free_full with a live peer).",
+        ],
+    )
+
+
+@rule("sglang-24402")
+def spec_swa_table_untranslated(f: Facts) -> Finding | None:
+    """fa3's speculative SWA table holds full-pool ids: built without the SWA translation (SGLang #24402)."""
+    if f.violation.table != SPEC_SWA_TABLE or f.kind not in (Kind.INDEX_SPACE_MISMATCH, Kind.PAGE_TABLE_OUT_OF_RANGE):
+        return None
+    evidence = [f"{f.layer} of a {f.context.forward_mode or '?'} forward was handed `{SPEC_SWA_TABLE}`"
+                " (fa3's table for SWA layers under EAGLE tree speculation, topk > 1)"]
+    swa = f.pools.get("swa")
+    spec, full = f.dump.tensors.get(SPEC_SWA_TABLE), f.dump.tensors.get(SPEC_SWA_FULL)
+    copied = False
+    if spec is not None and full is not None and np.shape(spec) == np.shape(full):
+        from kvtrap.report.tables import live_mask, live_pages
+
+        s = f.dump.tensors.get("cache_seqlens")
+        mask = live_mask(np.asarray(spec), live_pages(s, f.page_size) if s is not None else None)
+        n = int(mask.sum())
+        same = int((mask & (np.asarray(spec).astype(np.int64) == np.asarray(full).astype(np.int64))).sum())
+        if n:
+            evidence.append(f"{same} of {n} live entries equal the untranslated full-pool id at the same position")
+            copied = same * 2 >= n
+        if swa is not None and n:
+            over = int((mask & (np.asarray(spec).astype(np.int64) >= swa)).sum())
+            if over:
+                evidence.append(f"{over} live entries are >= {swa} (SWA pages): they read past the SWA k-cache")
+    if f.kind == Kind.INDEX_SPACE_MISMATCH:
+        evidence.append(f"violation: {f.violation.summary}")
+    injected = _injected(f, "sglang-24402", evidence)
+    return Finding(
+        rule="sglang-24402",
+        title="fa3's speculative SWA page table holds full-pool ids: SWA translation skipped (SGLang #24402)",
+        confidence="high" if injected or copied else "medium",
+        cause=(
+            "With fa3, EAGLE tree speculation (topk > 1) and an SWA pool, target verify hands SWA layers"
+            " swa_spec_metadata.page_table, concatenated from page_table's prefix rows and the draft rows."
+            " Built from untranslated full-pool ids, it indexes the SWA pool with full-pool slots: wrong KV,"
+            " then an illegal address once ids exceed the SWA pool (issue #24402, fixed by PR #24617)."
+        ),
+        evidence=evidence,
+        next_steps=[
+            "Translate both inputs of prepare_swa_spec_page_table_triton through full_to_swa_index_mapping"
+            " (FlashAttentionBackend._init_sliding_window_attn_spec_metadata; PR #24617 does this).",
+            "Until then: --speculative-eagle-topk 1 (no speculative SWA table), or another attention backend.",
         ],
     )
 

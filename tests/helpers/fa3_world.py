@@ -97,24 +97,30 @@ def make_backend(fa, pool, r2t, translator, *, device: str = "cpu", swa: bool = 
 
 
 def decode_world(seq_lens=(40, 100, 17), *, device: str = "cpu", swa: bool = True, fill_pages: int = 0,
-                 seed: int | None = None) -> Fa3World:  # fmt: skip
+                 seed: int | None = None, stale_cpu_lens: int = 0) -> Fa3World:  # fmt: skip
     """Requests allocated for real, one decode step's metadata built by fa3's own ``init_forward_metadata``.
 
-    ``fill_pages``: allocate (and keep) that many pages of filler first, so the batch's ids are large.
+    ``fill_pages``: allocate (and keep, SWA side released) that many pages first (in requests of 8), so the batch's full ids
+    are large and differ from its SWA ids.
     ``swa=False``: the backend cached "no SWA pool" at init while its live pool is an SWA pool (the
-    #26957 state, here on fa3)."""
+    #26957 state, here on fa3). ``stale_cpu_lens``: the host mirror ``seq_lens_cpu`` lags the device
+    lengths by that many tokens (fa3 sizes its eager table from it: SGLang's own comment warns that a
+    stale mirror under-sizes the table)."""
     fa = fa3_module()
     from sglang.srt.mem_cache.kv_index_translator import KVIndexTranslator
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
     pool = w.make_pool()
     alloc = w.make_allocator(pool)
-    if fill_pages:
-        w.allocate_requests(alloc, [fill_pages * PAGE_SIZE])
-    if seed is not None:
+    for _ in range(fill_pages // 8):  # older requests whose tokens left the window: SWA pages released
+        older = w.allocate_requests(alloc, [8 * PAGE_SIZE])
+        alloc.free_swa(older.token_slots[0])
+    if seed is not None:  # a few other requests come and go first, so ids are not in allocation order
         g = torch.Generator().manual_seed(seed)
-        for _ in range(int(torch.randint(0, 4, (1,), generator=g))):
-            w.allocate_requests_or_none(alloc, [int(torch.randint(1, 80, (1,), generator=g))])
+        for _ in range(int(torch.randint(0, 3, (1,), generator=g))):
+            other = w.allocate_requests_or_none(alloc, [int(torch.randint(1, 40, (1,), generator=g))])
+            if other is not None:
+                alloc.free(other.token_slots[0])
     layers = w.make_layers()
     batch = w.allocate_requests(alloc, list(seq_lens))
     # the decode step's new token: one more slot per request, allocated by the real alloc_decode
@@ -129,7 +135,7 @@ def decode_world(seq_lens=(40, 100, 17), *, device: str = "cpu", swa: bool = Tru
     translator = KVIndexTranslator(req_to_token=r2t.req_to_token, token_to_kv_pool_allocator=alloc,
                                    token_to_kv_pool=pool, page_size=PAGE_SIZE, device="cpu")
     fb = w.make_forward_batch(batch, out_cache_loc=new)
-    fb.seq_lens_cpu = fb.seq_lens.clone()
+    fb.seq_lens_cpu = fb.seq_lens.clone() - stale_cpu_lens
     plan = translator.plan(req_pool_indices=fb.req_pool_indices, seq_lens=fb.seq_lens,
                            seq_lens_cpu=fb.seq_lens_cpu, write_virtual=new)
     plan.bind(fb, translator)
@@ -146,3 +152,78 @@ def run_layer(world: Fa3World, layer, recorder: KernelRecorder, monkeypatch, *, 
     bs = len(world.batch.seq_lens)
     q, k, v = w.qkv(bs, seed=seed)
     return getattr(world.backend, method)(q, k, v, layer, world.fb)
+
+
+def verify_world(seq_lens=(40, 100, 17), *, draft_tokens: int = 4, topk: int = 2, history: str = "fresh",
+                 device: str = "cpu") -> Fa3World:  # fmt: skip
+    """A target-verify step with an EAGLE tree (topk > 1, page size 1), its metadata built by fa3's own
+    ``init_forward_metadata``: the path that builds ``swa_spec_metadata`` for SWA layers (SGLang #24402).
+
+    ``history`` (what the real allocators went through before this step; page size 1 allocates tokens):
+
+    * ``fresh``: nothing; full and SWA slots are handed out in lockstep, so full id == SWA id;
+    * ``wrapped``: an older request's 200 tokens left the window (``free_swa``): the SWA pool (256 tokens,
+      full 1024) hands out low slots again while full ids grow past the SWA pool;
+    * ``diverged``: full and SWA pools of 256 tokens; an old request's first 30 tokens left the window
+      and a finished 226-token request was freed: both allocators re-sort their free lists, the full one
+      from 31, the SWA one from 1, so every full id is in range of the SWA pool but names another slot.
+
+    The tree is a chain (draft token i sees the prefix and draft tokens 0..i), a valid EAGLE mask.
+    """
+    fa = fa3_module()
+    from sglang.srt.mem_cache.kv_index_translator import KVIndexTranslator
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+    from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
+    from sglang.srt.speculative.eagle_info import EagleVerifyInput
+
+    pool = w.make_pool(page_size=1, full_pages=256 if history == "diverged" else 1024, swa_pages=256)
+    alloc = w.make_allocator(pool, page_size=1)
+    if history == "wrapped":  # page size 1: SGLang allocates tokens with the allocator's alloc()
+        alloc.free_swa(alloc.alloc(200))
+    elif history == "diverged":
+        alloc.free_swa(alloc.alloc(30))
+        alloc.free(alloc.alloc(226))
+    layers = w.make_layers()
+    prefix = w.Batch(list(seq_lens), [alloc.alloc(length) for length in seq_lens])
+    n = len(seq_lens)
+    seq = torch.tensor(seq_lens, dtype=torch.int64)
+    drafts = alloc.alloc(n * draft_tokens)
+    assert drafts is not None and all(s is not None for s in prefix.token_slots)
+    batch = w.Batch(list(seq_lens), [torch.cat([s, drafts[i * draft_tokens : (i + 1) * draft_tokens]])
+                                     for i, s in enumerate(prefix.token_slots)])  # fmt: skip
+    r2t = ReqToTokenPool(size=8, max_context_len=MAX_CONTEXT, device="cpu", enable_memory_saver=False)
+    for r, slots in enumerate(batch.token_slots):
+        r2t.req_to_token[r + 1, : slots.numel()] = slots.to(torch.int32)
+    translator = KVIndexTranslator(req_to_token=r2t.req_to_token, token_to_kv_pool_allocator=alloc,
+                                   token_to_kv_pool=pool, page_size=1, device="cpu")
+    masks = []
+    for length in seq_lens:
+        tree = torch.tril(torch.ones(draft_tokens, draft_tokens, dtype=torch.bool))
+        masks.append(torch.cat([torch.ones(draft_tokens, length, dtype=torch.bool), tree], dim=1).reshape(-1))
+    spec = EagleVerifyInput(
+        draft_token=torch.zeros(n * draft_tokens, dtype=torch.int64), custom_mask=torch.cat(masks),
+        positions=torch.cat([torch.arange(s, s + draft_tokens) for s in seq_lens]),
+        retrieve_index=torch.arange(n * draft_tokens).view(n, draft_tokens),
+        retrieve_next_token=torch.full((n, draft_tokens), -1), retrieve_next_sibling=torch.full((n, draft_tokens), -1),
+        retrieve_cum_len=None, spec_steps=draft_tokens - 1, topk=topk, draft_token_num=draft_tokens,
+        capture_hidden_mode=CaptureHiddenMode.FULL, seq_lens_sum=int(seq.sum()), seq_lens_cpu=seq.clone(),
+    )
+    fb = w.make_forward_batch(prefix, out_cache_loc=drafts)
+    fb.forward_mode = w.sglang()["ForwardMode"].TARGET_VERIFY
+    fb.spec_info = spec
+    fb.input_ids = torch.zeros(n * draft_tokens, dtype=torch.int64)
+    fb.seq_lens_cpu = seq.clone()
+    plan = translator.plan(req_pool_indices=fb.req_pool_indices, seq_lens=fb.seq_lens, seq_lens_cpu=fb.seq_lens_cpu,
+                           write_virtual=drafts, read_extent=draft_tokens)  # fmt: skip
+    plan.bind(fb, translator)
+    backend = make_backend(fa, pool, r2t, translator, device=device, topk=topk, draft_tokens=draft_tokens)
+    backend.init_forward_metadata(fb)
+    return Fa3World(pool, alloc, layers, batch, r2t, translator, backend, fb)
+
+
+def checks_live(cache_seqlens, width: int, page_size: int = 1):
+    """Boolean ``[rows, width]`` mask of each row's live prefix (numpy), for dumped tables."""
+    import numpy as np
+
+    pages = (np.asarray(cache_seqlens).astype(np.int64) + page_size - 1) // page_size
+    return np.arange(width)[None, :] < np.minimum(pages, width)[:, None]

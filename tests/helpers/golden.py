@@ -28,6 +28,7 @@ GOLDENS = {
     "explain-sglang-38269.txt": ("explain", "sglang-38269"),
     "explain-sglang-27779.txt": ("explain", "sglang-27779"),
     "explain-sglang-25805.txt": ("explain", "sglang-25805"),
+    "explain-sglang-24402.txt": ("explain", "sglang-24402"),
 }
 
 
