@@ -136,6 +136,7 @@ def decode_world(seq_lens=(40, 100, 17), *, device: str = "cpu", swa: bool = Tru
                                    token_to_kv_pool=pool, page_size=PAGE_SIZE, device="cpu")
     fb = w.make_forward_batch(batch, out_cache_loc=new)
     fb.seq_lens_cpu = fb.seq_lens.clone() - stale_cpu_lens
+    fb.positions = fb.seq_lens - 1  # the decoded token's position, as SGLang sets it
     plan = translator.plan(req_pool_indices=fb.req_pool_indices, seq_lens=fb.seq_lens,
                            seq_lens_cpu=fb.seq_lens_cpu, write_virtual=new)
     plan.bind(fb, translator)
@@ -227,3 +228,24 @@ def checks_live(cache_seqlens, width: int, page_size: int = 1):
 
     pages = (np.asarray(cache_seqlens).astype(np.int64) + page_size - 1) // page_size
     return np.arange(width)[None, :] < np.minimum(pages, width)[:, None]
+
+
+def graph_world(seq_lens=(40, 100, 17), *, device: str = "cpu", fill_pages: int = 0, max_bs: int = 4) -> Fa3World:
+    """A decode step prepared the way SGLang's decode CUDA-graph runner prepares it for fa3: the backend's
+    own ``init_cuda_graph_state`` (static buffers), ``init_forward_metadata_out_graph(fb, in_capture=True)``
+    to bind them (the runner does this before capturing), then ``init_forward_metadata_out_graph(fb)``
+    before each replay. The tables of the world are the static buffers; ``fb`` is the replay batch.
+    On CPU the builder's Triton kernel (``normal_decode_set_metadata``) runs in Triton's interpreter."""
+    world = decode_world(seq_lens, device=device, fill_pages=fill_pages)
+    backend, fb = world.backend, world.fb
+    if device != "cpu":
+        move_to(world, device)
+    backend.init_cuda_graph_state(max_bs, max_bs)
+    backend.init_forward_metadata_out_graph(fb, in_capture=True)
+    backend.init_forward_metadata_out_graph(fb)
+    return world
+
+
+def move_to(world: Fa3World, device: str) -> None:
+    """Put the world's pools, tables and batch on ``device`` (CUDA tests build on CPU, then move)."""
+    raise NotImplementedError  # replaced below for CUDA worlds

@@ -7,10 +7,10 @@ means one module here (and its view), listed in :data:`HOOKS`.
 
 from __future__ import annotations
 
-from kvtrap.capture.hooks import allocator, device_guard, fa3, trtllm_mha
+from kvtrap.capture.hooks import allocator, device_guard, fa3, fa3_guard, trtllm_mha
 from kvtrap.capture.patching import MethodTarget
 
-HOOKS = (allocator, trtllm_mha, fa3, device_guard)
+HOOKS = (allocator, trtllm_mha, fa3, device_guard, fa3_guard)
 
 
 def targets() -> list[MethodTarget]:

@@ -1,5 +1,8 @@
 """Wiring the device guard (:mod:`kvtrap.capture.guard`) into SGLang's trtllm_mha backend and scheduler.
 
+The guard state per backend (:func:`guard_metadata`), the eager-forward hook and the drain are shared with
+the fa3 adapter (:mod:`kvtrap.capture.hooks.fa3_guard`), which only says where fa3 builds its tables.
+
 Where each piece runs (SGLang 0.5.23):
 
 * **CUDA-graph decode** (the default): the decode graph runner calls
@@ -97,9 +100,22 @@ def guard_metadata(backend: Any, md: Any, *, publish: bool) -> GuardState:
             swa, seqlens, page_size, pools[SWA].pages, state.record, state.table_ids["swa_page_table"],
             swa_mapping=mapping, full_table=None if mapping is None else md.page_table,
         )
+    spec = getattr(md, "swa_spec_metadata", None)  # fa3, EAGLE tree verify: SWA layers' own table and lengths
+    if spec is not None and getattr(spec, "page_table", None) is not None and is_swa_pool(live):
+        # values only: its rows have no same-shaped full table to compare with (the host check rebuilds one)
+        tid = state.table_ids.get("swa_spec_page_table")
+        if tid is None:
+            tid = state.table_ids["swa_spec_page_table"] = state.record.register_table("swa_spec_page_table", "swa")
+        guard_page_table_(spec.page_table, spec.cache_seqlens_int32, page_size, pools[SWA].pages, state.record, tid)
     if publish:
         state.record.publish_()
     return state
+
+
+def drain_all(session: Any, *, synced: bool) -> None:
+    """Drain every backend's guard record (the drain point of every guarded backend)."""
+    for state in list(_states.values()):
+        drain(state, session, synced=synced)
 
 
 def drain(state: GuardState, session: Any, *, synced: bool) -> None:
@@ -231,8 +247,7 @@ def _drain_before_results(original: Any) -> Any:
             copy_done = getattr(result, "copy_done", None)
             if copy_done is not None:
                 copy_done.synchronize()  # SGLang's own first step; makes the pinned counter current
-            for state in list(_states.values()):
-                drain(state, session, synced=copy_done is not None)
+            drain_all(session, synced=copy_done is not None)
         return original(self, batch, result, *args, **kwargs)
 
     return process_batch_result_decode
