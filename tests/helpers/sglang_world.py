@@ -52,7 +52,8 @@ def sglang():
     }
 
 
-def make_pool(page_size: int = PAGE_SIZE, full_pages: int = FULL_PAGES, swa_pages: int = SWA_PAGES):
+def make_pool(page_size: int = PAGE_SIZE, full_pages: int = FULL_PAGES, swa_pages: int = SWA_PAGES, *,
+              head_dim: int = 8, device: str = "cpu"):  # fmt: skip
     sg = sglang()
     return sg["SWAKVPool"](
         size=full_pages * page_size,
@@ -60,27 +61,27 @@ def make_pool(page_size: int = PAGE_SIZE, full_pages: int = FULL_PAGES, swa_page
         page_size=page_size,
         dtype=torch.bfloat16,
         head_num=1,
-        head_dim=8,
+        head_dim=head_dim,
         swa_attention_layer_ids=SWA_LAYERS,
         full_attention_layer_ids=FULL_LAYERS,
-        device="cpu",
+        device=device,
     )
 
 
-def make_allocator(pool, page_size: int = PAGE_SIZE):
+def make_allocator(pool, page_size: int = PAGE_SIZE, *, device: str = "cpu"):
     sg = sglang()
     return sg["SWATokenToKVPoolAllocator"](
         size=pool.size,
         size_swa=pool.size_swa,
         page_size=page_size,
         dtype=torch.bfloat16,
-        device="cpu",
+        device=device,
         kvcache=pool,
         need_sort=False,
     )
 
 
-def make_layers():
+def make_layers(head_dim: int = 8):
     sg = sglang()
     layers = []
     for lid in sorted(SWA_LAYERS + FULL_LAYERS):
@@ -88,8 +89,8 @@ def make_layers():
         layers.append(
             sg["RadixAttention"](
                 num_heads=2,
-                head_dim=8,
-                scaling=8**-0.5,
+                head_dim=head_dim,
+                scaling=head_dim**-0.5,
                 num_kv_heads=1,
                 layer_id=lid,
                 sliding_window_size=WINDOW if swa else -1,
@@ -109,10 +110,11 @@ class Batch:
 def allocate_requests(alloc, seq_lens: list[int]) -> Batch:
     """Prefill ``len(seq_lens)`` fresh requests through the real ``alloc_extend``."""
     n = len(seq_lens)
+    dev = alloc.device  # device tensors for the allocator's kernels, host copies for its *_cpu arguments
     prefix = torch.zeros(n, dtype=torch.int64)
     seq = torch.tensor(seq_lens, dtype=torch.int64)
-    last_loc = torch.full((n,), -1, dtype=torch.int64)
-    out = alloc.alloc_extend(prefix, prefix.clone(), seq, seq.clone(), last_loc, int(seq.sum()))
+    last_loc = torch.full((n,), -1, dtype=torch.int64, device=dev)
+    out = alloc.alloc_extend(prefix.to(dev), prefix, seq.to(dev), seq, last_loc, int(seq.sum()))
     assert out is not None, "allocator ran out of pages"
     batch = Batch(seq_lens=list(seq_lens))
     start = 0
@@ -200,30 +202,30 @@ def set_write_locs(backend, alloc, fb):
     backend.forward_metadata.swa_out_cache_loc = alloc.full_to_swa_index_mapping[fb.out_cache_loc]
 
 
-def make_forward_batch(batch: Batch, out_cache_loc: torch.Tensor | None = None):
+def make_forward_batch(batch: Batch, out_cache_loc: torch.Tensor | None = None, *, device: str = "cpu"):
     sg = sglang()
     bs = len(batch.seq_lens)
-    seq = torch.tensor(batch.seq_lens, dtype=torch.int64)
+    seq = torch.tensor(batch.seq_lens, dtype=torch.int64, device=device)
     if out_cache_loc is None:
         out_cache_loc = torch.stack([s[-1] for s in batch.token_slots])
     return sg["ForwardBatch"](
         forward_mode=sg["ForwardMode"].DECODE,
         batch_size=bs,
-        input_ids=torch.zeros(bs, dtype=torch.int64),
+        input_ids=torch.zeros(bs, dtype=torch.int64, device=device),
         # real request slots: SGLang's ReqToTokenPool reserves slot 0 for CUDA-graph padding rows
-        req_pool_indices=torch.arange(1, bs + 1, dtype=torch.int64),
+        req_pool_indices=torch.arange(1, bs + 1, dtype=torch.int64, device=device),
         seq_lens=seq,
         out_cache_loc=out_cache_loc,
         seq_lens_sum=int(seq.sum()),
     )
 
 
-def qkv(bs: int, seed: int = 0):
+def qkv(bs: int, seed: int = 0, *, head_dim: int = 8, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(bs, 2 * 8, generator=g).to(torch.bfloat16)
-    k = torch.randn(bs, 1, 8, generator=g).to(torch.bfloat16)
-    v = torch.randn(bs, 1, 8, generator=g).to(torch.bfloat16)
-    return q, k, v
+    q = torch.randn(bs, 2 * head_dim, generator=g).to(torch.bfloat16)
+    k = torch.randn(bs, 1, head_dim, generator=g).to(torch.bfloat16)
+    v = torch.randn(bs, 1, head_dim, generator=g).to(torch.bfloat16)
+    return q.to(device), k.to(device), v.to(device)
 
 
 def allocate_requests_or_none(alloc, seq_lens: list[int]) -> Batch | None:

@@ -21,14 +21,17 @@ from types import ModuleType
 def install() -> bool:
     """Make ``import sgl_kernel`` work on a machine where its compiled op library cannot load.
 
-    Returns True when the stand-in is in place, False when the real library loaded (nothing done)."""
+    Returns True when the stand-in is in place, False when the real library loaded (nothing done). Never
+    stands in on a machine with CUDA: there the real library must load (the error is raised as is)."""
     if "sgl_kernel" in sys.modules:
         return "common_ops" in sys.modules and getattr(sys.modules["common_ops"], "__kvtrap_standin__", False)
     try:
         importlib.import_module("sgl_kernel")
         return False
     except ImportError as err:
-        if "common_ops" not in str(err) and getattr(err, "name", None) != "common_ops":
+        import torch
+
+        if torch.cuda.is_available() or ("common_ops" not in str(err) and getattr(err, "name", None) != "common_ops"):
             raise
     for name in [m for m in sys.modules if m == "sgl_kernel" or m.startswith("sgl_kernel.")]:
         del sys.modules[name]  # the failed import left partial modules behind
