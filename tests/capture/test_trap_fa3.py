@@ -149,6 +149,22 @@ def test_26957_state_on_fa3_trapped_on_first_swa_layer(tmp_path, monkeypatch):
     assert "use_sliding_window_kv_pool" in v.details["drift"]
 
 
+def test_frozen_kv_draft_on_fa3_hands_swa_layers_full_ids(tmp_path, monkeypatch):
+    # SGLang 0.5.23's frozen-KV MTP draft on fa3 (topk 1): the backend's use_sliding_window_kv_pool comes from
+    # the draft's own plain pool at init, SGLang's frozen_kv_target_view swaps the target's SWA pool in, and
+    # fa3 (no resolver like trtllm_mha's _resolve_swa_kv_pool) hands SWA layers page_table: #26957's state,
+    # in the release, where the draft's own pool is a plain one (read from the code; not seen on a GPU yet)
+    world = fw.decode_world(frozen_kv_draft=True)
+    assert world.backend.use_sliding_window_kv_pool is False and world.backend.forward_metadata.swa_page_table is None
+    rec = fw.KernelRecorder()
+    with kvtrap.armed(dump_dir=str(tmp_path)), pytest.raises(kvtrap.KVTrapError) as info:
+        fw.run_layer(world, world.layers[0], rec, monkeypatch)
+    assert rec.calls == []
+    v = info.value.violation
+    assert (v.kind, v.table, v.layer_type) == ("index_space_mismatch", "page_table", "swa")
+    assert "use_sliding_window_kv_pool" in v.details["drift"]
+
+
 def test_stale_host_lengths_make_the_table_too_narrow(tmp_path, monkeypatch):
     # fa3 sizes its eager table from seq_lens_cpu; a mirror one page behind leaves the longest row short
     world = fw.decode_world((40, 100, 17), stale_cpu_lens=w.PAGE_SIZE)

@@ -104,7 +104,8 @@ def make_backend(fa, pool, r2t, translator, *, device: str = "cpu", swa: bool = 
 
 
 def decode_world(seq_lens=(40, 100, 17), *, device: str = "cpu", swa: bool = True, fill_pages: int = 0,
-                 seed: int | None = None, stale_cpu_lens: int = 0, head_dim: int = 8) -> Fa3World:  # fmt: skip
+                 seed: int | None = None, stale_cpu_lens: int = 0, head_dim: int = 8,
+                 frozen_kv_draft: bool = False) -> Fa3World:  # fmt: skip
     """Requests allocated for real, one decode step's metadata built by fa3's own ``init_forward_metadata``.
 
     ``fill_pages``: allocate (and keep, SWA side released) that many pages first (in requests of 8), so the batch's full ids
@@ -147,8 +148,22 @@ def decode_world(seq_lens=(40, 100, 17), *, device: str = "cpu", swa: bool = Tru
     plan = translator.plan(req_pool_indices=fb.req_pool_indices, seq_lens=fb.seq_lens,
                            seq_lens_cpu=fb.seq_lens_cpu, write_virtual=new)
     plan.bind(fb, translator)
-    backend = make_backend(fa, pool, r2t, translator, device=device, swa=swa)
-    backend.init_forward_metadata(fb)
+    if frozen_kv_draft:
+        # SGLang's frozen-KV MTP draft (topk 1): its fa3 backend is built by the draft runner against the
+        # draft's own plain pool; __init__ derives use_sliding_window_kv_pool from it, as below. SGLang's own
+        # frozen_kv_target_view then swaps the target's SWA pool in for the metadata build.
+        from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
+        from sglang.srt.speculative.frozen_kv_mtp_utils import frozen_kv_target_view
+
+        draft_pool = w.make_draft_pool()
+        own_swa = isinstance(draft_pool, SWAKVPool) and draft_pool.swa_layer_nums > 0  # fa3 __init__'s test
+        backend = make_backend(fa, draft_pool, r2t, translator, device=device, swa=own_swa)
+        with frozen_kv_target_view(fb, w.frozen_kv_context(pool), backend):
+            backend.init_forward_metadata(fb)
+        backend.token_to_kv_pool = pool  # what target_kv_pool_view does around the draft forward
+    else:
+        backend = make_backend(fa, pool, r2t, translator, device=device, swa=swa)
+        backend.init_forward_metadata(fb)
     return Fa3World(pool, alloc, layers, batch, r2t, translator, backend, fb, device, head_dim)
 
 
