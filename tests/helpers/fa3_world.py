@@ -103,6 +103,27 @@ def make_backend(fa, pool, r2t, translator, *, device: str = "cpu", swa: bool = 
     return b
 
 
+def _runner_side(pool, alloc, batch: w.Batch, page_size: int, device: str):
+    """What a model runner owns besides the pools: a real ``ReqToTokenPool`` holding the batch's rows
+    (request slot 0 stays the padding slot) and SGLang's ``KVIndexTranslator`` for the pool."""
+    from sglang.srt.mem_cache.kv_index_translator import KVIndexTranslator
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+
+    r2t = ReqToTokenPool(size=8, max_context_len=MAX_CONTEXT, device=device, enable_memory_saver=False)
+    for r, slots in enumerate(batch.token_slots):
+        r2t.req_to_token[r + 1, : slots.numel()] = slots.to(torch.int32)
+    translator = KVIndexTranslator(req_to_token=r2t.req_to_token, token_to_kv_pool_allocator=alloc,
+                                   token_to_kv_pool=pool, page_size=page_size, device=device)
+    return r2t, translator
+
+
+def _bind_plan(translator, fb, writes, read_extent: int) -> None:
+    """The iteration's ``KVLocPlan`` bound to the batch, as SGLang's scheduler binds it (write ids, reads)."""
+    plan = translator.plan(req_pool_indices=fb.req_pool_indices, seq_lens=fb.seq_lens, seq_lens_cpu=fb.seq_lens_cpu,
+                           write_virtual=writes, read_extent=read_extent)  # fmt: skip
+    plan.bind(fb, translator)
+
+
 def decode_world(seq_lens=(40, 100, 17), *, device: str = "cpu", swa: bool = True, fill_pages: int = 0,
                  seed: int | None = None, stale_cpu_lens: int = 0, head_dim: int = 8,
                  frozen_kv_draft: bool = False) -> Fa3World:  # fmt: skip
@@ -115,8 +136,6 @@ def decode_world(seq_lens=(40, 100, 17), *, device: str = "cpu", swa: bool = Tru
     lengths by that many tokens (fa3 sizes its eager table from it: SGLang's own comment warns that a
     stale mirror under-sizes the table)."""
     fa = fa3_module()
-    from sglang.srt.mem_cache.kv_index_translator import KVIndexTranslator
-    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
     pool = w.make_pool(head_dim=head_dim, device=device)
     alloc = w.make_allocator(pool, device=device)
@@ -137,17 +156,11 @@ def decode_world(seq_lens=(40, 100, 17), *, device: str = "cpu", swa: bool = Tru
     new = alloc.alloc_decode((seq + 1).to(device), seq + 1, last)
     assert new is not None
     batch = w.Batch([n + 1 for n in batch.seq_lens], [torch.cat([s, new[i : i + 1]]) for i, s in enumerate(batch.token_slots)])
-    r2t = ReqToTokenPool(size=8, max_context_len=MAX_CONTEXT, device=device, enable_memory_saver=False)
-    for r, slots in enumerate(batch.token_slots):
-        r2t.req_to_token[r + 1, : slots.numel()] = slots.to(torch.int32)
-    translator = KVIndexTranslator(req_to_token=r2t.req_to_token, token_to_kv_pool_allocator=alloc,
-                                   token_to_kv_pool=pool, page_size=PAGE_SIZE, device=device)
+    r2t, translator = _runner_side(pool, alloc, batch, PAGE_SIZE, device)
     fb = w.make_forward_batch(batch, out_cache_loc=new, device=device)
     fb.seq_lens_cpu = fb.seq_lens.cpu() - stale_cpu_lens
     fb.positions = fb.seq_lens - 1  # the decoded token's position, as SGLang sets it
-    plan = translator.plan(req_pool_indices=fb.req_pool_indices, seq_lens=fb.seq_lens,
-                           seq_lens_cpu=fb.seq_lens_cpu, write_virtual=new)
-    plan.bind(fb, translator)
+    _bind_plan(translator, fb, new, 0)
     if frozen_kv_draft:
         # SGLang's frozen-KV MTP draft (topk 1): its fa3 backend is built by the draft runner against the
         # draft's own plain pool; __init__ derives use_sliding_window_kv_pool from it, as below. SGLang's own
@@ -177,8 +190,7 @@ def run_layer(world: Fa3World, layer, recorder: KernelRecorder, monkeypatch, *, 
     return getattr(world.backend, method)(q, k, v, layer, world.fb)
 
 
-def verify_world(seq_lens=(40, 100, 17), *, draft_tokens: int = 4, topk: int = 2, history: str = "fresh",
-                 device: str = "cpu") -> Fa3World:  # fmt: skip
+def verify_world(seq_lens=(40, 100, 17), *, draft_tokens: int = 4, topk: int = 2, history: str = "fresh") -> Fa3World:
     """A target-verify step with an EAGLE tree (topk > 1, page size 1), its metadata built by fa3's own
     ``init_forward_metadata``: the path that builds ``swa_spec_metadata`` for SWA layers (SGLang #24402).
 
@@ -194,8 +206,6 @@ def verify_world(seq_lens=(40, 100, 17), *, draft_tokens: int = 4, topk: int = 2
     The tree is a chain (draft token i sees the prefix and draft tokens 0..i), a valid EAGLE mask.
     """
     fa = fa3_module()
-    from sglang.srt.mem_cache.kv_index_translator import KVIndexTranslator
-    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
     from sglang.srt.model_executor.forward_batch_info import CaptureHiddenMode
     from sglang.srt.speculative.eagle_info import EagleVerifyInput
 
@@ -214,11 +224,7 @@ def verify_world(seq_lens=(40, 100, 17), *, draft_tokens: int = 4, topk: int = 2
     assert drafts is not None and all(s is not None for s in prefix.token_slots)
     batch = w.Batch(list(seq_lens), [torch.cat([s, drafts[i * draft_tokens : (i + 1) * draft_tokens]])
                                      for i, s in enumerate(prefix.token_slots)])  # fmt: skip
-    r2t = ReqToTokenPool(size=8, max_context_len=MAX_CONTEXT, device="cpu", enable_memory_saver=False)
-    for r, slots in enumerate(batch.token_slots):
-        r2t.req_to_token[r + 1, : slots.numel()] = slots.to(torch.int32)
-    translator = KVIndexTranslator(req_to_token=r2t.req_to_token, token_to_kv_pool_allocator=alloc,
-                                   token_to_kv_pool=pool, page_size=1, device="cpu")
+    r2t, translator = _runner_side(pool, alloc, batch, 1, "cpu")  # CPU only (the Triton builder is interpreted)
     masks = []
     for length in seq_lens:
         tree = torch.tril(torch.ones(draft_tokens, draft_tokens, dtype=torch.bool))
@@ -236,10 +242,8 @@ def verify_world(seq_lens=(40, 100, 17), *, draft_tokens: int = 4, topk: int = 2
     fb.spec_info = spec
     fb.input_ids = torch.zeros(n * draft_tokens, dtype=torch.int64)
     fb.seq_lens_cpu = seq.clone()
-    plan = translator.plan(req_pool_indices=fb.req_pool_indices, seq_lens=fb.seq_lens, seq_lens_cpu=fb.seq_lens_cpu,
-                           write_virtual=drafts, read_extent=draft_tokens)  # fmt: skip
-    plan.bind(fb, translator)
-    backend = make_backend(fa, pool, r2t, translator, device=device, topk=topk, draft_tokens=draft_tokens)
+    _bind_plan(translator, fb, drafts, draft_tokens)
+    backend = make_backend(fa, pool, r2t, translator, topk=topk, draft_tokens=draft_tokens)
     backend.init_forward_metadata(fb)
     return Fa3World(pool, alloc, layers, batch, r2t, translator, backend, fb)
 
