@@ -237,11 +237,12 @@ def fa3_handed_table(backend: Any, layer: Any, method: str, spec_full_rows: Any)
     * otherwise ``page_table`` (full-pool ids), also for SWA layers of a backend that cached "no SWA pool".
 
     ``None`` (not checked here): cross attention (encoder table), chunked local attention (its own block
-    table), prefill-aware SWA decode (``pa_swa_page_table``, page size 1 only). The second table of the
+    table), prefill-aware SWA decode (``pa_swa_page_table``, page size 1 only), logical-page KV sharding
+    (``_kv_shard_pool``: ``page_table`` then names scratch rows, not pool pages). The second table of the
     topk > 1 cascade (``forward_metadata_spec_decode_expand``) is not checked either.
     """
     md = backend.forward_metadata
-    if getattr(layer, "is_cross_attention", False):
+    if getattr(layer, "is_cross_attention", False) or getattr(backend, "_kv_shard_pool", None) is not None:
         return None
     builder = getattr(backend, "local_attn_builder", None)
     if builder is not None and builder.applies(layer, md):
