@@ -505,7 +505,14 @@ def _spec_overflow(f: Facts) -> SpecOverflow | None:
 
 @rule("spec-rows-past-context")
 def spec_rows_past_context(f: Facts) -> Finding | None:
-    """Speculative rows near the context limit need more pages than trtllm_mha's table has."""
+    """Speculative rows near the context limit need more pages than the backend's table has (trtllm_mha, fa3)."""
+    backend_cls = f.context.backend.class_ if f.context.backend is not None else None
+    fa3 = backend_cls == "FlashAttentionBackend"
+    backend = "fa3" if fa3 else "trtllm_mha"
+    sizing = (
+        "fa3 sizes its CUDA-graph page table at ceil(context_len / page_size) columns and its eager one at the"
+        " req_to_token width" if fa3 else "trtllm_mha sizes its page table at ceil(context_len / page_size) columns"
+    )
     so = _spec_overflow(f)
     if so is None:
         return None
@@ -545,22 +552,22 @@ def spec_rows_past_context(f: Facts) -> Finding | None:
     steps += [
         "Or cap max_new_tokens so that input + max_new_tokens + 2 x num_draft_tokens stays within the table"
         f" ({width * p} tokens).",
-        "Upstream fix: size trtllm_mha's page table (max_num_pages) for context_len + 2 x num_draft_tokens, or stop"
+        f"Upstream fix: size {backend}'s page table (max_num_pages) for context_len + 2 x num_draft_tokens, or stop"
         " scheduling a speculative step for a request that the step in flight may finish.",
     ]
     confident = so.context_len is not None and so.draft_tokens is not None and so.mode_known
     return Finding(
-        rule="spec-rows-past-context",
+        rule="spec-rows-past-context",  # sizing / backend: the backend whose table is too narrow
         title="speculative rows run past the context length: the page table is too narrow for them",
         confidence="high" if confident else "medium",
         cause=(
             "Near the length limit SGLang still runs speculative steps whose rows (seq_lens + draft tokens) reach"
             " past context_len: up to about 2 x num_draft_tokens under the default overlap scheduler, which"
             " schedules one more step before the previous one finishes the request (req_to_token keeps"
-            " 4 + num_draft_tokens spare columns). trtllm_mha sizes its page table at ceil(context_len /"
-            " page_size) columns, so those rows have no column for their last page: the attention kernel would"
-            " read page ids from the next row or past the table, and in eager mode SGLang's table builder writes"
-            " the missing page id into the next row's first column (a live neighbour request) or past the buffer."
+            f" 4 + num_draft_tokens spare columns). {sizing}, so those rows have no column for their last page:"
+            " the attention kernel would read page ids from the next row or past the table"
+            + ("" if fa3 else ", and in eager mode SGLang's table builder writes the missing page id into the next"
+               " row's first column (a live neighbour request) or past the buffer") + "."
             " Reachable in SGLang 0.5.23 when the context length is a page multiple or just below one (read from"
             " its code; not seen on a server)."
         ),

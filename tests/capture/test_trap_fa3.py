@@ -180,6 +180,22 @@ def test_stale_host_lengths_make_the_table_too_narrow(tmp_path, monkeypatch):
     assert (v.kind, v.row, v.bound) == ("seqlens_exceed_table", 1, md.page_table.shape[1])
 
 
+def test_speculative_rows_past_the_context_need_more_pages_than_the_table_has(tmp_path, monkeypatch):
+    # a request at the length limit: its draft decode step 2 reads seq_lens + 3 tokens, fa3 cuts the table at
+    # the req_to_token width (the context length here), so the last row needs one page more than it has
+    seq = fw.MAX_CONTEXT - 2  # 510 tokens after this step's token: the step reads 513 = 33 pages of 16
+    world = fw.decode_world((seq - 1,), draft_step=2)
+    md = world.backend.forward_metadata
+    assert int(md.cache_seqlens_int32[0]) == seq + 3 and md.page_table.shape[1] == fw.MAX_CONTEXT // w.PAGE_SIZE
+    rec = fw.KernelRecorder()
+    with kvtrap.armed(dump_dir=str(tmp_path)), pytest.raises(kvtrap.KVTrapError) as info:
+        fw.run_layer(world, world.layers[0], rec, monkeypatch)
+    assert rec.calls == []
+    v = info.value.violation
+    assert (v.kind, v.row, v.bound) == ("seqlens_exceed_table", 0, 32)
+    assert v.details["overflow"]["needed_pages"] == 33 and info.value.dump_path is not None
+
+
 def test_kv_write_outside_swa_pool_trapped_before_store(tmp_path, monkeypatch):
     world = fw.decode_world()
     md = world.backend.forward_metadata

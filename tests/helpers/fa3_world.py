@@ -126,7 +126,7 @@ def _bind_plan(translator, fb, writes, read_extent: int) -> None:
 
 def decode_world(seq_lens=(40, 100, 17), *, device: str = "cpu", swa: bool = True, fill_pages: int = 0,
                  seed: int | None = None, stale_cpu_lens: int = 0, head_dim: int = 8,
-                 frozen_kv_draft: bool = False) -> Fa3World:  # fmt: skip
+                 frozen_kv_draft: bool = False, draft_step: int | None = None) -> Fa3World:  # fmt: skip
     """Requests allocated for real, one decode step's metadata built by fa3's own ``init_forward_metadata``.
 
     ``fill_pages``: allocate (and keep, SWA side released) that many pages first (in requests of 8), so the batch's full ids
@@ -134,10 +134,12 @@ def decode_world(seq_lens=(40, 100, 17), *, device: str = "cpu", swa: bool = Tru
     ``swa=False``: the backend cached "no SWA pool" at init while its live pool is an SWA pool (the
     #26957 state, here on fa3). ``stale_cpu_lens``: the host mirror ``seq_lens_cpu`` lags the device
     lengths by that many tokens (fa3 sizes its eager table from it: SGLang's own comment warns that a
-    stale mirror under-sizes the table)."""
+    stale mirror under-sizes the table). ``draft_step``: a draft model's decode step of EAGLE topk 1
+    (``spec_info`` set, the backend's ``speculative_step_id``): fa3 reads ``seq_lens + step + 1`` tokens per
+    row, through a table cut at the ``req_to_token`` width (the SWA pool is sized for long rows then)."""
     fa = fa3_module()
 
-    pool = w.make_pool(head_dim=head_dim, device=device)
+    pool = w.make_pool(swa_pages=40 if draft_step is not None else w.SWA_PAGES, head_dim=head_dim, device=device)
     alloc = w.make_allocator(pool, device=device)
     for _ in range(fill_pages // 8):  # older requests whose tokens left the window: SWA pages released
         older = w.allocate_requests(alloc, [8 * PAGE_SIZE])
@@ -176,6 +178,11 @@ def decode_world(seq_lens=(40, 100, 17), *, device: str = "cpu", swa: bool = Tru
         backend.token_to_kv_pool = pool  # what target_kv_pool_view does around the draft forward
     else:
         backend = make_backend(fa, pool, r2t, translator, device=device, swa=swa)
+        if draft_step is not None:
+            from sglang.srt.speculative.eagle_info import EagleDraftInput
+
+            fb.spec_info = EagleDraftInput()
+            backend.topk, backend.speculative_step_id, backend.speculative_num_steps = 1, draft_step, 1
         backend.init_forward_metadata(fb)
     return Fa3World(pool, alloc, layers, batch, r2t, translator, backend, fb, device, head_dim)
 
