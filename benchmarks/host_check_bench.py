@@ -1,11 +1,15 @@
 """Armed host-check cost per layer call vs the unarmed call, on CPU, with real sglang==0.5.23 objects.
 
-Runs SGLang's real ``TRTLLMHAAttnBackend.forward_decode`` (partially constructed backend, real SWAKVPool,
-real RadixAttention layers; see tests/helpers/sglang_world.py) up to the FlashInfer launch, which does not exist
-on a CPU machine: the call writes K/V into the pool and stops at the launch. Both sides do exactly that;
-the difference is kvtrap's wrapper and checks. Prints a table and writes JSON + markdown.
+``--backend trtllm_mha`` (default) runs SGLang's real ``TRTLLMHAAttnBackend.forward_decode`` (partially
+constructed backend, real SWAKVPool, real RadixAttention layers; see tests/helpers/sglang_world.py) up to the
+FlashInfer launch, which does not exist on a CPU machine: the call writes K/V into the pool and stops at the
+launch. ``--backend fa3`` runs SGLang's real ``FlashAttentionBackend.forward_decode`` on metadata built by its
+own ``init_forward_metadata`` (tests/helpers/fa3_world.py), the FA3 launch replaced by a recorder that returns
+zeros. Both sides (armed, unarmed) do exactly that; the difference is kvtrap's wrapper and checks. Prints a
+table and writes JSON + markdown.
 
     python benchmarks/host_check_bench.py --out benchmarks/results
+    python benchmarks/host_check_bench.py --backend fa3 --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -25,19 +29,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 def _call(backend, layer, fb, q, k, v) -> None:
     try:
         backend.forward_decode(q, k, v, layer, fb)
-    except NameError:  # the FlashInfer launch: where a CPU machine stops
+    except NameError:  # the FlashInfer launch: where a CPU machine stops (trtllm_mha)
         pass
 
 
-def _time_layers(backend, layers, fb, q, k, v, *, new_forward, reps: int) -> list[float]:
+def _new_metadata(backend, fb) -> None:
+    """A new forward's metadata (outside the timed loop): the first layer then pays the value scan."""
+    if type(backend).__name__ == "FlashAttentionBackend":
+        backend.init_forward_metadata(fb)  # fa3 builds it itself
+        return
     from helpers import sglang_world as w
 
-    per_call = []
     md = backend.forward_metadata
+    w.set_metadata(backend, md.page_table, md.swa_page_table, md.cache_seqlens_int32)
+    backend.forward_metadata.swa_out_cache_loc = md.swa_out_cache_loc
+
+
+def _time_layers(backend, layers, fb, q, k, v, *, new_forward, reps: int) -> list[float]:
+    per_call = []
     for _ in range(reps):
-        if new_forward:  # a new forward's metadata: the first layer pays the value scan
-            w.set_metadata(backend, md.page_table, md.swa_page_table, md.cache_seqlens_int32)
-            backend.forward_metadata.swa_out_cache_loc = md.swa_out_cache_loc
+        if new_forward:
+            _new_metadata(backend, fb)
         t0 = time.perf_counter_ns()
         for layer in layers:
             _call(backend, layer, fb, q, k, v)
@@ -49,17 +61,27 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--backend", choices=("trtllm_mha", "fa3"), default="trtllm_mha")
     args = ap.parse_args()
+    import os
     import warnings
 
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: SGLang's Triton helpers run interpreted
     warnings.filterwarnings("ignore")
     from helpers import sglang_world as w
     from helpers import trapdumps as td
 
     import kvtrap
 
-    pool, alloc, layers, batch, backend, fb = td.decode_world(seq_lens=(40, 100, 17, 30))
-    w.set_write_locs(backend, alloc, fb)
+    if args.backend == "fa3":
+        from helpers import fa3_world as fw
+
+        world = fw.decode_world(seq_lens=(40, 100, 17, 30))
+        fw.fa3_module().flash_attn_with_kvcache = fw.KernelRecorder()  # no FA3 kernel on a CPU machine
+        layers, batch, backend, fb = world.layers, world.batch, world.backend, world.fb
+    else:
+        pool, alloc, layers, batch, backend, fb = td.decode_world(seq_lens=(40, 100, 17, 30))
+        w.set_write_locs(backend, alloc, fb)
     q, k, v = w.qkv(len(batch.seq_lens))
     rows = {}
     for name, new_forward in (("steady (same forward)", False), ("new forward each pass", True)):
@@ -76,7 +98,8 @@ def main() -> int:
         "python": platform.python_version(),
         "versions": {d: metadata.version(d) for d in ("kvtrap", "sglang", "torch")},
         "date": time.strftime("%Y-%m-%d"),
-        "command": "python benchmarks/host_check_bench.py --out benchmarks/results",
+        "command": "python benchmarks/host_check_bench.py"
+                   + ("" if args.backend == "trtllm_mha" else f" --backend {args.backend}") + " --out benchmarks/results",
         "layers": len(layers), "batch": len(batch.seq_lens), "reps": args.reps,
         "note": "CPU tensors: the value scan's host sync is a CPU op here; on a GPU it is one "
                 "device sync (~20-40 us) per table per forward, measured in benchmarks/results/guard-*.md",
@@ -90,7 +113,8 @@ def main() -> int:
     if args.out:
         from _results import write_results
 
-        write_results(args.out, "host-check-cpu", "Armed host-check cost per trtllm_mha layer call (CPU)", meta, rows,
+        name = "host-check-cpu" if args.backend == "trtllm_mha" else f"host-check-{args.backend}-cpu"
+        write_results(args.out, name, f"Armed host-check cost per {args.backend} layer call (CPU)", meta, rows,
                       table)  # fmt: skip
     return 0
 

@@ -72,10 +72,11 @@ def _forward_cache(backend: Any, md: Any, live: Any) -> _ForwardCache:
 
 
 def _scan(entry: _ForwardCache, handed: HandedTable, page_size: int, bound: int, forward_batch: Any,
-          mapping: Any) -> checks.TableScan:  # fmt: skip
+          layer_type: str) -> checks.TableScan:  # fmt: skip
     key = (handed.name, bound)
     scan = entry.scans.get(key)
-    if scan is None:
+    if scan is None:  # the first layer of this forward that reads this table (the rest hit the cache)
+        mapping = getattr(entry.live, "full_to_swa_index_mapping", None) if layer_type == "swa" else None
         full = handed.full_ids if mapping is not None else None
         if callable(full):
             full = full()
@@ -118,10 +119,7 @@ def check_forward(backend: Any, layer: Any, forward_batch: Any, where: str, pick
             f"page-table values are not checked for {type(live).__name__} (virtual ids or no pool size); "
             "index-space and drift checks still run",
         )
-    scan = None
-    if not capturing and bound is not None:
-        mapping = getattr(live, "full_to_swa_index_mapping", None) if layer_type == "swa" else None
-        scan = _scan(entry, handed, page_size, bound, forward_batch, mapping)
+    scan = None if capturing or bound is None else _scan(entry, handed, page_size, bound, forward_batch, layer_type)
     if not (mismatch or drift) and (scan is None or scan.ok):
         if capturing and session.config.guard == "off":
             session.warn_once(
