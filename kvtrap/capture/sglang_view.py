@@ -83,7 +83,8 @@ def find_drift(backend: Any, live: Any) -> dict[str, str]:
         ) is getattr(live, "full_to_swa_index_mapping", None)
         if not same:
             problems["_swa_kv_pool"] = f"{type(cached).__name__}@{id(cached):#x}, not the live {live_desc}"
-    if getattr(backend, "use_sliding_window_kv_pool", True) is False:
+    # an SWA pool without SWA layers is served as a plain one (fa3 / trtllm_mha __init__ test swa_layer_nums too)
+    if getattr(backend, "use_sliding_window_kv_pool", True) is False and getattr(live, "swa_layer_nums", 1) > 0:
         problems["use_sliding_window_kv_pool"] = "False, but the live pool is an SWA pool"
     mapping = getattr(backend, "_swa_full_to_swa_mapping", _MISSING)  # read in-graph since 0.5.15
     translator = getattr(backend, "kv_index_translator", None)
