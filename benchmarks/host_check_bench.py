@@ -5,11 +5,16 @@ constructed backend, real SWAKVPool, real RadixAttention layers; see tests/helpe
 FlashInfer launch, which does not exist on a CPU machine: the call writes K/V into the pool and stops at the
 launch. ``--backend fa3`` runs SGLang's real ``FlashAttentionBackend.forward_decode`` on metadata built by its
 own ``init_forward_metadata`` (tests/helpers/fa3_world.py), the FA3 launch replaced by a recorder that returns
-zeros. Both sides (armed, unarmed) do exactly that; the difference is kvtrap's wrapper and checks. Prints a
-table and writes JSON + markdown.
+zeros. ``--backend triton`` runs SGLang's real ``TritonAttnBackend.forward_decode`` the same way, up to its
+decode kernel launch (a recorder stands there; see ``sglang_world.KernelRecorder``); ``--backend flashinfer``
+runs SGLang's real ``FlashInferAttnBackend.forward_decode`` up to the planned wrapper's ``run`` (a recorder; see
+``sglang_world._planned_wrapper``). Both sides (armed, unarmed) do exactly that; the difference is kvtrap's
+wrapper and checks. Prints a table and writes JSON + markdown.
 
     python benchmarks/host_check_bench.py --out benchmarks/results
     python benchmarks/host_check_bench.py --backend fa3 --out benchmarks/results
+    python benchmarks/host_check_bench.py --backend triton --out benchmarks/results
+    python benchmarks/host_check_bench.py --backend flashinfer --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -33,23 +38,18 @@ def _call(backend, layer, fb, q, k, v) -> None:
         pass
 
 
-def _new_metadata(backend, fb) -> None:
-    """A new forward's metadata (outside the timed loop): the first layer then pays the value scan."""
-    if type(backend).__name__ == "FlashAttentionBackend":
-        backend.init_forward_metadata(fb)  # fa3 builds it itself
-        return
-    from helpers import sglang_world as w
+def _new_forward(backend) -> None:
+    """A new forward's metadata (same tensors, a new object): the first layer pays the value scans."""
+    import copy
 
-    md = backend.forward_metadata
-    w.set_metadata(backend, md.page_table, md.swa_page_table, md.cache_seqlens_int32)
-    backend.forward_metadata.swa_out_cache_loc = md.swa_out_cache_loc
+    backend.forward_metadata = copy.copy(backend.forward_metadata)
 
 
 def _time_layers(backend, layers, fb, q, k, v, *, new_forward, reps: int) -> list[float]:
     per_call = []
     for _ in range(reps):
         if new_forward:
-            _new_metadata(backend, fb)
+            _new_forward(backend)
         t0 = time.perf_counter_ns()
         for layer in layers:
             _call(backend, layer, fb, q, k, v)
@@ -61,7 +61,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--reps", type=int, default=300)
-    ap.add_argument("--backend", choices=("trtllm_mha", "fa3"), default="trtllm_mha")
+    ap.add_argument("--backend", choices=["trtllm_mha", "fa3", "triton", "flashinfer"], default="trtllm_mha")
     args = ap.parse_args()
     import os
     import warnings
@@ -79,6 +79,10 @@ def main() -> int:
         world = fw.decode_world(seq_lens=(40, 100, 17, 30))
         fw.fa3_module().flash_attn_with_kvcache = fw.KernelRecorder()  # no FA3 kernel on a CPU machine
         layers, batch, backend, fb = world.layers, world.batch, world.backend, world.fb
+    elif args.backend == "triton":
+        pool, alloc, layers, batch, backend, fb = td.triton_world(seq_lens=(40, 100, 17, 30))
+    elif args.backend == "flashinfer":
+        pool, alloc, layers, batch, backend, fb = td.flashinfer_world(seq_lens=(40, 100, 17, 30))
     else:
         pool, alloc, layers, batch, backend, fb = td.decode_world(seq_lens=(40, 100, 17, 30))
         w.set_write_locs(backend, alloc, fb)
@@ -99,7 +103,7 @@ def main() -> int:
         "versions": {d: metadata.version(d) for d in ("kvtrap", "sglang", "torch")},
         "date": time.strftime("%Y-%m-%d"),
         "command": "python benchmarks/host_check_bench.py"
-                   + ("" if args.backend == "trtllm_mha" else f" --backend {args.backend}") + " --out benchmarks/results",
+        + ("" if args.backend == "trtllm_mha" else f" --backend {args.backend}") + " --out benchmarks/results",
         "layers": len(layers), "batch": len(batch.seq_lens), "reps": args.reps,
         "note": "CPU tensors: the value scan's host sync is a CPU op here; on a GPU it is one "
                 "device sync (~20-40 us) per table per forward, measured in benchmarks/results/guard-*.md",
@@ -113,8 +117,8 @@ def main() -> int:
     if args.out:
         from _results import write_results
 
-        name = "host-check-cpu" if args.backend == "trtllm_mha" else f"host-check-{args.backend}-cpu"
-        write_results(args.out, name, f"Armed host-check cost per {args.backend} layer call (CPU)", meta, rows,
+        stem = "host-check-cpu" if args.backend == "trtllm_mha" else f"host-check-{args.backend}-cpu"
+        write_results(args.out, stem, f"Armed host-check cost per {args.backend} layer call (CPU)", meta, rows,
                       table)  # fmt: skip
     return 0
 

@@ -1,11 +1,18 @@
-"""kvtrap's cost in a real SGLang server: TPOT, ITL and throughput, unarmed vs armed vs SGLang's --kv-canary raise.
+"""Server configurations side by side in a real SGLang server: TPOT, ITL and throughput, each vs the unarmed server.
 
-One server build, the three configurations started side by side on one GPU (same model dirs, same flags apart
-from the arming), then benchmarked one at a time, configuration order rotated per round, at each concurrency:
-only one server has requests at any moment, the others sit idle. Prints ratios to the unarmed server and
-writes ``server-overhead-<device>.md/.json``. Needs a CUDA GPU and SGLang's full runtime.
+One server build, the chosen configurations started side by side on one GPU (same model dirs, same flags apart
+from the configuration's environment), then benchmarked one at a time, configuration order rotated per round, at
+each concurrency: only one server has requests at any moment, the others sit idle. Prints ratios to the unarmed
+server and writes ``server-<name>-<device>.md/.json``. Needs a CUDA GPU and SGLang's full runtime.
+
+Configurations: ``unarmed`` (the baseline), ``armed`` (kvtrap's traps, free-path checks on: the default),
+``armed-free-off`` (``KVTRAP_FREE_CHECKS=off``), ``kv-canary`` (SGLang's own ``--kv-canary raise``), ``kernels``
+(unarmed with ``KVTRAP_GEMMA4_KERNELS=1``). With ``--probe N`` every server first answers the same N greedy
+random-id prompts one at a time, and each configuration's outputs are compared token by token to the unarmed
+server's (:mod:`kvtrap.repro.probe`).
 
   python benchmarks/server_overhead.py --out benchmarks/results --layers 12 --rounds 4
+  python benchmarks/server_overhead.py --name gemma4-kernels-26b --scenario 26b-chat --configs unarmed kernels --probe 8
 
 Each round times every configuration once at every concurrency (about 20-40 s per benchmark with the defaults):
 start it with setsid/nohup on a device machine and poll if the run outlasts one call.
@@ -23,21 +30,31 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvtrap.repro import runner
+from kvtrap.repro import probe, runner
 from kvtrap.repro.classify import bench_metrics
 from kvtrap.repro.models import variant, write_model_dirs
 from kvtrap.repro.scenarios import Workload, get
 
 CONFIGS: dict[str, dict[str, Any]] = {
-    "unarmed": {"armed": False, "extra": ()},
-    "armed": {"armed": True, "extra": ()},
-    "kv-canary": {"armed": False, "extra": ("--kv-canary", "raise")},
+    "unarmed": {"armed": False, "extra": (), "env": {}},
+    "armed": {"armed": True, "extra": (), "env": {}},
+    "armed-free-off": {"armed": True, "extra": (), "env": {"KVTRAP_FREE_CHECKS": "off"}},
+    "kv-canary": {"armed": False, "extra": ("--kv-canary", "raise"), "env": {}},
+    "kernels": {"armed": False, "extra": (), "env": {"KVTRAP_GEMMA4_KERNELS": "1"}},
 }
-METRICS = ("median_tpot_ms", "mean_tpot_ms", "median_itl_ms", "output_throughput", "median_ttft_ms", "accept_length")
+METRICS = (
+    "median_tpot_ms",
+    "mean_tpot_ms",
+    "median_itl_ms",
+    "output_throughput",
+    "median_ttft_ms",
+    "accept_length",
+)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", default="overhead", help="results go to server-NAME-<device>.md/.json")
     ap.add_argument("--scenario", default="e4b-chat")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -49,7 +66,11 @@ def main() -> int:
     ap.add_argument("--mem-fraction", type=float, default=0.8)
     ap.add_argument("--max-total-tokens", type=int, default=160000)
     ap.add_argument("--health-timeout", type=float, default=900)
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", default=["unarmed", "armed", "kv-canary"], choices=list(CONFIGS))
+    ap.add_argument(
+        "--min-prompts", type=int, default=8, help="prompts per benchmark: max(this, 2 x concurrency)"
+    )
+    ap.add_argument("--probe", type=int, default=0, help="greedy prompts each server answers first (0: none)")
     a = ap.parse_args()
     if "unarmed" not in a.configs:
         ap.error("--configs needs 'unarmed': every ratio is to it")
@@ -74,7 +95,7 @@ def main() -> int:
                                      extra_server_args=common + tuple(cfg["extra"]), follow=False)  # fmt: skip
             plan = runner.build_plan(opts)
             cmd = [c for c in plan.server_cmd]
-            env = {**os.environ, **plan.env_changes}
+            env = {**os.environ, **plan.env_changes, **cfg["env"]}
             child = runner.Child(name, cmd, env, run_dir / "server.log", run_dir)
             child.start()
             servers[name] = (child, plan)
@@ -86,21 +107,26 @@ def main() -> int:
             if state != "healthy":
                 print(runner.tail(child.log_path, 40))
                 return 3
+        probes = run_probes(a, servers) if a.probe else {}
         rows: list[dict[str, Any]] = []
         # Round 0 warms every server at every concurrency (JIT of new shapes, graph pools, allocator, caches) and
         # is not reported: in an earlier run the first server benchmarked at a new concurrency was the slow one.
         for r in range(a.rounds + 1):
-            order = a.configs[r % len(a.configs):] + a.configs[: r % len(a.configs)]
+            order = a.configs[r % len(a.configs) :] + a.configs[: r % len(a.configs)]
             for conc in a.concurrency:
                 for name in order:
                     child, plan = servers[name]
-                    prompts = max(8, 2 * conc)
+                    prompts = max(a.min_prompts, 2 * conc)
                     wl = Workload(input_len=a.input_len, output_len=a.output_len if r else 32, num_prompts=prompts,
                                   max_concurrency=conc)  # fmt: skip
                     sc = dataclasses.replace(scenario, workload=wl)
-                    cmd = runner.default_bench_cmd(sc, runner.RunOptions(scenario=sc), plan.port, plan.run_dir)
+                    cmd = runner.default_bench_cmd(
+                        sc, runner.RunOptions(scenario=sc), plan.port, plan.run_dir
+                    )
                     log = plan.run_dir / f"bench-r{r}-c{conc}.log"
-                    b = runner.Child("bench", cmd, dict(os.environ, NO_PROXY="127.0.0.1,localhost"), log, plan.run_dir)
+                    b = runner.Child(
+                        "bench", cmd, dict(os.environ, NO_PROXY="127.0.0.1,localhost"), log, plan.run_dir
+                    )
                     b.start()
                     while b.poll() is None:
                         if child.poll() is not None:
@@ -115,12 +141,46 @@ def main() -> int:
                            **{k: m.get(k) for k in METRICS}}  # fmt: skip
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-        traps = sorted(str(p) for p in (work / "armed" / "dumps").glob("*") if p.is_dir())
+        traps = sorted(str(p) for name in a.configs for p in (work / name / "dumps").glob("*") if p.is_dir())
     finally:
         for child, _ in servers.values():
             child.stop(20)
-    write_results(a, model, rows, traps, started)
+    write_results(a, model, rows, traps, started, probes)
     return 0
+
+
+def run_probes(a: argparse.Namespace, servers: dict[str, tuple[runner.Child, runner.Plan]]) -> dict[str, Any]:
+    """Every server answers the same greedy prompts; each configuration compared to the unarmed server."""
+    spec = probe.ProbeSpec(prompts=a.probe)
+    outs: dict[str, dict[str, Any]] = {}
+    for name, (child, plan) in servers.items():
+        data = probe.run_probe(
+            f"http://{runner.HOST}:{plan.port}", spec, alive=lambda c=child: c.poll() is None
+        )
+        probe.write_probe(plan.run_dir, data)
+        outs[name] = data
+        print(f"[{name}] probe: {len(spec.failed(data))} of {spec.prompts} prompts unanswered", flush=True)
+    result: dict[str, Any] = {"spec": spec.to_json()}
+    for name, data in outs.items():
+        if name != "unarmed":
+            cmp = probe.compare(outs["unarmed"], data)
+            result[name] = cmp.to_json()
+            print(f"[{name}] vs unarmed: {json.dumps(cmp.to_json())}", flush=True)
+    return result
+
+
+def probe_lines(probes: dict[str, Any]) -> list[str]:
+    if not probes:
+        return []
+    spec = probes["spec"]
+    out = [f"- greedy probe: {spec['prompts']} random-id prompts of {spec['input_len']} tokens, {spec['output_len']}"
+           " new tokens each, one at a time, compared to the unarmed server:"]  # fmt: skip
+    for name, c in probes.items():
+        if name != "spec":
+            out.append(f"  - {name}: {c['exact']}/{c['prompts']} prompts identical, {c['matched_tokens']}/"
+                       f"{c['total_tokens']} tokens before the first difference, first divergence (prompt, token)"
+                       f" {c['first_divergence']}, unanswered {c['failed']}")  # fmt: skip
+    return out
 
 
 def _gpu() -> str:
@@ -129,7 +189,7 @@ def _gpu() -> str:
 
 
 def write_results(a: argparse.Namespace, model: Any, rows: list[dict[str, Any]], traps: list[str],
-                  started: float) -> None:  # fmt: skip
+                  started: float, probes: dict[str, Any]) -> None:  # fmt: skip
     from kvtrap.repro.report import versions
 
     device = _gpu()
@@ -154,19 +214,20 @@ def write_results(a: argparse.Namespace, model: Any, rows: list[dict[str, Any]],
     data = {
         "device": device, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "command": " ".join([sys.executable, *sys.argv]), "versions": versions(), "model": model.to_json(),
-        "rows": rows, "summary": summary, "armed_dumps": traps,
+        "scenario": a.scenario, "configs": a.configs, "rows": rows, "summary": summary, "dumps": traps,
+        "probe_vs_unarmed": probes,
     }  # fmt: skip
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"server-overhead-{slug}.json").write_text(json.dumps(data, indent=1) + "\n")
-    lines = [f"# kvtrap in a real SGLang server: overhead on {device}", "",
+    (a.out / f"server-{a.name}-{slug}.json").write_text(json.dumps(data, indent=1) + "\n")
+    lines = [f"# kvtrap in a real SGLang server: {', '.join(a.configs)} on {device}", "",
              f"- date {data['date']}; command `{data['command']}`",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in data["versions"].items() if v),
-             f"- model: weight-free {model.name}-like, {model.layers} layers, frozen-KV MTP (3 steps, 4 draft tokens),"
-             " trtllm_mha, page 64, CUDA graphs (decode); prefill eager",
+             f"- scenario {a.scenario}; model: weight-free {model.name}-like, {model.layers} layers, frozen-KV MTP"
+             " (3 steps, 4 draft tokens), trtllm_mha, page 64, CUDA graphs (decode); prefill eager on KV-shared models",
              f"- {a.rounds} rounds per cell after a warm-up round at every concurrency (order rotated), medians;"
-             f" {a.input_len} in / {a.output_len} out, prompts = max(8, 2 x concurrency); servers side by side on"
-             " one GPU, one benchmarked at a time",
-             f"- traps in the armed server: {len(traps)}", "",
+             f" {a.input_len} in / {a.output_len} out, prompts = max({a.min_prompts}, 2 x concurrency); servers side"
+             " by side on one GPU, one benchmarked at a time",
+             f"- kvtrap dumps written by any server: {len(traps)}", *probe_lines(probes), "",
              "| concurrency | config | median TPOT ms | vs unarmed | TPOT ratio per round | median ITL ms | vs unarmed |"
              " output tok/s | vs unarmed | accept len |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
 
@@ -179,7 +240,7 @@ def write_results(a: argparse.Namespace, model: Any, rows: list[dict[str, Any]],
                      f"{f(s.get('median_tpot_ms_vs_unarmed'), '.4f')} | {per_round} | {f(s['median_itl_ms'])} | "
                      f"{f(s.get('median_itl_ms_vs_unarmed'), '.4f')} | {f(s['output_throughput'], '.1f')} | "
                      f"{f(s.get('output_throughput_vs_unarmed'), '.4f')} | {f(s['accept_length'], '.2f')} |")  # fmt: skip
-    (a.out / f"server-overhead-{slug}.md").write_text("\n".join(lines) + "\n")
+    (a.out / f"server-{a.name}-{slug}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -28,6 +28,8 @@ SCENARIOS = {
     "sglang-38269": "make_38269_dump",
     "sglang-27779": "make_27779_dump",
     "sglang-25805": "make_25805_dump",
+    "sglang-24394": "make_24394_dump",
+    "sglang-27737": "make_27737_dump",
     "sglang-24402": "make_24402_dump",
 }
 

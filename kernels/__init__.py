@@ -18,17 +18,17 @@ if __name__ == "kernels":
 
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _saved_path = sys.path[:]
-    del sys.modules["kernels"]
+    _self = sys.modules.pop("kernels")
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
     try:
         sys.modules["kernels"] = importlib.import_module("kernels")
     except ImportError:
-        # ModuleNotFoundError: callers that probe for the package (transformers' is_kernels_available) then
-        # read "not installed", which is the truth, instead of crashing.
-        raise ModuleNotFoundError(
-            "'kernels' here is kvtrap's kernel folder (import it as kvtrap.kernels); the PyPI package "
-            "'kernels' that SGLang uses is not installed",
-            name="kernels",
-        ) from None
+        # The PyPI package is not installed. Stay, as an empty stand-in under the name, instead of failing the
+        # import: transformers (5.19) probes ``kernels`` by importing it when it has no distribution metadata,
+        # and a failing import there breaks ``from transformers import AutoProcessor`` and SGLang with it.
+        # Version "0" reads as "not installed" to version-checking probes (transformers: below its minimum),
+        # and ``from kernels import <name>`` still raises ImportError for callers that guard on it.
+        __version__ = "0"
+        sys.modules["kernels"] = _self
     finally:
         sys.path[:] = _saved_path

@@ -21,6 +21,7 @@ MODES = ("raise", "log")
 GUARD_MODES = ("auto", "on", "off")
 FIX_MODES = ("auto", "off")
 FREE_CHECK_MODES = ("on", "off")
+ALLOCATOR_TRAP_MODES = ("auto", "call", "drain")
 
 # Environment variable -> Config field. Every variable here is documented in the README.
 ENV_FIELDS = {
@@ -33,6 +34,7 @@ ENV_FIELDS = {
     "KVTRAP_INJECT": "inject",
     "KVTRAP_FIX": "fix",
     "KVTRAP_FREE_CHECKS": "free_checks",
+    "KVTRAP_ALLOCATOR_TRAP": "allocator_trap",
 }
 
 
@@ -57,7 +59,13 @@ class Config:
     inject: historical bugs to re-introduce on purpose (e.g. ``("sglang-26957",)``).
     fix: ``auto`` applies kvtrap's fixes where the live build shows the bug; ``off`` never.
     free_checks: ``on`` checks every SWA page the allocator returns to its free list (reserved page 0,
-        double free, ownership); each free then costs host syncs (see README). ``off`` skips them.
+        double free, ownership). ``off`` skips them.
+    allocator_trap: where the allocator checks (the SWA slots an alloc hands out, the free checks) trap.
+        ``call``: at the SGLang call itself, before its result is used; one host sync per checked call.
+        ``drain``: no host sync; the checks run on the device and a finding is read where SGLang already
+        waits for a step's results (``process_batch_result_decode`` / ``_prefill``), and raised there,
+        before that step's tokens reach any client, one step or more after the faulty call. ``auto``
+        (default): ``drain`` for allocators on a CUDA device, ``call`` elsewhere (no sync to save).
     """
 
     mode: str = "raise"
@@ -69,6 +77,7 @@ class Config:
     inject: tuple[str, ...] = ()
     fix: str = "auto"
     free_checks: str = "on"
+    allocator_trap: str = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -80,6 +89,10 @@ class Config:
         if self.free_checks not in FREE_CHECK_MODES:
             raise ConfigError(
                 f"free_checks must be one of {', '.join(FREE_CHECK_MODES)}; got {self.free_checks!r}"
+            )
+        if self.allocator_trap not in ALLOCATOR_TRAP_MODES:
+            raise ConfigError(
+                f"allocator_trap must be one of {', '.join(ALLOCATOR_TRAP_MODES)}; got {self.allocator_trap!r}"
             )
         for name in ("max_dumps", "max_dump_mb", "log_limit"):
             value = getattr(self, name)
@@ -134,6 +147,7 @@ class Config:
             "inject": list(self.inject),
             "fix": self.fix,
             "free_checks": self.free_checks,
+            "allocator_trap": self.allocator_trap,
         }
 
 
@@ -171,6 +185,6 @@ def _parse(var: str, field_name: str, raw: str) -> object:
         return Path(raw).expanduser()
     if field_name == "inject":
         return _split_list(raw)
-    if field_name in ("mode", "guard", "fix", "free_checks"):
+    if field_name in ("mode", "guard", "fix", "free_checks", "allocator_trap"):
         return raw.lower()
     return raw

@@ -148,7 +148,19 @@ class DummyModel:
             "num_kv_shared_layers": n,
             "hidden_size_per_layer_input": 0,
             "vocab_size_per_layer_input": 0,
+            # The assistant's attention split in the form SGLang 0.5.23 reads for a nested text_config: its config
+            # loader (_apply_gemma4_attention_overrides) rebuilds swa_* from the sliding layers'
+            # num_key_value_heads and the full layers' per_layer_config override, and drops swa_* fields given
+            # directly. With them alone the draft's sliding layers got the full layers' KV heads and failed on
+            # the target's SWA pool (26B-A4B-like: 2 heads viewing an 8-head SWA cache).
+            "num_key_value_heads": self.kv_heads_sliding,
+            "per_layer_config": {
+                str(i): {"num_key_value_heads": self.kv_heads_full, "head_dim": self.head_dim}
+                for i in range(n - 1, n)
+            },
         }
+        for key in ("swa_num_key_value_heads", "swa_head_dim", "swa_v_head_dim"):
+            text.pop(key)
         for key in ("enable_moe_block", "num_experts", "top_k_experts", "moe_intermediate_size"):
             text.pop(key, None)  # the assistants are dense
         return {

@@ -46,7 +46,7 @@ ATTN_ARGS: tuple[str, ...] = (
 
 #: ``kvtrap repro NAME --attention-backend B``: the backends a server scenario may be switched to (SGLang
 #: 0.5.23 ``--attention-backend`` choices that serve these MHA models with a paged KV pool). Which of them
-#: kvtrap's page-table traps cover is ``kvtrap.capture.hooks.covered_attention_backends()``.
+#: kvtrap's attention traps cover is ``kvtrap.capture.hooks.covered_attention_backends()``.
 ATTENTION_BACKENDS: tuple[str, ...] = ("trtllm_mha", "fa3", "fa4", "flashinfer", "triton")
 
 #: What SGLang 0.5.23 requires of a backend for these scenarios (Gemma 4 + frozen-KV MTP, topk 1), read from
@@ -64,8 +64,14 @@ BACKEND_NOTES: dict[str, str] = {
         "sgl_kernel's FA3 ops (flash_ops) must be installed"
     ),
     "fa4": "the same FlashAttentionBackend class as fa3 (its page-table traps apply); sm100/sm120 builds",
-    "flashinfer": "kvtrap's page-table traps do not cover it yet (allocator traps only)",
-    "triton": "Gemma 4's default off sm100; kvtrap's page-table traps do not cover it yet (allocator traps only)",
+    "flashinfer": (
+        "kvtrap checks the ragged ids each wrapper was planned with, on the host only (no device guard in its "
+        "CUDA graphs: use --eager to check every step's values)"
+    ),
+    "triton": (
+        "Gemma 4's default off sm100; kvtrap checks its ragged kv_indptr / kv_indices on the host only (no device "
+        "guard in its CUDA graphs: use --eager to check every step's values)"
+    ),
 }
 
 #: Run every step eagerly so kvtrap's host-side checks see every decode step (flag names checked

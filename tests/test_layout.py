@@ -53,3 +53,44 @@ def test_tests_mirror_the_packages():
         assert list((ROOT / "tests" / pkg).glob("test_*.py")), f"tests/{pkg}/ has no tests"
     stray = [p.name for p in (ROOT / "tests").glob("*.py") if not p.name.startswith(("test_", "conftest"))]
     assert not stray, f"helpers belong in tests/helpers/: {stray}"
+
+
+# Run before anything else in the child: hide an installed PyPI ``kernels`` (its modules and its metadata), so the
+# child sees what a machine without it sees (the GPU machine's runtime has none).
+_HIDE_PYPI_KERNELS = """
+import importlib.abc, importlib.machinery, importlib.metadata, sys
+root = sys.argv[1]
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "kernels":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, [p for p in sys.path if p in (root, "")])
+        if spec is None:
+            raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+        return spec
+sys.meta_path.insert(0, Hide())
+_version, _distribution = importlib.metadata.version, importlib.metadata.distribution
+def _no(fn):
+    def f(name, *a, **k):
+        if name == "kernels":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return fn(name, *a, **k)
+    return f
+importlib.metadata.version, importlib.metadata.distribution = _no(_version), _no(_distribution)
+"""
+
+
+def test_top_level_kernels_from_repo_root_without_pypi_kernels_reads_not_installed():
+    """Python run from the checkout, PyPI ``kernels`` absent: transformers' probe answers "not available" and
+    transformers' lazy imports still work (5.19 imports the package to read its version when it finds no
+    metadata; a failing import there broke ``transformers.AutoProcessor`` and SGLang with it)."""
+    code = _HIDE_PYPI_KERNELS + (
+        "import kernels\n"
+        "from transformers.utils import import_utils as iu\n"
+        "print(iu.is_kernels_available(), kernels.__version__, kernels.__file__)\n"
+        "from transformers import AutoProcessor\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[:2] == ["False", "0"]

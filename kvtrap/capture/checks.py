@@ -154,10 +154,16 @@ def _locate(values: torch.Tensor, bad_mask: torch.Tensor) -> BadEntries:
     )
 
 
+def slot_codes(slots: torch.Tensor, lower: int, bound: int) -> torch.Tensor:
+    """Per slot: 0 inside ``[lower, bound)``, :data:`OUT_OF_RANGE` outside. Device-side, no host sync."""
+    flat = slots.reshape(-1)
+    return ((flat < lower) | (flat >= bound)).to(torch.int64) * OUT_OF_RANGE
+
+
 def scan_slots(slots: torch.Tensor, lower: int, bound: int) -> BadEntries | None:
     """Check a 1-D tensor of KV slots lies in ``[lower, bound)``; ``row`` is the position in ``slots``."""
     flat = slots.reshape(-1)
-    bad_mask = (flat < lower) | (flat >= bound)
+    bad_mask = slot_codes(flat, lower, bound) > 0
     if not bool(bad_mask.any()):
         return None
     pos = bad_mask.nonzero().flatten()
@@ -171,9 +177,78 @@ def scan_slots(slots: torch.Tensor, lower: int, bound: int) -> BadEntries | None
     )
 
 
+@dataclass(frozen=True)
+class RaggedScan:
+    """A ragged (CSR) index set: ``indptr`` (``bs + 1`` offsets) into a flat ``indices``.
+
+    ``indptr_problem``: ``"start"`` (``indptr[0] != 0``), ``"decreasing"`` (a row ends before it starts)
+    or ``"overrun"`` (the last offset is past ``len(indices)``), with the position in ``indptr`` and the
+    value there. ``bad``: live ids outside ``[lower, bound)``; ``row`` is the request, ``column`` the
+    position inside its range. Ids are only judged when ``indptr`` is sound (otherwise the live ranges are
+    not known).
+    """
+
+    indptr_problem: str | None = None
+    indptr_at: int | None = None
+    indptr_value: int | None = None
+    bad: BadEntries | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.indptr_problem is None and self.bad is None
+
+
+def scan_ragged(indptr: torch.Tensor, indices: torch.Tensor, bound: int, lower: int = 0) -> RaggedScan:
+    """Check ``indptr`` is a sound CSR offset vector for ``indices`` and every live id lies in
+    ``[lower, bound)``. Live ids are ``indices[indptr[0]:indptr[-1]]``: SGLang allocates the flat
+    buffers with ``torch.empty`` (or reuses a CUDA-graph buffer), so the tail past ``indptr[-1]`` is garbage.
+
+    One host sync (a four-flag ``tolist()``); locating the first problem costs more, only on failure.
+    """
+    ptr = indptr.reshape(-1).to(torch.int64)
+    flat = indices.reshape(-1)
+    n = int(flat.numel())
+    if ptr.numel() == 0:
+        return RaggedScan()
+    first, last = ptr[0], ptr[-1]
+    pos = torch.arange(n, device=flat.device)
+    live = (pos >= first) & (pos < torch.clamp(last, max=n))
+    bad_mask = live & ((flat < lower) | (flat >= bound))
+    decreasing = ptr[1:] < ptr[:-1]
+    found = torch.stack([first != 0, decreasing.any(), last > n, bad_mask.any()]).tolist()
+    if found[0]:
+        return RaggedScan("start", 0, int(first))
+    if found[1]:
+        at = int(decreasing.nonzero()[0]) + 1
+        return RaggedScan("decreasing", at, int(ptr[at]))
+    if found[2]:
+        return RaggedScan("overrun", int(ptr.numel()) - 1, int(last))
+    if not found[3]:
+        return RaggedScan()
+    hits = bad_mask.nonzero().flatten()
+    at = int(hits[0])
+    req = torch.searchsorted(ptr, hits, right=True) - 1
+    row = int(req[0])
+    bad = BadEntries(
+        count=int(hits.numel()),
+        rows=tuple(torch.unique(req)[:MAX_LISTED_ROWS].tolist()),
+        row=row,
+        column=at - int(ptr[row]),
+        value=int(flat[at]),
+    )
+    return RaggedScan(bad=bad)
+
+
 def is_capturing(t: torch.Tensor) -> bool:
     """True while the current CUDA stream is capturing a graph (never true for CPU tensors)."""
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+#: Reason codes of the allocator checks, shared by the host scans here and the device-side record that the
+#: sync-free mode keeps (:mod:`kvtrap.capture.deferred`): 0 is fine, 1-3 are :data:`RELEASE_REASONS` in order
+#: of precedence, 4 an allocated slot outside its pool.
+RELEASE_REASONS = ("reserved", "double", "not_owned")
+OUT_OF_RANGE = len(RELEASE_REASONS) + 1
 
 
 @dataclass(frozen=True)
@@ -187,17 +262,19 @@ class BadFree:
     count: int  # pages of this release with the same problem
 
 
-def scan_swa_release(pages: torch.Tensor, owner: torch.Tensor, freeing: torch.Tensor | None) -> BadFree | None:
-    """Check SWA page ids about to enter the free list against kvtrap's ownership record.
+def swa_release_codes(
+    pages: torch.Tensor, owner: torch.Tensor, freeing: torch.Tensor | None, full_bound: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Judge SWA page ids about to enter the free list against kvtrap's ownership record, on the device.
 
     ``owner[page]``: the full page the SWA page was handed out with, -1 when not handed out (index 0 is
     the reserved page). ``freeing``: the full pages the free call releases, or None when the release has
-    no known full side (then ownership is not judged). One host sync per call (the ``any``), more only
-    when something is wrong.
+    no known full side (then ownership is not judged). ``full_bound``: more than any full page id.
+    Returns the flat page ids, their owners and a reason code per page (0 fine, else 1 + index in
+    :data:`RELEASE_REASONS`, the first that applies). No host sync: membership goes through a bitmap over
+    the full pages, not ``torch.isin`` (which sorts with a data-dependent size on CUDA).
     """
     flat = pages.reshape(-1).to(torch.int64)
-    if flat.numel() == 0:
-        return None
     inside = (flat > 0) & (flat < owner.numel() - 1)
     owners = owner[torch.where(inside, flat, torch.zeros_like(flat))]
     reserved = flat == 0
@@ -208,13 +285,27 @@ def scan_swa_release(pages: torch.Tensor, owner: torch.Tensor, freeing: torch.Te
     double = inside & ((owners < 0) | repeat)
     not_owned = torch.zeros_like(reserved)
     if freeing is not None:
-        not_owned = inside & (owners >= 0) & ~torch.isin(owners, freeing.reshape(-1).to(torch.int64))
-    bad = reserved | double | not_owned
-    if not bool(bad.any()):
+        member = torch.zeros(full_bound + 1, dtype=torch.bool, device=flat.device)
+        member[freeing.reshape(-1).to(torch.int64).clamp(0, full_bound)] = True
+        not_owned = inside & (owners >= 0) & ~member[owners.clamp(0, full_bound)]
+    zero = torch.zeros_like(flat)
+    codes = torch.where(reserved, zero + 1, torch.where(double, zero + 2, torch.where(not_owned, zero + 3, zero)))
+    return flat, owners, codes
+
+
+def scan_swa_release(
+    pages: torch.Tensor, owner: torch.Tensor, freeing: torch.Tensor | None, full_bound: int
+) -> BadFree | None:
+    """:func:`swa_release_codes`, read on the host: one host sync per call (the ``any``), more only when
+    something is wrong."""
+    if pages.numel() == 0:
         return None
-    for reason, mask in (("reserved", reserved), ("double", double), ("not_owned", not_owned)):
-        hits = mask.nonzero().flatten()
+    flat, owners, codes = swa_release_codes(pages, owner, freeing, full_bound)
+    if not bool((codes > 0).any()):
+        return None
+    for code, reason in enumerate(RELEASE_REASONS, 1):
+        hits = (codes == code).nonzero().flatten()
         if hits.numel():
             first = int(hits[0])
             return BadFree(reason, first, int(flat[first]), int(owners[first]), int(hits.numel()))
-    return None  # out-of-pool ids: the allocation check's business
+    return None

@@ -16,28 +16,29 @@ its ``pick`` function); everything else is here and shared:
    (one host sync), not once per layer; skipped while a CUDA graph is being captured.
 5. KV writes: the locations the layer's store writes lie in ``[0, rows)`` of the pool it writes.
 
-Checks 1-3 are host-only attribute reads (a few microseconds) and also run during graph capture.
+Checks 1-3 are host-only attribute reads (a few microseconds) and also run during graph capture. What is
+checked once per forward and reused by every layer (drift, bounds, scans, clean write locations) is kept in
+:mod:`kvtrap.capture.forward_cache`, the same per-forward cache the ragged checks use.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from kvtrap.capture import checks
+from kvtrap.capture.forward_cache import ForwardCache, forward_cache
 from kvtrap.capture.session import current
 from kvtrap.capture.sglang_view import (
     HandedTable,
-    find_drift,
+    call_arg,
     layer_pages,
     layer_pool,
+    layer_rows,
     layer_snapshot,
     padding_page_slots,
     translating,
     write_locs,
-    write_rows,
     write_snapshot,
 )
 from kvtrap.capture.verdict import judge_layer, judge_write
@@ -47,31 +48,7 @@ from kvtrap.capture.verdict import judge_layer, judge_write
 Pick = Callable[[Any, Any, Any], "HandedTable | None"]
 
 
-@dataclass
-class _ForwardCache:
-    """What stays fixed for one forward (one metadata object and one live pool): checked once, reused
-    by every layer. Holding ``md`` keeps its id from being reused, so a new forward never hits it."""
-
-    md: Any
-    live: Any
-    drift: dict[str, str]
-    pages: dict[str, int | None]  # layer type -> pages of the pool such layers read
-    scans: dict[tuple[str, int], checks.TableScan]
-    writes: dict[str, tuple[Any, int]] = field(default_factory=dict)  # pool type -> (locations, n) scanned clean
-
-
-_forwards: weakref.WeakKeyDictionary[Any, _ForwardCache] = weakref.WeakKeyDictionary()
-
-
-def _forward_cache(backend: Any, md: Any, live: Any) -> _ForwardCache:
-    entry = _forwards.get(backend)
-    if entry is None or entry.md is not md or entry.live is not live:
-        entry = _ForwardCache(md, live, find_drift(backend, live), {}, {})
-        _forwards[backend] = entry
-    return entry
-
-
-def _scan(entry: _ForwardCache, handed: HandedTable, page_size: int, bound: int, forward_batch: Any,
+def _scan(entry: ForwardCache, handed: HandedTable, page_size: int, bound: int, forward_batch: Any,
           layer_type: str) -> checks.TableScan:  # fmt: skip
     key = (handed.name, bound)
     scan = entry.scans.get(key)
@@ -106,7 +83,7 @@ def check_forward(backend: Any, layer: Any, forward_batch: Any, where: str, pick
     live = backend.token_to_kv_pool
     page_size = int(backend.page_size)
     layer_type, index_in_pool = layer_pool(live, int(layer.layer_id))
-    entry = _forward_cache(backend, md, live)
+    entry = forward_cache(backend, md, live)
     drift = entry.drift
     capturing = checks.is_capturing(handed.table)
     mismatch = handed.pool != layer_type
@@ -157,12 +134,12 @@ def check_write(backend: Any, layer: Any, forward_batch: Any, where: str) -> Non
     name, locs = picked
     if checks.is_capturing(locs):
         return  # no host sync inside a capture; the capture notice of check_forward says so
-    entry = _forward_cache(backend, md, live)
+    entry = forward_cache(backend, md, live)
     source = getattr(md, "swa_out_cache_loc", None) if name == "swa_out_cache_loc" else forward_batch.out_cache_loc
     cached = entry.writes.get(layer_type)
     if cached is not None and cached[0] is source and cached[1] == int(locs.shape[0]):
         return  # this forward's locations for this pool were scanned clean already
-    rows = None if translating(backend) else write_rows(live, layer_type, int(backend.page_size))
+    rows = None if translating(backend) else layer_rows(live, layer_type, int(backend.page_size))
     if rows is None:
         session.warn_once("no-write-bound", f"KV write locations are not checked for {type(live).__name__} "
                           "(virtual ids or no pool size)")
@@ -186,11 +163,11 @@ def wrap_layer_call(method: str, pick: Pick) -> Callable[[Callable[..., Any]], C
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-            layer = args[3] if len(args) > 3 else kwargs.get("layer")
-            forward_batch = args[4] if len(args) > 4 else kwargs.get("forward_batch")
+            layer = call_arg(args, kwargs, 3, "layer")
+            forward_batch = call_arg(args, kwargs, 4, "forward_batch")
             if layer is not None:
                 check_forward(self, layer, forward_batch, method, pick)
-                k = args[1] if len(args) > 1 else kwargs.get("k")
+                k = call_arg(args, kwargs, 1, "k")
                 save = args[5] if len(args) > 5 else kwargs.get("save_kv_cache", True)
                 if save and k is not None:
                     check_write(self, layer, forward_batch, method)

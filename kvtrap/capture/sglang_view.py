@@ -46,6 +46,12 @@ def layer_pages(live: Any, layer_type: str, page_size: int) -> int | None:
     return None if info is None else info.pages
 
 
+def sharded_kv(backend: Any) -> bool:
+    """Decode context parallelism (``dcp_size > 1``): each rank reads its own shard of the ids, in a space
+    kvtrap does not bound; the ragged checks stand aside."""
+    return int(getattr(backend, "dcp_size", 1) or 1) > 1
+
+
 def translating(backend: Any) -> bool:
     """Unified KV pools address pages through virtual ids (``kv_index_translator``): other bounds apply."""
     return bool(getattr(getattr(backend, "kv_index_translator", None), "is_translating", False))
@@ -72,17 +78,12 @@ def find_drift(backend: Any, live: Any) -> dict[str, str]:
     if not is_swa_pool(live):
         return {}
     problems: dict[str, str] = {}
-    live_desc = f"{type(live).__name__}@{id(live):#x}"
-    cached = getattr(backend, "_swa_kv_pool", _MISSING)
-    if cached is None:
-        problems["_swa_kv_pool"] = f"None, but the live pool is {live_desc}"
-    elif cached is not _MISSING and cached is not live:
-        # Equivalent when it shares the live pool's SWA buffers and mapping (a different wrapper object).
-        same = getattr(cached, "swa_kv_pool", None) is live.swa_kv_pool and getattr(
-            cached, "full_to_swa_index_mapping", None
-        ) is getattr(live, "full_to_swa_index_mapping", None)
-        if not same:
-            problems["_swa_kv_pool"] = f"{type(cached).__name__}@{id(cached):#x}, not the live {live_desc}"
+    # flashinfer's indices updaters copy the backend's pool at init and decide the translation from it
+    for owner, prefix in ((backend, ""), (getattr(backend, "indices_updater_decode", None), "indices_updater_decode."),
+                          (getattr(backend, "indices_updater_prefill", None), "indices_updater_prefill.")):
+        problem = _stale_pool(getattr(owner, "_swa_kv_pool", _MISSING), live)
+        if problem:
+            problems[prefix + "_swa_kv_pool"] = problem
     # an SWA pool without SWA layers is served as a plain one (fa3 / trtllm_mha __init__ test swa_layer_nums too)
     if getattr(backend, "use_sliding_window_kv_pool", True) is False and getattr(live, "swa_layer_nums", 1) > 0:
         problems["use_sliding_window_kv_pool"] = "False, but the live pool is an SWA pool"
@@ -95,6 +96,20 @@ def find_drift(backend: Any, live: Any) -> dict[str, str]:
         elif live_mapping is not None and mapping is not live_mapping:
             problems["_swa_full_to_swa_mapping"] = "a different tensor than the live pool's mapping"
     return problems
+
+
+def _stale_pool(cached: Any, live: Any) -> str | None:
+    """Why a cached SWA pool is not the live one, or ``None`` (also when nothing is cached)."""
+    live_desc = f"{type(live).__name__}@{id(live):#x}"
+    if cached is None:
+        return f"None, but the live pool is {live_desc}"
+    if cached is _MISSING or cached is live:
+        return None
+    # Equivalent when it shares the live pool's SWA buffers and mapping (a different wrapper object).
+    same = getattr(cached, "swa_kv_pool", None) is live.swa_kv_pool and getattr(
+        cached, "full_to_swa_index_mapping", None
+    ) is getattr(live, "full_to_swa_index_mapping", None)
+    return None if same else f"{type(cached).__name__}@{id(cached):#x}, not the live {live_desc}"
 
 
 def live_pool(live: Any) -> LivePool:
@@ -297,6 +312,12 @@ def padding_page_slots(table_name: str, forward_batch: Any) -> Any:
     return slots if hasattr(slots, "shape") else None
 
 
+def call_arg(args: tuple[Any, ...], kwargs: dict[str, Any], position: int, name: str) -> Any:
+    """An argument of a hooked SGLang call, passed by position or by name (``None`` if absent). Attention
+    backends' ``forward_decode`` / ``forward_extend`` take ``(q, k, v, layer, forward_batch, save_kv_cache)``."""
+    return args[position] if len(args) > position else kwargs.get(name)
+
+
 def handed_table_name(md: Any, handed: Any) -> str:
     """Which of the metadata's tables the backend hands this layer: ``page_table``, ``swa_page_table``
     or ``other``."""
@@ -379,6 +400,11 @@ class AllocationSnapshot:
     free_full: int | None
     free_swa: int | None
     args: dict[str, Any]
+
+
+def full_page_bound(alloc: Any) -> int:
+    """More than any full-pool page id of ``alloc`` (pages 1..size_full // page_size, plus slack for padding)."""
+    return int(alloc.size_full) // int(alloc.page_size) + 2
 
 
 def swa_slot_bound(alloc: Any) -> int:
@@ -525,9 +551,10 @@ def write_locs(backend: Any, forward_batch: Any, layer_type: str) -> tuple[str, 
     return "swa_out_cache_loc", swa[: loc.shape[0]]
 
 
-def write_rows(live: Any, layer_type: str, page_size: int) -> int | None:
-    """Token rows of the pool a layer of ``layer_type`` writes (``size + page_size``: slot 0's page is the
-    padding page); ``None``: no size known."""
+def layer_rows(live: Any, layer_type: str, page_size: int) -> int | None:
+    """Token rows of the pool a layer of ``layer_type`` reads and writes (``size + page_size``: slot 0's
+    page is the padding page): the bound of K/V write locations and of token-slot read ids (triton's and
+    flashinfer's ragged ``kv_indices`` at page size 1); ``None``: no size known."""
     sub = (live.swa_kv_pool if layer_type == SWA else live.full_kv_pool) if is_swa_pool(live) else live
     info = _sub_pool_pages(sub, page_size)
     return None if info is None else info.rows
@@ -546,4 +573,164 @@ def write_snapshot(
         out_cache_loc=forward_batch.out_cache_loc,
         swa_out_cache_loc=getattr(md, "swa_out_cache_loc", None),
         cache_seqlens=getattr(md, "cache_seqlens_int32", None),
+    )
+
+
+# ------------------------------------------------------------------ ragged KV ids (triton, flashinfer)
+@dataclass(frozen=True)
+class Rail:
+    """One ragged (CSR) index set a backend reads K/V through: offsets, ids, and the pool whose id space
+    the backend built it for. Ids are token slots (the kernels split them into page and offset, or plan
+    with page size 1), so they are bounded by the token rows of a pool."""
+
+    name: str  # "kv_indices", "window_kv_indices", "aligned_window_kv_indices", "out_cache_loc", ...
+    indptr: Any
+    indices: Any
+    space: str  # FULL or SWA
+
+
+#: The id space of each index set (and of the ids the unified extend appends). Window rails hold SWA-pool
+#: ids only when the live pool is an SWA pool (``update_sliding_window_buffer`` translates them then).
+_RAIL_SPACE = {
+    "kv_indices": FULL,
+    "window_kv_indices": SWA,
+    "aligned_window_kv_indices": SWA,
+    "out_cache_loc": FULL,
+    "swa_out_cache_loc": SWA,
+}
+#: What a layer of each pool type is expected to be handed, for the dump's ``expected_table``.
+EXPECTED_RAIL = {(FULL, False): "kv_indices", (SWA, False): "window_kv_indices",
+                 (FULL, True): "out_cache_loc", (SWA, True): "swa_out_cache_loc"}
+
+
+def rail_space(name: str, live: Any, layer_type: str) -> str:
+    """The pool whose ids the triton index set ``name`` holds; ``layer_type`` for an unknown tensor."""
+    space = _RAIL_SPACE.get(name, layer_type)
+    return FULL if space == SWA and not is_swa_pool(live) else space
+
+
+def rail_name(md: Any, forward_batch: Any, tensor: Any) -> str:
+    """Which of the metadata's (or batch's) ragged tensors ``tensor`` is, by identity; ``handed_kv_indices``
+    (an id space not known, so not judged) if none."""
+    if forward_batch is not None and tensor is getattr(forward_batch, "out_cache_loc", None):
+        return "out_cache_loc"  # first: a swa_out_cache_loc that *is* out_cache_loc was never translated
+    for name in ("kv_indices", "window_kv_indices", "aligned_window_kv_indices", "swa_out_cache_loc"):
+        if tensor is not None and tensor is getattr(md, name, None):
+            return name
+    return "handed_kv_indices"
+
+
+def triton_rails(md: Any, live: Any, layer_type: str) -> dict[str, Rail]:
+    """The index sets of a ``TritonAttnBackend`` forward (``ForwardMetadata``) that exist."""
+    out = {}
+    for name in ("kv_indices", "window_kv_indices", "aligned_window_kv_indices"):
+        indptr, indices = getattr(md, name.replace("indices", "indptr"), None), getattr(md, name, None)
+        if indptr is not None and indices is not None:
+            out[name] = Rail(name, indptr, indices, rail_space(name, live, layer_type))
+    return out
+
+
+def triton_handed(layer: Any) -> str:
+    """The index set ``TritonAttnBackend`` hands ``layer``'s decode / extend kernel: the window rail for a
+    layer with a sliding window (``sliding_window_size > -1``), else ``kv_indices``."""
+    window = getattr(layer, "sliding_window_size", None)
+    return "window_kv_indices" if window is not None and window > -1 else "kv_indices"
+
+
+def flashinfer_rails(backend: Any, md: Any, live: Any) -> dict[str, Rail] | None:
+    """The ids each FlashInfer wrapper of this forward was planned with (``_paged_kv_indptr_buf`` /
+    ``_paged_kv_indices_buf``: what ``plan`` stores and ``run`` reads), by index-set name: with a sliding
+    window, wrapper 0 (``window_kv_indices``) serves window layers and wrapper 1 (``kv_indices``) the rest.
+
+    Wrapper 0's ids are SWA-pool ids only if the indices updater that planned them translated them: it
+    does when its cached ``_swa_kv_pool`` (resolved at init) is set. ``None``: no paged wrappers planned.
+    """
+    wrappers = getattr(md, "decode_wrappers", None) or getattr(md, "prefill_wrappers", None)
+    if not wrappers:
+        return None
+    updater = getattr(backend, "indices_updater_decode" if hasattr(md, "decode_wrappers")
+                      else "indices_updater_prefill", None)
+    window = getattr(getattr(backend, "dispatch_reason", None), "name", None) == "SLIDING_WINDOW"
+    translated = is_swa_pool(live) and getattr(updater, "_swa_kv_pool", None) is not None
+    out = {}
+    for idx, wrapper in enumerate(wrappers[:2]):
+        name = "window_kv_indices" if window and idx == 0 else "kv_indices"
+        indptr = getattr(wrapper, "_paged_kv_indptr_buf", None)
+        indices = getattr(wrapper, "_paged_kv_indices_buf", None)
+        if indptr is not None and indices is not None:
+            out[name] = Rail(name, indptr, indices, SWA if name == "window_kv_indices" and translated else FULL)
+    return out
+
+
+def flashinfer_handed(backend: Any, layer: Any) -> str:
+    """The index set ``FlashInferAttnBackend`` runs ``layer`` on (its ``_get_wrapper_idx``)."""
+    window = getattr(getattr(backend, "dispatch_reason", None), "name", None) == "SLIDING_WINDOW"
+    return "window_kv_indices" if window and int(backend._get_wrapper_idx(layer)) == 0 else "kv_indices"
+
+
+@dataclass
+class RaggedSnapshot:
+    """One layer's ragged KV read: the index set handed (``handed``), and for triton's unified
+    (deterministic) extend the current tokens' ids appended to it (``extend``, a :class:`Rail` without
+    offsets). Valid ids: ``[0, bound)``, ``bound`` the token rows of the pool this layer reads."""
+
+    where: str
+    layer_id: int
+    layer_type: str
+    window: int | None
+    index_in_pool: int | None
+    page_size: int
+    bound: int | None
+    handed: Rail
+    extend: Rail | None
+    drift: dict[str, str]
+    cache_seqlens: Any  # the batch's seq_lens (context batch size, and the dump)
+    tensors: dict[str, Any]
+    table_bounds: dict[str, TableInfo]
+    pools: dict[str, PoolPages | None]
+    backend: BackendState
+    live_pool: LivePool
+    forward_mode: str | None = None
+    speculative: bool | None = None
+    req_pool_indices: Any = None
+    capturing: bool = False
+
+    @property
+    def handed_name(self) -> str:
+        return self.handed.name
+
+    @property
+    def mismatch(self) -> bool:
+        return self.handed.space != self.layer_type or (self.extend is not None and self.extend.space != self.layer_type)
+
+
+def ragged_snapshot(
+    backend: Any, layer: Any, forward_batch: Any, where: str, *, layer_type: str, index_in_pool: int | None,
+    rails: dict[str, Rail], handed: Rail, extend: Rail | None, bound: int | None, drift: dict[str, str],
+    capturing: bool,
+) -> RaggedSnapshot:
+    """The full snapshot of one layer's ragged read (built only once something looks wrong)."""
+    live = backend.token_to_kv_pool
+    page_size = int(backend.page_size)
+    tensors: dict[str, Any] = {}
+    infos: dict[str, TableInfo] = {}
+    for rail in {**rails, handed.name: handed}.values():
+        tensors[rail.name] = rail.indices
+        tensors[rail.name.replace("indices", "indptr")] = rail.indptr
+        infos[rail.name] = TableInfo(pool=rail.space, bound=layer_rows(live, rail.space, page_size),
+                                     handed_to_layer=rail.name == handed.name, shape=list(rail.indices.shape))
+    tensors["out_cache_loc"] = getattr(forward_batch, "out_cache_loc", None)
+    tensors["swa_out_cache_loc"] = getattr(backend.forward_metadata, "swa_out_cache_loc", None)
+    tensors["seq_lens"] = getattr(forward_batch, "seq_lens", None)
+    if extend is not None and extend.name not in tensors:
+        tensors[extend.name] = extend.indices
+    return RaggedSnapshot(
+        **_layer_call(backend, layer, forward_batch, where, layer_type, index_in_pool, capturing),
+        bound=bound,
+        handed=handed,
+        extend=extend,
+        drift=drift,
+        cache_seqlens=getattr(forward_batch, "seq_lens", None),
+        tensors=tensors,
+        table_bounds=infos,
     )

@@ -11,13 +11,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kvtrap.capture.sglang_view import AllocationSnapshot, FreeSnapshot, LayerSnapshot, WriteSnapshot
+from kvtrap.capture.sglang_view import (
+    EXPECTED_RAIL,
+    AllocationSnapshot,
+    FreeSnapshot,
+    LayerSnapshot,
+    RaggedSnapshot,
+    WriteSnapshot,
+)
 from kvtrap.record.context import Context, LayerInfo, PoolPages
 from kvtrap.record.kinds import Kind
 from kvtrap.record.violation import Violation
 
 if TYPE_CHECKING:
-    from kvtrap.capture.checks import BadEntries, BadFree, TableScan
+    from kvtrap.capture.checks import BadEntries, BadFree, RaggedScan, TableScan
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,7 @@ def judge_layer(view: LayerSnapshot, scan: TableScan | None) -> Verdict | None:
         details["overflow"] = {"row": o.row, "needed_pages": o.needed_pages, "width": o.width, "rows": o.count}
 
     if mismatch:
-        stale = " (backend SWA state is stale: " + ", ".join(view.drift) + ")" if view.drift else ""
+        stale = _stale_note(view.drift)
         violation = Violation(
             kind=Kind.INDEX_SPACE_MISMATCH,
             summary=(
@@ -82,8 +89,7 @@ def judge_layer(view: LayerSnapshot, scan: TableScan | None) -> Verdict | None:
     elif view.drift:
         violation = Violation(
             kind=Kind.SWA_STATE_DRIFT,
-            summary="the backend's cached SWA state disagrees with the live KV pool: "
-            + "; ".join(f"{k} is {v}" for k, v in view.drift.items()),
+            summary=_drift_summary(view.drift),
             details=details,
             **base,
         )
@@ -151,7 +157,16 @@ def judge_layer(view: LayerSnapshot, scan: TableScan | None) -> Verdict | None:
     return Verdict(violation, context, tensors, safe_to_continue=not unsafe)
 
 
-def _layer_context(view: LayerSnapshot | WriteSnapshot, **extra: Any) -> Context:
+def _stale_note(drift: dict[str, str]) -> str:
+    return " (backend SWA state is stale: " + ", ".join(drift) + ")" if drift else ""
+
+
+def _drift_summary(drift: dict[str, str]) -> str:
+    return "the backend's cached SWA state disagrees with the live KV pool: " + "; ".join(
+        f"{k} is {v}" for k, v in drift.items())
+
+
+def _layer_context(view: LayerSnapshot | WriteSnapshot | RaggedSnapshot, **extra: Any) -> Context:
     """The context every dump of one layer's attention call carries (the batch, the layer, the pools)."""
     return Context(
         hook=view.where,
@@ -207,6 +222,78 @@ def judge_write(view: WriteSnapshot, bad: BadEntries) -> Verdict:
             "req_pool_indices": view.req_pool_indices,
         }
     return Verdict(violation, context, tensors)
+
+
+_INDPTR_PROBLEM = {
+    "start": "does not start at 0",
+    "decreasing": "decreases (a request's range ends before it starts)",
+    "overrun": "ends past the end of the ids",
+}
+
+
+def judge_ragged(view: RaggedSnapshot, scan: RaggedScan | None, extend_bad: BadEntries | None = None) -> Verdict | None:
+    """The most telling problem of one layer's ragged KV read, or ``None``.
+
+    Order as :func:`judge_layer`: index space (the layer is handed ids of the other pool), drift, then a
+    malformed ``indptr``, then live ids outside the rows of the pool this layer reads (the rail first, then
+    the unified path's appended ids, ``extend_bad``). ``scan`` is ``None`` while capturing a CUDA graph.
+    """
+    mismatch = view.mismatch
+    if not (mismatch or view.drift) and (scan is None or scan.ok) and extend_bad is None:
+        return None
+    malformed = scan is not None and scan.indptr_problem is not None
+    bad = (scan.bad if scan is not None else None) or extend_bad
+    on_extend = bad is not None and bad is extend_bad and view.extend is not None
+    table = view.extend.name if on_extend else view.handed.name  # type: ignore[union-attr]
+    fatal = malformed or bad is not None
+    unsafe = fatal or (mismatch and scan is None)
+    wrong_extend = view.extend is not None and view.extend.space != view.layer_type
+    handed = view.extend.name if wrong_extend and view.handed.space == view.layer_type else view.handed.name  # type: ignore[union-attr]
+    expected = EXPECTED_RAIL[(view.layer_type, view.extend is not None and handed == view.extend.name)]
+    base: dict[str, Any] = {
+        "where": view.where, "layer_id": view.layer_id, "layer_type": view.layer_type, "window": view.window,
+        "table": handed if mismatch else table, "pool": view.layer_type, "lower": 0, "bound": view.bound,
+        "fatal": fatal,
+    }
+    if bad is not None:
+        base.update(row=bad.row, column=bad.column, value=bad.value, count=bad.count, rows=bad.rows)
+    details: dict[str, Any] = {"expected_table": expected, "handed_table": handed}
+    if view.extend is not None:
+        details["extend_ids"] = view.extend.name
+    if view.drift:
+        details["drift"] = view.drift
+    if mismatch:
+        stale = _stale_note(view.drift)
+        other = "full" if view.layer_type == "swa" else "SWA"
+        what = f"{handed} instead of {expected}" if handed != expected else f"{handed} built with {other}-pool ids"
+        kind, summary = Kind.INDEX_SPACE_MISMATCH, (
+            f"{view.layer_type.upper()} layer {view.layer_id} is handed {what}: its ids index the {other} pool{stale}"
+        )
+    elif view.drift:
+        kind, summary = Kind.SWA_STATE_DRIFT, _drift_summary(view.drift)
+    elif malformed:
+        assert scan is not None
+        indptr_name = view.handed_name.replace("indices", "indptr")
+        # a range says something for the first and last offsets only: [0, 1) and [0, len(ids)]
+        edge = {"start": 1, "overrun": int(view.handed.indices.numel()) + 1}.get(scan.indptr_problem)
+        base.update(table=indptr_name, row=scan.indptr_at, column=None, count=1, lower=None if edge is None else 0,
+                    value=None if edge is None else scan.indptr_value, bound=edge)
+        details.update(indptr_problem=scan.indptr_problem, indptr_value=scan.indptr_value)
+        kind, summary = Kind.KV_INDPTR_MALFORMED, (
+            f"{indptr_name} {_INDPTR_PROBLEM[scan.indptr_problem]}: [{scan.indptr_at}] = {scan.indptr_value}"
+            f" ({view.handed_name} holds {int(view.handed.indices.numel())} ids)")
+    else:
+        assert bad is not None
+        where_in = f"position {bad.row}" if on_extend else f"request {bad.row}, position {bad.column}"
+        kind, summary = Kind.KV_INDICES_OUT_OF_RANGE, (
+            f"{table} holds ids outside the {view.layer_type} pool layer {view.layer_id} reads ({view.bound} token"
+            f" rows): {bad.value} at {where_in}; {bad.count} such id(s)")
+    violation = Violation(kind=kind, summary=summary, details=details, **base)
+    context = _layer_context(view, tables=view.table_bounds)
+    tensors: dict[str, Any] = {}
+    if not view.capturing:
+        tensors = {**view.tensors, "req_pool_indices": view.req_pool_indices}
+    return Verdict(violation, context, tensors, safe_to_continue=not unsafe)
 
 
 def _live_pages(cache_seqlens: Any, row: int, page_size: int) -> int:

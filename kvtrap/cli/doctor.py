@@ -294,7 +294,7 @@ def check_gemma4_kernels() -> list[Check]:
 def check_default_backend() -> Check:
     """Which attention backend SGLang would pick on this machine for MHA (Gemma 4, Llama, Qwen) and MLA models,
     asked of SGLang's own ``get_default_attn_backend`` with a weight-free Gemma 4 config, and whether kvtrap's
-    page-table traps cover it (the allocator traps apply whatever the backend)."""
+    attention traps cover it (the allocator traps apply whatever the backend)."""
     from kvtrap.capture.hooks import covered_attention_backends
 
     try:
@@ -317,7 +317,7 @@ def check_default_backend() -> Check:
             picks = {kind: get_default_attn_backend(args, mla, model) for kind, mla in (("MHA", False), ("MLA", True))}
         except Exception as exc:
             return Check("default attention backend", "info", f"SGLang could not say ({type(exc).__name__}: {exc})")
-    parts = [f"{kind}: {name} ({'kvtrap checks its page tables' if name in covered else 'NOT covered by the page-table traps'})"
+    parts = [f"{kind}: {name} ({'kvtrap checks its KV index tables' if name in covered else 'NOT covered by the attention traps'})"
              for kind, name in picks.items()]  # fmt: skip
     tail = f"; covered: {', '.join(covered) or 'none'}"
     if covered and picks["MHA"] not in covered:

@@ -83,6 +83,7 @@ class ConfigRecord:
     inject: list[str] | None = None
     fix: str | None = None
     free_checks: str | None = None
+    allocator_trap: str | None = None
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ class Kind(str, Enum):
     SWA_FREE_NOT_OWNED = "swa_free_not_owned"  # a free returns an SWA page paired with another full page
     PADDING_PAGE_FOR_REAL_REQUEST = "padding_page_for_real_request"  # a real request's live row reads page 0
     KV_WRITE_OUT_OF_RANGE = "kv_write_out_of_range"  # a layer's K/V store would write outside its pool's rows
+    KV_INDPTR_MALFORMED = "kv_indptr_malformed"  # a ragged kv_indptr: not from 0, decreasing, or past kv_indices
+    KV_INDICES_OUT_OF_RANGE = "kv_indices_out_of_range"  # a live ragged KV id outside [0, rows) of the pool read
 
     # plain text in messages and file names (Python 3.11+ would otherwise format the member name)
     __str__ = str.__str__

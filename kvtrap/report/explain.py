@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from kvtrap.record.context import Context
+from kvtrap.record.context import ABSENT, Context
 from kvtrap.record.dumpfile import Dump, ManifestRecord
 from kvtrap.record.kinds import Kind
 from kvtrap.record.violation import Violation
@@ -165,6 +165,8 @@ def full_pool_ids_on_swa_layer(f: Facts) -> Finding | None:
     backend = f.context.backend
     if f.violation.table == SPEC_SWA_TABLE:
         return None  # fa3's speculative SWA table: its own rule (sglang-24402)
+    if _ragged(f):
+        return None  # ragged ids (triton, flashinfer): the ragged rules below
 
     if f.kind == Kind.SWA_STATE_DRIFT:
         strong = True
@@ -736,6 +738,143 @@ def kv_write_out_of_range(f: Facts) -> Finding | None:
         evidence=evidence,
         next_steps=steps,
     )
+
+
+# ----------------------------------------------------------------------------- ragged KV ids (triton)
+_RAGGED = ("kv_indices", "window_kv_indices", "aligned_window_kv_indices")
+
+
+def _ragged(f: Facts) -> bool:
+    """A dump of a ragged (CSR) KV read: the triton backend's kv_indices / window rails."""
+    return any(name in (f.context.tables or {}) for name in _RAGGED)
+
+
+def _rows_of(f: Facts, pool: str) -> int | None:
+    info = (f.context.pools or {}).get(pool)
+    return None if info is None or info.rows in (None, ABSENT) else int(info.rows)
+
+
+@rule("sglang-24394")
+def untranslated_unified_extend(f: Facts) -> Finding | None:
+    """An SWA layer's unified (deterministic) extend appends full-pool ids (SGLang #24394)."""
+    d = f.violation.details or {}
+    if not (f.kind == Kind.INDEX_SPACE_MISMATCH and f.layer_type == "swa" and d.get("extend_ids") == "out_cache_loc"):
+        return None
+    evidence = [f"{f.layer} in {f.violation.where}: the ids appended to its window rail for the current tokens are"
+                " `out_cache_loc` (full-pool slots), not `swa_out_cache_loc`"]
+    injected = _injected(f, "sglang-24394", evidence)
+    swa_rows, full_rows = _rows_of(f, "swa"), _rows_of(f, "full")
+    out = f.dump.tensors.get("out_cache_loc")
+    if out is not None and swa_rows is not None:
+        arr = np.asarray(out).astype(np.int64).reshape(-1)
+        past = int((arr >= swa_rows).sum())
+        evidence.append(f"{past} of {arr.size} of those ids are >= {swa_rows} (SWA pool rows)"
+                        + (f" and < {full_rows} (full pool rows): reads past the SWA pool" if past and full_rows else
+                           ": not faulting yet, but reading other tokens' SWA K/V"))
+    return Finding(
+        rule="sglang-24394",
+        title="Deterministic (unified) extend hands an SWA layer untranslated full-pool ids (SGLang #24394)",
+        confidence="high",
+        cause=(
+            "The triton backend's unified extend merges each request's prefix (the translated window rail) with its"
+            " current tokens' ids; for an SWA layer those must be the full->SWA translated `swa_out_cache_loc`."
+            " Using `out_cache_loc` reads the SWA pool at full-pool slots: wrong keys, then an illegal address once"
+            " the ids pass the SWA pool's rows (fixed upstream by PR #24395)."
+            + ("" if injected else " Any code path that picks the current tokens' ids by layer must do the same.")
+        ),
+        evidence=evidence,
+        next_steps=[
+            "Translate the current tokens' ids for SWA layers before build_unified_kv_indices (the metadata's"
+            " swa_out_cache_loc, as the K/V store uses).",
+            "Until then, run without --enable-deterministic-inference on hybrid-SWA models with the triton backend.",
+        ],
+    )
+
+
+def _flashinfer_stale_pool(f: Facts) -> bool:
+    """A flashinfer dump whose backend resolved no (or another) SWA pool while the live pool is one."""
+    drift = (f.violation.details or {}).get("drift") or {}
+    backend = f.context.backend
+    return (backend is not None and backend.class_ == "FlashInferAttnBackend" and "_swa_kv_pool" in drift
+            and f.kind in (Kind.INDEX_SPACE_MISMATCH, Kind.SWA_STATE_DRIFT))
+
+
+@rule("sglang-27737")
+def flashinfer_swa_pool_from_allocator(f: Facts) -> Finding | None:
+    """flashinfer's SWA pool resolved from the allocator, not the active pool (SGLang #27737)."""
+    if not _flashinfer_stale_pool(f):
+        return None
+    drift = f.violation.details["drift"]
+    evidence = ["backend (FlashInferAttnBackend) cached state vs the live pool: "
+                + "; ".join(f"{k} is {v}" for k, v in drift.items())]
+    window = (f.context.tables or {}).get("window_kv_indices")
+    if window is not None and window.pool == "full" and "swa" in f.pools:
+        evidence.append("the window wrapper (wrapper 0) was planned with full-pool ids: the indices updater had no"
+                        " SWA pool to translate with")
+    if f.kind == Kind.INDEX_SPACE_MISMATCH:
+        evidence.append(f"{f.layer} runs on it: {f.violation.summary}")
+    injected = _injected(f, "sglang-27737", evidence)
+    return Finding(
+        rule="sglang-27737",
+        title="flashinfer resolved its SWA pool from the allocator, not the active pool (SGLang #27737)",
+        confidence="high" if injected or f.kind == Kind.INDEX_SPACE_MISMATCH else "medium",
+        cause=(
+            "FlashInferAttnBackend decides at init whether it serves an SWA pool, and its indices updaters copy that"
+            " decision. Decided from the allocator (its type and kvcache) instead of the runner's active pool, a"
+            " runner whose active pool is an SWA pool (DFlash drafts of Gemma 4) gets none: window layers read"
+            " untranslated full-pool slots from the SWA pool and SWA write locations are not built (fixed by PR"
+            " #27737, aligned with trtllm_mha's #27491)."
+        ),
+        evidence=evidence,
+        next_steps=[
+            "Resolve the SWA pool from model_runner.token_to_kv_pool first (FlashInferAttnBackend._resolve_swa_kv_pool"
+            " in 0.5.23 does), and refresh the indices updaters' _swa_kv_pool with the backend's.",
+            "If the backend's pool is swapped at forward time (speculative views), update that state in the same place.",
+        ],
+    )
+
+
+@rule("ragged-kv-ids")
+def ragged_kv_ids(f: Facts) -> Finding | None:
+    """A ragged kv_indptr / kv_indices set that is malformed or holds ids outside the pool the layer reads."""
+    if not _ragged(f) or f.kind not in (Kind.KV_INDICES_OUT_OF_RANGE, Kind.KV_INDPTR_MALFORMED,
+                                        Kind.INDEX_SPACE_MISMATCH, Kind.SWA_STATE_DRIFT):
+        return None
+    v = f.violation
+    d = v.details or {}
+    if (f.kind == Kind.INDEX_SPACE_MISMATCH and d.get("extend_ids") == "out_cache_loc") or _flashinfer_stale_pool(f):
+        return None  # sglang-24394 / sglang-27737
+    evidence = [f"violation kind is {f.kind} on {f.layer} in {v.where}: {v.summary}"]
+    if f.kind == Kind.KV_INDPTR_MALFORMED:
+        cause = ("The CSR offsets the kernel walks are broken, so the ranges it reads are not the requests':"
+                 " indptr was built from lengths that do not match the ids (a stale seq_lens_sum sizing kv_indices,"
+                 " SGLang #26750), or a CUDA-graph buffer was not refreshed for this batch.")
+        steps = ["Compare kv_indptr with cumsum(seq_lens) (prefix lens for an extend) of this batch.",
+                 "Check which lengths sized kv_indices (seq_lens_sum) and whether they were refreshed this step."]
+    elif f.kind == Kind.KV_INDICES_OUT_OF_RANGE:
+        rows = _rows_of(f, str(v.pool))
+        cause = (f"A live id is not a slot of the {v.pool} pool the layer reads: the ids were gathered from a stale"
+                 " or corrupt req_to_token row, or (SWA layer) not translated from full-pool slots.")
+        ids = f.dump.tensors.get(str(v.table))
+        if ids is not None and rows is not None:
+            arr = np.asarray(ids).astype(np.int64).reshape(-1)
+            evidence.append(f"`{v.table}`: {int(((arr < 0) | (arr >= rows)).sum())} of {arr.size} entries outside"
+                            f" [0, {rows}) (the tail past the last offset included)")
+        full_rows = _rows_of(f, "full")
+        if f.layer_type == "swa" and rows is not None and full_rows and isinstance(v.value, int) and rows <= v.value < full_rows:
+            evidence.append(f"first bad id {v.value} is >= {rows} (SWA rows) and < {full_rows} (full rows): a full-pool"
+                            " slot on an SWA layer (translation skipped?)")
+        steps = ["Check req_to_token for the request (row) named, and full_to_swa_index_mapping for SWA layers."]
+    elif f.kind == Kind.SWA_STATE_DRIFT:
+        cause = ("The backend decided at init (from the model runner's pool) that it serves no SWA pool, but the live"
+                 " pool is one: SWA write locations are not translated and window rails may not be.")
+        steps = ["Check which pool the backend was built with (draft workers, speculative pool views)."]
+    else:
+        cause = ("The layer is handed the index set of the other pool: its ids address the wrong pool (the model's"
+                 " sliding-window config disagrees with the pool's layers_mapping, or a path picked the wrong rail).")
+        steps = ["Compare the layer's sliding_window_size with the live pool's layers_mapping for that layer."]
+    return Finding(rule="ragged-kv-ids", title="Ragged KV ids the kernel would read are not sound",
+                   confidence="high", cause=cause, evidence=evidence, next_steps=steps)
 
 
 # --------------------------------------------------------------------------------- SWA free path

@@ -112,7 +112,7 @@ def test_guard_in_captured_decode_graph_redirects_and_traps_at_drain(fa, tmp_pat
         backend.init_forward_metadata_out_graph(fb)
         graph.replay()
         torch.cuda.synchronize()
-        device_guard.drain_all(current(), synced=False)
+        device_guard.drain_all(current(), None)  # no step result: nothing to wait on
         clean = out.clone()
         assert torch.isfinite(clean.float()).all()
         # the fault, after the capture: a stale full->SWA mapping entry for a live token of row 1
@@ -124,7 +124,7 @@ def test_guard_in_captured_decode_graph_redirects_and_traps_at_drain(fa, tmp_pat
         graph.replay()
         torch.cuda.synchronize()  # no illegal address: the kernel read page 0, not page 5000
         with pytest.raises(kvtrap.KVTrapError) as info:
-            device_guard.drain_all(current(), synced=False)
+            device_guard.drain_all(current(), None)  # no step result: nothing to wait on
     v = info.value.violation
     assert (v.where, v.table, v.row, v.column, v.value, v.bound) == ("device_guard", "swa_page_table", 1, 2, 5000,
                                                                        w.SWA_PAGES + 1)

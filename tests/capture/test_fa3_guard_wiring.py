@@ -72,7 +72,7 @@ def test_clean_replay_metadata_untouched_and_quiet(tmp_path, guard_on_cpu):
         backend.init_forward_metadata_out_graph(fb)
         state = device_guard._states[backend]
         assert state.record.pending() == 0
-        device_guard.drain_all(current(), synced=False)
+        device_guard.drain_all(current(), None)  # no step result: nothing to wait on
     md = backend.forward_metadata
     assert torch.equal(md.page_table, before[0]) and torch.equal(md.swa_page_table, before[1])
     assert not list(tmp_path.iterdir())

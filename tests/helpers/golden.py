@@ -28,6 +28,8 @@ GOLDENS = {
     "explain-sglang-38269.txt": ("explain", "sglang-38269"),
     "explain-sglang-27779.txt": ("explain", "sglang-27779"),
     "explain-sglang-25805.txt": ("explain", "sglang-25805"),
+    "explain-sglang-24394.txt": ("explain", "sglang-24394"),
+    "explain-sglang-27737.txt": ("explain", "sglang-27737"),
     "explain-sglang-24402.txt": ("explain", "sglang-24402"),
 }
 

@@ -81,7 +81,7 @@ def make_allocator(pool, page_size: int = PAGE_SIZE, *, device: str = "cpu"):
     )
 
 
-def make_layers(head_dim: int = 8):
+def make_layers(head_dim: int = 8, window: int = WINDOW):
     sg = sglang()
     layers = []
     for lid in sorted(SWA_LAYERS + FULL_LAYERS):
@@ -93,7 +93,7 @@ def make_layers(head_dim: int = 8):
                 scaling=head_dim**-0.5,
                 num_kv_heads=1,
                 layer_id=lid,
-                sliding_window_size=WINDOW if swa else -1,
+                sliding_window_size=window if swa else -1,
             )
         )
     return layers
@@ -110,11 +110,11 @@ class Batch:
 def allocate_requests(alloc, seq_lens: list[int]) -> Batch:
     """Prefill ``len(seq_lens)`` fresh requests through the real ``alloc_extend``."""
     n = len(seq_lens)
-    dev = alloc.device  # device tensors for the allocator's kernels, host copies for its *_cpu arguments
+    dev = getattr(alloc, "device", "cpu")  # the *_cpu arguments stay on the host, as SGLang passes them
     prefix = torch.zeros(n, dtype=torch.int64)
     seq = torch.tensor(seq_lens, dtype=torch.int64)
     last_loc = torch.full((n,), -1, dtype=torch.int64, device=dev)
-    out = alloc.alloc_extend(prefix.to(dev), prefix, seq.to(dev), seq, last_loc, int(seq.sum()))
+    out = alloc.alloc_extend(prefix.to(dev), prefix.clone(), seq.to(dev), seq.clone(), last_loc, int(seq.sum()))
     assert out is not None, "allocator ran out of pages"
     batch = Batch(seq_lens=list(seq_lens))
     start = 0
@@ -278,4 +278,252 @@ def init_metadata_like_sglang(backend, alloc, batch, fb):
     md = set_metadata(backend, full, swa, seqlens, with_swa_table=backend._swa_kv_pool is not None)
     if backend._swa_kv_pool is not None:
         set_write_locs(backend, alloc, fb)
+    return md
+
+
+# ------------------------------------------------------------------------------------ triton backend
+class KernelRecorder:
+    """Stands where a real Triton kernel launch is (it cannot run on a CPU machine): records each call's
+    arguments (cloned tensors) and returns. ``real`` is SGLang's kernel function it replaces, kept so a
+    test can assert which launch was reached."""
+
+    def __init__(self, real, result=None):
+        self.real = real
+        self.result = result  # what computes the launch's return value, if the caller needs one
+        self.calls: list[tuple] = []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+        return None if self.result is None else self.result(*args)
+
+
+def triton_classes():
+    from helpers.srt import import_srt
+
+    mod = import_srt("sglang.srt.layers.attention.triton_backend")
+    return mod.TritonAttnBackend, mod.ForwardMetadata
+
+
+def make_triton_backend(pool, *, deterministic: bool = False):
+    """A real ``TritonAttnBackend`` with the attributes its ``__init__`` sets from a model runner (which
+    needs a GPU); its kernel launches are :class:`KernelRecorder` s wrapping SGLang's real kernel functions.
+    ``forward_decode`` / ``forward_extend`` / ``_forward_extend_unified`` are SGLang's and run on CPU up to
+    the launch (the K/V store into the real pool included)."""
+    from sglang.kernels.ops.attention import decode_attention, extend_attention
+
+    cls, _ = triton_classes()
+    backend = object.__new__(cls)
+    backend.device = "cpu"
+    backend.page_size = PAGE_SIZE
+    backend.token_to_kv_pool = pool
+    backend.use_sliding_window_kv_pool = is_swa(pool)
+    backend.sliding_window_size = WINDOW
+    backend.use_mla = False
+    backend.is_draft_runner = False
+    backend.dcp_size = 1
+    backend.swa_v_head_dim = None
+    backend.max_kv_splits = 8
+    backend.use_pdl = False
+    backend.enable_deterministic = deterministic
+    backend.enable_lean_attention = False
+    backend.use_dense_fp8_chunked_prefill = False
+    backend.allow_bidirectional_attention_in_extend = False
+    backend.use_verify_shared_kv = False
+    backend.use_verify_splitkv = False
+    backend.dllm_attention = None
+    backend.max_context_len = MAX_PAGES * PAGE_SIZE
+    backend.decode_attention_fwd = KernelRecorder(decode_attention.decode_attention_fwd)
+    backend.extend_attention_fwd = KernelRecorder(extend_attention.extend_attention_fwd)
+    backend.extend_attention_fwd_unified = KernelRecorder(extend_attention.extend_attention_fwd_unified)
+    # an index gather, not attention: it runs for real (in Triton's interpreter on a CPU machine)
+    real_build = extend_attention.build_unified_kv_indices
+    backend.build_unified_kv_indices = KernelRecorder(real_build, real_build)
+    backend.forward_metadata = None
+    return backend
+
+
+def is_swa(pool) -> bool:
+    return hasattr(pool, "swa_kv_pool")
+
+
+def kv_snapshot(pool) -> dict:
+    """Every layer's K and V buffers, cloned (to show a trapped call stored nothing)."""
+    return {lid: (pool.get_key_buffer(lid).clone(), pool.get_value_buffer(lid).clone())
+            for lid in SWA_LAYERS + FULL_LAYERS}
+
+
+def same_kv(a: dict, b: dict, skip=()) -> bool:
+    return all(torch.equal(a[k][0], b[k][0]) and torch.equal(a[k][1], b[k][1]) for k in a if k not in skip)
+
+
+def kernel_calls(backend) -> int:
+    return sum(len(getattr(backend, n).calls) for n in (
+        "decode_attention_fwd", "extend_attention_fwd", "extend_attention_fwd_unified", "build_unified_kv_indices"))
+
+
+def _ragged(slot_lists, translate=None):
+    lens = [int(s.numel()) for s in slot_lists]
+    indptr = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    indptr[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int64), 0).to(torch.int32)
+    flat = torch.cat(slot_lists) if slot_lists else torch.zeros(0, dtype=torch.int64)
+    return indptr, (flat if translate is None else translate[flat]).to(torch.int64)
+
+
+def set_triton_metadata(backend, alloc, batch: Batch, fb, *, prefix_lens=None, window: int = WINDOW):
+    """``ForwardMetadata`` as ``init_forward_metadata`` builds it (SGLang builds the ids with Triton gathers,
+    which cannot run here): ``kv_indptr`` / ``kv_indices`` = the requests' token slots (the prefix only for
+    an extend), the window rail = the last ``min(len, window)`` of them, translated through
+    ``full_to_swa_index_mapping`` on an SWA pool, ``swa_out_cache_loc`` = the translated ``out_cache_loc``."""
+    _, fm = triton_classes()
+    pool = backend.token_to_kv_pool
+    lens = prefix_lens if prefix_lens is not None else batch.seq_lens
+    slots = [s[:n] for s, n in zip(batch.token_slots, lens, strict=True)]
+    kv_indptr, kv_indices = _ragged(slots)
+    mapping = alloc.full_to_swa_index_mapping if is_swa(pool) else None
+    win_indptr, win_indices = _ragged([s[max(0, s.numel() - window):] for s in slots], mapping)
+    bs = len(batch.seq_lens)
+    decode = prefix_lens is None
+    md = fm(
+        attn_logits=torch.zeros(bs, 2, backend.max_kv_splits, 8) if decode else None,
+        attn_lse=torch.zeros(bs, 2, backend.max_kv_splits) if decode else None,
+        max_extend_len=None if decode else max(n - p for n, p in zip(batch.seq_lens, lens, strict=True)),
+        num_kv_splits=torch.full((bs,), backend.max_kv_splits, dtype=torch.int32) if decode else None,
+        kv_indptr=kv_indptr,
+        kv_indices=kv_indices,
+        qo_indptr=None if decode else _ragged([s[p:] for s, p in zip(batch.token_slots, lens, strict=True)])[0],
+        custom_mask=None,
+        mask_indptr=None,
+        window_kv_indptr=win_indptr,
+        window_kv_indices=win_indices,
+        window_num_kv_splits=torch.full((bs,), backend.max_kv_splits, dtype=torch.int32) if decode else None,
+        window_kv_offsets=None if decode else torch.tensor(
+            [max(0, p - window) for p in lens], dtype=torch.int64),
+        swa_out_cache_loc=alloc.full_to_swa_index_mapping[fb.out_cache_loc] if is_swa(pool) else None,
+    )
+    backend.forward_metadata = md
+    return md
+
+
+def make_extend_batch(batch: Batch, prefix_lens: list[int]):
+    """An EXTEND ``ForwardBatch`` for requests whose first ``prefix_lens`` tokens are cached: the new tokens'
+    slots (the rest of each request's slots) are ``out_cache_loc``."""
+    sg = sglang()
+    bs = len(batch.seq_lens)
+    ext = [n - p for n, p in zip(batch.seq_lens, prefix_lens, strict=True)]
+    out = torch.cat([s[p:] for s, p in zip(batch.token_slots, prefix_lens, strict=True)])
+    starts = torch.zeros(bs, dtype=torch.int32)
+    starts[1:] = torch.cumsum(torch.tensor(ext[:-1]), 0).to(torch.int32)
+    return sg["ForwardBatch"](
+        forward_mode=sg["ForwardMode"].EXTEND,
+        batch_size=bs,
+        input_ids=torch.zeros(int(sum(ext)), dtype=torch.int64),
+        req_pool_indices=torch.arange(1, bs + 1, dtype=torch.int64),
+        seq_lens=torch.tensor(batch.seq_lens, dtype=torch.int64),
+        out_cache_loc=out,
+        seq_lens_sum=int(sum(batch.seq_lens)),
+        extend_prefix_lens=torch.tensor(prefix_lens, dtype=torch.int32),
+        extend_prefix_lens_cpu=list(prefix_lens),
+        extend_seq_lens=torch.tensor(ext, dtype=torch.int32),
+        extend_seq_lens_cpu=ext,
+        extend_start_loc=starts,
+    )
+
+
+# -------------------------------------------------------------------------------- flashinfer backend
+def flashinfer_classes():
+    from helpers.srt import import_srt
+
+    mod = import_srt("sglang.srt.layers.attention.flashinfer_backend")
+    return mod
+
+
+def make_runner(pool, alloc, *, draft: bool = False, algorithm: str = "NONE"):
+    """A real ``ModelRunner`` (partially constructed) with what the backends' ``_resolve_swa_kv_pool`` reads."""
+    from sglang.srt.model_executor.model_runner import ModelRunner
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    runner = object.__new__(ModelRunner)
+    runner.token_to_kv_pool = pool
+    runner.token_to_kv_pool_allocator = alloc
+    runner.is_draft_worker = draft
+    runner.spec_algorithm = getattr(SpeculativeAlgorithm, algorithm)
+    return runner
+
+
+def make_plain_allocator(pool, page_size: int = PAGE_SIZE):
+    """SGLang's plain paged allocator over ``pool`` (not an SWA allocator type)."""
+    from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+
+    return PagedTokenToKVPoolAllocator(pool.size, page_size, torch.bfloat16, "cpu", kvcache=pool, need_sort=False)
+
+
+def _planned_wrapper(cls, indptr, indices):
+    """A real FlashInfer paged wrapper in the state its ``plan`` leaves (outside CUDA graphs): the index
+    buffers it keeps for ``run``. Its constructor pins host memory and ``plan`` / ``run`` launch CUDA work,
+    which a CPU machine cannot do, so the planned state is set the way ``plan`` sets it and ``forward`` is a
+    :class:`KernelRecorder` of the real method."""
+    wrapper = object.__new__(cls)
+    wrapper._paged_kv_indptr_buf = indptr
+    wrapper._paged_kv_indices_buf = indices
+    wrapper._paged_kv_last_page_len_buf = torch.ones(indptr.numel() - 1, dtype=torch.int32)
+    wrapper.forward = KernelRecorder(cls.forward, lambda q, *_: torch.zeros_like(q))  # the output's shape
+    return wrapper
+
+
+def make_flashinfer_backend(runner, window: int = WINDOW):
+    """A real ``FlashInferAttnBackend`` (and its real decode / prefill indices updaters) with the attributes
+    their ``__init__`` set from ``runner``; the SWA pool is resolved by SGLang's own ``_resolve_swa_kv_pool``
+    (as ``__init__`` does), so an injected resolver shows up here."""
+    fi = flashinfer_classes()
+    backend = object.__new__(fi.FlashInferAttnBackend)
+    backend.token_to_kv_pool = runner.token_to_kv_pool
+    backend.req_to_token_pool = None
+    backend._swa_kv_pool = fi.FlashInferAttnBackend._resolve_swa_kv_pool(runner)
+    backend.use_sliding_window_kv_pool = backend._swa_kv_pool is not None
+    backend.kv_cache_quant_method = runner.token_to_kv_pool.get_kv_cache_quant_method()
+    backend.decode_uses_dequant_workspace = False
+    backend.prefill_uses_dequant_workspace = False
+    backend.page_size = PAGE_SIZE
+    backend.max_context_len = MAX_PAGES * PAGE_SIZE
+    backend.num_wrappers = 2
+    backend.dispatch_reason = fi.WrapperDispatch.SLIDING_WINDOW
+    backend.sliding_window_size = window
+    backend.forward_metadata = None
+    for name, cls in (("indices_updater_decode", fi.FlashInferIndicesUpdaterDecode),
+                      ("indices_updater_prefill", fi.FlashInferIndicesUpdaterPrefill)):
+        updater = object.__new__(cls)
+        updater.attn_backend = backend
+        updater.sliding_window_size = window
+        updater._swa_kv_pool = backend._swa_kv_pool  # as its __init__ copies it
+        setattr(backend, name, updater)
+    return backend
+
+
+def set_flashinfer_metadata(backend, alloc, batch: Batch, fb, *, prefix_lens=None):
+    """The wrappers' planned ids as ``update_sliding_window`` + ``call_begin_forward`` build them (that
+    gather runs on CUDA in SGLang): wrapper 0 (window layers) the last ``min(len, window + 1)`` tokens of
+    each request, translated by the updater's ``_swa_kv_pool`` when it has one (SGLang's own
+    ``translate_loc_from_full_to_swa``); wrapper 1 every token (an extend: the prefix only)."""
+    fi = flashinfer_classes()
+    lens = prefix_lens if prefix_lens is not None else batch.seq_lens
+    slots = [s[:n] for s, n in zip(batch.token_slots, lens, strict=True)]
+    window = backend.sliding_window_size
+    decode = prefix_lens is None
+    updater = backend.indices_updater_decode if decode else backend.indices_updater_prefill
+    win_indptr, win_ids = _ragged([s[max(0, s.numel() - (window + 1)) :] for s in slots])
+    if updater._swa_kv_pool is not None:
+        win_ids = updater._swa_kv_pool.translate_loc_from_full_to_swa(win_ids).to(torch.int64)
+    full_indptr, full_ids = _ragged(slots)
+    import flashinfer
+
+    cls = flashinfer.BatchDecodeWithPagedKVCacheWrapper if decode else flashinfer.BatchPrefillWithPagedKVCacheWrapper
+    wrappers = [_planned_wrapper(cls, win_indptr, win_ids.to(torch.int32)),
+                _planned_wrapper(cls, full_indptr, full_ids.to(torch.int32))]
+    swa_loc = alloc.full_to_swa_index_mapping[fb.out_cache_loc] if backend.use_sliding_window_kv_pool else None
+    if decode:
+        md = fi.DecodeMetadata(decode_wrappers=wrappers, swa_out_cache_loc=swa_loc)
+    else:
+        md = fi.PrefillMetadata(prefill_wrappers=wrappers, use_ragged=False, extend_no_prefix=False,
+                                swa_out_cache_loc=swa_loc)
+    backend.forward_metadata = md
     return md

@@ -15,8 +15,9 @@ import kvtrap
 from helpers import sglang_world as w
 
 
-def _fire(dump_dir: Path, call) -> tuple[Path, kvtrap.KVTrapError]:
-    with kvtrap.armed(mode="raise", dump_dir=str(dump_dir)):
+def _fire(dump_dir: Path, call, inject: tuple[str, ...] = ()) -> tuple[Path, kvtrap.KVTrapError]:
+    """Arm (with ``inject``), make ``call()``: the trap must fire. ``call`` may build its world (armed)."""
+    with kvtrap.armed(mode="raise", dump_dir=str(dump_dir), inject=inject):
         try:
             call()
         except kvtrap.KVTrapError as err:
@@ -25,18 +26,24 @@ def _fire(dump_dir: Path, call) -> tuple[Path, kvtrap.KVTrapError]:
     raise AssertionError("the trap did not fire")
 
 
+def _filled(fill_pages: int):
+    """A real pool and allocator with ``fill_pages`` full pages held by older requests whose tokens left the
+    sliding window (SGLang released their SWA pages, the full ones stay): new full-pool ids start high."""
+    pool = w.make_pool()
+    alloc = w.make_allocator(pool)
+    for _ in range(fill_pages // 8):
+        older = w.allocate_requests(alloc, [8 * w.PAGE_SIZE])
+        alloc.free_swa(older.token_slots[0])
+    return pool, alloc
+
+
 def decode_world(seq_lens=(40, 100, 17), *, stale=False, fill_pages: int = 0):
     """Pool, allocator, layers, a batch and a backend with its metadata set, ready for forward_decode.
 
     ``fill_pages`` first allocates (and keeps) that many pages of other requests, so the batch's
     full-pool page ids start high: how #26957's ids outgrow the SWA pool at high fill.
     """
-    pool = w.make_pool()
-    alloc = w.make_allocator(pool)
-    for _ in range(fill_pages // 8):
-        older = w.allocate_requests(alloc, [8 * w.PAGE_SIZE])
-        # the old tokens leave the sliding window: SGLang releases their SWA pages, the full ones stay
-        alloc.free_swa(older.token_slots[0])
+    pool, alloc = _filled(fill_pages)
     batch = w.allocate_requests(alloc, list(seq_lens))
     full, swa, seqlens = w.page_tables(alloc, batch)
     layers = w.make_layers()
@@ -304,6 +311,100 @@ def make_25805_dump(dump_dir: Path):
     return fire_world(dump_dir, bug_25805_world, inject=("sglang-25805",))
 
 
+# ------------------------------------------------------------------------------------ triton backend
+TRITON_WINDOW = 48  # smaller than the requests, so window rails really are the last tokens of each
+
+
+def triton_world(seq_lens=(40, 100, 17), *, prefix_lens=None, deterministic=False, fill_pages: int = 0):
+    """Pool, allocator, layers, a batch, a real TritonAttnBackend with its metadata set, and the batch:
+    decode (``prefix_lens`` None) or extend (the first ``prefix_lens`` tokens cached). ``fill_pages`` as in
+    :func:`decode_world` (full-pool ids start high)."""
+    pool, alloc = _filled(fill_pages)
+    batch = w.allocate_requests(alloc, list(seq_lens))
+    layers = w.make_layers(window=TRITON_WINDOW)
+    backend = w.make_triton_backend(pool, deterministic=deterministic)
+    if prefix_lens is None:
+        fb = w.make_forward_batch(batch)
+    else:
+        fb = w.make_extend_batch(batch, list(prefix_lens))
+    w.set_triton_metadata(backend, alloc, batch, fb, prefix_lens=prefix_lens, window=TRITON_WINDOW)
+    return pool, alloc, layers, batch, backend, fb
+
+
+def triton_qkv(fb, seed: int = 0):
+    n = int(fb.out_cache_loc.numel())
+    return w.qkv(n, seed)
+
+
+def attend(backend, layer, fb, seed: int = 0):
+    """One layer's real ``forward_decode`` / ``forward_extend`` (by the batch's mode); flashinfer's too."""
+    q, k, v = triton_qkv(fb, seed)
+    method = backend.forward_decode if fb.forward_mode.is_decode() else backend.forward_extend
+    return method(q, k, v, layer, fb)
+
+
+def make_triton_out_of_range_dump(dump_dir: Path, value: int | None = None):
+    """A window id past the SWA pool's rows, handed to the first SWA layer's decode kernel."""
+    _, _, layers, _, backend, fb = triton_world()
+    backend.forward_metadata.window_kv_indices[5] = w.SWA_PAGES * w.PAGE_SIZE + w.PAGE_SIZE if value is None else value
+    return _fire(dump_dir, lambda: attend(backend, layers[0], fb))
+
+
+def make_triton_indptr_dump(dump_dir: Path):
+    """kv_indptr that decreases (request 1's range ends before it starts), handed to a full layer."""
+    _, _, layers, _, backend, fb = triton_world()
+    backend.forward_metadata.kv_indptr[2] = 3
+    full = next(layer for layer in layers if layer.layer_id in w.FULL_LAYERS)
+    return _fire(dump_dir, lambda: attend(backend, full, fb))
+
+
+def make_24394_dump(dump_dir: Path, *, high_fill: bool = True):
+    """SGLang #24394 injected: deterministic extend appends full-pool ids for an SWA layer. ``high_fill``:
+    the batch's full-pool ids are past the SWA pool's rows (where it faulted upstream)."""
+    _, _, layers, _, backend, fb = triton_world(prefix_lens=(30, 90, 10), deterministic=True,
+                                                fill_pages=32 if high_fill else 0)
+    return _fire(dump_dir, lambda: attend(backend, layers[0], fb), inject=("sglang-24394",))
+
+
+# -------------------------------------------------------------------------------- flashinfer backend
+def flashinfer_world(seq_lens=(40, 100, 17), *, prefix_lens=None, dflash_draft=False):
+    """Pool, allocator, layers, a batch, a real FlashInferAttnBackend built from a real ModelRunner (its SWA
+    pool resolved by SGLang's own ``_resolve_swa_kv_pool``) with its wrappers planned, and the batch.
+
+    ``dflash_draft``: the runner is a DFlash draft worker whose active pool is the SWA pool but whose allocator
+    is SGLang's plain paged allocator (not an SWA allocator type): the state SGLang #27737 mis-resolved.
+    """
+    pool = w.make_pool()
+    alloc = w.make_allocator(pool)
+    batch = w.allocate_requests(alloc, list(seq_lens))
+    layers = w.make_layers(window=TRITON_WINDOW)
+    if dflash_draft:
+        runner = w.make_runner(pool, w.make_plain_allocator(pool), draft=True, algorithm="DFLASH")
+    else:
+        runner = w.make_runner(pool, alloc)
+    backend = w.make_flashinfer_backend(runner, window=TRITON_WINDOW)
+    fb = w.make_forward_batch(batch) if prefix_lens is None else w.make_extend_batch(batch, list(prefix_lens))
+    w.set_flashinfer_metadata(backend, alloc, batch, fb, prefix_lens=prefix_lens)
+    return pool, alloc, layers, batch, backend, fb
+
+
+def make_flashinfer_out_of_range_dump(dump_dir: Path, value: int | None = None):
+    """A window id past the SWA pool's rows in the ids wrapper 0 was planned with."""
+    _, _, layers, _, backend, fb = flashinfer_world()
+    ids = backend.forward_metadata.decode_wrappers[0]._paged_kv_indices_buf
+    ids[5] = w.SWA_PAGES * w.PAGE_SIZE + w.PAGE_SIZE if value is None else value
+    return _fire(dump_dir, lambda: attend(backend, layers[0], fb))
+
+
+def make_27737_dump(dump_dir: Path):
+    """SGLang #27737 injected: a DFlash draft's flashinfer backend resolves no SWA pool (allocator-based)."""
+    def call():  # the backend is built armed: its __init__-time resolver is the injected one
+        _, _, layers, _, backend, fb = flashinfer_world(dflash_draft=True)
+        attend(backend, layers[0], fb)
+
+    return _fire(dump_dir, call, inject=("sglang-27737",))
+
+
 # ------------------------------------------------------------------------------------------------ fa3
 def bug_24402_world(dump_dir: Path, history: str = "diverged"):
     """SGLang #24402 on real fa3 objects (built armed with the injection: it acts in init_forward_metadata):
@@ -335,6 +436,7 @@ def make_24402_dump(dump_dir: Path, *, wrapped: bool = False):
     history = "wrapped" if wrapped else "diverged"
     return fire_world(dump_dir, lambda d: bug_24402_world(d, history), inject=("sglang-24402",))
 
+
 ALL = {
     "swa-slot": make_swa_slot_dump,
     "26957": make_26957_dump,
@@ -355,6 +457,11 @@ ALL = {
     "38269": make_38269_dump,
     "27779": make_27779_dump,
     "25805": make_25805_dump,
+    "triton-out-of-range": make_triton_out_of_range_dump,
+    "triton-indptr": make_triton_indptr_dump,
+    "24394": make_24394_dump,
+    "flashinfer-out-of-range": make_flashinfer_out_of_range_dump,
+    "27737": make_27737_dump,
     "24402": make_24402_dump,
     "24402-wrapped": lambda d: make_24402_dump(d, wrapped=True),
 }

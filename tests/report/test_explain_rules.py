@@ -47,6 +47,12 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Dump]:
         "not_owned": trapdumps.make_swa_not_owned_dump(root / "not_owned"),
         "24402": trapdumps.make_24402_dump(root / "24402"),
         "24402-wrapped": trapdumps.make_24402_dump(root / "24402-wrapped", wrapped=True),
+        "24394": trapdumps.make_24394_dump(root / "24394"),
+        "24394-low-fill": trapdumps.make_24394_dump(root / "24394-low-fill", high_fill=False),
+        "triton-oor": trapdumps.make_triton_out_of_range_dump(root / "triton-oor"),
+        "triton-indptr": trapdumps.make_triton_indptr_dump(root / "triton-indptr"),
+        "27737": trapdumps.make_27737_dump(root / "27737"),
+        "flashinfer-oor": trapdumps.make_flashinfer_out_of_range_dump(root / "flashinfer-oor"),
     }
     return {k: load_dump(_path(p)) for k, p in made.items()}
 
@@ -62,8 +68,8 @@ def _numbers(text: str) -> list[int]:
 def test_registry_is_ordered_and_unique() -> None:
     ids = rule_ids()
     assert ids == ["sglang-26957", "negative-id", "stale-row", "swa-slot-out-of-range", "spec-rows-past-context",
-                   "seqlens-exceed-table", "padding-page-for-real-request", "kv-write-out-of-range", "sglang-38269", "sglang-27779",
-                   "sglang-25805", "sglang-24402"]
+                   "seqlens-exceed-table", "padding-page-for-real-request", "kv-write-out-of-range", "sglang-24394",
+                   "sglang-27737", "ragged-kv-ids", "sglang-38269", "sglang-27779", "sglang-25805", "sglang-24402"]
     assert len(set(ids)) == len(RULES)
 
 
@@ -302,6 +308,46 @@ def test_kv_write_out_of_range(real: dict[str, Dump], tmp_path: Path) -> None:
         assert "kv-write-out-of-range" not in _by_rule(explain(other)), name
 
 
+def test_24394_named_on_the_injected_unified_extend(real: dict[str, Dump]) -> None:
+    d = real["24394"]
+    assert d.kind == Kind.INDEX_SPACE_MISMATCH
+    findings = explain(d)
+    assert [f.rule for f in findings] == ["sglang-24394"]  # not #26957: no page table in a ragged dump
+    f = findings[0]
+    assert f.confidence == "high" and "#24394" in f.title and "#24395" in f.cause
+    assert any("injects sglang-24394" in e for e in f.evidence)
+    out = d.tensors["out_cache_loc"]
+    swa_rows = d.manifest["context"]["pools"]["swa"]["rows"]
+    past = int((out >= swa_rows).sum())
+    assert past > 0 and any(f"{past} of {out.size} of those ids are >= {swa_rows} (SWA pool rows)" in e for e in f.evidence)
+    low = explain(real["24394-low-fill"])[0]
+    assert low.rule == "sglang-24394" and any("not faulting yet" in e for e in low.evidence)
+
+
+def test_ragged_kv_ids(real: dict[str, Dump]) -> None:
+    oor = explain(real["triton-oor"])
+    assert [f.rule for f in oor] == ["ragged-kv-ids"]
+    v = real["triton-oor"].manifest["violation"]
+    assert any(f"first bad id {v['value']} is >= {v['bound']} (SWA rows)" in e for e in oor[0].evidence)
+    assert any("`window_kv_indices`: 1 of " in e for e in oor[0].evidence)
+    indptr = explain(real["triton-indptr"])
+    assert [f.rule for f in indptr] == ["ragged-kv-ids"] and "#26750" in indptr[0].cause
+    for name, other in real.items():  # page-table and allocator dumps never get the ragged rules
+        if name not in ("24394", "24394-low-fill", "triton-oor", "triton-indptr", "27737", "flashinfer-oor"):
+            assert not {"ragged-kv-ids", "sglang-24394", "sglang-27737"} & _by_rule(explain(other)).keys(), name
+    assert [f.rule for f in explain(real["flashinfer-oor"])] == ["ragged-kv-ids"]
+
+
+def test_27737_named_on_the_injected_flashinfer_draft(real: dict[str, Dump]) -> None:
+    findings = explain(real["27737"])
+    assert [f.rule for f in findings] == ["sglang-27737"]  # not #26957, not the generic ragged rule
+    f = findings[0]
+    assert f.confidence == "high" and "#27737" in f.title
+    assert any("injects sglang-27737" in e for e in f.evidence)
+    assert any("planned with full-pool ids" in e for e in f.evidence)
+    assert any("indices_updater_decode._swa_kv_pool is None" in e for e in f.evidence)
+
+
 @pytest.mark.parametrize("name", ["24402", "24402-wrapped"])
 def test_24402_named_on_fa3_speculative_swa_table(real: dict[str, Dump], name: str) -> None:
     # fa3's speculative SWA table built from full-pool ids: its own rule, not #26957's
@@ -321,5 +367,6 @@ def test_24402_named_on_fa3_speculative_swa_table(real: dict[str, Dump], name: s
 
 
 def test_24402_rule_ignores_other_attention_dumps(real: dict[str, Dump]) -> None:
-    for name in ("26957", "26957-high-fill", "drift", "off-by-one", "negative", "stale", "seqlens", "spec_context"):
+    for name in ("26957", "26957-high-fill", "drift", "off-by-one", "negative", "stale", "seqlens", "spec_context",
+                 "24394", "triton-oor", "27737", "flashinfer-oor"):
         assert "sglang-24402" not in _by_rule(explain(real[name])), name

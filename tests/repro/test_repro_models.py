@@ -50,6 +50,10 @@ def test_written_models_load_with_sglangs_config_loader_and_server_args(tmp_path
     text = draft.hf_config.text_config
     # Frozen-KV MTP: the draft reads the target's KV, so its attention shapes are the target's.
     assert (text.num_attention_heads, text.head_dim) == (hf.num_attention_heads, hf.head_dim)
+    # ... per layer type, as SGLang's loader resolves them for the assistant's nested text_config (the sliding
+    # layers read the target's SWA pool: a draft with the full layers' KV heads failed there on a real server)
+    assert (text.swa_num_key_value_heads, text.swa_head_dim) == (hf.swa_num_key_value_heads, hf.swa_head_dim)
+    assert text.num_key_value_heads == hf.num_key_value_heads
     assert draft.hf_config.backbone_hidden_size == hf.hidden_size
 
 

@@ -38,14 +38,22 @@ Free paths of 0.5.23 and how they are covered:
 Not covered: page_size 1 (``TokenToKVPoolAllocator`` sub-allocators), per-request SWA ring mode
 (no paged SWA pages), ``PureSWATokenToKVPoolAllocator`` and the unified allocators (they override the
 free methods and address virtual ids), and frees while a CUDA graph is captured (SGLang never frees
-there). Each checked release costs host syncs (the scan's ``any``, ``unique`` of the full pages):
-``KVTRAP_FREE_CHECKS=off`` removes them; ``benchmarks/free_path_bench.py`` measures them.
+there).
+
+**Where the checks trap** (``KVTRAP_ALLOCATOR_TRAP``). ``call``: at the SGLang call, before its result is
+used, at one host sync per checked call. ``drain`` (``auto``'s choice for allocators on a CUDA device): the
+same checks, as device work only, recorded by :mod:`kvtrap.capture.deferred` and raised where SGLang waits for
+a step's results (:mod:`kvtrap.capture.hooks.step_drain`), a step or more after the call. SGLang 0.5.23 runs
+the allocator on its schedule stream, which waits on the running forward: a sync there stalls the CPU until
+that forward ends and costs the overlap scheduler its lead (measured: benchmarks/results/server-overhead-*).
+``KVTRAP_FREE_CHECKS=off`` removes the free checks altogether; ``benchmarks/free_path_bench.py`` measures them.
 """
 
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,16 +62,34 @@ from typing import Any
 import torch
 
 from kvtrap.capture import checks, page_owners
+from kvtrap.capture.deferred import Finding, Findings
 from kvtrap.capture.patching import MethodTarget
 from kvtrap.capture.session import Session, current
-from kvtrap.capture.sglang_view import allocation_snapshot, free_snapshot, swa_slot_bound
-from kvtrap.capture.verdict import judge_allocation, judge_free
+from kvtrap.capture.sglang_view import allocation_snapshot, free_snapshot, full_page_bound, swa_slot_bound
+from kvtrap.capture.verdict import Verdict, judge_allocation, judge_free
 
 # SGLang moved the SWA allocator in 0.5.13; older builds keep it beside the pool.
 MODULES = ("sglang.srt.mem_cache.allocator.swa", "sglang.srt.mem_cache.swa_memory_pool")
 CLASS = "SWATokenToKVPoolAllocator"
 PAGED_MODULE = "sglang.srt.mem_cache.allocator.paged"
 PAGED_CLASS = "PagedTokenToKVPoolAllocator"
+
+
+def at_drain(session: Session, t: Any) -> bool:
+    """Whether this session's allocator checks on ``t``'s device trap at the drain (no host sync)."""
+    mode = session.config.allocator_trap
+    return mode == "drain" or (mode == "auto" and bool(getattr(t, "is_cuda", False)))
+
+
+_findings: weakref.WeakKeyDictionary[Any, Findings] = weakref.WeakKeyDictionary()
+
+
+def _findings_for(alloc: Any, session: Session, device: Any) -> Findings:
+    """The allocator's record in this session (a finding belongs to the session whose checks made it)."""
+    found = _findings.get(alloc)
+    if found is None or found.session is not session or found.device != device:
+        found = _findings[alloc] = Findings(device, session)
+    return found
 
 
 def check_allocation(alloc: Any, out: Any, where: str, args: dict[str, Any]) -> None:
@@ -73,11 +99,59 @@ def check_allocation(alloc: Any, out: Any, where: str, args: dict[str, Any]) -> 
     if checks.is_capturing(out):
         return
     swa_slots = alloc.full_to_swa_index_mapping[out]
-    bad = checks.scan_slots(swa_slots, lower=int(alloc.page_size), bound=swa_slot_bound(alloc))
-    if bad is not None:
-        verdict = judge_allocation(allocation_snapshot(alloc, out, swa_slots, where, args), bad)
-        session.report(verdict.violation, verdict.context, verdict.tensors)
+    lower, bound = int(alloc.page_size), swa_slot_bound(alloc)
+    if at_drain(session, swa_slots):
+
+        def judge(f: dict[str, int]) -> Verdict:
+            bad = checks.BadEntries(count=f["count"], rows=(f["position"],), row=f["position"], column=0,
+                                    value=f["value"])  # fmt: skip
+            return judge_allocation(allocation_snapshot(alloc, out, swa_slots, where, args), bad)
+
+        codes = checks.slot_codes(swa_slots, lower, bound)
+        _findings_for(alloc, session, swa_slots.device).add(codes, swa_slots.reshape(-1), None, judge)
+    else:
+        bad = checks.scan_slots(swa_slots, lower=lower, bound=bound)
+        if bad is not None:
+            verdict = judge_allocation(allocation_snapshot(alloc, out, swa_slots, where, args), bad)
+            session.report(verdict.violation, verdict.context, verdict.tensors)
     note_allocation(session, alloc, out, swa_slots)
+
+
+def drain_findings(session: Session) -> None:
+    """Report the first finding any allocator's drain-mode checks recorded, once its device work is done.
+
+    Called where SGLang waits for a step's results (:mod:`kvtrap.capture.hooks.step_drain`); never waits."""
+    for alloc, found in list(_findings.items()):
+        if found.session is not session:
+            continue
+        finding = found.take()
+        if finding is not None:
+            verdict = _drained_verdict(alloc, finding)
+            session.report(verdict.violation, verdict.context, verdict.tensors)
+
+
+def _drained_verdict(alloc: Any, finding: Finding) -> Verdict:
+    import dataclasses
+
+    f = finding.fields
+    if finding.judge is not None:
+        verdict = finding.judge(f)
+    else:  # the call is older than the remembered ones: what the record holds, without its tensors
+        if f["code"] == checks.OUT_OF_RANGE:
+            bad = checks.BadEntries(count=f["count"], rows=(f["position"],), row=f["position"], column=0,
+                                    value=f["value"])  # fmt: skip
+            empty = torch.empty(0, dtype=torch.int64)
+            verdict = judge_allocation(allocation_snapshot(alloc, empty, empty, CLASS, {}), bad)
+        else:
+            bad_free = checks.BadFree(checks.RELEASE_REASONS[f["code"] - 1], f["position"], f["value"], f["owner"],
+                                      f["count"])  # fmt: skip
+            verdict = judge_free(free_snapshot(alloc, torch.empty(0), None, None, CLASS, None), bad_free)
+    details = dict(verdict.violation.details or {})
+    details["trapped_at"] = (
+        "drain: found by a device-side check (KVTRAP_ALLOCATOR_TRAP=drain) and read where SGLang waited for a"
+        f" later step; checked call #{f['call']} of this allocator"
+    )
+    return dataclasses.replace(verdict, violation=dataclasses.replace(verdict.violation, details=details))
 
 
 # ------------------------------------------------------------------------------------------ free path
@@ -135,7 +209,8 @@ def _wrap_swa_free(method: str) -> Callable[[Callable[..., Any]], Callable[..., 
             if not _free_checks(session, self) or free_index.numel() == 0 or checks.is_capturing(free_index):
                 return original(self, free_index, *args, **kwargs)
             rec = page_owners.record_for(self, session)
-            full_pages = torch.unique(free_index.to(torch.int64) // rec.page_size)
+            # not unique'd: that would be a host sync; membership is a bitmap, dumps unique them when judged
+            full_pages = free_index.to(torch.int64) // rec.page_size
             if self.free_group is not None:  # released at free_group_end
                 rec.pending_full_pages.append(full_pages)
             with _freeing(_Freeing(self, where, free_index, full_pages)):
@@ -184,15 +259,28 @@ def _wrap_release(original: Callable[..., Any]) -> Callable[..., Any]:
         if checks.is_capturing(pages):
             return original(self, *page_ids)
         ctx = _current_freeing(alloc)
-        bad = checks.scan_swa_release(pages, rec.owner, None if ctx is None else ctx.full_pages)
-        if bad is not None:
-            where = ctx.where if ctx is not None else f"{PAGED_CLASS}._release_page_ids"
+        freeing = None if ctx is None else ctx.full_pages
+        where = ctx.where if ctx is not None else f"{PAGED_CLASS}._release_page_ids"
+
+        def judge(bad: checks.BadFree) -> Verdict:
             view = free_snapshot(
-                alloc, pages, None if ctx is None else ctx.full_pages,
+                alloc, pages, None if freeing is None else torch.unique(freeing),
                 None if ctx is None else ctx.free_index, where, rec.owner[:-1],
-            )
-            verdict = judge_free(view, bad)
-            session.report(verdict.violation, verdict.context, verdict.tensors)  # raises before the release
+            )  # fmt: skip
+            return judge_free(view, bad)
+
+        if at_drain(session, pages):
+            flat, owners, codes = checks.swa_release_codes(pages, rec.owner, freeing, full_page_bound(alloc))
+            _findings_for(alloc, session, pages.device).add(
+                codes, flat, owners,
+                lambda f: judge(checks.BadFree(checks.RELEASE_REASONS[f["code"] - 1], f["position"], f["value"],
+                                               f["owner"], f["count"])),
+            )  # fmt: skip
+        else:
+            bad = checks.scan_swa_release(pages, rec.owner, freeing, full_page_bound(alloc))
+            if bad is not None:
+                verdict = judge(bad)
+                session.report(verdict.violation, verdict.context, verdict.tensors)  # raises before the release
         out = original(self, *page_ids)
         rec.note_freed(pages)
         return out

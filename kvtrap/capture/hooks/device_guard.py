@@ -17,7 +17,8 @@ Where each piece runs (SGLang 0.5.23):
   once per page table (full, and SWA when present), as before. Either way one check per table per
   forward, then a copy of the record's counter to pinned host memory. Captured once, replayed every
   step; no host sync. Without a context (any other caller) the wrapper is SGLang's builder.
-* **Drain**: ``SchedulerBatchResultProcessor.process_batch_result_decode`` starts by waiting for the
+* **Drain** (:func:`drain_all`, called from :mod:`kvtrap.capture.hooks.step_drain`):
+  ``SchedulerBatchResultProcessor.process_batch_result_decode`` starts by waiting for the
   step (``result.copy_done.synchronize()``). kvtrap waits on the same event first (so SGLang's own wait
   becomes a no-op), reads the pinned counter (free when zero) and, if the guard recorded anything,
   dumps and raises before the step's tokens reach any client. With the overlap scheduler the next
@@ -43,8 +44,6 @@ from kvtrap.record.context import Context
 
 MODULE = "sglang.srt.layers.attention.trtllm_mha_backend"
 CLASS = "TRTLLMHAAttnBackend"
-DRAIN_MODULE = "sglang.srt.managers.scheduler_components.batch_result_processor"
-DRAIN_CLASS = "SchedulerBatchResultProcessor"
 BUILDER = "update_trtllm_mha_graph_metadata"  # module-level name in MODULE, imported from sglang.kernels
 
 
@@ -110,12 +109,6 @@ def guard_metadata(backend: Any, md: Any, *, publish: bool) -> GuardState:
     if publish:
         state.record.publish_()
     return state
-
-
-def drain_all(session: Any, *, synced: bool) -> None:
-    """Drain every backend's guard record (the drain point of every guarded backend)."""
-    for state in list(_states.values()):
-        drain(state, session, synced=synced)
 
 
 def drain(state: GuardState, session: Any, *, synced: bool) -> None:
@@ -240,22 +233,21 @@ def _after_eager_metadata(original: Any) -> Any:
     return init_forward_metadata
 
 
-def _drain_before_results(original: Any) -> Any:
-    def process_batch_result_decode(self: Any, batch: Any, result: Any, *args: Any, **kwargs: Any) -> Any:
-        session = current()
-        if session is not None and len(_states):
-            copy_done = getattr(result, "copy_done", None)
-            if copy_done is not None:
-                copy_done.synchronize()  # SGLang's own first step; makes the pinned counter current
-            drain_all(session, synced=copy_done is not None)
-        return original(self, batch, result, *args, **kwargs)
-
-    return process_batch_result_decode
+def drain_all(session: Any, result: Any) -> None:
+    """Read every guarded backend's record (trtllm_mha's and fa3's alike) before a decode step's results are
+    used: the one drain point, called by :mod:`kvtrap.capture.hooks.step_drain` at the start of
+    ``process_batch_result_decode``. ``result`` without ``copy_done`` (or ``None``): nothing to wait on."""
+    if not len(_states):
+        return
+    copy_done = getattr(result, "copy_done", None)
+    if copy_done is not None:
+        copy_done.synchronize()  # SGLang's own first step; makes the pinned counter current
+    for state in list(_states.values()):
+        drain(state, session, synced=copy_done is not None)
 
 
 TARGETS = [
     MethodTarget(MODULE, CLASS, "init_forward_metadata_in_graph", _around_in_graph_metadata),
     module_function(MODULE, BUILDER, _guarded_builder),
     MethodTarget(MODULE, CLASS, "init_forward_metadata", _after_eager_metadata),
-    MethodTarget(DRAIN_MODULE, DRAIN_CLASS, "process_batch_result_decode", _drain_before_results),
 ]

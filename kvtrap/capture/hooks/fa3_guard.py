@@ -17,8 +17,9 @@ Where fa3 builds the tables a CUDA graph reads (read from 0.5.23's code):
 * **Eager forwards** are checked on the host (:mod:`kvtrap.capture.hooks.fa3`); with ``KVTRAP_GUARD=on``
   the guard also runs after ``init_forward_metadata`` and is drained at once, as for trtllm_mha.
 
-The record, the per-backend state and the drain (``process_batch_result_decode``) are
-:mod:`kvtrap.capture.hooks.device_guard`'s. Not guarded: the topk > 1 cascade's expand table, the
+The record, the per-backend state and the drain are :mod:`kvtrap.capture.hooks.device_guard`'s (its
+``drain_all``, called at ``process_batch_result_decode`` by :mod:`kvtrap.capture.hooks.step_drain`, drains
+fa3's records with trtllm_mha's). Not guarded: the topk > 1 cascade's expand table, the
 prefill-aware SWA table, unified (translating) pools.
 """
 

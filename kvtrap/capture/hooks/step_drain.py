@@ -1,0 +1,50 @@
+"""The drain point: where SGLang waits for a step's results, kvtrap reads what its sync-free checks recorded.
+
+SGLang 0.5.23's ``SchedulerBatchResultProcessor.process_batch_result_decode`` / ``_prefill`` begin by waiting for
+the step (``result.copy_done.synchronize()``) before any token goes to a client. kvtrap reads, before that:
+
+* the device guard's records (:func:`kvtrap.capture.hooks.device_guard.drain_all`; decode steps, which CUDA
+  graphs replay), and
+* the allocator checks' records in drain mode (:func:`kvtrap.capture.hooks.allocator.drain_findings`; decode and
+  prefill results), which never wait: a check whose device work has not finished is read at a later drain.
+
+A finding is dumped and raised here, so the step's tokens never reach a client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvtrap.capture.hooks import allocator, device_guard
+from kvtrap.capture.patching import MethodTarget
+from kvtrap.capture.session import current
+
+MODULE = "sglang.srt.managers.scheduler_components.batch_result_processor"
+CLASS = "SchedulerBatchResultProcessor"
+
+
+def _before_decode_results(original: Any) -> Any:
+    def process_batch_result_decode(self: Any, batch: Any, result: Any, *args: Any, **kwargs: Any) -> Any:
+        session = current()
+        if session is not None:
+            device_guard.drain_all(session, result)
+            allocator.drain_findings(session)
+        return original(self, batch, result, *args, **kwargs)
+
+    return process_batch_result_decode
+
+
+def _before_prefill_results(original: Any) -> Any:
+    def process_batch_result_prefill(self: Any, *args: Any, **kwargs: Any) -> Any:
+        session = current()
+        if session is not None:
+            allocator.drain_findings(session)
+        return original(self, *args, **kwargs)
+
+    return process_batch_result_prefill
+
+
+TARGETS = [
+    MethodTarget(MODULE, CLASS, "process_batch_result_decode", _before_decode_results),
+    MethodTarget(MODULE, CLASS, "process_batch_result_prefill", _before_prefill_results),
+]

@@ -1,0 +1,220 @@
+"""Allocator checks in drain mode (``KVTRAP_ALLOCATOR_TRAP=drain``) on a real SWAKVPool + SWATokenToKVPoolAllocator
+(sglang==0.5.23, CPU): the check reads no device value at the SGLang call, the call goes through exactly as
+unarmed, and the finding is raised by SGLang's own ``process_batch_result_decode`` / ``_prefill`` (wrapped by
+kvtrap's drain point) with the same violation call mode raises at the call."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvtrap
+from kvtrap.record.dumpfile import load_dump
+
+pytest.importorskip("sglang")
+
+from helpers import sglang_world as w  # noqa: E402
+from helpers import trapdumps as td  # noqa: E402
+
+KVTRAP = str(Path(kvtrap.__file__).parent)
+
+
+def _processor():
+    from sglang.srt.managers.scheduler_components.batch_result_processor import SchedulerBatchResultProcessor
+
+    return object.__new__(SchedulerBatchResultProcessor)  # the drain runs before SGLang's body needs any state
+
+
+def _state(alloc):
+    return (
+        alloc.full_to_swa_index_mapping.clone(),
+        alloc.swa_attn_allocator.get_all_free_pages().clone(),
+        alloc.full_attn_allocator.get_all_free_pages().clone(),
+    )
+
+
+def _outcome(call) -> str | None:
+    try:
+        call()
+    except kvtrap.KVTrapError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - SGLang's own reaction is part of what must not change
+        return type(exc).__name__
+    return None
+
+
+@pytest.fixture
+def no_host_reads_from_kvtrap(monkeypatch):
+    """Fail on any host read of a tensor value made by kvtrap's own code (a host sync on a GPU)."""
+    reads: list[str] = []
+
+    def spy(name):
+        original = getattr(torch.Tensor, name)
+
+        def method(self, *a, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(KVTRAP):
+                reads.append(f"{name} in {caller}:{sys._getframe(1).f_lineno}")
+            return original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, method)
+
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
+        spy(name)
+    return reads
+
+
+@pytest.mark.parametrize(
+    "world,kind",
+    [
+        (td.swa_double_free_world, "swa_double_free"),
+        (td.swa_not_owned_world, "swa_free_not_owned"),
+        (td.swa_page0_free_world, "swa_free_reserved_page"),
+    ],
+)
+def test_bad_free_goes_through_and_is_raised_at_the_decode_drain(tmp_path, world, kind, no_host_reads_from_kvtrap):
+    from sglang.srt.managers.utils import GenerationBatchResult
+
+    # call mode: the reference violation, at the call
+    call_path, call_err = td.fire_world(tmp_path / "call", world)
+    # unarmed: what the bad call does without kvtrap (SGLang's own free-list size assert may catch a double free)
+    plain_alloc, _, plain_call = world(tmp_path)
+    plain_raised = _outcome(plain_call)
+    plain_after = _state(plain_alloc)
+    no_host_reads_from_kvtrap.clear()  # call mode above reads on the host, by design
+    with kvtrap.armed(mode="raise", dump_dir=str(tmp_path / "drain"), allocator_trap="drain"):
+        alloc, _, call = world(tmp_path)
+        assert _outcome(call) == plain_raised  # no trap at the call: SGLang does what it does unarmed
+        assert no_host_reads_from_kvtrap == []
+        after = _state(alloc)
+        with pytest.raises(kvtrap.KVTrapError) as info:
+            _processor().process_batch_result_decode(None, GenerationBatchResult())
+        # the record is reset once read: the next drain is quiet
+        from kvtrap.capture.hooks import allocator
+
+        allocator.drain_findings(kvtrap.capture.session.current())
+    assert all(torch.equal(a, b) for a, b in zip(plain_after, after, strict=True))  # exactly as unarmed
+    v, ref = info.value.violation, call_err.violation
+    assert v.kind == ref.kind == kind
+    assert (v.where, v.value, v.row) == (ref.where, ref.value, ref.row)
+    assert v.details["owner_full_page"] == ref.details["owner_full_page"]
+    assert v.details["trapped_at"].startswith("drain: found by a device-side check")
+    dump = load_dump(info.value.dump_path)
+    assert dump.manifest["config"]["allocator_trap"] == "drain"
+    assert torch.equal(torch.as_tensor(dump.tensors["released_swa_pages"]),
+                       torch.as_tensor(load_dump(call_path).tensors["released_swa_pages"]))  # fmt: skip
+
+
+def test_out_of_range_alloc_is_raised_at_the_prefill_drain(tmp_path, no_host_reads_from_kvtrap):
+    pool = w.make_pool()
+    alloc = w.make_allocator(pool)
+    batch = w.allocate_requests(alloc, [w.PAGE_SIZE])
+    alloc.swa_attn_allocator.free_pages[0] = w.SWA_PAGES + 1  # the first page id past the pool
+    seq = torch.tensor([w.PAGE_SIZE + 1])
+    last = batch.token_slots[0][-1:].clone()
+    with kvtrap.armed(dump_dir=str(tmp_path), allocator_trap="drain"):
+        out = alloc.alloc_decode(seq, seq.clone(), last)
+        assert no_host_reads_from_kvtrap == []
+        assert out is not None
+        with pytest.raises(kvtrap.KVTrapError) as info:
+            _processor().process_batch_result_prefill(None, None)
+    v = info.value.violation
+    assert v.kind == "swa_slot_out_of_range" and v.where.endswith("alloc_decode")
+    assert v.value == v.bound == (w.SWA_PAGES + 1) * w.PAGE_SIZE
+    assert int(load_dump(info.value.dump_path).tensors["out_full_indices"][0]) == int(out[0])
+
+
+def test_first_finding_wins_and_later_checks_do_not_overwrite_it(tmp_path):
+    with kvtrap.armed(mode="raise", dump_dir=str(tmp_path), allocator_trap="drain"):
+        alloc, _, call = td.swa_double_free_world(tmp_path)
+        assert _outcome(call) == "AssertionError"  # SGLang's own free-list size assert, after the release
+        from kvtrap.capture.hooks import allocator
+
+        found = allocator._findings[alloc]
+        first_seq = int(found.buf[5])
+        w.allocate_requests(alloc, [30])  # more checked calls, all clean
+        with pytest.raises(kvtrap.KVTrapError) as info:
+            allocator.drain_findings(kvtrap.capture.session.current())
+    assert info.value.violation.kind == "swa_double_free"
+    assert f"checked call #{first_seq} " in info.value.violation.details["trapped_at"]
+
+
+def _random_steps(alloc, rng: random.Random, steps: int):
+    outs = []
+    live: list[torch.Tensor] = []
+    for _ in range(steps):
+        if live and rng.random() < 0.35:
+            alloc.free(live.pop(rng.randrange(len(live))))
+            outs.append("free")
+            continue
+        n = rng.randint(1, 3 * w.PAGE_SIZE)
+        try:
+            live.append(w.allocate_requests(alloc, [n]).token_slots[0])
+            outs.append(live[-1].clone())
+        except AssertionError:  # out of pages: free everything
+            while live:
+                alloc.free(live.pop())
+            outs.append(None)
+    return outs
+
+
+def test_clean_random_steps_find_nothing_and_match_unarmed(tmp_path):
+    plain_alloc = w.make_allocator(w.make_pool())
+    plain = _random_steps(plain_alloc, random.Random(3), 400)
+    armed_alloc = w.make_allocator(w.make_pool())
+    with kvtrap.armed(dump_dir=str(tmp_path), allocator_trap="drain") as session:
+        armed = _random_steps(armed_alloc, random.Random(3), 400)
+        from kvtrap.capture.hooks import allocator
+
+        allocator.drain_findings(session)  # nothing recorded: returns quietly
+        assert allocator._findings[armed_alloc].seq > 100  # the checks really ran
+    assert len(plain) == len(armed)
+    for a, b in zip(plain, armed, strict=True):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    assert all(torch.equal(a, b) for a, b in zip(_state(plain_alloc), _state(armed_alloc), strict=True))
+    assert not list(tmp_path.iterdir())
+
+
+def test_auto_is_call_mode_on_cpu_tensors(tmp_path):
+    with kvtrap.armed(dump_dir=str(tmp_path)) as session:
+        from kvtrap.capture.hooks import allocator
+
+        assert session.config.allocator_trap == "auto"
+        assert not allocator.at_drain(session, torch.zeros(1))
+    with kvtrap.armed(dump_dir=str(tmp_path), allocator_trap="drain") as session:
+        assert allocator.at_drain(session, torch.zeros(1))
+
+
+def test_bad_setting_is_a_config_error():
+    with pytest.raises(kvtrap.ConfigError, match="allocator_trap must be one of auto, call, drain"):
+        kvtrap.Config.from_env({"KVTRAP_ALLOCATOR_TRAP": "sometimes"})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_allocator_defaults_to_drain_and_reads_the_pinned_record_after_the_event(tmp_path):
+    """On CUDA, ``auto`` is drain mode: the free check is device work only (no host read by kvtrap), the pinned
+    copy is read once the event behind it has passed, and the trap is the one call mode raises."""
+    from sglang.srt.managers.utils import GenerationBatchResult
+
+    alloc = w.make_allocator(w.make_pool(device="cuda"), device="cuda")
+    with kvtrap.armed(mode="raise", dump_dir=str(tmp_path)) as session:
+        from kvtrap.capture.hooks import allocator
+
+        batch = w.allocate_requests(alloc, [40, 20])
+        assert allocator.at_drain(session, alloc.full_to_swa_index_mapping)
+        a, b = batch.token_slots
+        first = slice(0, w.PAGE_SIZE)
+        alloc.full_to_swa_index_mapping[a[first].cuda()] = alloc.full_to_swa_index_mapping[b[first].cuda()]
+        alloc.free(a.cuda())  # request A's first page maps to B's live SWA page
+        found = allocator._findings[alloc]
+        assert found.host.is_pinned() and found.event is not None
+        torch.cuda.synchronize()
+        with pytest.raises(kvtrap.KVTrapError) as info:
+            _processor().process_batch_result_decode(None, GenerationBatchResult())
+    assert info.value.violation.kind == "swa_free_not_owned"
+    assert info.value.violation.details["trapped_at"].startswith("drain")
