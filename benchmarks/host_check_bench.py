@@ -3,13 +3,16 @@
 ``--backend trtllm_mha`` (default) runs SGLang's real ``TRTLLMHAAttnBackend.forward_decode`` (partially
 constructed backend, real SWAKVPool, real RadixAttention layers; see tests/helpers/sglang_world.py) up to the
 FlashInfer launch, which does not exist on a CPU machine: the call writes K/V into the pool and stops at the
-launch. ``--backend triton`` runs SGLang's real ``TritonAttnBackend.forward_decode`` the same way, up to its
+launch. ``--backend fa3`` runs SGLang's real ``FlashAttentionBackend.forward_decode`` on metadata built by its
+own ``init_forward_metadata`` (tests/helpers/fa3_world.py), the FA3 launch replaced by a recorder that returns
+zeros. ``--backend triton`` runs SGLang's real ``TritonAttnBackend.forward_decode`` the same way, up to its
 decode kernel launch (a recorder stands there; see ``sglang_world.KernelRecorder``); ``--backend flashinfer``
 runs SGLang's real ``FlashInferAttnBackend.forward_decode`` up to the planned wrapper's ``run`` (a recorder; see
-``sglang_world._planned_wrapper``). Both sides do exactly that;
-the difference is kvtrap's wrapper and checks. Prints a table and writes JSON + markdown.
+``sglang_world._planned_wrapper``). Both sides (armed, unarmed) do exactly that; the difference is kvtrap's
+wrapper and checks. Prints a table and writes JSON + markdown.
 
     python benchmarks/host_check_bench.py --out benchmarks/results
+    python benchmarks/host_check_bench.py --backend fa3 --out benchmarks/results
     python benchmarks/host_check_bench.py --backend triton --out benchmarks/results
     python benchmarks/host_check_bench.py --backend flashinfer --out benchmarks/results
 """
@@ -31,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 def _call(backend, layer, fb, q, k, v) -> None:
     try:
         backend.forward_decode(q, k, v, layer, fb)
-    except NameError:  # the FlashInfer launch: where a CPU machine stops
+    except NameError:  # the FlashInfer launch: where a CPU machine stops (trtllm_mha)
         pass
 
 
@@ -58,17 +61,25 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--reps", type=int, default=300)
-    ap.add_argument("--backend", choices=["trtllm_mha", "triton", "flashinfer"], default="trtllm_mha")
+    ap.add_argument("--backend", choices=["trtllm_mha", "fa3", "triton", "flashinfer"], default="trtllm_mha")
     args = ap.parse_args()
+    import os
     import warnings
 
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU: SGLang's Triton helpers run interpreted
     warnings.filterwarnings("ignore")
     from helpers import sglang_world as w
     from helpers import trapdumps as td
 
     import kvtrap
 
-    if args.backend == "triton":
+    if args.backend == "fa3":
+        from helpers import fa3_world as fw
+
+        world = fw.decode_world(seq_lens=(40, 100, 17, 30))
+        fw.fa3_module().flash_attn_with_kvcache = fw.KernelRecorder()  # no FA3 kernel on a CPU machine
+        layers, batch, backend, fb = world.layers, world.batch, world.backend, world.fb
+    elif args.backend == "triton":
         pool, alloc, layers, batch, backend, fb = td.triton_world(seq_lens=(40, 100, 17, 30))
     elif args.backend == "flashinfer":
         pool, alloc, layers, batch, backend, fb = td.flashinfer_world(seq_lens=(40, 100, 17, 30))

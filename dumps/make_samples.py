@@ -1,6 +1,7 @@
 """Regenerate the sample dumps in ``dumps/samples/`` from real traps, and the goldens that render them.
 
     python dumps/make_samples.py            # rewrite dumps/samples/<name>/ and tests/golden/*.txt
+    python dumps/make_samples.py NAME ...   # only those samples (and every golden)
 
 Each sample is made by a real kvtrap trap firing on real sglang==0.5.23 objects (``tests/helpers/trapdumps.py``),
 then copied to ``dumps/samples/<name>/`` (the directory *is* the dump: manifest.json +
@@ -29,18 +30,25 @@ SCENARIOS = {
     "sglang-25805": "make_25805_dump",
     "sglang-24394": "make_24394_dump",
     "sglang-27737": "make_27737_dump",
+    "sglang-24402": "make_24402_dump",
 }
 
 KWARGS: dict[str, dict[str, object]] = {"sglang-26957": {"high_fill": True}}
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
     sys.path.insert(0, str(ROOT / "tests"))
     from helpers import trapdumps
 
+    unknown = sorted(set(argv) - set(SCENARIOS))
+    if unknown:
+        print(f"unknown sample(s): {', '.join(unknown)}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
+        return 2
     SAMPLES.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, fn in SCENARIOS.items():
+            if argv and name not in argv:
+                continue
             made = getattr(trapdumps, fn)(Path(tmp) / name, **KWARGS.get(name, {}))
             made = Path(made[0] if isinstance(made, tuple) else made)  # (dump_path, KVTrapError)
             dst = SAMPLES / name
@@ -59,4 +67,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

@@ -88,6 +88,7 @@ def report_data(result: RunResult) -> dict[str, Any]:
             "model_path": result.options.model_path,
             "draft_model_path": result.options.draft_model_path,
             "extra_server_args": list(result.options.extra_server_args),
+            "attention_backend": result.options.attention_backend,
             "health_timeout_s": result.options.health_timeout_s,
             "bench_timeout_s": result.options.bench_timeout_s,
             "grace_s": result.options.grace_s,
@@ -160,6 +161,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"- options: armed={opts.get('armed', True)}, mode={opts.get('mode') or 'raise'}, eager={opts['eager']}, "
         f"inject={','.join(opts['inject']) or '-'}, "
         f"fix={'-' if opts['fix'] is None else ('on' if opts['fix'] else 'off')}"
+        + (f", attention backend={opts['attention_backend']} (replaces the scenario's)"
+           if opts.get("attention_backend") else "")  # fmt: skip
     )
     models = data.get("models")
     if models:

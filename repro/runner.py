@@ -31,7 +31,13 @@ from typing import IO, Any
 from kvtrap.repro.classify import EXIT_USAGE, Classification, Outcome, RunFacts, classify, summarize_dumps
 from kvtrap.repro.models import DummyModel, ModelDirs
 from kvtrap.repro.probe import ProbeSpec
-from kvtrap.repro.scenarios import EAGER_ARGS, ComponentContext, ComponentResult, Scenario
+from kvtrap.repro.scenarios import (
+    EAGER_ARGS,
+    ComponentContext,
+    ComponentResult,
+    Scenario,
+    with_attention_backend,
+)
 
 HOST = "127.0.0.1"
 ENV_ARM = "SGLANG_TRTLLM_MHA_DEBUG"  # same name as kvtrap.config.ENV_ARM; kept literal for --dry-run
@@ -70,6 +76,7 @@ class RunOptions:
     mode: str | None = None  # KVTRAP_MODE (raise|log); None: kvtrap's default (raise)
     dummy: DummyModel | None = None  # weight-free model dirs written into the run dir, --load-format dummy
     probe: ProbeSpec | None = None  # greedy prompts sent one by one before the benchmark (outputs.json)
+    attention_backend: str | None = None  # replaces the scenario's --attention-backend (None: the scenario's)
 
 
 CommandBuilder = Callable[[Scenario, RunOptions, int, Path], list[str]]
@@ -89,7 +96,10 @@ def default_server_cmd(scenario: Scenario, options: RunOptions, port: int, run_d
     cmd = [options.python, "-m", "sglang.launch_server", "--model-path", str(model)]
     if draft:
         cmd += ["--speculative-draft-model-path", str(draft)]
-    cmd += list(scenario.server_args)
+    server_args = scenario.server_args
+    if options.attention_backend is not None:
+        server_args = with_attention_backend(server_args, options.attention_backend)
+    cmd += list(server_args)
     if dirs is not None:
         cmd += ["--load-format", "dummy"]  # SGLang initialises the weights itself; nothing is downloaded
     if options.eager:
@@ -299,6 +309,20 @@ def _unknown_bugs(names: tuple[str, ...]) -> str | None:
     return f"unknown bug to inject {', '.join(map(repr, bad))}; known: {', '.join(sorted(known))}" if bad else None
 
 
+def backend_warnings(options: RunOptions) -> list[str]:
+    """What to know about a run switched to another attention backend (``--attention-backend``)."""
+    backend = options.attention_backend
+    if backend is None:
+        return []
+    from kvtrap.repro.scenarios import BACKEND_NOTES  # plain data: a dry run imports neither torch nor SGLang
+
+    out = [f"--attention-backend {backend}: {BACKEND_NOTES[backend]}"]
+    if backend == "fa3" and options.dummy is None and not options.model_path:
+        out.append("fa3 with the real Gemma 4 checkpoints: their 512-wide full-attention heads exceed FA3's 256;"
+                   " use --dummy-weights (head size 256) or a model with heads <= 256")
+    return out
+
+
 def check_environment(options: RunOptions, *, environ: Mapping[str, str] | None = None) -> list[str]:
     """Warnings (returned) and blocking problems (raised as :class:`EnvironmentProblem`)."""
     scenario = options.scenario
@@ -332,6 +356,7 @@ def check_environment(options: RunOptions, *, environ: Mapping[str, str] | None 
     unknown = _unknown_bugs(options.inject)
     if unknown:
         problems.append(unknown)
+    warnings += backend_warnings(options)
     for label, path in (("--model-path", options.model_path), ("--draft-model-path", options.draft_model_path)):
         if path and _looks_local(path) and not Path(path).expanduser().exists():
             problems.append(f"{label} {path}: no such file or directory")

@@ -44,6 +44,36 @@ ATTN_ARGS: tuple[str, ...] = (
     "--max-running-requests", "64",
 )  # fmt: skip
 
+#: ``kvtrap repro NAME --attention-backend B``: the backends a server scenario may be switched to (SGLang
+#: 0.5.23 ``--attention-backend`` choices that serve these MHA models with a paged KV pool). Which of them
+#: kvtrap's attention traps cover is ``kvtrap.capture.hooks.covered_attention_backends()``.
+ATTENTION_BACKENDS: tuple[str, ...] = ("trtllm_mha", "fa3", "fa4", "flashinfer", "triton")
+
+#: What SGLang 0.5.23 requires of a backend for these scenarios (Gemma 4 + frozen-KV MTP, topk 1), read from
+#: its server-arg checks and backends; said by ``--dry-run`` and written into the run report. Not enforced
+#: here: SGLang refuses what it refuses at start-up, in its own words.
+BACKEND_NOTES: dict[str, str] = {
+    "trtllm_mha": "topk 1 and page size 16/32/64/128; Gemma 4's default on sm100 (sm90 runs FlashInfer XQA)",
+    "fa3": (
+        "sm80/sm90 only (SGLang asserts at backend creation; use flashinfer on sm100); FA3 compiles head sizes "
+        "up to 256, so Gemma 4's real 512-wide full-attention heads do not run (the --dummy-weights models use "
+        "256); frozen-KV MTP with topk > 1 supports only triton/trtllm_mha; Gemma 4 never picks fa3 by itself "
+        "(its default is trtllm_mha on sm100, triton elsewhere); the frozen-KV draft's fa3 backend caches "
+        "use_sliding_window_kv_pool from the draft's own pool at init (no resolver like trtllm_mha's), so on an "
+        "SWA target kvtrap may trap that drift on the first draft step (inferred from the code, not yet seen); "
+        "sgl_kernel's FA3 ops (flash_ops) must be installed"
+    ),
+    "fa4": "the same FlashAttentionBackend class as fa3 (its page-table traps apply); sm100/sm120 builds",
+    "flashinfer": (
+        "kvtrap checks the ragged ids each wrapper was planned with, on the host only (no device guard in its "
+        "CUDA graphs: use --eager to check every step's values)"
+    ),
+    "triton": (
+        "Gemma 4's default off sm100; kvtrap checks its ragged kv_indptr / kv_indices on the host only (no device "
+        "guard in its CUDA graphs: use --eager to check every step's values)"
+    ),
+}
+
 #: Run every step eagerly so kvtrap's host-side checks see every decode step (flag names checked
 #: against ``python -m sglang.launch_server --help`` of 0.5.23: choices full|breakable|disabled).
 EAGER_ARGS: tuple[str, ...] = (
@@ -188,6 +218,27 @@ class Scenario:
             "tags": list(self.tags),
             "dummy_variant": self.dummy_variant,
         }
+
+
+def with_attention_backend(args: tuple[str, ...], backend: str) -> tuple[str, ...]:
+    """``args`` with every ``--attention-backend X`` (or ``--attention-backend=X``) replaced by ``backend``;
+    appended when ``args`` has none. Refuses a backend outside :data:`ATTENTION_BACKENDS`."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+    out: list[str] = []
+    found = False
+    it = iter(args)
+    for a in it:
+        if a == "--attention-backend":
+            next(it, None)
+            out += [a, backend]
+            found = True
+        elif a.startswith("--attention-backend="):
+            out.append(f"--attention-backend={backend}")
+            found = True
+        else:
+            out.append(a)
+    return tuple(out) if found else (*out, "--attention-backend", backend)
 
 
 def _qualname(fn: Callable[..., Any]) -> str:

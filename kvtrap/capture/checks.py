@@ -41,10 +41,12 @@ class TableScan:
     overflow: Overflow | None
     # live entries equal to the reserved padding page 0 in rows of real requests (only when asked)
     padding: BadEntries | None = None
+    # live SWA entries that differ from the full->SWA mapping applied to the full table (only when asked)
+    swa_mismatch: BadEntries | None = None
 
     @property
     def ok(self) -> bool:
-        return self.bad is None and self.overflow is None and self.padding is None
+        return self.bad is None and self.overflow is None and self.padding is None and self.swa_mismatch is None
 
 
 def live_pages(cache_seqlens: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -60,6 +62,8 @@ def scan_page_table(
     bound: int,
     lower: int = 0,
     req_slots: torch.Tensor | None = None,
+    full_table: torch.Tensor | None = None,
+    swa_mapping: torch.Tensor | None = None,
 ) -> TableScan:
     """Check the live prefix of every row of ``table`` lies in ``[lower, bound)``.
 
@@ -69,6 +73,12 @@ def scan_page_table(
     ``req_slots`` (the batch's ``req_pool_indices``, one per row): also find live entries equal to the
     reserved padding page 0 in rows whose request slot is real (not 0). Rows of request slot 0 are
     CUDA-graph padding rows and may read page 0. Folded into the same single host sync.
+
+    ``full_table`` + ``swa_mapping`` (``table`` holds SWA page ids translated from ``full_table``, same
+    live prefix; the mapping is SGLang's token-slot ``full_to_swa_index_mapping``): also find live
+    entries that differ from ``mapping[full * page_size] // page_size``, which is how SGLang derives every
+    SWA table (a full id whose token slot lies outside the mapping expects -1). Same single sync; the
+    same check the device guard makes.
     """
     rows = min(int(table.shape[0]), int(cache_seqlens.shape[0]))
     if req_slots is not None:
@@ -84,16 +94,55 @@ def scan_page_table(
     if req_slots is not None:
         pad_mask = live & (table == 0) & (req_slots[:rows] != 0).unsqueeze(1)
         flags.append(pad_mask.any())
+    swa_mask = None
+    if full_table is not None and swa_mapping is not None:
+        swa_mask = live & (table.to(torch.int64) != _swa_of(full_table[:rows, :width], swa_mapping, page_size))
+        flags.append(swa_mask.any())
     found = torch.stack(flags).tolist()
     any_bad, any_overflow = found[0], found[1]
     bad = _locate(table, bad_mask) if any_bad else None
     padding = _locate(table, pad_mask) if pad_mask is not None and found[2] else None
+    swa_bad = _locate(table, swa_mask) if swa_mask is not None and found[-1] else None
     overflow = None
     if any_overflow:
         over = (pages > width).nonzero().flatten()
         first = int(over[0])
         overflow = Overflow(row=first, needed_pages=int(pages[first]), width=width, count=int(over.numel()))
-    return TableScan(bad=bad, overflow=overflow, padding=padding)
+    return TableScan(bad=bad, overflow=overflow, padding=padding, swa_mismatch=swa_bad)
+
+
+def _swa_of(full: torch.Tensor, mapping: torch.Tensor, page_size: int) -> torch.Tensor:
+    """``mapping[full * page_size] // page_size`` per entry; -1 where the token slot lies outside the
+    mapping or maps to a negative slot (never a valid SWA page, so such an entry always differs)."""
+    tok = full.to(torch.int64) * page_size
+    inside = (tok >= 0) & (tok < mapping.numel())
+    mapped = mapping.reshape(-1)[torch.where(inside, tok, torch.zeros_like(tok))].to(torch.int64)
+    return torch.where(inside & (mapped >= 0), mapped // page_size, torch.full_like(mapped, -1))
+
+
+def spec_full_rows(page_table: torch.Tensor, seqlens: torch.Tensor, expand_table: torch.Tensor,
+                   expand_seqlens: torch.Tensor, draft_tokens: int, width: int) -> torch.Tensor:  # fmt: skip
+    """The full-pool counterpart of fa3's speculative SWA table (``swa_spec_metadata.page_table``).
+
+    fa3 (target verify, topk > 1, page size 1) builds one row per draft token ``i``: the prefix
+    ``page_table[i // draft_tokens, :seqlens[i // draft_tokens]]`` followed by
+    ``expand_table[i, :expand_seqlens[i]]``, both translated to SWA ids (SGLang's
+    ``prepare_swa_spec_page_table_triton``). This builds the same rows from the untranslated tables,
+    ``width`` columns (entries past a row's length are 0), so the scan can compare the two.
+    """
+    rows = int(expand_seqlens.shape[0])
+    base = torch.arange(rows, device=page_table.device) // draft_tokens
+    len_a = seqlens.to(torch.int64)[base].unsqueeze(1)
+    len_b = expand_seqlens.to(torch.int64)[:rows].unsqueeze(1)
+    cols = torch.arange(width, device=page_table.device).unsqueeze(0)
+    a_idx = cols.clamp(max=page_table.shape[1] - 1).expand(rows, width)
+    a = page_table[base].gather(1, a_idx).to(torch.int64)
+    b_col = (cols - len_a).clamp(min=0, max=max(int(expand_table.shape[1]) - 1, 0))
+    b = expand_table[:rows].gather(1, b_col).to(torch.int64)
+    in_a = cols < len_a
+    in_b = (cols >= len_a) & (cols < len_a + len_b)
+    zero = torch.zeros_like(a)
+    return torch.where(in_a, a, torch.where(in_b, b, zero))
 
 
 def _locate(values: torch.Tensor, bad_mask: torch.Tensor) -> BadEntries:

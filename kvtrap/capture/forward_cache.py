@@ -1,4 +1,5 @@
-"""What the attention hooks check once per forward and reuse for every layer of it.
+"""What the attention hooks check once per forward and reuse for every layer of it (the paged checks of
+:mod:`kvtrap.capture.layer_checks` and the ragged checks of :mod:`kvtrap.capture.ragged` alike).
 
 A forward is one metadata object (``backend.forward_metadata``, rebuilt by ``init_forward_metadata`` each
 forward) against one live pool (``backend.token_to_kv_pool``, swapped by speculative views). The drift of

@@ -84,7 +84,8 @@ def find_drift(backend: Any, live: Any) -> dict[str, str]:
         problem = _stale_pool(getattr(owner, "_swa_kv_pool", _MISSING), live)
         if problem:
             problems[prefix + "_swa_kv_pool"] = problem
-    if getattr(backend, "use_sliding_window_kv_pool", True) is False:
+    # an SWA pool without SWA layers is served as a plain one (fa3 / trtllm_mha __init__ test swa_layer_nums too)
+    if getattr(backend, "use_sliding_window_kv_pool", True) is False and getattr(live, "swa_layer_nums", 1) > 0:
         problems["use_sliding_window_kv_pool"] = "False, but the live pool is an SWA pool"
     mapping = getattr(backend, "_swa_full_to_swa_mapping", _MISSING)  # read in-graph since 0.5.15
     translator = getattr(backend, "kv_index_translator", None)
@@ -116,15 +117,19 @@ def live_pool(live: Any) -> LivePool:
 
 
 def backend_state(backend: Any, live: Any) -> BackendState:
+    # fa3 caches only use_sliding_window_kv_pool: the trtllm_mha fields stay None (not "stale") there
+    has_pool = hasattr(backend, "_swa_kv_pool")
+    has_mapping = hasattr(backend, "_swa_full_to_swa_mapping")
     cached = getattr(backend, "_swa_kv_pool", None)
     mapping = getattr(backend, "_swa_full_to_swa_mapping", None)
     return BackendState(
         class_=type(backend).__name__,
         use_sliding_window_kv_pool=getattr(backend, "use_sliding_window_kv_pool", None),
         swa_kv_pool=None if cached is None else f"{type(cached).__name__}@{id(cached):#x}",
-        swa_kv_pool_is_live=cached is live,
-        has_swa_full_to_swa_mapping=mapping is not None,
-        swa_mapping_is_live=mapping is not None and mapping is getattr(live, "full_to_swa_index_mapping", None),
+        swa_kv_pool_is_live=cached is live if has_pool else None,
+        has_swa_full_to_swa_mapping=mapping is not None if has_mapping else None,
+        swa_mapping_is_live=(mapping is not None and mapping is getattr(live, "full_to_swa_index_mapping", None))
+        if has_mapping else None,
         max_context_len=_int_or_none(getattr(backend, "max_context_len", None)),
         speculative_num_draft_tokens=_int_or_none(getattr(backend, "speculative_num_draft_tokens", None)),
     )
@@ -134,16 +139,20 @@ def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def table_infos(md: Any, handed_name: str, live: Any, page_size: int) -> dict[str, TableInfo]:
+def table_infos(md: Any, handed_name: str, live: Any, page_size: int,
+                extra: dict[str, tuple[Any, str]] | None = None) -> dict[str, TableInfo]:  # fmt: skip
+    """The metadata's tables (``page_table``, ``swa_page_table``, and ``extra``: name -> (table, pool)) with
+    the page count of the pool each indexes and whether it is the one handed to the layer."""
     out: dict[str, TableInfo] = {}
     swa = is_swa_pool(live)
-    for name in ("page_table", "swa_page_table"):
-        table = getattr(md, name, None)
-        if table is None:
+    named = {name: (getattr(md, name, None), SWA if name == "swa_page_table" else FULL)
+             for name in ("page_table", "swa_page_table")} if md is not None else {}  # fmt: skip
+    named.update(extra or {})
+    for name, (table, pool) in named.items():
+        if table is None or not hasattr(table, "shape"):
             continue
-        pool = SWA if name == "swa_page_table" else FULL
         sub = (live.swa_kv_pool if pool == SWA else live.full_kv_pool) if swa else live
-        info = _sub_pool_pages(sub, page_size) if pool == SWA or swa else _sub_pool_pages(live, page_size)
+        info = _sub_pool_pages(sub, page_size)
         out[name] = TableInfo(
             pool=pool,
             bound=None if info is None else info.pages,
@@ -185,10 +194,101 @@ class LayerSnapshot:
     speculative: bool | None = None  # the batch carries spec_info (draft decode steps run as DECODE)
     req_pool_indices: Any = None
     capturing: bool = False
+    # index space of the handed table ("swa", "full", "other"); None: judged by its name (page_table /
+    # swa_page_table), as the weight-free repro builds it
+    handed_pool: str | None = None
 
     @property
     def expected_name(self) -> str:
         return "swa_page_table" if self.layer_type == SWA else "page_table"
+
+    @property
+    def mismatch(self) -> bool:
+        """The handed table indexes another pool than the one this layer reads."""
+        if self.handed_pool is not None:
+            return self.handed_pool != self.layer_type
+        return self.handed_name != self.expected_name
+
+
+@dataclass(slots=True)  # built on every layer call: slots, not frozen (a frozen init costs ~1 us more)
+class HandedTable:
+    """The paged table a backend is about to hand one layer's kernel, as an adapter resolves it.
+
+    ``pool``: the index space its ids are in (``"swa"``, ``"full"``, ``"other"``: not one of the
+    metadata's tables). ``full_ids``: for a table of SWA ids, the full-pool table it was translated from
+    (same shape, same live prefix), so the scan can check ``swa == mapping[full * page_size] //
+    page_size``; ``None`` where there is none to compare with. ``extra``: tables to list in the dump's
+    context beside ``page_table`` / ``swa_page_table`` (name -> (table, pool)).
+    """
+
+    name: str
+    table: Any
+    cache_seqlens: Any
+    pool: str
+    full_ids: Any = None  # a tensor, or a zero-argument callable building it (called once per forward)
+    extra: dict[str, tuple[Any, str]] | None = None
+
+
+def trtllm_handed_table(backend: Any, layer: Any, forward_batch: Any) -> HandedTable:
+    """trtllm_mha: the table its own ``_get_layer_page_table`` picks (no SWA-translation check: which
+    metadata table it is says the index space)."""
+    md = backend.forward_metadata
+    handed = backend._get_layer_page_table(layer, forward_batch)
+    name = handed_table_name(md, handed)
+    pool = SWA if name == "swa_page_table" else FULL if name == "page_table" else "other"
+    return HandedTable(name, handed, md.cache_seqlens_int32, pool)
+
+
+def fa3_handed_table(backend: Any, layer: Any, method: str, spec_full_rows: Any) -> HandedTable | None:
+    """fa3 (``FlashAttentionBackend``, SGLang 0.5.23): the paged table ``forward_decode`` /
+    ``forward_extend`` hand this layer's kernel, chosen as they choose it (fa3 has no method for it).
+
+    * an SWA layer (``layer.sliding_window_size > -1``) in ``forward_extend`` whose metadata carries
+      ``swa_spec_metadata`` (target verify, topk > 1): ``swa_spec_metadata.page_table`` with its own
+      ``cache_seqlens``, SWA ids when the backend believes it serves an SWA pool (it translates only then);
+      its full-pool counterpart is rebuilt by ``spec_full_rows`` (checks.spec_full_rows) for the
+      translation check (SGLang #24402: this table was built from untranslated full ids);
+    * an SWA layer with ``use_sliding_window_kv_pool`` (cached at ``__init__``): ``swa_page_table`` (or the
+      per-call translation of ``page_table`` when it is missing);
+    * otherwise ``page_table`` (full-pool ids), also for SWA layers of a backend that cached "no SWA pool".
+
+    ``None`` (not checked here): cross attention (encoder table), chunked local attention (its own block
+    table), prefill-aware SWA decode (``pa_swa_page_table``, page size 1 only), logical-page KV sharding
+    (``_kv_shard_pool``: ``page_table`` then names scratch rows, not pool pages). The second table of the
+    topk > 1 cascade (``forward_metadata_spec_decode_expand``) is not checked either.
+    """
+    md = backend.forward_metadata
+    if getattr(layer, "is_cross_attention", False) or getattr(backend, "_kv_shard_pool", None) is not None:
+        return None
+    builder = getattr(backend, "local_attn_builder", None)
+    if builder is not None and builder.applies(layer, md):
+        return None
+    window = getattr(layer, "sliding_window_size", None)
+    swa_layer = window is not None and window > -1 and not getattr(backend, "use_mla", False)
+    cached_swa = bool(getattr(backend, "use_sliding_window_kv_pool", False))
+    seqlens = md.cache_seqlens_int32
+    spec = getattr(md, "swa_spec_metadata", None)
+    if method == "forward_extend" and swa_layer and spec is not None:
+        expand = getattr(backend, "forward_metadata_spec_decode_expand", None)
+        full_ids = None
+        if cached_swa and expand is not None:
+            def full_ids() -> Any:
+                return spec_full_rows(md.page_table, seqlens, expand.page_table, expand.cache_seqlens_int32,
+                                      int(backend.speculative_num_draft_tokens), int(spec.page_table.shape[1]))
+        return HandedTable("swa_spec_page_table", spec.page_table, spec.cache_seqlens_int32,
+                           SWA if cached_swa else FULL, full_ids, {"swa_spec_page_table": (spec.page_table, SWA)})
+    if method == "forward_decode" and getattr(backend, "is_prefill_aware_swa", False) and getattr(
+        md, "pa_swa_page_table", None
+    ) is not None:
+        return None
+    if swa_layer and cached_swa:
+        swa = getattr(md, "swa_page_table", None)
+        if swa is None:  # fa3 translates per call then (ids of page_table read as token slots)
+            swa = backend.token_to_kv_pool.translate_loc_from_full_to_swa(md.page_table)
+            return HandedTable("page_table (translated per call)", swa, seqlens, SWA,
+                               extra={"page_table (translated per call)": (swa, SWA)})
+        return HandedTable("swa_page_table", swa, seqlens, SWA, md.page_table)
+    return HandedTable("page_table", md.page_table, seqlens, FULL)
 
 
 def padding_page_slots(table_name: str, forward_batch: Any) -> Any:
@@ -253,21 +353,32 @@ def _layer_call(backend: Any, layer: Any, forward_batch: Any, where: str, layer_
 
 
 def layer_snapshot(
-    backend: Any, layer: Any, forward_batch: Any, where: str, *, handed_name: str, layer_type: str,
+    backend: Any, layer: Any, forward_batch: Any, where: str, *, handed: HandedTable, layer_type: str,
     index_in_pool: int | None, bound: int | None, drift: dict[str, str], capturing: bool,
 ) -> LayerSnapshot:
     """The full snapshot of one layer's attention call (built only once something looks wrong)."""
     md = backend.forward_metadata
+    extra = dict(handed.extra or {})
+    if handed.cache_seqlens is md.cache_seqlens_int32:
+        tables = {"page_table": md.page_table, "swa_page_table": getattr(md, "swa_page_table", None)}
+        names = md
+    else:  # a table with rows of its own (fa3's speculative SWA table): only it, with its full-pool rows
+        tables, names = {}, None
+        full = handed.full_ids() if callable(handed.full_ids) else handed.full_ids
+        if full is not None:
+            extra[f"{handed.name}_full_ids"] = (full, FULL)
+    for name, (table, _pool) in extra.items():
+        tables[name] = table
     return LayerSnapshot(
         **_layer_call(backend, layer, forward_batch, where, layer_type, index_in_pool, capturing),
         bound=bound,
-        handed_name=handed_name,
-        tables={"page_table": md.page_table, "swa_page_table": getattr(md, "swa_page_table", None)},
-        cache_seqlens=md.cache_seqlens_int32,
+        handed_name=handed.name,
+        handed_pool=handed.pool,
+        tables=tables,
+        cache_seqlens=handed.cache_seqlens,
         drift=drift,
-        table_bounds=table_infos(md, handed_name, backend.token_to_kv_pool, int(backend.page_size)),
+        table_bounds=table_infos(names, handed.name, backend.token_to_kv_pool, int(backend.page_size), extra),
     )
-
 
 
 # ------------------------------------------------------------------------------------- allocator

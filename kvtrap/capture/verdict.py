@@ -45,7 +45,7 @@ def judge_layer(view: LayerSnapshot, scan: TableScan | None) -> Verdict | None:
     real request. ``scan`` is the value scan of the
     handed table against ``view.bound`` (``None`` while capturing a CUDA graph).
     """
-    mismatch = view.handed_name != view.expected_name
+    mismatch = view.mismatch
     if not (mismatch or view.drift) and (scan is None or scan.ok):
         return None
     # page 0 read for a real request is in range (no fault, a wrong answer): not fatal on its own
@@ -99,6 +99,22 @@ def judge_layer(view: LayerSnapshot, scan: TableScan | None) -> Verdict | None:
             summary=(
                 f"{view.handed_name} holds page ids outside the {view.layer_type} pool this layer reads "
                 f"({view.bound} pages)"
+            ),
+            details=details,
+            **base,
+        )
+    elif scan is not None and scan.overflow is None and scan.swa_mismatch is not None:
+        m = scan.swa_mismatch
+        # an in-range id naming the wrong slot: no range to state
+        base.update(row=m.row, column=m.column, value=m.value, count=m.count, rows=m.rows, lower=None, bound=None)
+        details["pool_pages"] = view.bound
+        details["swa_translation"] = "live entries differ from mapping[full_id * page_size] // page_size"
+        violation = Violation(
+            kind=Kind.INDEX_SPACE_MISMATCH,
+            summary=(
+                f"{view.handed_name} row {m.row} column {m.column} holds {m.value}, not the SWA translation of "
+                f"the full-pool id at the same position ({m.count} such entries): the table was not "
+                "translated (or translated with a stale mapping)"
             ),
             details=details,
             **base,

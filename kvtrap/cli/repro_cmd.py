@@ -15,7 +15,7 @@ import click
 
 from kvtrap.repro import scenarios as _scenarios
 from kvtrap.repro.classify import EXIT_USAGE, Outcome
-from kvtrap.repro.scenarios import Scenario
+from kvtrap.repro.scenarios import ATTENTION_BACKENDS, Scenario
 
 _EPILOG = """\b
 Exit codes: 0 clean; 1 trapped or crashed (reproduced); 2 usage or environment error
@@ -105,7 +105,8 @@ def _dummy_model(scenario: Scenario, kw: dict[str, Any]) -> Any:
 
 
 #: Options that only mean something for a server scenario (a component repro runs in-process, armed, in raise mode).
-_SERVER_ONLY = ("dummy_weights", "unarmed", "mode", "num_prompts", "concurrency", "input_len", "output_len", "probe")
+_SERVER_ONLY = ("dummy_weights", "unarmed", "mode", "num_prompts", "concurrency", "input_len", "output_len", "probe",
+                "attention_backend")
 
 
 def _refuse_nonsense(scenario: Scenario, kw: dict[str, Any]) -> None:
@@ -149,6 +150,7 @@ def _run_scenario(scenario: Scenario, **kw: Any) -> None:
         mode=kw["mode"],
         dummy=dummy,
         probe=probe,
+        attention_backend=kw["attention_backend"],
     )
     if scenario.kind == "server" and not (options.model_path or scenario.model):
         raise click.UsageError(f"scenario {scenario.name!r} has no model; pass --model-path")
@@ -165,12 +167,15 @@ def _run_scenario(scenario: Scenario, **kw: Any) -> None:
         if probe is not None:
             click.echo(f"# before the benchmark: {probe.prompts} greedy prompts ({probe.input_len} in / "
                        f"{probe.output_len} out) one at a time to /generate -> outputs.json")  # fmt: skip
+        notes = runner.backend_warnings(options)
+        for note in notes:
+            click.echo(f"# note: {note}")
         try:
             warns = runner.check_environment(options)
         except runner.EnvironmentProblem as exc:
             click.echo(f"# environment: a real run would stop here (exit 2): {exc}")
         else:
-            click.echo("# environment: ok" + "".join(f"\n# warning: {w}" for w in warns))
+            click.echo("# environment: ok" + "".join(f"\n# warning: {w}" for w in warns if w not in notes))
         click.echo(plan.shell())
         return
 
@@ -226,6 +231,9 @@ def _run_command(scenario: Scenario) -> click.Command:
                      help="SGLANG_TRTLLM_MHA_DEBUG=0: no traps. --inject still re-introduces the bug (to see it crash)."),
         click.Option(["--mode"], type=click.Choice(["raise", "log"]), default=None,
                      help="KVTRAP_MODE. Not given: kvtrap's default (raise)."),
+        click.Option(["--attention-backend"], type=click.Choice(ATTENTION_BACKENDS), default=None,
+                     help="Run the server scenario on this SGLang attention backend instead of its own (replaces "
+                          "its --attention-backend; recorded in the report). --dry-run says what SGLang requires."),
         click.Option(["--num-prompts"], type=click.IntRange(min=1), default=None, help="Benchmark prompts."),
         click.Option(["--concurrency"], type=click.IntRange(min=1), default=None, help="Benchmark max concurrency."),
         click.Option(["--input-len"], type=click.IntRange(min=1), default=None, help="Benchmark input tokens."),

@@ -102,8 +102,11 @@ class Violation:
                 loc += f" row {self.row}"
             if self.column is not None:
                 loc += f", column {self.column}"
-            rng = f"[{self.lower if self.lower is not None else 0}, {self.bound})"
-            parts.append(f"First bad entry: {loc} holds {self.value}, outside the valid range {rng}.")
+            if self.bound is None:  # an in-range value that is wrong for another reason (the summary says why)
+                parts.append(f"First bad entry: {loc} holds {self.value}.")
+            else:
+                rng = f"[{self.lower if self.lower is not None else 0}, {self.bound})"
+                parts.append(f"First bad entry: {loc} holds {self.value}, outside the valid range {rng}.")
         if self.count > 1:
             rows = f" in {len(self.rows)} row(s)" if self.rows and self.column is not None else ""
             parts.append(f"{self.count} bad entries{rows}.")

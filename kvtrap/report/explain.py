@@ -150,6 +150,10 @@ def _same_as_full_table(f: Facts, name: str, swa: int, full: int) -> tuple[int, 
 
 
 # ---------------------------------------------------------------------------------------------- rules
+#: fa3's speculative SWA table (``swa_spec_metadata.page_table``) and its full-pool rows, as kvtrap dumps them
+SPEC_SWA_TABLE = "swa_spec_page_table"
+SPEC_SWA_FULL = SPEC_SWA_TABLE + "_full_ids"
+
 @rule("sglang-26957")
 def full_pool_ids_on_swa_layer(f: Facts) -> Finding | None:
     """An SWA layer reads full-pool page ids: the SWA translation was skipped (SGLang #26957)."""
@@ -159,8 +163,10 @@ def full_pool_ids_on_swa_layer(f: Facts) -> Finding | None:
     weak = False  # a few ids in the gap, nothing else: could as well be an off-by-one elsewhere
     swa, full = f.pools.get("swa"), f.pools.get("full")
     backend = f.context.backend
+    if f.violation.table == SPEC_SWA_TABLE:
+        return None  # fa3's speculative SWA table: its own rule (sglang-24402)
     if _ragged(f):
-        return None  # ragged ids (triton): the ragged rules below
+        return None  # ragged ids (triton, flashinfer): the ragged rules below
 
     if f.kind == Kind.SWA_STATE_DRIFT:
         strong = True
@@ -501,7 +507,14 @@ def _spec_overflow(f: Facts) -> SpecOverflow | None:
 
 @rule("spec-rows-past-context")
 def spec_rows_past_context(f: Facts) -> Finding | None:
-    """Speculative rows near the context limit need more pages than trtllm_mha's table has."""
+    """Speculative rows near the context limit need more pages than the backend's table has (trtllm_mha, fa3)."""
+    backend_cls = f.context.backend.class_ if f.context.backend is not None else None
+    fa3 = backend_cls == "FlashAttentionBackend"
+    backend = "fa3" if fa3 else "trtllm_mha"
+    sizing = (
+        "fa3 sizes its CUDA-graph page table at ceil(context_len / page_size) columns and its eager one at the"
+        " req_to_token width" if fa3 else "trtllm_mha sizes its page table at ceil(context_len / page_size) columns"
+    )
     so = _spec_overflow(f)
     if so is None:
         return None
@@ -541,22 +554,22 @@ def spec_rows_past_context(f: Facts) -> Finding | None:
     steps += [
         "Or cap max_new_tokens so that input + max_new_tokens + 2 x num_draft_tokens stays within the table"
         f" ({width * p} tokens).",
-        "Upstream fix: size trtllm_mha's page table (max_num_pages) for context_len + 2 x num_draft_tokens, or stop"
+        f"Upstream fix: size {backend}'s page table (max_num_pages) for context_len + 2 x num_draft_tokens, or stop"
         " scheduling a speculative step for a request that the step in flight may finish.",
     ]
     confident = so.context_len is not None and so.draft_tokens is not None and so.mode_known
     return Finding(
-        rule="spec-rows-past-context",
+        rule="spec-rows-past-context",  # sizing / backend: the backend whose table is too narrow
         title="speculative rows run past the context length: the page table is too narrow for them",
         confidence="high" if confident else "medium",
         cause=(
             "Near the length limit SGLang still runs speculative steps whose rows (seq_lens + draft tokens) reach"
             " past context_len: up to about 2 x num_draft_tokens under the default overlap scheduler, which"
             " schedules one more step before the previous one finishes the request (req_to_token keeps"
-            " 4 + num_draft_tokens spare columns). trtllm_mha sizes its page table at ceil(context_len /"
-            " page_size) columns, so those rows have no column for their last page: the attention kernel would"
-            " read page ids from the next row or past the table, and in eager mode SGLang's table builder writes"
-            " the missing page id into the next row's first column (a live neighbour request) or past the buffer."
+            f" 4 + num_draft_tokens spare columns). {sizing}, so those rows have no column for their last page:"
+            " the attention kernel would read page ids from the next row or past the table"
+            + ("" if fa3 else ", and in eager mode SGLang's table builder writes the missing page id into the next"
+               " row's first column (a live neighbour request) or past the buffer") + "."
             " Reachable in SGLang 0.5.23 when the context length is a page multiple or just below one (read from"
             " its code; not seen on a server)."
         ),
@@ -973,6 +986,52 @@ def swa_free_not_owned(f: Facts) -> Finding | None:
             "Clear the mapping of every full slot handed out without an SWA peer (alloc_extend_swa_tail's head,"
             " including swa_tail_len == 0).",
             "Audit code that frees full pages while their mapping is still set (free_full with a live peer).",
+        ],
+    )
+
+
+@rule("sglang-24402")
+def spec_swa_table_untranslated(f: Facts) -> Finding | None:
+    """fa3's speculative SWA table holds full-pool ids: built without the SWA translation (SGLang #24402)."""
+    if f.violation.table != SPEC_SWA_TABLE or f.kind not in (Kind.INDEX_SPACE_MISMATCH, Kind.PAGE_TABLE_OUT_OF_RANGE):
+        return None
+    evidence = [f"{f.layer} of a {f.context.forward_mode or '?'} forward was handed `{SPEC_SWA_TABLE}`"
+                " (fa3's table for SWA layers under EAGLE tree speculation, topk > 1)"]
+    swa = f.pools.get("swa")
+    spec, full = f.dump.tensors.get(SPEC_SWA_TABLE), f.dump.tensors.get(SPEC_SWA_FULL)
+    copied = False
+    if spec is not None and full is not None and np.shape(spec) == np.shape(full):
+        from kvtrap.report.tables import live_mask, live_pages
+
+        s = f.dump.tensors.get("cache_seqlens")
+        mask = live_mask(np.asarray(spec), live_pages(s, f.page_size) if s is not None else None)
+        n = int(mask.sum())
+        same = int((mask & (np.asarray(spec).astype(np.int64) == np.asarray(full).astype(np.int64))).sum())
+        if n:
+            evidence.append(f"{same} of {n} live entries equal the untranslated full-pool id at the same position")
+            copied = same * 2 >= n
+        if swa is not None and n:
+            over = int((mask & (np.asarray(spec).astype(np.int64) >= swa)).sum())
+            if over:
+                evidence.append(f"{over} live entries are >= {swa} (SWA pages): they read past the SWA k-cache")
+    if f.kind == Kind.INDEX_SPACE_MISMATCH:
+        evidence.append(f"violation: {f.violation.summary}")
+    injected = _injected(f, "sglang-24402", evidence)
+    return Finding(
+        rule="sglang-24402",
+        title="fa3's speculative SWA page table holds full-pool ids: SWA translation skipped (SGLang #24402)",
+        confidence="high" if injected or copied else "medium",
+        cause=(
+            "With fa3, EAGLE tree speculation (topk > 1) and an SWA pool, target verify hands SWA layers"
+            " swa_spec_metadata.page_table, concatenated from page_table's prefix rows and the draft rows."
+            " Built from untranslated full-pool ids, it indexes the SWA pool with full-pool slots: wrong KV,"
+            " then an illegal address once ids exceed the SWA pool (issue #24402, fixed by PR #24617)."
+        ),
+        evidence=evidence,
+        next_steps=[
+            "Translate both inputs of prepare_swa_spec_page_table_triton through full_to_swa_index_mapping"
+            " (FlashAttentionBackend._init_sliding_window_attn_spec_metadata; PR #24617 does this).",
+            "Until then: --speculative-eagle-topk 1 (no speculative SWA table), or another attention backend.",
         ],
     )
 

@@ -90,3 +90,16 @@ def test_wraps_a_module_that_was_mid_import_when_armed(modpath: Path) -> None:
     finally:
         patching.uninstall([m.TARGET])
     assert m.C().f() == 3
+
+
+def test_kvtrap_wraps_each_sglang_method_once() -> None:
+    # one hook per SGLang method: e.g. the step drain (device guard records of every guarded backend, allocator
+    # findings) is one wrapper on process_batch_result_decode, not one per feature stacked on the same method
+    from collections import Counter
+
+    from kvtrap.capture.hooks import targets
+
+    seen = Counter((t.module, t.cls, t.attr) for t in targets())
+    assert [key for key, n in seen.items() if n > 1] == []
+    assert seen[("sglang.srt.managers.scheduler_components.batch_result_processor", "SchedulerBatchResultProcessor",
+                 "process_batch_result_decode")] == 1

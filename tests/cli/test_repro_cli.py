@@ -171,3 +171,51 @@ def test_component_scenario_crashed(tmp_path: Path, components: None) -> None:
 def test_component_needs_a_callable() -> None:
     with pytest.raises(ValueError, match="component callable"):
         Scenario(name="x", description="", kind="component", needs=Needs(gpu="none"))
+
+
+# ------------------------------------------------------------------------------- --attention-backend
+def test_attention_backend_replaces_the_scenarios_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "gpu_inventory", lambda environ=None: [{"name": "H200", "memory_gib": 141}])
+    code, out = _cli("e4b-chat", "--dry-run", "--attention-backend", "fa3", "--dummy-weights", "--out",
+                     str(tmp_path / "run"))
+    assert code == 0, out
+    launch = next(line for line in out.splitlines() if "sglang.launch_server" in line).split()
+    assert launch.count("--attention-backend") == 1 and launch[launch.index("--attention-backend") + 1] == "fa3"
+    assert "trtllm_mha" not in launch
+    # the rest of the scenario's flags are unchanged
+    i = launch.index("--speculative-algorithm")
+    assert launch[i:i + 8] == ["--speculative-algorithm", "NEXTN", "--speculative-num-steps", "3",
+                               "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", "4"]
+    assert "# note: --attention-backend fa3: sm80/sm90 only" in out
+    assert out.count("sm80/sm90 only") == 1  # said once, not again as an environment warning
+
+
+def test_attention_backend_without_dummy_weights_warns_about_gemma4_heads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "gpu_inventory", lambda environ=None: [{"name": "H200", "memory_gib": 141}])
+    code, out = _cli("e4b-chat", "--dry-run", "--attention-backend", "fa3")
+    assert code == 0
+    assert "512-wide full-attention heads exceed FA3's 256" in out
+
+
+def test_attention_backend_choice_is_validated() -> None:
+    code, out = _cli("e4b-chat", "--dry-run", "--attention-backend", "flash")
+    assert code == 2 and "'flash' is not one of" in out
+
+
+def test_with_attention_backend_forms() -> None:
+    assert scenarios.with_attention_backend(("--a", "1", "--attention-backend", "trtllm_mha", "--b"), "triton") == (
+        "--a", "1", "--attention-backend", "triton", "--b")
+    assert scenarios.with_attention_backend(("--attention-backend=trtllm_mha",), "fa3") == ("--attention-backend=fa3",)
+    assert scenarios.with_attention_backend(("--tp-size", "2"), "fa3") == ("--tp-size", "2", "--attention-backend", "fa3")
+    with pytest.raises(ValueError, match="not one of"):
+        scenarios.with_attention_backend((), "nope")
+
+
+def test_backend_notes_say_which_backends_kvtrap_covers() -> None:
+    pytest.importorskip("torch")
+    from kvtrap.capture.hooks import covered_attention_backends
+
+    covered = set(covered_attention_backends()) | {"fa4"}  # fa4 is fa3's class
+    for backend in scenarios.ATTENTION_BACKENDS:
+        says_uncovered = "do not cover" in scenarios.BACKEND_NOTES[backend]
+        assert says_uncovered == (backend not in covered), backend

@@ -30,6 +30,7 @@ GOLDENS = {
     "explain-sglang-25805.txt": ("explain", "sglang-25805"),
     "explain-sglang-24394.txt": ("explain", "sglang-24394"),
     "explain-sglang-27737.txt": ("explain", "sglang-27737"),
+    "explain-sglang-24402.txt": ("explain", "sglang-24402"),
 }
 
 

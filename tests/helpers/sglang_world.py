@@ -52,8 +52,8 @@ def sglang():
     }
 
 
-def make_pool(page_size: int = PAGE_SIZE, full_pages: int = FULL_PAGES, swa_pages: int = SWA_PAGES,
-              device: str = "cpu"):  # fmt: skip
+def make_pool(page_size: int = PAGE_SIZE, full_pages: int = FULL_PAGES, swa_pages: int = SWA_PAGES, *,
+              head_dim: int = 8, device: str = "cpu"):  # fmt: skip
     sg = sglang()
     return sg["SWAKVPool"](
         size=full_pages * page_size,
@@ -61,14 +61,14 @@ def make_pool(page_size: int = PAGE_SIZE, full_pages: int = FULL_PAGES, swa_page
         page_size=page_size,
         dtype=torch.bfloat16,
         head_num=1,
-        head_dim=8,
+        head_dim=head_dim,
         swa_attention_layer_ids=SWA_LAYERS,
         full_attention_layer_ids=FULL_LAYERS,
         device=device,
     )
 
 
-def make_allocator(pool, page_size: int = PAGE_SIZE, device: str = "cpu"):
+def make_allocator(pool, page_size: int = PAGE_SIZE, *, device: str = "cpu"):
     sg = sglang()
     return sg["SWATokenToKVPoolAllocator"](
         size=pool.size,
@@ -81,7 +81,7 @@ def make_allocator(pool, page_size: int = PAGE_SIZE, device: str = "cpu"):
     )
 
 
-def make_layers(window: int = WINDOW):
+def make_layers(head_dim: int = 8, window: int = WINDOW):
     sg = sglang()
     layers = []
     for lid in sorted(SWA_LAYERS + FULL_LAYERS):
@@ -89,8 +89,8 @@ def make_layers(window: int = WINDOW):
         layers.append(
             sg["RadixAttention"](
                 num_heads=2,
-                head_dim=8,
-                scaling=8**-0.5,
+                head_dim=head_dim,
+                scaling=head_dim**-0.5,
                 num_kv_heads=1,
                 layer_id=lid,
                 sliding_window_size=window if swa else -1,
@@ -202,30 +202,30 @@ def set_write_locs(backend, alloc, fb):
     backend.forward_metadata.swa_out_cache_loc = alloc.full_to_swa_index_mapping[fb.out_cache_loc]
 
 
-def make_forward_batch(batch: Batch, out_cache_loc: torch.Tensor | None = None):
+def make_forward_batch(batch: Batch, out_cache_loc: torch.Tensor | None = None, *, device: str = "cpu"):
     sg = sglang()
     bs = len(batch.seq_lens)
-    seq = torch.tensor(batch.seq_lens, dtype=torch.int64)
+    seq = torch.tensor(batch.seq_lens, dtype=torch.int64, device=device)
     if out_cache_loc is None:
         out_cache_loc = torch.stack([s[-1] for s in batch.token_slots])
     return sg["ForwardBatch"](
         forward_mode=sg["ForwardMode"].DECODE,
         batch_size=bs,
-        input_ids=torch.zeros(bs, dtype=torch.int64),
+        input_ids=torch.zeros(bs, dtype=torch.int64, device=device),
         # real request slots: SGLang's ReqToTokenPool reserves slot 0 for CUDA-graph padding rows
-        req_pool_indices=torch.arange(1, bs + 1, dtype=torch.int64),
+        req_pool_indices=torch.arange(1, bs + 1, dtype=torch.int64, device=device),
         seq_lens=seq,
         out_cache_loc=out_cache_loc,
         seq_lens_sum=int(seq.sum()),
     )
 
 
-def qkv(bs: int, seed: int = 0):
+def qkv(bs: int, seed: int = 0, *, head_dim: int = 8, device: str = "cpu"):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(bs, 2 * 8, generator=g).to(torch.bfloat16)
-    k = torch.randn(bs, 1, 8, generator=g).to(torch.bfloat16)
-    v = torch.randn(bs, 1, 8, generator=g).to(torch.bfloat16)
-    return q, k, v
+    q = torch.randn(bs, 2 * head_dim, generator=g).to(torch.bfloat16)
+    k = torch.randn(bs, 1, head_dim, generator=g).to(torch.bfloat16)
+    v = torch.randn(bs, 1, head_dim, generator=g).to(torch.bfloat16)
+    return q.to(device), k.to(device), v.to(device)
 
 
 def allocate_requests_or_none(alloc, seq_lens: list[int]) -> Batch | None:

@@ -310,6 +310,7 @@ def make_27779_dump(dump_dir: Path):
 def make_25805_dump(dump_dir: Path):
     return fire_world(dump_dir, bug_25805_world, inject=("sglang-25805",))
 
+
 # ------------------------------------------------------------------------------------ triton backend
 TRITON_WINDOW = 48  # smaller than the requests, so window rails really are the last tokens of each
 
@@ -404,6 +405,38 @@ def make_27737_dump(dump_dir: Path):
     return _fire(dump_dir, call, inject=("sglang-27737",))
 
 
+# ------------------------------------------------------------------------------------------------ fa3
+def bug_24402_world(dump_dir: Path, history: str = "diverged"):
+    """SGLang #24402 on real fa3 objects (built armed with the injection: it acts in init_forward_metadata):
+    an EAGLE-tree target verify whose speculative SWA table fa3 builds from untranslated full-pool ids,
+    then the first SWA layer's ``forward_extend``, the kernel launch replaced by a recorder (CPU)."""
+    from helpers import fa3_world as fw
+
+    world = fw.verify_world(history=history)
+    recorder = fw.KernelRecorder()
+    fa = fw.fa3_module()
+    layer = next(layer for layer in world.layers if layer.layer_id in w.SWA_LAYERS)
+    n = int(world.fb.input_ids.shape[0])
+    q, k, v = w.qkv(n)
+
+    def call():
+        saved = fa.flash_attn_with_kvcache
+        fa.flash_attn_with_kvcache = recorder
+        try:
+            world.backend.forward_extend(q, k, v, layer, world.fb)
+        finally:
+            fa.flash_attn_with_kvcache = saved
+        assert recorder.calls == [], "the kernel was launched before the trap"
+
+    return world, recorder, call
+
+
+def make_24402_dump(dump_dir: Path, *, wrapped: bool = False):
+    """#24402: in range of the SWA pool but untranslated (``diverged``), or past it (``wrapped``)."""
+    history = "wrapped" if wrapped else "diverged"
+    return fire_world(dump_dir, lambda d: bug_24402_world(d, history), inject=("sglang-24402",))
+
+
 ALL = {
     "swa-slot": make_swa_slot_dump,
     "26957": make_26957_dump,
@@ -429,4 +462,6 @@ ALL = {
     "24394": make_24394_dump,
     "flashinfer-out-of-range": make_flashinfer_out_of_range_dump,
     "27737": make_27737_dump,
+    "24402": make_24402_dump,
+    "24402-wrapped": lambda d: make_24402_dump(d, wrapped=True),
 }

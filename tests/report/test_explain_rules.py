@@ -45,6 +45,8 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Dump]:
         "page0": trapdumps.make_swa_page0_free_dump(root / "page0"),
         "double": trapdumps.make_swa_double_free_dump(root / "double"),
         "not_owned": trapdumps.make_swa_not_owned_dump(root / "not_owned"),
+        "24402": trapdumps.make_24402_dump(root / "24402"),
+        "24402-wrapped": trapdumps.make_24402_dump(root / "24402-wrapped", wrapped=True),
         "24394": trapdumps.make_24394_dump(root / "24394"),
         "24394-low-fill": trapdumps.make_24394_dump(root / "24394-low-fill", high_fill=False),
         "triton-oor": trapdumps.make_triton_out_of_range_dump(root / "triton-oor"),
@@ -67,7 +69,7 @@ def test_registry_is_ordered_and_unique() -> None:
     ids = rule_ids()
     assert ids == ["sglang-26957", "negative-id", "stale-row", "swa-slot-out-of-range", "spec-rows-past-context",
                    "seqlens-exceed-table", "padding-page-for-real-request", "kv-write-out-of-range", "sglang-24394",
-                   "sglang-27737", "ragged-kv-ids", "sglang-38269", "sglang-27779", "sglang-25805"]
+                   "sglang-27737", "ragged-kv-ids", "sglang-38269", "sglang-27779", "sglang-25805", "sglang-24402"]
     assert len(set(ids)) == len(RULES)
 
 
@@ -344,3 +346,27 @@ def test_27737_named_on_the_injected_flashinfer_draft(real: dict[str, Dump]) -> 
     assert any("injects sglang-27737" in e for e in f.evidence)
     assert any("planned with full-pool ids" in e for e in f.evidence)
     assert any("indices_updater_decode._swa_kv_pool is None" in e for e in f.evidence)
+
+
+@pytest.mark.parametrize("name", ["24402", "24402-wrapped"])
+def test_24402_named_on_fa3_speculative_swa_table(real: dict[str, Dump], name: str) -> None:
+    # fa3's speculative SWA table built from full-pool ids: its own rule, not #26957's
+    d = real[name]
+    findings = _by_rule(explain(d))
+    assert "sglang-26957" not in findings
+    f = findings["sglang-24402"]
+    assert explain(d)[0].rule == "sglang-24402" and f.confidence == "high" and "#24402" in f.title
+    assert any("injects sglang-24402" in e for e in f.evidence)
+    live = d.manifest["violation"]["count"]
+    assert any(e.endswith("equal the untranslated full-pool id at the same position") for e in f.evidence)
+    assert any("#24617" in s for s in f.next_steps) or "#24617" in f.cause
+    if name == "24402-wrapped":
+        assert any("(SWA pages): they read past the SWA k-cache" in e for e in f.evidence)
+    else:
+        assert d.kind == Kind.INDEX_SPACE_MISMATCH and live > 0
+
+
+def test_24402_rule_ignores_other_attention_dumps(real: dict[str, Dump]) -> None:
+    for name in ("26957", "26957-high-fill", "drift", "off-by-one", "negative", "stale", "seqlens", "spec_context",
+                 "24394", "triton-oor", "27737", "flashinfer-oor"):
+        assert "sglang-24402" not in _by_rule(explain(real[name])), name

@@ -1,9 +1,16 @@
 """Thin adapters kvtrap installs around SGLang methods: each module exposes ``TARGETS``.
 
-Attention backends guarded (each adapter declares its ``ATTENTION_BACKEND``): ``trtllm_mha`` (page tables,
-K/V write locations, the device guard in its CUDA graphs) and ``triton`` (ragged ``kv_indptr`` /
-``kv_indices`` and the SWA window rail, incl. the deterministic unified extend path; host checks only).
-The SWA allocator's alloc and free paths are guarded by :mod:`~kvtrap.capture.hooks.allocator`.
+Attention backends guarded (each adapter declares its ``ATTENTION_BACKEND``):
+
+* ``trtllm_mha`` and ``fa3``: page tables and K/V write locations on the host
+  (:mod:`kvtrap.capture.layer_checks`; each adapter only picks the table handed to a layer), and the
+  device guard for their CUDA graphs (:mod:`~kvtrap.capture.hooks.device_guard`,
+  :mod:`~kvtrap.capture.hooks.fa3_guard`);
+* ``triton`` and ``flashinfer``: ragged ``kv_indptr`` / ``kv_indices`` and the SWA window rail
+  (:mod:`kvtrap.capture.ragged`; triton incl. the deterministic unified extend path); host checks only.
+
+The SWA allocator's alloc and free paths are guarded by :mod:`~kvtrap.capture.hooks.allocator`. The one
+drain point, where SGLang waits for a step's results, is :mod:`~kvtrap.capture.hooks.step_drain`.
 
 A hook reads SGLang's objects through :mod:`kvtrap.capture.sglang_view`, asks
 :mod:`kvtrap.capture.verdict` what is wrong, and hands the answer to the armed session. Adding a backend
@@ -12,10 +19,19 @@ means one module here (and its view), listed in :data:`HOOKS`.
 
 from __future__ import annotations
 
-from kvtrap.capture.hooks import allocator, device_guard, flashinfer, step_drain, triton, trtllm_mha
+from kvtrap.capture.hooks import (
+    allocator,
+    device_guard,
+    fa3,
+    fa3_guard,
+    flashinfer,
+    step_drain,
+    triton,
+    trtllm_mha,
+)
 from kvtrap.capture.patching import MethodTarget
 
-HOOKS = (allocator, trtllm_mha, triton, flashinfer, device_guard, step_drain)
+HOOKS = (allocator, trtllm_mha, fa3, triton, flashinfer, device_guard, fa3_guard, step_drain)
 
 
 def targets() -> list[MethodTarget]:

@@ -1,5 +1,8 @@
 """Wiring the device guard (:mod:`kvtrap.capture.guard`) into SGLang's trtllm_mha backend and scheduler.
 
+The guard state per backend (:func:`guard_metadata`), the eager-forward hook and the drain are shared with
+the fa3 adapter (:mod:`kvtrap.capture.hooks.fa3_guard`), which only says where fa3 builds its tables.
+
 Where each piece runs (SGLang 0.5.23):
 
 * **CUDA-graph decode** (the default): the decode graph runner calls
@@ -96,6 +99,13 @@ def guard_metadata(backend: Any, md: Any, *, publish: bool) -> GuardState:
             swa, seqlens, page_size, pools[SWA].pages, state.record, state.table_ids["swa_page_table"],
             swa_mapping=mapping, full_table=None if mapping is None else md.page_table,
         )
+    spec = getattr(md, "swa_spec_metadata", None)  # fa3, EAGLE tree verify: SWA layers' own table and lengths
+    if spec is not None and getattr(spec, "page_table", None) is not None and is_swa_pool(live):
+        # values only: its rows have no same-shaped full table to compare with (the host check rebuilds one)
+        tid = state.table_ids.get("swa_spec_page_table")
+        if tid is None:
+            tid = state.table_ids["swa_spec_page_table"] = state.record.register_table("swa_spec_page_table", "swa")
+        guard_page_table_(spec.page_table, spec.cache_seqlens_int32, page_size, pools[SWA].pages, state.record, tid)
     if publish:
         state.record.publish_()
     return state
@@ -224,8 +234,9 @@ def _after_eager_metadata(original: Any) -> Any:
 
 
 def drain_all(session: Any, result: Any) -> None:
-    """Read every guard record before a decode step's results are used (called by
-    :mod:`kvtrap.capture.hooks.step_drain` at the start of ``process_batch_result_decode``)."""
+    """Read every guarded backend's record (trtllm_mha's and fa3's alike) before a decode step's results are
+    used: the one drain point, called by :mod:`kvtrap.capture.hooks.step_drain` at the start of
+    ``process_batch_result_decode``. ``result`` without ``copy_done`` (or ``None``): nothing to wait on."""
     if not len(_states):
         return
     copy_done = getattr(result, "copy_done", None)
