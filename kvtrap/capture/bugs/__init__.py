@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,14 @@ class Bug:
     title: str
     enable: Callable[[], None]
     disable: Callable[[], None]
+
+
+def patching_bug(name: str, title: str, targets: list[Any]) -> Bug:
+    """A bug re-introduced by wrapping SGLang methods (``targets``, :class:`kvtrap.capture.patching.MethodTarget`):
+    enabling installs the wrappers, disabling removes them."""
+    from kvtrap.capture.patching import install, uninstall
+
+    return Bug(name, title, enable=lambda: install(targets), disable=lambda: uninstall(targets))
 
 
 _enabled: list[str] = []

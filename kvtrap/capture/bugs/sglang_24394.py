@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvtrap.capture.bugs import Bug
-from kvtrap.capture.patching import MethodTarget, install, uninstall
+from kvtrap.capture.bugs import patching_bug
+from kvtrap.capture.patching import MethodTarget
 from kvtrap.capture.sglang_view import SWA, call_arg, is_swa_pool, layer_pool
 
 MODULE = "sglang.srt.layers.attention.triton_backend"
@@ -47,9 +47,8 @@ def _untranslated_extend(original: Any) -> Any:
 
 INJECT_TARGETS = [MethodTarget(MODULE, CLASS, "_forward_extend_unified", _untranslated_extend)]
 
-BUG = Bug(
-    name="sglang-24394",
-    title="triton deterministic extend hands SWA layers untranslated full-pool ids (SGLang #24394)",
-    enable=lambda: install(INJECT_TARGETS),
-    disable=lambda: uninstall(INJECT_TARGETS),
+BUG = patching_bug(
+    "sglang-24394",
+    "triton deterministic extend hands SWA layers untranslated full-pool ids (SGLang #24394)",
+    INJECT_TARGETS,
 )

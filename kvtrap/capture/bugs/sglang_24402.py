@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvtrap.capture.bugs import Bug
-from kvtrap.capture.patching import MethodTarget, install, uninstall
+from kvtrap.capture.bugs import patching_bug
+from kvtrap.capture.patching import MethodTarget
 
 MODULE = "sglang.srt.layers.attention.flashattention_backend"
 CLASS = "FlashAttentionBackend"
@@ -40,9 +40,8 @@ def _untranslated(original: Any) -> Any:
 
 INJECT_TARGETS = [MethodTarget(MODULE, CLASS, "_init_sliding_window_attn_spec_metadata", _untranslated)]
 
-BUG = Bug(
-    name="sglang-24402",
-    title="fa3 speculative SWA page table built from untranslated full-pool ids (SGLang #24402)",
-    enable=lambda: install(INJECT_TARGETS),
-    disable=lambda: uninstall(INJECT_TARGETS),
+BUG = patching_bug(
+    "sglang-24402",
+    "fa3 speculative SWA page table built from untranslated full-pool ids (SGLang #24402)",
+    INJECT_TARGETS,
 )

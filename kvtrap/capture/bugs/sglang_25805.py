@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvtrap.capture.bugs import Bug
-from kvtrap.capture.patching import MethodTarget, install, uninstall
+from kvtrap.capture.bugs import patching_bug
+from kvtrap.capture.patching import MethodTarget
 
 MODULE = "sglang.srt.mem_cache.allocator.swa"
 CLASS = "SWATokenToKVPoolAllocator"
@@ -38,9 +38,8 @@ def _keep_head_mapping(original: Any) -> Any:
 
 INJECT_TARGETS = [MethodTarget(MODULE, CLASS, "alloc_extend_swa_tail", _keep_head_mapping)]
 
-BUG = Bug(
-    name="sglang-25805",
-    title="alloc_extend_swa_tail leaves recycled full slots mapped to SWA pages they do not own (SGLang #25805)",
-    enable=lambda: install(INJECT_TARGETS),
-    disable=lambda: uninstall(INJECT_TARGETS),
+BUG = patching_bug(
+    "sglang-25805",
+    "alloc_extend_swa_tail leaves recycled full slots mapped to SWA pages they do not own (SGLang #25805)",
+    INJECT_TARGETS,
 )

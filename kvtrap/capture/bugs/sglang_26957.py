@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvtrap.capture.bugs import Bug
-from kvtrap.capture.patching import MethodTarget, install, uninstall
+from kvtrap.capture.bugs import patching_bug
+from kvtrap.capture.patching import MethodTarget
 from kvtrap.capture.sglang_view import is_swa_pool
 
 MODULE = "sglang.srt.layers.attention.trtllm_mha_backend"
@@ -42,9 +42,8 @@ def _buggy_resolver(original: Any) -> staticmethod:
 INJECT_TARGETS = [MethodTarget(MODULE, CLASS, "_resolve_swa_kv_pool", _buggy_resolver)]
 
 
-BUG = Bug(
-    name="sglang-26957",
-    title="frozen-KV MTP draft backend serves SWA layers the full-pool page table (SGLang #26957)",
-    enable=lambda: install(INJECT_TARGETS),
-    disable=lambda: uninstall(INJECT_TARGETS),
+BUG = patching_bug(
+    "sglang-26957",
+    "frozen-KV MTP draft backend serves SWA layers the full-pool page table (SGLang #26957)",
+    INJECT_TARGETS,
 )

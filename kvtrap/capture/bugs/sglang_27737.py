@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvtrap.capture.bugs import Bug
-from kvtrap.capture.patching import MethodTarget, install, uninstall
+from kvtrap.capture.bugs import patching_bug
+from kvtrap.capture.patching import MethodTarget
 from kvtrap.capture.sglang_view import is_swa_pool
 
 MODULE = "sglang.srt.layers.attention.flashinfer_backend"
@@ -41,9 +41,8 @@ def _allocator_resolver(original: Any) -> staticmethod:
 
 INJECT_TARGETS = [MethodTarget(MODULE, CLASS, "_resolve_swa_kv_pool", _allocator_resolver)]
 
-BUG = Bug(
-    name="sglang-27737",
-    title="flashinfer resolves its SWA pool from the allocator, not the active pool (SGLang #27737)",
-    enable=lambda: install(INJECT_TARGETS),
-    disable=lambda: uninstall(INJECT_TARGETS),
+BUG = patching_bug(
+    "sglang-27737",
+    "flashinfer resolves its SWA pool from the allocator, not the active pool (SGLang #27737)",
+    INJECT_TARGETS,
 )

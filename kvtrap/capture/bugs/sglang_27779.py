@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvtrap.capture.bugs import Bug
-from kvtrap.capture.patching import MethodTarget, install, uninstall
+from kvtrap.capture.bugs import patching_bug
+from kvtrap.capture.patching import MethodTarget
 
 MODULE = "sglang.srt.mem_cache.allocator.swa"
 CLASS = "SWATokenToKVPoolAllocator"
@@ -31,9 +31,8 @@ def _no_expansion(original: Any) -> Any:
 
 INJECT_TARGETS = [MethodTarget(MODULE, CLASS, "_expand_to_full_pages", _no_expansion)]
 
-BUG = Bug(
-    name="sglang-27779",
-    title="paged SWA free clears the mapping of the freed tokens only: the same SWA page freed twice (SGLang #27779)",
-    enable=lambda: install(INJECT_TARGETS),
-    disable=lambda: uninstall(INJECT_TARGETS),
+BUG = patching_bug(
+    "sglang-27779",
+    "paged SWA free clears the mapping of the freed tokens only: the same SWA page freed twice (SGLang #27779)",
+    INJECT_TARGETS,
 )

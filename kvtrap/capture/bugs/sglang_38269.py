@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvtrap.capture.bugs import Bug
-from kvtrap.capture.patching import MethodTarget, install, uninstall
+from kvtrap.capture.bugs import patching_bug
+from kvtrap.capture.patching import MethodTarget
 
 MODULE = "sglang.srt.mem_cache.allocator.swa"
 CLASS = "SWATokenToKVPoolAllocator"
@@ -39,9 +39,8 @@ def _unfiltered_release(original: Any) -> Any:
 
 INJECT_TARGETS = [MethodTarget(MODULE, CLASS, "_release_swa", _unfiltered_release)]
 
-BUG = Bug(
-    name="sglang-38269",
-    title="SWA free path without the `> 0` filter returns the reserved SWA page 0 to the free list (SGLang #38269)",
-    enable=lambda: install(INJECT_TARGETS),
-    disable=lambda: uninstall(INJECT_TARGETS),
+BUG = patching_bug(
+    "sglang-38269",
+    "SWA free path without the `> 0` filter returns the reserved SWA page 0 to the free list (SGLang #38269)",
+    INJECT_TARGETS,
 )
