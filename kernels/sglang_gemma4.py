@@ -399,9 +399,9 @@ def plan_model(model: Any) -> ModelPlan:
 #: The end of the plan's WARNING: what the plan cannot know, because it is decided per call.
 PER_CALL_NOTE = (
     "Per call, SGLang's own path runs even where a fusion is listed above: the layer override (pair_norm, "
-    "triple_norm, cross_layer) on a layer that captures aux hidden states (EAGLE3/DFLASH capture layers), "
-    "on a PLE layer called without its per-layer input, and while torch.compile or piecewise CUDA-graph "
-    "capture traces it (a PLE layer then still gets ple_tail); routing under an MoE runner that does its own "
+    "triple_norm, cross_layer) on a layer that captures aux hidden states (EAGLE3/DFLASH capture layers) or "
+    "a PLE layer called without its per-layer input, and while torch.compile or piecewise CUDA-graph capture "
+    "traces it (PLE layers keep ple_tail there where it applies); routing under an MoE runner that does its own "
     "top-k and never calls the custom routing function; and inputs of another layout or dtype"
 )
 
@@ -629,7 +629,7 @@ def _wrap_layer_forward(original: Any) -> Any:
             or stream.pending is not None
             or stream.transport is not None
             or not (stream.residual is None or stream.residual is hidden_states)
-            or (self.has_ple and not _ple_input_ok(per_layer_input, hidden_states))
+            or (self.has_ple and not (plan.on("ple_tail") and _ple_input_ok(per_layer_input, hidden_states)))
             or _compiling()  # the override keeps Python state between layers; leave tracing to SGLang's code
         ):
             if self.__dict__.get(_STASH) is not None:

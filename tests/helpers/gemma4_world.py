@@ -15,7 +15,8 @@ structure, and runs one prefill (two requests, 5 + 3 tokens) and one decode step
 and ``solo`` runs with one layer fused (26B- and E4B-like: also ``pair``, two neighbours fused). Then, each
 with fresh models: ``handoff`` (a layer of the 31B- and the E4B-like model entered with a copy of the stream
 its predecessor left a normed tensor for), ``router_fold`` (the switch on before any run with it off, router scale not sqrt(hidden)),
-``capture`` (an aux-hidden-state capture layer), ``deterministic`` (SGLang's batch-invariant mode and its
+``capture`` (an aux-hidden-state capture layer), ``ple_input`` (a PLE layer called without its per-layer
+input), ``deterministic`` (SGLang's batch-invariant mode and its
 server flags), and ``fallback``: switched on where no layer qualifies (a CPU host without the Triton
 interpreter at planning time).
 
@@ -411,6 +412,34 @@ def capture_runs(counts: dict[str, int]) -> dict:
     return out
 
 
+def ple_input_runs(counts: dict[str, int]) -> dict:
+    """E4B-like model, layers 1 and 2 fused, layer 2 called without its per-layer input (a pre-hook passes
+    ``per_layer_input=None``; SGLang's layer then skips the PLE part): the layer override must fall back to
+    SGLang's layer (bit-identical to the same run with layer 2's override and PLE tail held off by the test),
+    dropping the normed input layer 1 left for it."""
+    from kvtrap.kernels import sglang_gemma4 as sg
+
+    runner = Runner("e4b")
+    sg.plan_model(runner.model)
+    seen: dict = {}
+
+    def pre(layer, args, kwargs):
+        stash = layer.__dict__.get(sg._STASH)
+        seen["stash_in"] = stash is not None and stash[0] is kwargs["hidden_states"]
+        return args, {**kwargs, "per_layer_input": None}
+
+    def post(layer, _a, _o):
+        seen["stash_left"] = layer.__dict__.get(sg._STASH) is not None
+
+    out: dict = {}
+    with runner.holding({0: None, 3: None}), runner.hooked(2, pre, post):
+        with runner.holding({2: ("cross_layer", "pair_norm", "ple_tail")}):
+            out["held"] = runner.run(("prefill",))["prefill"]
+        res, calls = _calls(counts, lambda: runner.run(("prefill",)))
+    out["none"] = {**res["prefill"], "calls": calls, "seen": dict(seen)}
+    return out
+
+
 def deterministic_runs(counts: dict[str, int], records: list[str]) -> dict:
     """SGLang's deterministic inference: the MoE model switched on with the batch-invariant flag set (the flag
     ``enable_batch_invariant_mode()`` sets in SGLang's model runner; the aten overrides it also registers are
@@ -513,6 +542,7 @@ def main(out_path: str, variants: list[str]) -> None:
         results["handoff"] = {v: handoff_runs(counts, v) for v in ("dense", "e4b")}
         results["router_fold"] = router_fold_runs(counts)
         results["capture"] = capture_runs(counts)
+        results["ple_input"] = ple_input_runs(counts)
         records.clear()
         results["deterministic"] = deterministic_runs(counts, records)
     finally:

@@ -327,6 +327,21 @@ def test_aux_hidden_state_capture_layer_takes_sglangs_path(world):
     assert len(cap["aux"]) == 1 and torch.equal(cap["aux"][0], cap["in2"])
 
 
+def test_ple_layer_without_its_per_layer_input_takes_sglangs_path(world):
+    """Layer 2 of the fused E4B-like model called with ``per_layer_input=None``: SGLang's layer runs
+    (bit-identical to the run with layer 2's override and PLE tail held off), the normed input layer 1 left
+    is dropped, and only layer 1 launched the override's kernels."""
+    none, held = world["ple_input"]["none"], world["ple_input"]["held"]
+    assert none["seen"] == {"stash_in": True, "stash_left": False}
+    assert none["calls"]["post_attn_pair_rmsnorm"] == none["calls"]["rmsnorm_residual_scalar_next_norm"] == 1
+    # layer 2's PLE tail is SGLang's too (nothing to fuse without the per-layer input)
+    assert none["calls"]["rmsnorm_add"] == 1 and none["calls"]["rmsnorm_residual_scalar"] == 0
+    assert "own_norm2" in none
+    assert tensors(none).keys() == tensors(held).keys()
+    for key, value in tensors(none).items():
+        assert torch.equal(value, held[key]), key
+
+
 def test_deterministic_inference_falls_back_everywhere_and_says_why(world):
     """SGLang's batch-invariant mode: no kernel launches (their launch shape, and so their reduction order,
     depends on the token count), SGLang's path bit for bit, and the WARNING says why."""
