@@ -433,6 +433,9 @@ def test_doctor_reports_the_routes_and_the_fusions_when_on(monkeypatch):
     assert routes.status == "ok", routes.detail
     fusions = checks["gemma4 fusions"].detail
     assert "26B-A4B-it: qkv_norm_rope, routing, triple_norm, cross_layer" in fusions
+    assert "E2B-it/E4B-it: qkv_norm_rope, ple_tail, pair_norm, cross_layer" in fusions
+    assert "31B-it: qkv_norm_rope, pair_norm, cross_layer" in fusions
+    assert "TP>1: pair_norm, triple_norm and cross_layer fall back" in fusions
     assert "--enable-deterministic-inference: all fall back" in fusions
 
 
