@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import torch
 from kvtrap.kernels.cross_layer_norm import post_ffn_dense_next_norm, post_ffn_moe_next_norm
-from kvtrap.kernels.ple_tail import gelu_tanh_mul, rmsnorm_add, rmsnorm_residual_scalar
+from kvtrap.kernels.ple_tail import (
+    gelu_tanh_mul,
+    rmsnorm_add,
+    rmsnorm_residual_scalar,
+    rmsnorm_residual_scalar_next_norm,
+)
 from kvtrap.kernels.qkv_norm_rope import qkv_norm_rope
 from kvtrap.kernels.routing import gemma4_fused_routing
-from kvtrap.kernels.triple_norm import post_attn_triple_rmsnorm
+from kvtrap.kernels.triple_norm import post_attn_pair_rmsnorm, post_attn_triple_rmsnorm
 
 Tensor = torch.Tensor
 
@@ -59,6 +64,34 @@ def rmsnorm_residual_scalar_op(
 @rmsnorm_residual_scalar_op.register_fake
 def _(x: Tensor, weight: Tensor, residual: Tensor, scalar: Tensor, eps: float = 1e-6) -> Tensor:
     return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("kvtrap::rmsnorm_residual_scalar_next_norm", mutates_args=())
+def residual_scalar_next_norm_op(
+    x: Tensor, weight: Tensor, residual: Tensor, scalar: Tensor, w_next: Tensor, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    return rmsnorm_residual_scalar_next_norm(x, weight, residual, scalar, w_next, eps)
+
+
+@residual_scalar_next_norm_op.register_fake
+def _(
+    x: Tensor, weight: Tensor, residual: Tensor, scalar: Tensor, w_next: Tensor, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@torch.library.custom_op("kvtrap::post_attn_pair_rmsnorm", mutates_args=())
+def pair_rmsnorm_op(
+    attn_out: Tensor, residual: Tensor, w_post_attn: Tensor, w_pre_ff: Tensor, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    return post_attn_pair_rmsnorm(attn_out, residual, w_post_attn, w_pre_ff, eps)
+
+
+@pair_rmsnorm_op.register_fake
+def _(
+    attn_out: Tensor, residual: Tensor, w_post_attn: Tensor, w_pre_ff: Tensor, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    return attn_out.new_empty(attn_out.shape), attn_out.new_empty(attn_out.shape)
 
 
 @torch.library.custom_op("kvtrap::post_attn_triple_rmsnorm", mutates_args=())

@@ -6,6 +6,11 @@ Eager (SGLang 0.5.23, ~L820-834), around the two per-layer GEMMs that stay as th
     gate = gelu_tanh(gate); g = gate * per_layer_input            -> gelu_tanh_mul          (2 -> 1)
     c = post_per_layer_input_norm(c); h = h + c; h = h * scalar   -> rmsnorm_residual_scalar (3 -> 1)
 
+and, for the cross-layer fusion of a PLE layer, the last of those with the next layer's ``input_layernorm``
+(``model.norm`` after the last layer) -> ``rmsnorm_residual_scalar_next_norm`` (2 -> 1 against
+``rmsnorm_residual_scalar`` + SGLang's norm; eager: 4 -> 1; the stream row stays in registers, 8 bytes per
+element in bf16 instead of 10).
+
 Each kernel computes in fp32 and rounds to the activation dtype exactly where the eager sequence stores an
 intermediate tensor (that rounding costs nothing here and makes the fused result match eager to the last
 bit up to the order of the variance sum), so swapping the kernels in does not move the model's numerics.
@@ -54,22 +59,39 @@ def _rmsnorm_residual_scalar_kernel(
     r_ptr,
     s_ptr,
     out_ptr,
+    w_next_ptr,
+    next_ptr,
     N,
     stride_x,
     stride_r,
     stride_o,
     eps,
     BLOCK_N: tl.constexpr,
+    NEXT: tl.constexpr,
+    EARLY_W: tl.constexpr,
 ):
+    # NEXT: also the next layer's input norm of the stream row this program just wrote (the cross-layer step
+    # of a PLE layer: next_ptr shares out_ptr's row stride); otherwise w_next_ptr / next_ptr are not touched.
     row = tl.program_id(0).to(tl.int64)
     cols, ok, x, r, w = load_row_pair(x_ptr, r_ptr, w_ptr, row, N, stride_x, stride_r, BLOCK_N)
+    if NEXT and EARLY_W:
+        # decode sizes: the next norm's weight comes with the row, off the critical path after two reductions
+        wn = tl.load(w_next_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     dt = out_ptr.dtype.element_ty
     # The scalar is stored in its own dtype; eager multiplies the activation by it after casting it to
     # the activation dtype (type promotion of a 1-element tensor), hence the round trip.
     s = tl.load(s_ptr).to(dt).to(tl.float32)
     n = rmsnorm_rounded(x, w, N, eps, dt)
     h = (r + n).to(dt).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (h * s).to(dt), mask=ok)
+    out = (h * s).to(dt)
+    tl.store(out_ptr + row * stride_o + cols, out, mask=ok)
+    if NEXT:
+        # the next norm reads the rounded stream, exactly what the next layer's input_layernorm would read
+        if not EARLY_W:
+            wn = tl.load(w_next_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        o = out.to(tl.float32)
+        rs = tl.rsqrt(tl.sum(o * o, axis=0) / N + eps)
+        tl.store(next_ptr + row * stride_o + cols, (o * rs * wn).to(dt), mask=ok)
 
 
 @triton.jit
@@ -165,10 +187,44 @@ def rmsnorm_residual_scalar(
         return out
     block_n, nw = row_config(N, M)
     _rmsnorm_residual_scalar_kernel[(M,)](
-        x, weight, residual, scalar, out, N, x.stride(0), residual.stride(0), out.stride(0), eps,
-        BLOCK_N=block_n, num_warps=nw,
+        x, weight, residual, scalar, out, weight, out, N, x.stride(0), residual.stride(0), out.stride(0), eps,
+        BLOCK_N=block_n, NEXT=False, EARLY_W=False, num_warps=nw,
     )  # fmt: skip
     return out
+
+
+def rmsnorm_residual_scalar_next_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor,
+    scalar: torch.Tensor,
+    w_next: torch.Tensor,
+    eps: float = 1e-6,
+    *,
+    early_w: bool | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PLE tail's last step and the next layer's input norm in one launch (the cross-layer fusion of a
+    PLE layer): ``stream = rmsnorm_residual_scalar(x, weight, residual, scalar)`` (eager's roundings) and
+    ``next_in = rmsnorm(stream, w_next)``. ``w_next`` is the next layer's ``input_layernorm.weight``
+    (``model.norm.weight`` after the last layer). Returns ``(stream, next_in)``, new ``[M, N]`` tensors.
+    ``early_w`` (default: M <= 256) and ``num_warps`` are launch knobs for the benchmark (None: the default
+    rule)."""
+    M, N = _check_row_pair(x, weight, residual)
+    check_tensor("w_next", w_next, ndim=1, shape=(N,), contiguous=True)
+    check_scalar_tensor("scalar", scalar)
+    check_same_device(x=x, scalar=scalar, w_next=w_next)
+    eps = check_eps(eps)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    nxt = torch.empty_like(out)
+    if M == 0:
+        return out, nxt
+    block_n, nw = row_config(N, M)
+    _rmsnorm_residual_scalar_kernel[(M,)](
+        x, weight, residual, scalar, out, w_next, nxt, N, x.stride(0), residual.stride(0), out.stride(0), eps,
+        BLOCK_N=block_n, NEXT=True, EARLY_W=M <= 256 if early_w is None else early_w, num_warps=num_warps or nw,
+    )  # fmt: skip
+    return out, nxt
 
 
 def _gelu_config(M: int, block_n: int) -> tuple[int, int]:

@@ -73,6 +73,22 @@ def rmsnorm_residual_scalar_ref(
     return h * scalar
 
 
+def rmsnorm_residual_scalar_next_norm_ref(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    residual: torch.Tensor,
+    scalar: torch.Tensor,
+    w_next: torch.Tensor,
+    eps: float = EPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A PLE layer's end (``rmsnorm_residual_scalar_ref``: 3 launches, each rounding) and then the next layer's
+    ``input_layernorm`` (or ``model.norm`` after the last layer) of that stream: 4 launches.
+
+    Returns ``(hidden_stream, next_layer_input)``."""
+    stream = rmsnorm_residual_scalar_ref(x, w, residual, scalar, eps)
+    return stream, rms_norm(stream, w_next, eps)
+
+
 def ple_tail_ref(
     h: torch.Tensor,
     residual: torch.Tensor,
@@ -120,6 +136,26 @@ def post_attn_triple_rmsnorm_ref(
     router_in = rms_norm(residual_new, w_router, eps)
     moe_in = rms_norm(residual_new, w_pre_ff_2, eps)
     return residual_new, dense_in, router_in, moe_in
+
+
+# --- dense layers (E2B/E4B, 31B): post-attention norm + pre-FFN add-norm ------------------------------------
+
+
+def post_attn_pair_rmsnorm_ref(
+    attn_out: torch.Tensor,
+    residual: torch.Tensor,
+    w_post_attn: torch.Tensor,
+    w_pre_ff: torch.Tensor,
+    eps: float = EPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``post_attention_layernorm(attn_out)`` (rounded), then ``pre_feedforward_layernorm(h, residual)``: the
+    fused add-norm sums in fp32, stores the new residual rounded and normalises the unrounded sum (SGLang's
+    ``RMSNorm.forward_native`` and its CUDA ``fused_add_rmsnorm`` alike): 2 launches.
+
+    Returns ``(residual_new, ffn_in)``."""
+    h = rms_norm(attn_out, w_post_attn, eps)
+    s = h.float() + residual.float()
+    return s.to(residual.dtype), rms_norm_fp32(s, w_pre_ff, eps).to(h.dtype)
 
 
 # --- cross-layer: post-FFN norm + the next layer's input norm ---------------------------------------------

@@ -12,14 +12,18 @@ What is routed where (line numbers of ``gemma4_causal.py`` 0.5.23, approximate):
 - ``routing``: the custom routing function each ``Gemma4MoE`` gives its ``TopK`` (~L250-285), swapped for
   one that calls the kernel when the model is planned (and calls SGLang's again after :func:`disable`).
 - ``ple_tail``: ``Gemma4DecoderLayer._next_stream``'s PLE branch (E2B/E4B, ~L820-834): 3 fused kernels
-  around SGLang's own two per-layer GEMM modules.
-- ``triple_norm`` and ``cross_layer``: a TP=1 replacement of ``Gemma4DecoderLayer.forward`` for layers
-  without PLE (26B-A4B, 31B). The layer's end writes the residual stream *and* the next layer's input norm
-  (or ``model.norm`` after the last layer) in one kernel; the next consumer finds that normed tensor in a
-  stash keyed by the identity of the stream tensor it receives (no tensor values are read, so CUDA-graph
-  capture sees the same launches every time). The final norm is picked up through
-  ``layer_boundary.residual.access.final_norm_pair``. The residual stream bookkeeping
-  (``forward_batch.residual_stream``) is left in the same "written" state SGLang's own layer leaves.
+  around SGLang's own two per-layer GEMM modules (called from the layer override below where that runs,
+  its last kernel then also writing the next layer's input norm).
+- ``pair_norm``, ``triple_norm`` and ``cross_layer``: a TP=1 replacement of ``Gemma4DecoderLayer.forward``
+  (every released variant; on PLE layers it also runs the PLE tail's kernels itself). After attention, one
+  kernel writes the new residual and the FFN input(s): ``pair_norm`` on dense layers (E2B/E4B, 31B),
+  ``triple_norm`` on MoE layers (26B-A4B). The layer's end writes the residual stream *and* the next layer's
+  input norm (or ``model.norm`` after the last layer) in one kernel (on PLE layers: the PLE tail's last
+  kernel); the next consumer finds that normed tensor in a stash keyed by the identity of the stream tensor
+  it receives (no tensor values are read, so CUDA-graph capture sees the same launches every time). The
+  final norm is picked up through ``layer_boundary.residual.access.final_norm_pair``. The residual stream
+  bookkeeping (``forward_batch.residual_stream``) is left in the same "written" state SGLang's own layer
+  leaves.
 
 Ideas credited: the routing kernel keeps the contract of SGLang's ``gemma4_fused_routing`` (the algorithm of
 vLLM PR #39083); the triple norm follows vLLM's Inductor-generated post-attention kernel (see
@@ -49,7 +53,7 @@ MODEL_MODULE = "sglang.srt.models.gemma4_causal"
 ACCESS_MODULE = "sglang.srt.layers.layer_boundary.residual.access"
 
 #: Fusion names, in the order the WARNING lists them.
-FUSIONS = ("qkv_norm_rope", "routing", "ple_tail", "triple_norm", "cross_layer")
+FUSIONS = ("qkv_norm_rope", "routing", "ple_tail", "pair_norm", "triple_norm", "cross_layer")
 ON = "on"
 
 # Instance attributes (plain Python objects, never nn.Modules, so the module tree and state dict stay SGLang's).
@@ -113,17 +117,17 @@ def expected_fusions(*, ple: bool, moe: bool, tp: int = 1) -> tuple[str, ...]:
     """The fusions every layer of a model of that structure gets (bf16 on CUDA, SGLang's default norms).
 
     The per-layer plan (:func:`plan_model`) decides from the live modules; the tests check that the two agree.
-    Not covered here: the last layer of a non-last pipeline stage has no next norm (no ``cross_layer``).
+    Not covered here: the last layer of a non-last pipeline stage has no next norm (no ``cross_layer``, and
+    with it no ``pair_norm`` / ``triple_norm``, which run in the same layer override).
     """
     names = {"qkv_norm_rope"}
     if moe:
         names.add("routing")
     if ple and not moe:
         names.add("ple_tail")
-    if tp == 1 and not ple:
+    if tp == 1 and not (ple and moe):  # PLE with MoE: no released variant, not wired
         names.add("cross_layer")
-        if moe:
-            names.add("triple_norm")
+        names.add("triple_norm" if moe else "pair_norm")
     return tuple(n for n in FUSIONS if n in names)
 
 
@@ -295,9 +299,11 @@ def _ple_reason(layer: Any) -> str:
     )  # fmt: skip
 
 
-def _cross_reason(layer: Any, next_norm: Any, tp: str | None) -> str:
-    if layer.has_ple:
-        return "PLE layer: ends with the PLE tail (no fused PLE + next-norm kernel)"
+def _cross_reason(layer: Any, next_norm: Any, tp: str | None, ple: str) -> str:
+    """The TP=1 layer override (``cross_layer``; ``pair_norm`` and ``triple_norm`` run inside it). On a PLE
+    layer it runs the PLE tail's kernels itself, so the layer's ``ple_tail`` must qualify (``ple``)."""
+    if layer.has_ple and ple != ON:
+        return f"PLE layer whose PLE tail falls back: {ple}"
     norms = [layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
              layer.post_feedforward_layernorm]  # fmt: skip
     names = ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"]
@@ -307,16 +313,25 @@ def _cross_reason(layer: Any, next_norm: Any, tp: str | None) -> str:
         norms += [layer.post_feedforward_layernorm_1, layer.post_feedforward_layernorm_2,
                   layer.pre_feedforward_layernorm_2]  # fmt: skip
         names += ["post_feedforward_layernorm_1", "post_feedforward_layernorm_2", "pre_feedforward_layernorm_2"]
+    same_eps = [*norms, next_norm] + ([layer.post_per_layer_input_norm] if layer.has_ple else [])
     return _first(
         tp,
         None if next_norm is not None else "no next norm on this rank (last layer of a non-last PP stage)",
         *(_plain_rmsnorm_reason(n, name) for n, name in zip(norms, names, strict=True)),
         _plain_rmsnorm_reason(next_norm, "next input norm") if next_norm is not None else None,
-        _same_eps_reason(*norms, next_norm),
+        _same_eps_reason(*same_eps),
         None if layer.layer_scalar.numel() == 1 else "layer_scalar is not one element",
         _device_reason(layer.layer_scalar),
         _dtype_reason(layer.post_feedforward_layernorm.weight),
     )
+
+
+def _pair_reason(layer: Any, cross: str) -> str:
+    if layer.enable_moe_block:
+        return "MoE layer (its post-attention norms are triple_norm's)"
+    if cross != ON:
+        return f"needs the TP=1 layer path, which falls back here: {cross}"
+    return ON
 
 
 def _triple_reason(layer: Any, cross: str) -> str:
@@ -366,10 +381,13 @@ def plan_model(model: Any) -> ModelPlan:
         lp.fusions["qkv_norm_rope"] = _attn_plan(layer.self_attn).status
         lp.fusions["routing"] = _plan_routing(layer, invariance)
         # a dense or PLE-less layer keeps its structural reason; the others say the mode is why
-        lp.fusions["ple_tail"] = _first(invariance if layer.has_ple else None, _ple_reason(layer))
-        cross = _first(invariance if not layer.has_ple else None, _cross_reason(layer, next_norm, tp))
+        ple = _first(invariance if layer.has_ple else None, _ple_reason(layer))
+        lp.fusions["ple_tail"] = ple
+        cross = _first(invariance, _cross_reason(layer, next_norm, tp, ple))
         lp.fusions["cross_layer"] = cross
-        lp.fusions["triple_norm"] = _first(invariance if layer.enable_moe_block else None, _triple_reason(layer, cross))
+        moe = layer.enable_moe_block
+        lp.fusions["pair_norm"] = _first(invariance if not moe else None, _pair_reason(layer, cross))
+        lp.fusions["triple_norm"] = _first(invariance if moe else None, _triple_reason(layer, cross))
         object.__setattr__(layer, _PLAN, lp)
         plans.append(lp)
     plan = ModelPlan(plans)
@@ -380,9 +398,10 @@ def plan_model(model: Any) -> ModelPlan:
 
 #: The end of the plan's WARNING: what the plan cannot know, because it is decided per call.
 PER_CALL_NOTE = (
-    "Per call, SGLang's own path runs even where a fusion is listed above: the layer override (triple_norm, "
-    "cross_layer) on a layer that captures aux hidden states (EAGLE3/DFLASH capture layers) and while "
-    "torch.compile or piecewise CUDA-graph capture traces it; routing under an MoE runner that does its own "
+    "Per call, SGLang's own path runs even where a fusion is listed above: the layer override (pair_norm, "
+    "triple_norm, cross_layer) on a layer that captures aux hidden states (EAGLE3/DFLASH capture layers) or "
+    "a PLE layer called without its per-layer input, and while torch.compile or piecewise CUDA-graph capture "
+    "traces it (PLE layers keep ple_tail there where it applies); routing under an MoE runner that does its own "
     "top-k and never calls the custom routing function; and inputs of another layout or dtype"
 )
 
@@ -540,15 +559,7 @@ class _Routing:
 def _wrap_next_stream(original: Any) -> Any:
     def _next_stream(self: Any, hidden_states: Any, residual: Any, per_layer_input: Any, forward_batch: Any) -> Any:
         plan = self.__dict__.get(_PLAN)
-        if (
-            plan is None
-            or not plan.on("ple_tail")
-            or per_layer_input is None
-            or hidden_states.dim() != 2
-            or per_layer_input.dim() != 2
-            or per_layer_input.stride(-1) != 1
-            or per_layer_input.dtype != hidden_states.dtype
-        ):
+        if plan is None or not plan.on("ple_tail") or not _ple_input_ok(per_layer_input, hidden_states):
             return original(self, hidden_states, residual, per_layer_input, forward_batch)
         from sglang.srt.layers.layer_boundary import SumGroup
 
@@ -558,16 +569,33 @@ def _wrap_next_stream(original: Any) -> Any:
     return _next_stream
 
 
-def _ple_tail(layer: Any, mlp_out: Any, residual: Any, per_layer_input: Any) -> Any:
+def _ple_input_ok(per_layer_input: Any, hidden_states: Any) -> bool:
+    """The per-layer input the PLE kernels take: a 2-D row-per-token view (row stride free), unit last stride."""
+    return (
+        per_layer_input is not None
+        and hidden_states.dim() == 2
+        and per_layer_input.dim() == 2
+        and per_layer_input.shape[0] == hidden_states.shape[0]
+        and per_layer_input.stride(-1) == 1
+        and per_layer_input.dtype == hidden_states.dtype
+    )
+
+
+def _ple_tail(layer: Any, mlp_out: Any, residual: Any, per_layer_input: Any, next_norm: Any = None) -> Any:
     """post-FFN norm + residual, gate GEMM, gelu * per-layer input, projection GEMM, its norm + residual,
-    times the layer scalar: 3 fused kernels around SGLang's two GEMM modules (7 + 2 launches -> 3 + 2)."""
+    times the layer scalar: 3 fused kernels around SGLang's two GEMM modules (7 + 2 launches -> 3 + 2).
+    With ``next_norm`` (the layer override's cross-layer step) the last kernel also writes that norm of the
+    stream and ``(stream, normed)`` is returned."""
     ops = _ops()
     eps = _eps(layer.post_feedforward_layernorm)
     h = ops.rmsnorm_add(mlp_out, layer.post_feedforward_layernorm.weight, residual, eps)
     gate, _ = layer.per_layer_input_gate(h)
     gated = ops.gelu_tanh_mul(gate, per_layer_input)
     contrib, _ = layer.per_layer_projection(gated)
-    return ops.rmsnorm_residual_scalar(contrib, layer.post_per_layer_input_norm.weight, h, layer.layer_scalar, eps)
+    w_ple, scalar = layer.post_per_layer_input_norm.weight, layer.layer_scalar
+    if next_norm is None:
+        return ops.rmsnorm_residual_scalar(contrib, w_ple, h, scalar, eps)
+    return ops.rmsnorm_residual_scalar_next_norm(contrib, w_ple, h, scalar, next_norm.weight, eps)
 
 
 def _take_stash(holder: Any, stream: Any) -> Any:
@@ -601,23 +629,25 @@ def _wrap_layer_forward(original: Any) -> Any:
             or stream.pending is not None
             or stream.transport is not None
             or not (stream.residual is None or stream.residual is hidden_states)
+            or (self.has_ple and not (plan.on("ple_tail") and _ple_input_ok(per_layer_input, hidden_states)))
             or _compiling()  # the override keeps Python state between layers; leave tracing to SGLang's code
         ):
             if self.__dict__.get(_STASH) is not None:
                 object.__setattr__(self, _STASH, None)
             return original(self, positions, hidden_states, per_layer_input, forward_batch, capture_output, **kwargs)
-        return _layer_fused(self, plan, positions, hidden_states, forward_batch)
+        return _layer_fused(self, plan, positions, hidden_states, per_layer_input, forward_batch)
 
     return forward
 
 
-def _layer_fused(self: Any, plan: LayerPlan, positions: Any, x: Any, forward_batch: Any) -> Any:
-    """``Gemma4DecoderLayer.forward`` at TP=1 without PLE, entered with the stream written (or fresh).
+def _layer_fused(self: Any, plan: LayerPlan, positions: Any, x: Any, per_layer_input: Any, forward_batch: Any) -> Any:
+    """``Gemma4DecoderLayer.forward`` at TP=1, entered with the stream written (or fresh).
 
     SGLang's boundaries would: input-norm x; attention; post-attention norm; fused add + pre-FFN norm
-    (the new residual); FFN(s); post-FFN norm(s) + residual, times the layer scalar, as the new written
-    stream. Here the input norm may come from the previous layer's end, the post-attention part of an MoE
-    layer is one kernel (``triple_norm``), and the end also writes the next consumer's input norm.
+    (the new residual); FFN(s); post-FFN norm(s) + residual (on a PLE layer: then the PLE tail), times the
+    layer scalar, as the new written stream. Here the input norm may come from the previous layer's end, the
+    post-attention part is one kernel (``triple_norm`` on MoE layers, ``pair_norm`` on dense ones), and the
+    end also writes the next consumer's input norm (on a PLE layer: the PLE tail's last kernel does).
     """
     from sglang.srt.layers.layer_boundary.residual import batch as residual_batch
 
@@ -649,11 +679,20 @@ def _layer_fused(self: Any, plan: LayerPlan, positions: Any, x: Any, forward_bat
             self.layer_scalar, plan.next_norm.weight, eps,
         )  # fmt: skip
     else:
-        dense_in, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(attn), x)
-        stream, next_in = ops.post_ffn_dense_next_norm(
-            self.mlp(dense_in), residual, self.post_feedforward_layernorm.weight, self.layer_scalar,
-            plan.next_norm.weight, eps,
-        )  # fmt: skip
+        if plan.on("pair_norm"):
+            residual, dense_in = ops.post_attn_pair_rmsnorm(
+                attn, x, self.post_attention_layernorm.weight, self.pre_feedforward_layernorm.weight, eps
+            )
+        else:
+            dense_in, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(attn), x)
+        mlp_out = self.mlp(dense_in)
+        if self.has_ple:
+            stream, next_in = _ple_tail(self, mlp_out, residual, per_layer_input, plan.next_norm)
+        else:
+            stream, next_in = ops.post_ffn_dense_next_norm(
+                mlp_out, residual, self.post_feedforward_layernorm.weight, self.layer_scalar,
+                plan.next_norm.weight, eps,
+            )  # fmt: skip
     object.__setattr__(plan.next_holder, _STASH, (stream, next_in))
     residual_batch.set_written(stream, forward_batch)
     return stream

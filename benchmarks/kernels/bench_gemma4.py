@@ -106,10 +106,16 @@ def build_cases() -> dict[str, dict[str, Any]]:
     import torch
     from kvtrap.kernels import references as ref
     from kvtrap.kernels.cross_layer_norm import post_ffn_dense_next_norm, post_ffn_moe_next_norm
-    from kvtrap.kernels.ple_tail import gelu_tanh_mul, ple_tail, rmsnorm_add, rmsnorm_residual_scalar
+    from kvtrap.kernels.ple_tail import (
+        gelu_tanh_mul,
+        ple_tail,
+        rmsnorm_add,
+        rmsnorm_residual_scalar,
+        rmsnorm_residual_scalar_next_norm,
+    )
     from kvtrap.kernels.qkv_norm_rope import qkv_norm_rope
     from kvtrap.kernels.routing import gemma4_fused_routing
-    from kvtrap.kernels.triple_norm import post_attn_triple_rmsnorm
+    from kvtrap.kernels.triple_norm import post_attn_pair_rmsnorm, post_attn_triple_rmsnorm
 
     try:
         from sglang.kernels.ops.moe.gemma4_routing import gemma4_fused_routing as sgl_routing
@@ -200,6 +206,42 @@ def build_cases() -> dict[str, dict[str, Any]]:
         }
 
     sgl_rmsnorm = _sglang_rmsnorm() if sgl_ops is not None else None
+    sgl_add_rmsnorm = _sglang_fused_add_rmsnorm() if sgl_ops is not None else None
+
+    def pair(m: int, n: int = 2560) -> dict[str, Callable[[], Any]]:
+        """A dense layer's post-attention norm + pre-FFN add-norm (E2B/E4B, 31B): eager = the torch op
+        sequence; SGLang = its JIT CUDA rmsnorm then its in-place JIT fused_add_rmsnorm (stand-ins for the
+        sgl_kernel pair a server's layer runs: same math; the residual buffer keeps growing across calls,
+        which leaves the time alone)."""
+        x, r, wp, wf = act(m, n, 2.0), act(m, n, 8.0), wt(n), wt(n)
+        v = {
+            "eager": lambda: ref.post_attn_pair_rmsnorm_ref(x, r, wp, wf),
+            "compile": lambda: comp(f"pair{n}", ref.post_attn_pair_rmsnorm_ref)(x, r, wp, wf),
+            "fused": lambda: post_attn_pair_rmsnorm(x, r, wp, wf),
+        }
+        if sgl_rmsnorm is not None and sgl_add_rmsnorm is not None:
+            h, rs = torch.empty_like(x), r.clone()
+
+            def sgl_pair() -> None:
+                sgl_rmsnorm(x, wp, out=h, eps=1e-6)
+                sgl_add_rmsnorm(h, rs, wf, 1e-6)
+
+            v["sglang"] = sgl_pair
+        return v
+
+    def ple_next(m: int, n: int = 2560) -> dict[str, Callable[[], Any]]:
+        """A PLE layer's last step + the next layer's input norm (E2B/E4B cross-layer): eager = 3 + 1 torch
+        launches; ``before`` = what a server ran there before this fusion (kvtrap's rmsnorm_residual_scalar,
+        then SGLang's JIT CUDA rmsnorm standing in for the next layer's input_layernorm)."""
+        x, r, w, wn = act(m, n, 2.0), act(m, n), wt(n), wt(n)
+        v = {
+            "eager": lambda: ref.rmsnorm_residual_scalar_next_norm_ref(x, w, r, scal, wn),
+            "compile": lambda: comp("ple_next", ref.rmsnorm_residual_scalar_next_norm_ref)(x, w, r, scal, wn),
+            "fused": lambda: rmsnorm_residual_scalar_next_norm(x, w, r, scal, wn),
+        }
+        if sgl_rmsnorm is not None:
+            v["before"] = lambda: _then_norm(rmsnorm_residual_scalar(x, w, r, scal), wn)
+        return v
 
     def _then_norm(stream: Any, w_next: Any) -> tuple[Any, Any]:
         nxt = torch.empty_like(stream)
@@ -300,6 +342,11 @@ def build_cases() -> dict[str, dict[str, Any]]:
         "rmsnorm_residual_scalar N=2560 (E4B)": {"make": res_scalar, "bytes": lambda m: 3 * m * 2560 * 2 + 2560 * 2},
         "PLE tail whole, 3 kernels + 2 GEMMs (E4B)": {"make": tail, "bytes": None},
         "post_attn_triple_rmsnorm N=2816 (26B)": {"make": triple, "bytes": lambda m: 6 * m * 2816 * 2 + 4 * 2816 * 2},
+        "post_attn_pair_rmsnorm N=2560 (E4B)": {"make": pair, "bytes": lambda m: 4 * m * 2560 * 2 + 2 * 2560 * 2},
+        "post_attn_pair_rmsnorm N=5376 (31B)": {"make": lambda m: pair(m, 5376),
+                                                "bytes": lambda m: 4 * m * 5376 * 2 + 2 * 5376 * 2},
+        "rmsnorm_residual_scalar_next_norm N=2560 (E4B)": {"make": ple_next,
+                                                           "bytes": lambda m: 4 * m * 2560 * 2 + 2 * 2560 * 2},
         "post_ffn_dense_next_norm N=5376 (31B)": {"make": dense, "bytes": lambda m: 4 * m * 5376 * 2 + 2 * 5376 * 2},
         "post_ffn_moe_next_norm N=2816 (26B)": {"make": moe, "bytes": lambda m: 5 * m * 2816 * 2 + 4 * 2816 * 2},
     }
@@ -347,6 +394,25 @@ def _sglang_rmsnorm() -> Callable[..., Any] | None:
             f(x, torch.ones(n, device="cuda", dtype=torch.bfloat16), out=torch.empty_like(x), eps=1e-6)
 
     return _sglang_jit("rmsnorm", load, warm)
+
+
+def _sglang_fused_add_rmsnorm() -> Callable[..., Any] | None:
+    """SGLang's JIT CUDA fused add + RMSNorm (``sglang.kernels.ops.layernorm.norm.fused_add_rmsnorm``, in
+    place: residual += x, x = norm(residual)): the stand-in for ``sgl_kernel.fused_add_rmsnorm``, which a
+    server's ``pre_feedforward_layernorm(h, residual)`` runs."""
+    import torch
+
+    def load() -> Callable[..., Any]:
+        from sglang.kernels.ops.layernorm.norm import fused_add_rmsnorm
+
+        return fused_add_rmsnorm
+
+    def warm(f: Callable[..., Any]) -> None:
+        for n in (2560, 5376):
+            x = torch.ones(2, n, device="cuda", dtype=torch.bfloat16)
+            f(x, x.clone(), torch.ones(n, device="cuda", dtype=torch.bfloat16), 1e-6)
+
+    return _sglang_jit("fused_add_rmsnorm", load, warm)
 
 
 def _sglang_rope() -> Callable[..., Any] | None:
@@ -652,6 +718,29 @@ def sweep_moe_warps(ms: tuple[int, ...]) -> list[dict[str, Any]]:
     return rows
 
 
+def sweep_early_w(ms: tuple[int, ...]) -> list[dict[str, Any]]:
+    """The two E2B/E4B layer-override kernels with the second weight loaded with the row (early_w) or after
+    the reductions, N = 2560 (the launch rule: early at M <= 256, as measured for the cross-layer kernels)."""
+    import torch
+    from kvtrap.kernels.ple_tail import rmsnorm_residual_scalar_next_norm
+    from kvtrap.kernels.triple_norm import post_attn_pair_rmsnorm
+
+    n, bf = 2560, torch.bfloat16
+    rows = []
+    for m in ms:
+        x, r = torch.randn(m, n, device="cuda").to(bf), torch.randn(m, n, device="cuda").to(bf)
+        w1, w2 = (torch.rand(n, device="cuda") + 0.5).to(bf), (torch.rand(n, device="cuda") + 0.5).to(bf)
+        s = torch.tensor([0.75], device="cuda").to(bf)
+        for early in (False, True):
+            pair_us = time_graph(
+                lambda a=(x, r, w1, w2), e=early: post_attn_pair_rmsnorm(*a, early_w=e), m)
+            next_us = time_graph(
+                lambda a=(x, w1, r, s, w2), e=early: rmsnorm_residual_scalar_next_norm(*a, early_w=e), m)
+            rows.append({"m": m, "n": n, "early_w": early, "pair_us": pair_us, "ple_next_us": next_us})
+            print("early_w sweep", rows[-1], flush=True)
+    return rows
+
+
 def _compiled(jit: Any) -> dict[int, tuple[int, int, int]]:
     """id -> (registers per thread, spills, warps) of every compiled variant of a Triton kernel."""
     out = {}
@@ -741,6 +830,7 @@ SWEEPS = {
     "qkv": ("qkv_sweep", sweep_qkv, (1, 256, 8192)),
     "ab_gelu": ("ab_gelu", ab_gelu, MS),
     "ab_qkv": ("ab_qkv", ab_qkv, (1, 8, 256, 8192)),
+    "early_w": ("early_w_sweep", sweep_early_w, (1, 8, 64, 256, 8192)),
 }
 
 
@@ -828,14 +918,17 @@ def render(result: dict[str, Any]) -> str:
         "by SGLang's JIT CUDA rmsnorm for the next layer's input norm, the pair the fused kernel replaces; where that",
         "JIT kernel cannot be built, `sglang_part`, the post-FFN kernel alone; for `qkv_norm_rope` the SGLang column is the whole",
         "upstream sequence: gemma_qkv_rmsnorm + k/v reshape copies + its JIT CUDA RoPE, plus the dummy K on",
-        "KV-shared layers); `%copy` = fused GB/s over the copy rate.",
+        "KV-shared layers); `before` (where shown) = what a server ran at that place before the fusion, `x before` =",
+        "before time / fused time; `%copy` = fused GB/s over the copy rate.",
         "",
     ]
     for name, rows in result["cases"].items():
         has_sgl = any("sglang" in r or "sglang_part" in r for r in rows)
+        has_before = any("before" in r for r in rows)
         lines += [f"## {name}", ""]
-        hdr = "| M | eager | compile | fused |" + (" SGLang |" if has_sgl else "") + " x eager | x Ind |"
-        hdr += (" x SGL |" if has_sgl else "") + " fused GB/s | %copy |"
+        hdr = "| M | eager | compile | fused |" + (" SGLang |" if has_sgl else "") + (" before |" if has_before else "")
+        hdr += " x eager | x Ind |" + (" x SGL |" if has_sgl else "") + (" x before |" if has_before else "")
+        hdr += " fused GB/s | %copy |"
         lines += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
         for r in rows:
             f = r.get("fused")
@@ -850,9 +943,13 @@ def render(result: dict[str, Any]) -> str:
             cells = [str(r["m"]), fmt(r.get("eager")), fmt(r.get("compile")), fmt(f)]
             if has_sgl:
                 cells.append(fmt(sg))
+            if has_before:
+                cells.append(fmt(r.get("before")))
             cells += [ratio(r.get("eager"), f), ratio(r.get("compile"), f)]
             if has_sgl:
                 cells.append(ratio(sg, f))
+            if has_before:
+                cells.append(ratio(r.get("before"), f))
             gb = r.get("fused_gbps")
             cells += [fmt(gb) if gb is None else f"{gb:.0f}", "-" if gb is None else f"{100 * gb / copy:.0f}%"]
             lines.append("| " + " | ".join(cells) + " |")
@@ -881,6 +978,12 @@ def render(result: dict[str, Any]) -> str:
                   f" {r['num_warps']} | {r['early_r'] if r['kernel'] == 'moe' else '-'} | {r['regs']} |"
                   f" {r['us']:.2f} | {r['gbps']:.0f} | {100 * r['gbps'] / copy:.0f}% |"
                   for r in result["cross_layer_sweep"]]
+        lines.append("")
+    if "early_w_sweep" in result:
+        lines += ["## E2B/E4B layer-override kernels: weight-load sweep (N=2560, us)", "",
+                  "| M | early_w | post_attn_pair_rmsnorm | rmsnorm_residual_scalar_next_norm |", "|---|---|---|---|"]
+        lines += [f"| {r['m']} | {r['early_w']} | {r['pair_us']:.2f} | {r['ple_next_us']:.2f} |"
+                  for r in result["early_w_sweep"]]
         lines.append("")
     if "qkv_sweep" in result:
         lines += ["## qkv_norm_rope launch sweep (31B; us)", "", "| M | D | heads/program | warps | us |",
@@ -944,6 +1047,10 @@ def goals(result: dict[str, Any]) -> list[str]:
         ratios = [r["sglang"] / r["fused"] for r in rows if r.get("sglang") and r.get("fused")]
         if ratios:
             line += f"; vs SGLang {min(ratios):.2f}-{max(ratios):.2f}x" + (" (**slower at some M**)" if min(ratios) < 1 else "")
+        before = [r["before"] / r["fused"] for r in rows if r.get("before") and r.get("fused")]
+        if before:
+            line += (f"; vs the path it replaces in a server {min(before):.2f}-{max(before):.2f}x"
+                     + (" (**slower at some M**)" if min(before) < 1 else ""))
         out.append(line)
     vs_default = [r for r in result.get("ab_gelu", []) if r["variant"].startswith("fused rule") and "x_base" in r
                   and not r.get("best_inductor")]

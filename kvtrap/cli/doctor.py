@@ -285,7 +285,7 @@ def check_gemma4_kernels() -> list[Check]:
         Check(
             "gemma4 fusions",
             "info",
-            f"TP=1 bf16 on CUDA: {fusions}; TP>1: triple_norm and cross_layer fall back; "
+            f"TP=1 bf16 on CUDA: {fusions}; TP>1: pair_norm, triple_norm and cross_layer fall back; "
             "--enable-deterministic-inference: all fall back",
         ),
     ]

@@ -12,10 +12,11 @@ structure, and runs one prefill (two requests, 5 + 3 tokens) and one decode step
 3. ``on2``: again, to check the WARNING is logged once;
 4. ``off_again``: after :func:`~kvtrap.kernels.sglang_gemma4.disable`;
 
-and ``solo`` runs with one layer fused (26B-like: also ``pair``, two neighbours fused). Then, each
-with fresh models: ``handoff`` (a layer entered with a copy of the stream its predecessor left a normed
-tensor for), ``router_fold`` (the switch on before any run with it off, router scale not sqrt(hidden)),
-``capture`` (an aux-hidden-state capture layer), ``deterministic`` (SGLang's batch-invariant mode and its
+and ``solo`` runs with one layer fused (26B- and E4B-like: also ``pair``, two neighbours fused). Then, each
+with fresh models: ``handoff`` (a layer of the 31B- and the E4B-like model entered with a copy of the stream
+its predecessor left a normed tensor for), ``router_fold`` (the switch on before any run with it off, router scale not sqrt(hidden)),
+``capture`` (an aux-hidden-state capture layer), ``ple_input`` (a PLE layer called without its per-layer
+input), ``deterministic`` (SGLang's batch-invariant mode and its
 server flags), and ``fallback``: switched on where no layer qualifies (a CPU host without the Triton
 interpreter at planning time).
 
@@ -60,7 +61,8 @@ DEVICE = os.environ.get("KVTRAP_TEST_DEVICE", "cpu")
 LAYERS = 4
 KERNELS = (
     "qkv_norm_rope", "gemma4_fused_routing", "rmsnorm_add", "gelu_tanh_mul", "rmsnorm_residual_scalar",
-    "post_attn_triple_rmsnorm", "post_ffn_dense_next_norm", "post_ffn_moe_next_norm",
+    "rmsnorm_residual_scalar_next_norm", "post_attn_pair_rmsnorm", "post_attn_triple_rmsnorm",
+    "post_ffn_dense_next_norm", "post_ffn_moe_next_norm",
 )  # fmt: skip
 
 
@@ -316,8 +318,8 @@ def _calls(counts: dict[str, int], run):
     return result, {k: counts[k] - before[k] for k in counts}
 
 
-def handoff_runs(counts: dict[str, int]) -> dict:
-    """The cross-layer hand-off when layer 2 of the dense model (all layers fused) is entered with a copy of
+def handoff_runs(counts: dict[str, int], variant: str) -> dict:
+    """The cross-layer hand-off when layer 2 of ``variant`` (layers 1 and 2 fused) is entered with a copy of
     the stream layer 1 wrote, re-written as the stream (what an adapter that re-imports the stream across an
     eager break does: same values, another tensor). The normed tensor layer 1 left is poisoned (NaN), so using
     it would show. ``copy``: the stash must be ignored and cleared, and the layer must apply its own input norm
@@ -327,7 +329,7 @@ def handoff_runs(counts: dict[str, int]) -> dict:
     from kvtrap.kernels import sglang_gemma4 as sg
     from sglang.srt.layers.layer_boundary.residual import batch as residual_batch
 
-    runner = Runner("dense")
+    runner = Runner(variant)
     sg.plan_model(runner.model)  # what its first forward would do; only layers 1 and 2 need fusing here
     out: dict = {}
     for kind in ("copy", "dropped", "poisoned"):
@@ -407,6 +409,34 @@ def capture_runs(counts: dict[str, int]) -> dict:
         finally:
             runner.model.layers_to_capture = []
     out["capture"] = {**res["prefill"], "calls": calls}
+    return out
+
+
+def ple_input_runs(counts: dict[str, int]) -> dict:
+    """E4B-like model, layers 1 and 2 fused, layer 2 called without its per-layer input (a pre-hook passes
+    ``per_layer_input=None``; SGLang's layer then skips the PLE part): the layer override must fall back to
+    SGLang's layer (bit-identical to the same run with layer 2's override and PLE tail held off by the test),
+    dropping the normed input layer 1 left for it."""
+    from kvtrap.kernels import sglang_gemma4 as sg
+
+    runner = Runner("e4b")
+    sg.plan_model(runner.model)
+    seen: dict = {}
+
+    def pre(layer, args, kwargs):
+        stash = layer.__dict__.get(sg._STASH)
+        seen["stash_in"] = stash is not None and stash[0] is kwargs["hidden_states"]
+        return args, {**kwargs, "per_layer_input": None}
+
+    def post(layer, _a, _o):
+        seen["stash_left"] = layer.__dict__.get(sg._STASH) is not None
+
+    out: dict = {}
+    with runner.holding({0: None, 3: None}), runner.hooked(2, pre, post):
+        with runner.holding({2: ("cross_layer", "pair_norm", "ple_tail")}):
+            out["held"] = runner.run(("prefill",))["prefill"]
+        res, calls = _calls(counts, lambda: runner.run(("prefill",)))
+    out["none"] = {**res["prefill"], "calls": calls, "seen": dict(seen)}
     return out
 
 
@@ -496,7 +526,7 @@ def main(out_path: str, variants: list[str]) -> None:
         res["calls"] = {k: counts[k] - before[k] for k in counts}
         res["on2"] = runner.run()
         res["solo"] = [runner.solo(i) for i in range(LAYERS)]
-        if variant == "moe":  # layers i-1 and i fused: layer i takes the normed input layer i-1 left (prefill)
+        if variant in ("moe", "e4b"):  # layers i-1 and i fused: layer i takes the normed input i-1 left (prefill)
             res["pair"] = [None, *(runner.solo(i - 1, i, steps=("prefill",)) for i in range(1, LAYERS))]
         sglang_gemma4.disable()
         res["off_again"] = runner.run()
@@ -509,9 +539,10 @@ def main(out_path: str, variants: list[str]) -> None:
         results[variant] = res
     sglang_gemma4.enable()
     try:
-        results["handoff"] = handoff_runs(counts)
+        results["handoff"] = {v: handoff_runs(counts, v) for v in ("dense", "e4b")}
         results["router_fold"] = router_fold_runs(counts)
         results["capture"] = capture_runs(counts)
+        results["ple_input"] = ple_input_runs(counts)
         records.clear()
         results["deterministic"] = deterministic_runs(counts, records)
     finally:

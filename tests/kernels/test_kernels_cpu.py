@@ -32,10 +32,16 @@ from kvtrap.kernels.cross_layer_norm import (  # noqa: E402
     post_ffn_moe_next_norm,
     split_blocks,
 )
-from kvtrap.kernels.ple_tail import gelu_tanh_mul, ple_tail, rmsnorm_add, rmsnorm_residual_scalar  # noqa: E402
+from kvtrap.kernels.ple_tail import (  # noqa: E402
+    gelu_tanh_mul,
+    ple_tail,
+    rmsnorm_add,
+    rmsnorm_residual_scalar,
+    rmsnorm_residual_scalar_next_norm,
+)
 from kvtrap.kernels.qkv_norm_rope import qkv_norm_rope  # noqa: E402
 from kvtrap.kernels.routing import gemma4_fused_routing  # noqa: E402
-from kvtrap.kernels.triple_norm import post_attn_triple_rmsnorm  # noqa: E402
+from kvtrap.kernels.triple_norm import post_attn_pair_rmsnorm, post_attn_triple_rmsnorm  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEV == "cuda"
@@ -126,6 +132,24 @@ def test_rmsnorm_residual_scalar() -> None:
     assert_close_act(rmsnorm_residual_scalar(x, w, r, s), ref.rmsnorm_residual_scalar_ref(x, w, r, s))
 
 
+@pytest.mark.parametrize("early_w", [False, True])
+@pytest.mark.parametrize(("dtype", "n"), [(torch.bfloat16, 300), (torch.float16, 256), (torch.float32, 200)])
+def test_rmsnorm_residual_scalar_next_norm(dtype: torch.dtype, n: int, early_w: bool) -> None:
+    """A PLE layer's end + the next input norm: the stream is exactly what ``rmsnorm_residual_scalar`` writes
+    (the same code path in the kernel), and both outputs match eager's 3 + 1 launches."""
+    torch.manual_seed(n)
+    x, r, w, wn = _act(5, n, dtype=dtype), _act(5, n, scale=4.0, dtype=dtype), _weight(n, dtype), _weight(n, dtype)
+    s = torch.tensor([0.8125], device=DEV).to(dtype)
+    r_before = r.clone()
+    stream, nxt = rmsnorm_residual_scalar_next_norm(x, w, r, s, wn, early_w=early_w)
+    assert torch.equal(stream, rmsnorm_residual_scalar(x, w, r, s))
+    for got, want in zip((stream, nxt), ref.rmsnorm_residual_scalar_next_norm_ref(x, w, r, s, wn), strict=True):
+        assert_close_act(got, want)
+    # the norm half on its own: the next norm of the very stream the kernel wrote (one rounding, fp32 order)
+    assert_close_act(nxt, ref.rms_norm(stream, wn))
+    assert torch.equal(r, r_before), "the residual input must not be modified"
+
+
 def test_gelu_tanh_mul_strided_per_layer_input() -> None:
     torch.manual_seed(5)
     m, layers, d = 19, 5, 256  # 19 rows: a partial last row block
@@ -183,6 +207,43 @@ def test_post_attn_triple_rmsnorm() -> None:
     for got, want in zip(outs, ref.post_attn_triple_rmsnorm_ref(x, r, *ws), strict=True):
         assert_close_act(got, want)
     assert torch.equal(r, r_before), "the residual input must not be modified"
+
+
+@pytest.mark.parametrize("early_w", [False, True])
+@pytest.mark.parametrize(("dtype", "n"), [(torch.bfloat16, 352), (torch.float16, 256), (torch.float32, 200)])
+def test_post_attn_pair_rmsnorm(dtype: torch.dtype, n: int, early_w: bool) -> None:
+    """Dense layers' post-attention norm + pre-FFN add-norm against eager's 2 launches; the new residual is
+    the triple norm's (one kernel, the MoE outputs compiled out), and strided rows are honoured."""
+    torch.manual_seed(n + 1)
+    x = _act(6, n + 16, scale=2.0, dtype=dtype)[:, 16:]  # row stride n + 16 (a view of a wider GEMM output)
+    r, w_post, w_ff = _act(6, n, scale=8.0, dtype=dtype), _weight(n, dtype), _weight(n, dtype)
+    r_before = r.clone()
+    got = post_attn_pair_rmsnorm(x, r, w_post, w_ff, early_w=early_w)
+    for a, b in zip(got, ref.post_attn_pair_rmsnorm_ref(x, r, w_post, w_ff), strict=True):
+        assert a.is_contiguous()
+        assert_close_act(a, b)
+    assert torch.equal(r, r_before), "the residual input must not be modified"
+    assert torch.equal(got[0], post_attn_triple_rmsnorm(x, r, w_post, w_ff, w_ff, w_ff)[0])
+
+
+def test_post_attn_pair_rmsnorm_normalises_the_unrounded_sum() -> None:
+    """Eager's fused add-norm normalises the fp32 sum, not the rounded residual it stores. fp16 (which the
+    interpreter rounds to nearest, unlike bf16) with a residual near 1000 (fp16 ulp 0.5) and a post-attention
+    norm of ~1: the rounding the stored residual drops moves the FFN input by up to half an output ulp, so the
+    two readings round apart in many elements. The kernel must give eager's (all but a few elements that a
+    different fp32 summation order may flip), and the control shows the two readings are told apart."""
+    torch.manual_seed(12)
+    n, dt = 512, torch.float16
+    x = _act(8, n, dtype=dt)
+    r = (1000.0 + 8.0 * torch.randn(8, n, device=DEV)).to(dt)
+    w_post, w_ff = _weight(n, dt), torch.ones(n, device=DEV, dtype=dt)
+    _, ffn_in = post_attn_pair_rmsnorm(x, r, w_post, w_ff)
+    res_new, want = ref.post_attn_pair_rmsnorm_ref(x, r, w_post, w_ff)
+    of_rounded = ref.rms_norm(res_new, w_ff)
+    same_as_eager = (ffn_in == want).float().mean().item()
+    same_as_rounded = (ffn_in == of_rounded).float().mean().item()
+    assert same_as_eager >= 0.99, same_as_eager
+    assert same_as_rounded <= 0.9, same_as_rounded  # the control: the rounded reading is a different result
 
 
 XL_KNOBS = [  # (n, split, low_reg, early_w): two-chunk rows (exact, masked second chunk, power of two), one chunk
@@ -253,6 +314,12 @@ def test_validation_errors() -> None:
         gemma4_fused_routing(_act(1, 16), torch.ones(16, device=DEV), 17)
     with pytest.raises(ValueError, match="per_expert_scale: expected size 16"):
         gemma4_fused_routing(_act(1, 16), torch.ones(8, device=DEV), 4)
+    with pytest.raises(ValueError, match="w_next: expected size 64"):
+        rmsnorm_residual_scalar_next_norm(x, w, x, torch.ones(1, device=DEV), w[:32])
+    with pytest.raises(ValueError, match="w_pre_ff: expected size 64"):
+        post_attn_pair_rmsnorm(x, x, w, w[:32])
+    with pytest.raises(ValueError, match="residual: expected size 2 in dim 0"):
+        post_attn_pair_rmsnorm(x, _act(3, 64), w, w)
     with pytest.raises(ValueError, match="per_layer_input: expected size 3"):
         gelu_tanh_mul(_act(3, 256), _act(2, 256))
 
@@ -345,6 +412,8 @@ def test_custom_ops_opcheck() -> None:
         (ops.rmsnorm_add.default, (x, w, r, 1e-6)),
         (ops.gelu_tanh_mul.default, (x, r)),
         (ops.rmsnorm_residual_scalar.default, (x, w, r, s, 1e-6)),
+        (ops.rmsnorm_residual_scalar_next_norm.default, (x, w, r, s, w, 1e-6)),
+        (ops.post_attn_pair_rmsnorm.default, (x, r, w, w, 1e-6)),
         (ops.post_attn_triple_rmsnorm.default, (x, r, w, w, w, w, 1e-6)),
         (ops.post_ffn_dense_next_norm.default, (x, r, w, s, w, 1e-6)),
         (ops.post_ffn_moe_next_norm.default, (x, x, r, w, w, w, s, w, 1e-6)),

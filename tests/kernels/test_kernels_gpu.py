@@ -12,10 +12,16 @@ import torch
 from kvtrap.kernels import custom_ops  # noqa: F401  (registers torch.ops.kvtrap.*)
 from kvtrap.kernels import references as ref
 from kvtrap.kernels.cross_layer_norm import post_ffn_dense_next_norm, post_ffn_moe_next_norm
-from kvtrap.kernels.ple_tail import gelu_tanh_mul, ple_tail, rmsnorm_add, rmsnorm_residual_scalar
+from kvtrap.kernels.ple_tail import (
+    gelu_tanh_mul,
+    ple_tail,
+    rmsnorm_add,
+    rmsnorm_residual_scalar,
+    rmsnorm_residual_scalar_next_norm,
+)
 from kvtrap.kernels.qkv_norm_rope import qkv_norm_rope
 from kvtrap.kernels.routing import gemma4_fused_routing
-from kvtrap.kernels.triple_norm import post_attn_triple_rmsnorm
+from kvtrap.kernels.triple_norm import post_attn_pair_rmsnorm, post_attn_triple_rmsnorm
 
 pytestmark = pytest.mark.gpu
 HIDDEN = (1536, 2560, 2816, 5376)
@@ -81,6 +87,13 @@ def test_row_kernels_real_shapes(n: int, m: int) -> None:
     _close(rmsnorm_residual_scalar(x, w[0], r, s), ref.rmsnorm_residual_scalar_ref(x, w[0], r, s))
     for a, b in zip(post_attn_triple_rmsnorm(x, r, *w), ref.post_attn_triple_rmsnorm_ref(x, r, *w), strict=True):
         _close(a, b)
+    for early_w in (False, True):  # the launch rule picks one by M; both must compute the same thing
+        for a, b in zip(post_attn_pair_rmsnorm(x, r, w[0], w[1], early_w=early_w),
+                        ref.post_attn_pair_rmsnorm_ref(x, r, w[0], w[1]), strict=True):  # fmt: skip
+            _close(a, b)
+        for a, b in zip(rmsnorm_residual_scalar_next_norm(x, w[0], r, s, w[1], early_w=early_w),
+                        ref.rmsnorm_residual_scalar_next_norm_ref(x, w[0], r, s, w[1]), strict=True):  # fmt: skip
+            _close(a, b)
     for a, b in zip(post_ffn_dense_next_norm(x, r, w[0], s, w[1]),
                     ref.post_ffn_dense_next_norm_ref(x, r, w[0], s, w[1]), strict=True):  # fmt: skip
         _close(a, b)
@@ -135,6 +148,27 @@ def test_ple_tail_whole_e4b(m: int) -> None:
     assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 4e-3
 
 
+@pytest.mark.parametrize("n", (1536, 2560, 5376))
+@pytest.mark.parametrize("m", (1, 77, 8192))
+def test_pair_norm_matches_sglang_cuda_norms(n: int, m: int) -> None:
+    """post_attn_pair_rmsnorm against what a server's dense layer runs there: sgl_kernel's rmsnorm
+    (post_attention_layernorm) then its in-place fused_add_rmsnorm (pre_feedforward_layernorm)."""
+    try:
+        from sgl_kernel import fused_add_rmsnorm, rmsnorm
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"sgl_kernel not importable: {e}")
+    torch.manual_seed(n + m)
+    x, r = _act(m, n, scale=2.0), _act(m, n, scale=8.0)
+    w_post, w_ff = _weight(n), _weight(n)
+    h = rmsnorm(x, w_post, 1e-6)
+    res_sgl = r.clone()
+    fused_add_rmsnorm(h, res_sgl, w_ff, 1e-6)  # h <- ffn input, res_sgl <- new residual
+    res, ffn_in = post_attn_pair_rmsnorm(x, r, w_post, w_ff)
+    # the post-attention norm's variance is summed in another order there: rounding-boundary cases differ
+    _close(res, res_sgl)
+    _close(ffn_in, h)
+
+
 @pytest.mark.parametrize("n", (2816, 5376))
 def test_cross_layer_stream_matches_sglang_kernels(n: int) -> None:
     """Our stream output is SGLang's gemma_(dual_)rmsnorm_residual_scalar output (same fp32 math)."""
@@ -163,7 +197,9 @@ def test_custom_ops_in_cuda_graph_and_compile() -> None:
         res, ff, rin, moe = ops.post_attn_triple_rmsnorm(x, r, w[0], w[1], w[2], w[3], 1e-6)
         tw, tid = ops.gemma4_fused_routing(logits, scale, 8)
         stream, nxt = ops.post_ffn_dense_next_norm(ff, res, w[0], s, w[1], 1e-6)
-        return [res, ff, rin, moe, tw, tid, stream, nxt, ops.rmsnorm_add(x, w[0], r, 1e-6)]
+        pres, pff = ops.post_attn_pair_rmsnorm(x, r, w[0], w[1], 1e-6)
+        pstream, pnxt = ops.rmsnorm_residual_scalar_next_norm(pff, w[2], pres, s, w[3], 1e-6)
+        return [res, ff, rin, moe, tw, tid, stream, nxt, ops.rmsnorm_add(x, w[0], r, 1e-6), pres, pff, pstream, pnxt]
 
     eager = step(x, r, logits)
     compiled = torch.compile(step, fullgraph=True)

@@ -142,10 +142,11 @@ def test_bad_switch_value_is_one_clear_line_and_patches_nothing():
 
 def test_expected_fusions_of_the_released_variants():
     f = sglang_gemma4.expected_fusions
-    assert f(ple=True, moe=False) == ("qkv_norm_rope", "ple_tail")
+    assert f(ple=True, moe=False) == ("qkv_norm_rope", "ple_tail", "pair_norm", "cross_layer")
     assert f(ple=False, moe=True) == ("qkv_norm_rope", "routing", "triple_norm", "cross_layer")
-    assert f(ple=False, moe=False) == ("qkv_norm_rope", "cross_layer")
+    assert f(ple=False, moe=False) == ("qkv_norm_rope", "pair_norm", "cross_layer")
     assert f(ple=False, moe=True, tp=2) == ("qkv_norm_rope", "routing")
+    assert f(ple=True, moe=False, tp=2) == ("qkv_norm_rope", "ple_tail")
 
 
 def test_plugin_switch_patches_gemma4_on_import_without_arming_the_trap(world):
@@ -167,12 +168,16 @@ def test_plan_matches_the_variant_and_the_kernels_ran(world, variant):
     per_layer = 2 * LAYERS
     assert calls["qkv_norm_rope"] == per_layer
     assert calls["gemma4_fused_routing"] == (per_layer if "routing" in expected else 0)
-    for name in ("rmsnorm_add", "gelu_tanh_mul", "rmsnorm_residual_scalar"):
-        assert calls[name] == (per_layer if "ple_tail" in expected else 0)
+    ple, cross, moe = "ple_tail" in expected, "cross_layer" in expected, VARIANTS[variant]["moe"]
+    for name in ("rmsnorm_add", "gelu_tanh_mul"):
+        assert calls[name] == (per_layer if ple else 0)
+    # a PLE layer's last kernel also writes the next input norm when the layer override runs
+    assert calls["rmsnorm_residual_scalar"] == (per_layer if ple and not cross else 0)
+    assert calls["rmsnorm_residual_scalar_next_norm"] == (per_layer if ple and cross else 0)
+    assert calls["post_attn_pair_rmsnorm"] == (per_layer if "pair_norm" in expected else 0)
     assert calls["post_attn_triple_rmsnorm"] == (per_layer if "triple_norm" in expected else 0)
-    cross = "cross_layer" in expected
-    assert calls["post_ffn_moe_next_norm"] == (per_layer if cross and VARIANTS[variant]["moe"] else 0)
-    assert calls["post_ffn_dense_next_norm"] == (per_layer if cross and not VARIANTS[variant]["moe"] else 0)
+    assert calls["post_ffn_moe_next_norm"] == (per_layer if cross and moe else 0)
+    assert calls["post_ffn_dense_next_norm"] == (per_layer if cross and not moe and not ple else 0)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -186,10 +191,12 @@ def test_warning_once_per_model_names_layers_and_fallbacks(world, variant):
     for words in ("EAGLE3/DFLASH capture layers", "torch.compile or piecewise CUDA-graph", "never calls the custom"):
         assert words in sglang_gemma4.PER_CALL_NOTE
     if variant == "e4b":
-        assert "ple_tail: layers 0-3" in line
-        assert "cross_layer: none; SGLang's path on layers 0-3 (PLE layer" in line
+        assert "ple_tail: layers 0-3 | pair_norm: layers 0-3 |" in line and "cross_layer: layers 0-3." in line
     if variant == "moe":
         assert "routing: layers 0-3" in line and "triple_norm: layers 0-3" in line
+        assert "pair_norm: none; SGLang's path on layers 0-3 (MoE layer" in line
+    if variant == "dense":
+        assert "pair_norm: layers 0-3" in line and "cross_layer: layers 0-3." in line
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -247,13 +254,16 @@ def test_fused_layer_matches_sglang_layer(world, variant, layer):
             assert f"stash{layer + 1}" not in on
 
 
+@pytest.mark.parametrize("variant", ["moe", "e4b"])
 @pytest.mark.parametrize("layer", range(1, LAYERS))
-def test_fused_moe_layer_on_the_stashed_input_norm_matches_sglang_layer(world, layer):
+def test_fused_layer_on_the_stashed_input_norm_matches_sglang_layer(world, variant, layer):
     """Layers ``layer - 1`` and ``layer`` fused: ``layer`` takes the normed input its predecessor's end wrote
     (it does not run its own input norm) and still matches SGLang's layer on the same input (the run with
-    only ``layer - 1`` fused), on the tokens whose routing did not change, within the per-layer tolerances.
-    Prefill only (8 tokens): the decode step adds nothing to the hand-off and costs interpreter time."""
-    res = world["moe"]
+    only ``layer - 1`` fused), on the tokens whose routing did not change (MoE), within the per-layer
+    tolerances; the last layer's end is taken up by the final norm. E4B-like: the predecessor's stash comes
+    from the PLE tail's last kernel. Prefill only (8 tokens): the decode step adds nothing to the hand-off and
+    costs interpreter time."""
+    res = world[variant]
     for step in ("prefill",):
         pair, ref = res["pair"][layer][step], res["solo"][layer - 1][step]
         assert torch.equal(pair[f"in{layer}"], ref[f"in{layer}"]), step  # layer - 1 ran the same in both
@@ -261,7 +271,10 @@ def test_fused_moe_layer_on_the_stashed_input_norm_matches_sglang_layer(world, l
         assert f"own_norm{layer}" not in pair, step  # ... and used: the layer's own input norm did not run
         assert f"own_norm{layer}" in res["solo"][layer][step], step  # (it does when nothing was handed over)
         assert row_ulps(pair[f"attn{layer}"], ref[f"attn{layer}"]) <= ATTN_ROW_ULPS, step
-        rows = routed_alike(pair, ref, layer)
+        if variant == "moe":
+            rows = routed_alike(pair, ref, layer)
+        else:
+            rows = torch.ones(len(pair["out"]), dtype=torch.bool, device=pair["out"].device)
         assert row_ulps(pair[f"out{layer}"][rows], ref[f"out{layer}"][rows]) <= LAYER_ROW_ULPS, step
         written = pair[f"stash{layer + 1}"] if layer + 1 < LAYERS else pair["out"]
         assert elem_ulps(written, pair["next_norm_ref"]) <= NEXT_NORM_ULPS, step
@@ -271,14 +284,17 @@ def tensors(rec: dict) -> dict:
     return {k: v for k, v in rec.items() if isinstance(v, torch.Tensor)}
 
 
-def test_stash_on_another_tensor_is_ignored_and_cleared(world):
+@pytest.mark.parametrize(("variant", "end_kernel"),
+                         [("dense", "post_ffn_dense_next_norm"), ("e4b", "rmsnorm_residual_scalar_next_norm")])
+def test_stash_on_another_tensor_is_ignored_and_cleared(world, variant, end_kernel):
     """Layer 2 entered with a copy of the stream layer 1 left its normed tensor for (poisoned with NaN by the
     test): the fused layer ignores and clears it and applies SGLang's input norm itself, exactly as when no
     stash was left; the control shows the poisoned stash is used when the tensor is the same."""
-    copy, dropped, poisoned = (world["handoff"][k] for k in ("copy", "dropped", "poisoned"))
+    copy, dropped, poisoned = (world["handoff"][variant][k] for k in ("copy", "dropped", "poisoned"))
     assert copy["seen"] == {"stash_in": True, "stash_left": False}
-    assert copy["calls"]["post_ffn_dense_next_norm"] == 2  # layers 1 and 2 fused (0 and 3 held off): layer 2
+    assert copy["calls"][end_kernel] == 2  # layers 1 and 2 fused (0 and 3 held off): layer 2
     # ran fused, not SGLang's layer
+    assert copy["calls"]["post_attn_pair_rmsnorm"] == 2
     assert "own_norm2" in copy and "own_norm2" not in poisoned
     assert tensors(copy).keys() == tensors(dropped).keys()
     for key, value in tensors(copy).items():
@@ -311,6 +327,21 @@ def test_aux_hidden_state_capture_layer_takes_sglangs_path(world):
     assert len(cap["aux"]) == 1 and torch.equal(cap["aux"][0], cap["in2"])
 
 
+def test_ple_layer_without_its_per_layer_input_takes_sglangs_path(world):
+    """Layer 2 of the fused E4B-like model called with ``per_layer_input=None``: SGLang's layer runs
+    (bit-identical to the run with layer 2's override and PLE tail held off), the normed input layer 1 left
+    is dropped, and only layer 1 launched the override's kernels."""
+    none, held = world["ple_input"]["none"], world["ple_input"]["held"]
+    assert none["seen"] == {"stash_in": True, "stash_left": False}
+    assert none["calls"]["post_attn_pair_rmsnorm"] == none["calls"]["rmsnorm_residual_scalar_next_norm"] == 1
+    # layer 2's PLE tail is SGLang's too (nothing to fuse without the per-layer input)
+    assert none["calls"]["rmsnorm_add"] == 1 and none["calls"]["rmsnorm_residual_scalar"] == 0
+    assert "own_norm2" in none
+    assert tensors(none).keys() == tensors(held).keys()
+    for key, value in tensors(none).items():
+        assert torch.equal(value, held[key]), key
+
+
 def test_deterministic_inference_falls_back_everywhere_and_says_why(world):
     """SGLang's batch-invariant mode: no kernel launches (their launch shape, and so their reduction order,
     depends on the token count), SGLang's path bit for bit, and the WARNING says why."""
@@ -321,16 +352,17 @@ def test_deterministic_inference_falls_back_everywhere_and_says_why(world):
     why = "SGLang's deterministic inference (batch-invariant mode)"
     for fusions in det["plan"]:
         assert fusions["ple_tail"] == "no PLE in this model"
+        assert fusions["pair_norm"] == "MoE layer (its post-attention norms are triple_norm's)"
         assert all(fusions[n].startswith(why) for n in ("qkv_norm_rope", "routing", "triple_norm", "cross_layer"))
     assert len(det["log"]) == 1 and f"cross_layer: none; SGLang's path on layers 0-3 ({why}" in det["log"][0]
     # the server flags alone (published config, flag not set): E4B-like plans
+    e4b_fusions = ("qkv_norm_rope", "ple_tail", "pair_norm", "cross_layer")
     for fusions in det["plan_flag"]:
-        assert fusions["qkv_norm_rope"].startswith(why) and fusions["ple_tail"].startswith(why)
+        assert all(fusions[n].startswith(why) for n in e4b_fusions), fusions
     for fusions in det["plan_rl"]:
-        assert fusions["qkv_norm_rope"].startswith("--rl-on-policy-target fsdp")
-        assert fusions["ple_tail"].startswith("--rl-on-policy-target fsdp")
+        assert all(fusions[n].startswith("--rl-on-policy-target fsdp") for n in e4b_fusions), fusions
     for fusions in det["plan_none"]:
-        assert fusions["qkv_norm_rope"] == fusions["ple_tail"] == "on"
+        assert all(fusions[n] == "on" for n in e4b_fusions), fusions
 
 
 def test_routing_kernel_matches_sglang_routing_on_the_same_logits(world):
@@ -401,6 +433,9 @@ def test_doctor_reports_the_routes_and_the_fusions_when_on(monkeypatch):
     assert routes.status == "ok", routes.detail
     fusions = checks["gemma4 fusions"].detail
     assert "26B-A4B-it: qkv_norm_rope, routing, triple_norm, cross_layer" in fusions
+    assert "E2B-it/E4B-it: qkv_norm_rope, ple_tail, pair_norm, cross_layer" in fusions
+    assert "31B-it: qkv_norm_rope, pair_norm, cross_layer" in fusions
+    assert "TP>1: pair_norm, triple_norm and cross_layer fall back" in fusions
     assert "--enable-deterministic-inference: all fall back" in fusions
 
 
