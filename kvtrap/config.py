@@ -63,9 +63,10 @@ class Config:
     allocator_trap: where the allocator checks (the SWA slots an alloc hands out, the free checks) trap.
         ``call``: at the SGLang call itself, before its result is used; one host sync per checked call.
         ``drain``: no host sync; the checks run on the device and a finding is read where SGLang already
-        waits for a step's results (``process_batch_result_decode`` / ``_prefill``), and raised there,
-        before that step's tokens reach any client, one step or more after the faulty call. ``auto``
-        (default): ``drain`` for allocators on a CUDA device, ``call`` elsewhere (no sync to save).
+        waits for a step's results (``process_batch_result_decode`` / ``_prefill``, after its ``copy_done``),
+        and raised there, a step or two after the faulty call. SGLang's other result paths (disaggregated
+        prefill, dLLM) are not drained: use ``call`` there. ``auto`` (default): ``drain`` for allocators on a
+        CUDA device, ``call`` elsewhere (no sync to save).
     """
 
     mode: str = "raise"

@@ -4,15 +4,17 @@ The allocator checks judge device tensors (the SWA slots an alloc hands out, the
 the host at the call, each check is a host sync; in SGLang 0.5.23's overlap scheduler the allocator runs on the
 schedule stream, which waits on the running forward, so such a sync also stalls the CPU until that forward ends
 and the next step is launched late. In drain mode a check only enqueues device work: its reason codes go into a
-small per-allocator record (the first finding wins until it is read), copied without blocking to pinned
-host memory, with a CUDA event behind the copy. Where SGLang waits for a step's results
-(:mod:`kvtrap.capture.hooks.step_drain`) kvtrap asks the event (no wait) and, once it has passed, reads the
-pinned copy: zero means nothing was found. A finding is judged there by the same verdict as in call mode, with
-the call's own tensors (kept by reference), and raised before that step's tokens reach a client.
+small per-allocator record (the first finding wins until it is read), and a copy of the record goes, without
+blocking, into one of a few pinned host slots with a CUDA event behind it. Where SGLang waits for a step's
+results (:mod:`kvtrap.capture.hooks.step_drain`, after that step's ``copy_done``) kvtrap reads the newest slot
+whose event has passed: every check enqueued before that step's forward has then passed. A finding is judged
+there by the same verdict as in call mode, with the call's own tensors, and raised before the step's tokens go
+out.
 
 The price, said in the docs: the faulty result has been used by then (a page freed twice may have been handed
-out again, a slot outside the pool written): the trap says so, a step or more late, instead of preventing it.
-Call mode (``KVTRAP_ALLOCATOR_TRAP=call``) prevents it at a host sync per call.
+out again, a slot outside the pool written). Call mode (``KVTRAP_ALLOCATOR_TRAP=call``) prevents it at a host
+sync per call. No value is read on the host here: every index is a 1-element tensor (``index_select``), never a
+0-dim one (indexing with a 0-dim tensor reads it on the host).
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ import torch
 
 #: The record's fields, in order (one int64 each).
 FIELDS = ("count", "code", "position", "value", "owner", "call")
-#: Calls remembered for judging a finding: a finding older than this many checked calls is reported without
-#: the call's tensors.
+#: Calls remembered for judging a finding (a finding is read within a step or two of its call).
 REMEMBERED_CALLS = 256
+#: Pinned snapshots in flight: the newest whose event has passed is read.
+SLOTS = 8
 
-Judge = Callable[[dict[str, int]], Any]  # the finding's fields -> Verdict
+Judge = Callable[[Any, dict[str, int]], Any]  # (the allocator, the finding's fields) -> Verdict
 
 
 @dataclass
@@ -39,19 +42,26 @@ class Finding:
     judge: Judge | None  # None: the call fell out of the remembered ones
 
 
+def _pick(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).index_select(0, index)
+
+
 class Findings:
-    """One allocator's device-side record and the host-side calls it may point at."""
+    """One allocator's device-side record (per armed session) and the host-side calls it may point at."""
 
     def __init__(self, device: torch.device, session: Any = None) -> None:
         self.device = device
         self.session = session  # the armed session whose checks fill it
-        cuda = device.type == "cuda"
+        self.cuda = device.type == "cuda"
         self.buf = torch.zeros(len(FIELDS), dtype=torch.int64, device=device)
-        self.host = torch.zeros(len(FIELDS), dtype=torch.int64, pin_memory=cuda) if cuda else self.buf
-        self.event = torch.cuda.Event() if cuda else None
-        self.recorded = False  # a check ran since the last read
+        n = SLOTS if self.cuda else 1
+        self.host = [torch.zeros(len(FIELDS), dtype=torch.int64, pin_memory=self.cuda) for _ in range(n)]
+        self.events: list[Any] = [torch.cuda.Event() if self.cuda else None for _ in range(n)]
+        self.slot_seq = [0] * n  # the add each slot was last written by (0: never)
+        self.stream: Any = None  # the stream the checks run on (SGLang's schedule stream)
         self.calls: OrderedDict[int, Judge] = OrderedDict()
         self.seq = 0
+        self.reported = 0  # call number of the last finding reported (an older snapshot may still hold it)
 
     def add(self, codes: torch.Tensor, values: torch.Tensor, owners: torch.Tensor | None, judge: Judge) -> None:
         """Fold one checked call into the record: ``codes`` per element (0 fine), ``values`` the ids judged,
@@ -62,32 +72,44 @@ class Findings:
         self.calls[self.seq] = judge
         while len(self.calls) > REMEMBERED_CALLS:
             self.calls.popitem(last=False)
-        hit = codes > 0
-        first = torch.argmax(hit.to(torch.int32))  # the first hit (0 when there is none: then unused)
-        seq = torch.full((), self.seq, dtype=torch.int64, device=codes.device)
-        owner = owners[first] if owners is not None else torch.full_like(seq, -1)
-        parts = (hit.sum(), codes[first], first, values[first], owner, seq)
-        new = torch.stack([t.to(torch.int64) for t in parts])
-        take = (new[0] > 0) & (self.buf[0] == 0)  # the first finding wins until it is read
+        hit = codes.reshape(-1) > 0
+        first = torch.argmax(hit.to(torch.int32)).reshape(1)  # the first hit (0 when there is none: unused)
+        seq = torch.full((1,), self.seq, dtype=torch.int64, device=codes.device)
+        owner = _pick(owners, first) if owners is not None else torch.full_like(seq, -1)
+        parts = (hit.sum().reshape(1), _pick(codes, first), first, _pick(values, first), owner, seq)
+        new = torch.cat([t.to(torch.int64) for t in parts])
+        take = (new[:1] > 0) & (self.buf[:1] == 0)  # the first finding wins until it is read
         self.buf.copy_(torch.where(take, new, self.buf))
-        if self.host is not self.buf:
-            self.host.copy_(self.buf, non_blocking=True)
-            assert self.event is not None
-            self.event.record()
-        self.recorded = True
+        slot = self.seq % len(self.host)
+        if self.cuda:
+            self.stream = torch.cuda.current_stream(self.device)
+            self.host[slot].copy_(self.buf, non_blocking=True)
+            self.events[slot].record(self.stream)
+        else:
+            self.host[slot].copy_(self.buf)
+        self.slot_seq[slot] = self.seq
 
-    def take(self) -> Finding | None:
-        """The finding, if the device work behind the last check has finished and found something; the record
-        is then reset. Never waits: an unfinished check is read at a later drain."""
-        if not self.recorded:
+    def take(self, *, wait: bool = False) -> Finding | None:
+        """The finding in the newest snapshot whose device work has finished (``wait``: synchronize first, for
+        error paths), if it was not reported yet; the record is then reset on the checks' stream."""
+        ready = [i for i, s in enumerate(self.slot_seq) if s]
+        if wait and self.cuda:
+            for i in ready:
+                self.events[i].synchronize()
+        done = [i for i in ready if not self.cuda or self.events[i].query()]
+        if not done:
             return None
-        if self.event is not None and not self.event.query():
+        newest = max(done, key=lambda i: self.slot_seq[i])
+        vals = dict(zip(FIELDS, (int(v) for v in self.host[newest].tolist()), strict=True))
+        for i in done:
+            if self.slot_seq[i] <= self.slot_seq[newest]:
+                self.slot_seq[i] = 0  # read (or superseded by a newer snapshot that has passed)
+        if vals["count"] == 0 or vals["call"] <= self.reported:
             return None
-        vals = dict(zip(FIELDS, (int(v) for v in self.host.tolist()), strict=True))
-        self.recorded = False
-        if vals["count"] == 0:
-            return None
-        self.buf.zero_()
-        if self.host is not self.buf:
-            self.host.zero_()
+        self.reported = vals["call"]
+        if self.cuda and self.stream is not None:
+            with torch.cuda.stream(self.stream):  # ordered after every check enqueued so far
+                self.buf.zero_()
+        else:
+            self.buf.zero_()
         return Finding(vals, self.calls.get(vals["call"]))

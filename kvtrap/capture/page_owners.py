@@ -54,8 +54,9 @@ class PageOwners:
 
 
 _records: weakref.WeakKeyDictionary[Any, PageOwners] = weakref.WeakKeyDictionary()
-# the SWA sub-allocator -> its SWA allocator (where the pages are released is the sub-allocator)
-_parents: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+# the SWA sub-allocator -> its SWA allocator (where the pages are released is the sub-allocator); a weak value too:
+# the allocator holds the sub-allocator, so a strong one would keep both alive for good
+_parents: weakref.WeakKeyDictionary[Any, weakref.ref[Any]] = weakref.WeakKeyDictionary()
 
 
 def swa_pages_of(alloc: Any) -> int:
@@ -77,12 +78,13 @@ def record_for(alloc: Any, session: Any) -> PageOwners:
     full_slots = torch.arange(live.numel(), dtype=torch.int64, device=live.device)
     rec.note_pairs(full_slots, live)
     _records[alloc] = rec
-    _parents[alloc.swa_attn_allocator] = alloc
+    _parents[alloc.swa_attn_allocator] = weakref.ref(alloc)
     return rec
 
 
 def parent_of(sub: Any) -> Any | None:
-    return _parents.get(sub)
+    ref = _parents.get(sub)
+    return None if ref is None else ref()
 
 
 def existing(alloc: Any, session: Any) -> PageOwners | None:

@@ -19,7 +19,7 @@ from kvtrap.capture.sglang_view import (
     RaggedSnapshot,
     WriteSnapshot,
 )
-from kvtrap.record.context import Context, LayerInfo, PoolPages
+from kvtrap.record.context import ABSENT, Context, LayerInfo, PoolPages
 from kvtrap.record.kinds import Kind
 from kvtrap.record.violation import Violation
 
@@ -301,10 +301,13 @@ def _live_pages(cache_seqlens: Any, row: int, page_size: int) -> int:
 
 
 def judge_allocation(view: AllocationSnapshot, bad: BadEntries) -> Verdict:
-    """An allocator call handed out SWA slots outside the SWA pool (``bad``: where, from the slot scan)."""
+    """An allocator call handed out SWA slots outside the SWA pool (``bad``: where, from the slot scan).
+
+    ``view.out`` / ``view.swa_slots`` may be None (a drain-mode finding whose call is no longer remembered)."""
     page_size = view.page_size
     swa_pages = view.bound // page_size - 1
-    full_index = int(view.out.reshape(-1)[bad.row])
+    out = view.out.reshape(-1) if view.out is not None else None
+    full_index = int(out[bad.row]) if out is not None and bad.row < out.numel() else None
     violation = Violation(
         kind=Kind.SWA_SLOT_OUT_OF_RANGE,
         summary=(
@@ -334,10 +337,10 @@ def judge_allocation(view: AllocationSnapshot, bad: BadEntries) -> Verdict:
             "swa": PoolPages(pages=swa_pages + 1),
         },
         free_pages={"full": view.free_full, "swa": view.free_swa},
-        num_tokens=int(view.out.numel()),
+        num_tokens=ABSENT if out is None else int(out.numel()),
         args={k: v for k, v in view.args.items() if isinstance(v, (int, float, str, bool))},
     )
-    tensors = {"out_full_indices": view.out, "out_swa_indices": view.swa_slots}
+    tensors = {} if out is None else {"out_full_indices": view.out, "out_swa_indices": view.swa_slots}
     for name in ("seq_lens", "prefix_lens", "last_loc"):
         value = view.args.get(name)
         if value is not None and hasattr(value, "detach"):

@@ -52,6 +52,7 @@ that forward ends and costs the overlap scheduler its lead (measured: benchmarks
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -67,6 +68,7 @@ from kvtrap.capture.patching import MethodTarget
 from kvtrap.capture.session import Session, current
 from kvtrap.capture.sglang_view import allocation_snapshot, free_snapshot, full_page_bound, swa_slot_bound
 from kvtrap.capture.verdict import Verdict, judge_allocation, judge_free
+from kvtrap.record.violation import KVTrapError
 
 # SGLang moved the SWA allocator in 0.5.13; older builds keep it beside the pool.
 MODULES = ("sglang.srt.mem_cache.allocator.swa", "sglang.srt.mem_cache.swa_memory_pool")
@@ -92,6 +94,14 @@ def _findings_for(alloc: Any, session: Session, device: Any) -> Findings:
     return found
 
 
+def _slot_bad(f: dict[str, int]) -> checks.BadEntries:
+    return checks.BadEntries(count=f["count"], rows=(f["position"],), row=f["position"], column=0, value=f["value"])
+
+
+def _free_bad(f: dict[str, int]) -> checks.BadFree:
+    return checks.BadFree(checks.RELEASE_REASONS[f["code"] - 1], f["position"], f["value"], f["owner"], f["count"])
+
+
 def check_allocation(alloc: Any, out: Any, where: str, args: dict[str, Any]) -> None:
     session = current()
     if session is None or out is None or getattr(alloc, "_swa_req_ring", False):
@@ -101,11 +111,9 @@ def check_allocation(alloc: Any, out: Any, where: str, args: dict[str, Any]) -> 
     swa_slots = alloc.full_to_swa_index_mapping[out]
     lower, bound = int(alloc.page_size), swa_slot_bound(alloc)
     if at_drain(session, swa_slots):
-
-        def judge(f: dict[str, int]) -> Verdict:
-            bad = checks.BadEntries(count=f["count"], rows=(f["position"],), row=f["position"], column=0,
-                                    value=f["value"])  # fmt: skip
-            return judge_allocation(allocation_snapshot(alloc, out, swa_slots, where, args), bad)
+        # the judge gets the allocator at the drain: holding it here would keep it alive (the record is weak)
+        def judge(a: Any, f: dict[str, int]) -> Verdict:
+            return judge_allocation(allocation_snapshot(a, out, swa_slots, where, args), _slot_bad(f))
 
         codes = checks.slot_codes(swa_slots, lower, bound)
         _findings_for(alloc, session, swa_slots.device).add(codes, swa_slots.reshape(-1), None, judge)
@@ -120,32 +128,39 @@ def check_allocation(alloc: Any, out: Any, where: str, args: dict[str, Any]) -> 
 def drain_findings(session: Session) -> None:
     """Report the first finding any allocator's drain-mode checks recorded, once its device work is done.
 
-    Called where SGLang waits for a step's results (:mod:`kvtrap.capture.hooks.step_drain`); never waits."""
+    Called where SGLang waits for a step's results, after that step's ``copy_done``
+    (:mod:`kvtrap.capture.hooks.step_drain`); never waits itself."""
     for alloc, found in list(_findings.items()):
-        if found.session is not session:
-            continue
-        finding = found.take()
-        if finding is not None:
-            verdict = _drained_verdict(alloc, finding)
-            session.report(verdict.violation, verdict.context, verdict.tensors)
+        if found.session is session:
+            _report(session, alloc, found.take())
+
+
+def _report(session: Session, alloc: Any, finding: Finding | None) -> None:
+    if finding is not None:
+        verdict = _drained_verdict(alloc, finding)
+        session.report(verdict.violation, verdict.context, verdict.tensors)
+
+
+def _report_pending_instead(session: Session, alloc: Any, exc: BaseException) -> None:
+    """SGLang failed inside a checked call (e.g. its free-list size assert after a double free): if kvtrap's
+    drain-mode checks found the cause, wait for them and raise that instead, chained to SGLang's error."""
+    found = _findings.get(alloc)
+    if found is None or found.session is not session:
+        return
+    try:
+        _report(session, alloc, found.take(wait=True))
+    except KVTrapError as err:
+        raise err from exc
 
 
 def _drained_verdict(alloc: Any, finding: Finding) -> Verdict:
-    import dataclasses
-
     f = finding.fields
     if finding.judge is not None:
-        verdict = finding.judge(f)
-    else:  # the call is older than the remembered ones: what the record holds, without its tensors
-        if f["code"] == checks.OUT_OF_RANGE:
-            bad = checks.BadEntries(count=f["count"], rows=(f["position"],), row=f["position"], column=0,
-                                    value=f["value"])  # fmt: skip
-            empty = torch.empty(0, dtype=torch.int64)
-            verdict = judge_allocation(allocation_snapshot(alloc, empty, empty, CLASS, {}), bad)
-        else:
-            bad_free = checks.BadFree(checks.RELEASE_REASONS[f["code"] - 1], f["position"], f["value"], f["owner"],
-                                      f["count"])  # fmt: skip
-            verdict = judge_free(free_snapshot(alloc, torch.empty(0), None, None, CLASS, None), bad_free)
+        verdict = finding.judge(alloc, f)
+    elif f["code"] == checks.OUT_OF_RANGE:  # the call is older than the remembered ones: the record alone
+        verdict = judge_allocation(allocation_snapshot(alloc, None, None, CLASS, {}), _slot_bad(f))
+    else:
+        verdict = judge_free(free_snapshot(alloc, torch.empty(0), None, None, CLASS, None), _free_bad(f))
     details = dict(verdict.violation.details or {})
     details["trapped_at"] = (
         "drain: found by a device-side check (KVTRAP_ALLOCATOR_TRAP=drain) and read where SGLang waited for a"
@@ -214,11 +229,24 @@ def _wrap_swa_free(method: str) -> Callable[[Callable[..., Any]], Callable[..., 
             if self.free_group is not None:  # released at free_group_end
                 rec.pending_full_pages.append(full_pages)
             with _freeing(_Freeing(self, where, free_index, full_pages)):
-                return original(self, free_index, *args, **kwargs)
+                return _call_checked(session, self, free_index, original, self, free_index, *args, **kwargs)
 
         return wrapper
 
     return make
+
+
+def _call_checked(session: Session, alloc: Any, t: Any, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``original(*args, **kwargs)``; in drain mode an exception from SGLang inside it (its own assert after a
+    double free) is replaced by kvtrap's finding for the call, when the checks found one."""
+    try:
+        return original(*args, **kwargs)
+    except KVTrapError:
+        raise
+    except Exception as exc:
+        if t is not None and at_drain(session, t):
+            _report_pending_instead(session, alloc, exc)
+        raise
 
 
 def _wrap_group_end(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -232,7 +260,7 @@ def _wrap_group_end(original: Callable[..., Any]) -> Callable[..., Any]:
         pending, rec.pending_full_pages = rec.pending_full_pages, []
         full_pages = torch.cat(pending) if pending else None
         with _freeing(_Freeing(self, where, None, full_pages)):
-            return original(self, *args, **kwargs)
+            return _call_checked(session, self, full_pages, original, self, *args, **kwargs)
 
     return wrapper
 
@@ -261,25 +289,24 @@ def _wrap_release(original: Callable[..., Any]) -> Callable[..., Any]:
         ctx = _current_freeing(alloc)
         freeing = None if ctx is None else ctx.full_pages
         where = ctx.where if ctx is not None else f"{PAGED_CLASS}._release_page_ids"
+        drain = at_drain(session, pages)
+        free_index = None if ctx is None else ctx.free_index
+        if drain and free_index is not None:
+            free_index = free_index.clone()  # SGLang passes views of req_to_token rows that it reuses
 
-        def judge(bad: checks.BadFree) -> Verdict:
-            view = free_snapshot(
-                alloc, pages, None if freeing is None else torch.unique(freeing),
-                None if ctx is None else ctx.free_index, where, rec.owner[:-1],
-            )  # fmt: skip
+        def judge(a: Any, bad: checks.BadFree) -> Verdict:
+            view = free_snapshot(a, pages, None if freeing is None else torch.unique(freeing), free_index, where,
+                                 rec.owner[:-1])  # fmt: skip
             return judge_free(view, bad)
 
-        if at_drain(session, pages):
+        if drain:
             flat, owners, codes = checks.swa_release_codes(pages, rec.owner, freeing, full_page_bound(alloc))
-            _findings_for(alloc, session, pages.device).add(
-                codes, flat, owners,
-                lambda f: judge(checks.BadFree(checks.RELEASE_REASONS[f["code"] - 1], f["position"], f["value"],
-                                               f["owner"], f["count"])),
-            )  # fmt: skip
+            found = _findings_for(alloc, session, pages.device)
+            found.add(codes, flat, owners, lambda a, f: judge(a, _free_bad(f)))
         else:
             bad = checks.scan_swa_release(pages, rec.owner, freeing, full_page_bound(alloc))
             if bad is not None:
-                verdict = judge(bad)
+                verdict = judge(alloc, bad)
                 session.report(verdict.violation, verdict.context, verdict.tensors)  # raises before the release
         out = original(self, *page_ids)
         rec.note_freed(pages)

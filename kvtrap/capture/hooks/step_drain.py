@@ -6,9 +6,11 @@ the step (``result.copy_done.synchronize()``) before any token goes to a client.
 * the device guard's records (:func:`kvtrap.capture.hooks.device_guard.drain_all`; decode steps, which CUDA
   graphs replay), and
 * the allocator checks' records in drain mode (:func:`kvtrap.capture.hooks.allocator.drain_findings`; decode and
-  prefill results), which never wait: a check whose device work has not finished is read at a later drain.
+  prefill results): after the step's ``copy_done`` every check enqueued before that step's forward has passed.
 
-A finding is dumped and raised here, so the step's tokens never reach a client.
+A finding is dumped and raised here, before this step's tokens reach a client (the faulty call may be a step or
+two older). Not drained: SGLang's other result paths (disaggregated prefill, dLLM, idle batches); use
+``KVTRAP_ALLOCATOR_TRAP=call`` there.
 """
 
 from __future__ import annotations
@@ -23,10 +25,19 @@ MODULE = "sglang.srt.managers.scheduler_components.batch_result_processor"
 CLASS = "SchedulerBatchResultProcessor"
 
 
+def _step_done(result: Any) -> None:
+    """SGLang's own first step in these methods (``result.copy_done.synchronize()``), taken first: every check
+    enqueued before this step's forward has then passed, so its record is read now, not a step later."""
+    copy_done = getattr(result, "copy_done", None)
+    if copy_done is not None:
+        copy_done.synchronize()
+
+
 def _before_decode_results(original: Any) -> Any:
     def process_batch_result_decode(self: Any, batch: Any, result: Any, *args: Any, **kwargs: Any) -> Any:
         session = current()
         if session is not None:
+            _step_done(result)
             device_guard.drain_all(session, result)
             allocator.drain_findings(session)
         return original(self, batch, result, *args, **kwargs)
@@ -35,11 +46,12 @@ def _before_decode_results(original: Any) -> Any:
 
 
 def _before_prefill_results(original: Any) -> Any:
-    def process_batch_result_prefill(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def process_batch_result_prefill(self: Any, batch: Any, result: Any, *args: Any, **kwargs: Any) -> Any:
         session = current()
         if session is not None:
+            _step_done(result)
             allocator.drain_findings(session)
-        return original(self, *args, **kwargs)
+        return original(self, batch, result, *args, **kwargs)
 
     return process_batch_result_prefill
 
