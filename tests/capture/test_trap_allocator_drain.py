@@ -180,6 +180,23 @@ def _random_steps(alloc, rng: random.Random, steps: int):
     outs = []
     live: list[torch.Tensor] = []
     for _ in range(steps):
+        if live and rng.random() < 0.1:  # window eviction of a request's first page, then the rest
+            slots = live.pop(rng.randrange(len(live)))
+            if len(slots) > w.PAGE_SIZE:
+                alloc.free_swa_segment(slots[: w.PAGE_SIZE], start_pos=0)
+                alloc.free_full_segment(slots[: w.PAGE_SIZE], start_pos=0)
+                alloc.free_segment(slots[w.PAGE_SIZE :], start_pos=w.PAGE_SIZE)
+            else:
+                alloc.free(slots)
+            outs.append("segment")
+            continue
+        if len(live) > 1 and rng.random() < 0.15:
+            alloc.free_group_begin()
+            for _ in range(2):
+                alloc.free(live.pop(rng.randrange(len(live))))
+            alloc.free_group_end()
+            outs.append("group")
+            continue
         if live and rng.random() < 0.35:
             alloc.free(live.pop(rng.randrange(len(live))))
             outs.append("free")
@@ -195,12 +212,15 @@ def _random_steps(alloc, rng: random.Random, steps: int):
     return outs
 
 
-def test_clean_random_steps_find_nothing_and_match_unarmed(tmp_path):
+def test_clean_random_steps_find_nothing_and_match_unarmed(tmp_path, no_host_reads_from_kvtrap):
     plain_alloc = w.make_allocator(w.make_pool())
     plain = _random_steps(plain_alloc, random.Random(3), 400)
     armed_alloc = w.make_allocator(w.make_pool())
     with kvtrap.armed(dump_dir=str(tmp_path), allocator_trap="drain") as session:
-        armed = _random_steps(armed_alloc, random.Random(3), 400)
+        with no_host_reads_from_kvtrap:
+            armed = _random_steps(armed_alloc, random.Random(3), 400)
+        assert no_host_reads_from_kvtrap.hits == []  # allocs, frees, segment frees, free groups: no host read
+        assert {"free", "segment", "group"} <= {o for o in armed if isinstance(o, str)}
         allocator.drain_findings(session)  # nothing recorded: returns quietly
         assert allocator._findings[armed_alloc].seq > 100  # the checks really ran
     assert len(plain) == len(armed)
