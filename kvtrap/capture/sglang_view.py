@@ -668,6 +668,61 @@ def flashinfer_handed(backend: Any, layer: Any) -> str:
     return "window_kv_indices" if window and int(backend._get_wrapper_idx(layer)) == 0 else "kv_indices"
 
 
+def triton_graph_rails(backend: Any, forward_batch: Any) -> dict[str, Rail] | None:
+    """The index sets a ``TritonAttnBackend`` CUDA-graph replay reads, right after
+    ``init_forward_metadata_out_graph(fb)`` refilled them (SGLang 0.5.23 builds them there, outside the graph,
+    in the static buffers the graph captured: ``kv_indptr`` / ``cuda_graph_kv_indices`` and, with a sliding
+    window, ``window_kv_indptr`` / ``cuda_graph_window_kv_indices``), cut to the batch's rows: decode, draft
+    extend and dLLM fill ``batch_size`` rows, target verify ``len(req_pool_indices)``. ``None``: no graph
+    buffers (``init_cuda_graph_state`` not run)."""
+    indices = getattr(backend, "cuda_graph_kv_indices", None)
+    indptr = getattr(backend, "kv_indptr", None)
+    if indices is None or indptr is None:
+        return None
+    mode = getattr(forward_batch, "forward_mode", None)
+    verify = mode is not None and mode.is_target_verify()
+    bs = len(forward_batch.req_pool_indices) if verify else int(forward_batch.batch_size)
+    live = backend.token_to_kv_pool
+    out = {"kv_indices": Rail("kv_indices", indptr[: bs + 1], indices, FULL)}
+    window = getattr(backend, "sliding_window_size", None)
+    window_indices = getattr(backend, "cuda_graph_window_kv_indices", None)
+    window_indptr = getattr(backend, "window_kv_indptr", None)
+    if window is not None and window > 0 and window_indices is not None and window_indptr is not None:
+        out["window_kv_indices"] = Rail("window_kv_indices", window_indptr[: bs + 1], window_indices,
+                                        rail_space("window_kv_indices", live, SWA))
+    return out
+
+
+def ragged_guard_context(backend: Any, rails: dict[str, Rail]) -> tuple[Context, dict[str, Any]]:
+    """The context and tensors a device-guard drain dumps for the ragged sets it checked last (``rails``):
+    each set's live ids (up to its last offset, within the buffer) and offsets. Reads the device: call at the
+    drain, after the step's sync."""
+    live = backend.token_to_kv_pool
+    page_size = int(backend.page_size)
+    tables: dict[str, TableInfo] = {}
+    tensors: dict[str, Any] = {}
+    rows = None
+    for rail in rails.values():
+        numel = int(rail.indices.numel())
+        end = int(rail.indptr[-1]) if rail.indptr.numel() else 0
+        tensors[rail.name] = rail.indices[: min(max(end, 0), numel)]
+        tensors[rail.name.replace("indices", "indptr")] = rail.indptr
+        tables[rail.name] = TableInfo(pool=rail.space, bound=layer_rows(live, rail.space, page_size),
+                                      handed_to_layer=None, shape=[numel])
+        rows = int(rail.indptr.numel()) - 1
+    context = Context(
+        page_size=page_size,
+        pools=pool_summary(live, page_size),
+        live_pool=live_pool(live),
+        backend=backend_state(backend, live),
+        capturing=False,
+        tables=tables,
+    )
+    if rows is not None:
+        context = context.with_(batch_size=rows)
+    return context, tensors
+
+
 @dataclass
 class RaggedSnapshot:
     """One layer's ragged KV read: the index set handed (``handed``), and for triton's unified
