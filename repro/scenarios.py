@@ -69,8 +69,9 @@ BACKEND_NOTES: dict[str, str] = {
         "CUDA graphs: use --eager to check every step's values)"
     ),
     "triton": (
-        "Gemma 4's default off sm100; kvtrap checks its ragged kv_indptr / kv_indices on the host only (no device "
-        "guard in its CUDA graphs: use --eager to check every step's values)"
+        "Gemma 4's default off sm100; kvtrap checks its ragged kv_indptr / kv_indices on the host before each "
+        "layer, and with the device guard after each CUDA-graph replay's metadata build (not the multi-step "
+        "draft's per-step sets: use --eager to check those)"
     ),
 }
 
