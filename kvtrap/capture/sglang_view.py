@@ -693,6 +693,32 @@ def triton_graph_rails(backend: Any, forward_batch: Any) -> dict[str, Rail] | No
     return out
 
 
+def triton_draft_graph_rails(draft: Any, forward_batch: Any) -> list[dict[str, Rail]] | None:
+    """Each captured draft step's index sets of a ``TritonMultiStepDraftBackend`` replay, right after its
+    ``init_forward_metadata_out_graph(fb)`` refilled them (SGLang 0.5.23: ``common_template`` fills row ``i`` of
+    its ``kv_indptr`` / ``cuda_graph_kv_indices`` and, with a sliding window, of ``window_kv_indptr`` /
+    ``cuda_graph_window_kv_indices`` for every step; step ``i``'s backend, ``attn_backends[i]``, reads row ``i``),
+    cut to ``topk * batch_size`` rows. One dict per backend in ``attn_backends``; ``None``: no graph buffers."""
+    indices = getattr(draft, "cuda_graph_kv_indices", None)
+    indptr = getattr(draft, "kv_indptr", None)
+    backends = getattr(draft, "attn_backends", None)
+    if indices is None or indptr is None or not backends:
+        return None
+    bs = int(draft.topk) * int(forward_batch.batch_size)
+    live = draft.token_to_kv_pool
+    window_indices = getattr(draft, "cuda_graph_window_kv_indices", None)
+    window_indptr = getattr(draft, "window_kv_indptr", None)
+    window = bool(getattr(draft, "window_rail", False)) and window_indices is not None and window_indptr is not None
+    out = []
+    for i in range(len(backends)):
+        rails = {"kv_indices": Rail("kv_indices", indptr[i, : bs + 1], indices[i], FULL)}
+        if window:
+            rails["window_kv_indices"] = Rail("window_kv_indices", window_indptr[i, : bs + 1], window_indices[i],
+                                              rail_space("window_kv_indices", live, SWA))
+        out.append(rails)
+    return out
+
+
 def ragged_guard_context(backend: Any, rails: dict[str, Rail]) -> tuple[Context, dict[str, Any]]:
     """The context and tensors a device-guard drain dumps for the ragged sets it checked last (``rails``):
     each set's live ids (up to its last offset, within the buffer) and offsets. Reads the device: call at the

@@ -159,3 +159,48 @@ def test_decode_context_parallel_and_unified_pools_stand_aside(tmp_path, guard_o
         monkeypatch.setattr(triton_guard, "translating", lambda backend: True)
         world.backend.init_forward_metadata_out_graph(world.fb)
     assert launched == []
+
+
+# ------------------------------------------------------------------------------ EAGLE multi-step draft
+def test_draft_step_sets_guarded_after_the_multi_step_replay_build(tmp_path, guard_on_cpu):
+    world = tg.draft_world()
+    draft = world.draft
+    r2t = draft.req_to_token_pool.req_to_token
+    bad = FULL_ROWS + 11
+    r2t[2, 5] = bad  # request 1, position 5: read by every step, outside the window (SGLang translates the window)
+    with kvtrap.armed(dump_dir=str(tmp_path)):
+        draft.init_forward_metadata_out_graph(world.fb)  # the draft runner's per-replay call
+        for i in range(world.steps - 1):
+            got = tg.ragged(draft.kv_indptr[i, :4], draft.cuda_graph_kv_indices[i])
+            full, _ = tg.expected_draft_rails(world, i)
+            assert got[1][5] == 0 and got[1][6:] == full[1][6:] and got[0] == full[0] and got[2] == full[2]
+        with pytest.raises(kvtrap.KVTrapError) as info:
+            _drain()
+    v = info.value.violation
+    assert (v.kind, v.table, v.row, v.column, v.value, v.bound) == ("kv_indices_out_of_range", "kv_indices", 1, 5,
+                                                                     bad, FULL_ROWS)
+    states = [_state(inner) for inner in draft.attn_backends]
+    assert all(s is not None for s in states)
+    # the first drained backend raised; the other step's record still holds its own entry: the next drain
+    assert sorted(s.record.pending() for s in states) == [0, 1]
+    with kvtrap.armed(dump_dir=str(tmp_path)), pytest.raises(kvtrap.KVTrapError) as info:
+        _drain()
+    assert (info.value.violation.row, info.value.violation.column, info.value.violation.value) == (1, 5, bad)
+    assert [s.record.pending() for s in states] == [0, 0]
+
+
+def test_draft_clean_replays_bit_identical_and_quiet(tmp_path, guard_on_cpu):
+    plain, guarded = tg.draft_world(replay=False), tg.draft_world(replay=False)
+    plain.draft.init_forward_metadata_out_graph(plain.fb)
+    with kvtrap.armed(dump_dir=str(tmp_path)):
+        guarded.draft.init_forward_metadata_out_graph(guarded.fb)
+        states = [_state(inner) for inner in guarded.draft.attn_backends]
+        assert all(s is not None and s.record.pending() == 0 for s in states)
+        assert all(set(s.last_checked) == {"kv_indices", "window_kv_indices"} for s in states)
+    for name in ("kv_indptr", "cuda_graph_kv_indices", "window_kv_indptr", "cuda_graph_window_kv_indices"):
+        assert torch.equal(getattr(plain.draft, name), getattr(guarded.draft, name)), name
+    for i in range(guarded.steps - 1):
+        full, window = tg.expected_draft_rails(guarded, i)
+        assert tg.ragged(guarded.draft.kv_indptr[i, :4], guarded.draft.cuda_graph_kv_indices[i]) == full
+        assert tg.ragged(guarded.draft.window_kv_indptr[i, :4], guarded.draft.cuda_graph_window_kv_indices[i]) == window
+    assert not list(tmp_path.iterdir())

@@ -104,3 +104,72 @@ def expected_rails(world: TritonGraphWorld) -> tuple[list[list[int]], list[list[
 def ragged(indptr: torch.Tensor, indices: torch.Tensor) -> list[list[int]]:
     ptr = indptr.tolist()
     return [indices[ptr[r]: ptr[r + 1]].tolist() for r in range(len(ptr) - 1)]
+
+
+@dataclass
+class TritonDraftWorld:
+    pool: Any
+    alloc: Any
+    batch: w.Batch  # each request's prefix + its draft tokens' slots
+    draft: Any  # the real TritonMultiStepDraftBackend
+    fb: Any
+    steps: int
+    window: int
+
+
+def draft_world(seq_lens=(40, 100, 17), *, steps: int = 3, max_bs: int = 4, window: int = WINDOW,
+                replay: bool = True) -> TritonDraftWorld:  # fmt: skip
+    """EAGLE multi-step draft decode (topk 1) prepared as SGLang's draft CUDA-graph runner prepares it: a real
+    ``TritonMultiStepDraftBackend`` (partially constructed, its per-step backends from :func:`graph_backend`
+    sharing its ``kv_indptr`` rows, as its ``__init__`` builds them), its own ``init_cuda_graph_state``, and
+    ``init_forward_metadata_out_graph(fb)`` before a replay: SGLang's ``generate_draft_decode_kv_indices`` and
+    window gather (interpreted on CPU) fill every step's ragged sets. Each request's ``req_to_token`` row
+    holds its prefix and then its ``steps`` draft slots. The batch carries no write locations (``out_cache_loc``
+    None: the per-step SWA write buffers are not refilled; not what the guard checks)."""
+    from sglang.srt.layers.attention.triton_backend import TritonMultiStepDraftBackend
+
+    pool = w.make_pool()
+    alloc = w.make_allocator(pool)
+    full = w.allocate_requests(alloc, [n + steps for n in seq_lens])
+    r2t, translator = fw._runner_side(pool, alloc, full, w.PAGE_SIZE, "cpu")
+    prefix = w.Batch(list(seq_lens), [s[:n] for s, n in zip(full.token_slots, seq_lens, strict=True)])
+    fb = w.make_forward_batch(prefix)
+    fb.out_cache_loc = None
+    fb.positions = fb.seq_lens.clone()
+    fb.seq_lens_cpu = fb.seq_lens.cpu()
+    drafts = torch.cat([s[n:] for s, n in zip(full.token_slots, seq_lens, strict=True)])
+    fw._bind_plan(translator, fb, drafts, steps)
+    draft = object.__new__(TritonMultiStepDraftBackend)
+    draft.topk, draft.speculative_num_steps = 1, steps
+    draft.kv_indptr = torch.zeros(steps, max_bs + 1, dtype=torch.int32)
+    draft.attn_backends = []
+    for i in range(steps - 1):
+        inner = graph_backend(pool, r2t, translator, max_bs=max_bs, window=window)
+        inner.kv_indptr = draft.kv_indptr[i]
+        draft.attn_backends.append(inner)
+    draft.max_context_len = fw.MAX_CONTEXT
+    draft.num_head = 2
+    draft.device = "cpu"
+    draft.req_to_token_pool = r2t
+    draft.pool_len = r2t.req_to_token.shape[1]
+    draft.page_size = w.PAGE_SIZE
+    draft.draft_window_size, draft.draft_sink_size = 0, 0
+    draft.kv_index_translator = translator
+    draft.token_to_kv_pool = pool
+    draft.sliding_window_size = window
+    draft.window_rail = True
+    draft.window_kv_indptr = torch.zeros(steps, max_bs + 1, dtype=torch.int32)
+    draft.cuda_graph_window_kv_indices = None
+    draft.init_cuda_graph_state(max_bs, max_bs)
+    if replay:
+        draft.init_forward_metadata_out_graph(fb)
+    return TritonDraftWorld(pool, alloc, full, draft, fb, steps, window)
+
+
+def expected_draft_rails(world: TritonDraftWorld, step: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Draft step ``step``'s sets: each request's prefix plus its first ``step + 1`` draft slots, and the last
+    ``window`` of those, SWA-translated."""
+    mapping = world.pool.full_to_swa_index_mapping
+    lens = world.fb.seq_lens.tolist()
+    full = [s[: n + step + 1] for s, n in zip(world.batch.token_slots, lens, strict=True)]
+    return [f.tolist() for f in full], [mapping[f[max(0, f.numel() - world.window):]].tolist() for f in full]

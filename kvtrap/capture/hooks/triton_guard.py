@@ -15,9 +15,14 @@ capturing) nothing is launched: the buffers hold capture placeholders then.
 
 The record, the per-backend state and the drain are :mod:`kvtrap.capture.hooks.device_guard`'s (its
 ``drain_all``, called at ``process_batch_result_decode`` by :mod:`kvtrap.capture.hooks.step_drain`). Eager
-forwards are checked on the host before each layer (:mod:`kvtrap.capture.hooks.triton`). Not guarded on the
-device: the multi-step draft backend's per-step sets (``TritonMultiStepDraftBackend``, filled by its own
-``common_template``), the deterministic extend's aligned window set (eager only), unified (translating)
+forwards are checked on the host before each layer (:mod:`kvtrap.capture.hooks.triton`).
+
+EAGLE multi-step draft decode (``TritonMultiStepDraftBackend``): before each draft replay its own
+``init_forward_metadata_out_graph(fb)`` fills every step's sets in one gather (``common_template``; its per-step
+backends' ``init_forward_metadata_out_graph`` runs only while binding for capture). kvtrap guards step ``i``'s
+row right after that call, with step ``i``'s backend's record (so a dump names that backend).
+
+Not guarded on the device: the deterministic extend's aligned window set (eager only), unified (translating)
 pools (virtual ids) and decode context parallelism (per-rank shards).
 """
 
@@ -36,12 +41,14 @@ from kvtrap.capture.sglang_view import (
     ragged_guard_context,
     sharded_kv,
     translating,
+    triton_draft_graph_rails,
     triton_graph_rails,
 )
 from kvtrap.record.context import Context
 
 MODULE = "sglang.srt.layers.attention.triton_backend"
 CLASS = "TritonAttnBackend"
+DRAFT_CLASS = "TritonMultiStepDraftBackend"
 #: table name -> (pool, ragged); the window set's pool is the SWA one on an SWA pool (the name's pool is a label)
 TABLES = {"kv_indices": (FULL, True), "window_kv_indices": (SWA, True)}
 
@@ -83,4 +90,24 @@ def _after_out_graph(original: Any) -> Any:
     return init_forward_metadata_out_graph
 
 
-TARGETS = [MethodTarget(MODULE, CLASS, "init_forward_metadata_out_graph", _after_out_graph)]
+def _after_draft_out_graph(original: Any) -> Any:
+    def init_forward_metadata_out_graph(self: Any, forward_batch: Any, in_capture: bool = False, **kw: Any) -> Any:
+        out = original(self, forward_batch, in_capture=in_capture, **kw)
+        session = current()
+        if in_capture or session is None or session.config.guard == "off" or translating(self):
+            return out
+        steps = triton_draft_graph_rails(self, forward_batch)
+        if not steps or sharded_kv(self.attn_backends[0]) or not guard_wanted(steps[0]["kv_indices"].indices,
+                                                                              session.config.guard):
+            return out
+        for inner, rails in zip(self.attn_backends, steps, strict=True):
+            guard_rails(inner, rails, publish=True)  # step i's backend reads row i: its record, its dump
+        return out
+
+    return init_forward_metadata_out_graph
+
+
+TARGETS = [
+    MethodTarget(MODULE, CLASS, "init_forward_metadata_out_graph", _after_out_graph),
+    MethodTarget(MODULE, DRAFT_CLASS, "init_forward_metadata_out_graph", _after_draft_out_graph),
+]
