@@ -70,8 +70,8 @@ BACKEND_NOTES: dict[str, str] = {
     ),
     "triton": (
         "Gemma 4's default off sm100; kvtrap checks its ragged kv_indptr / kv_indices on the host before each "
-        "layer, and with the device guard after each CUDA-graph replay's metadata build (not the multi-step "
-        "draft's per-step sets: use --eager to check those)"
+        "layer, and with the device guard after each CUDA-graph replay's metadata build (the EAGLE multi-step "
+        "draft's per-step sets included)"
     ),
 }
 
