@@ -103,6 +103,27 @@ def test_untranslated_window_id_checked_against_the_swa_pool(tmp_path, guard_on_
     assert (v.table, v.pool, v.row, v.column, v.value, v.bound) == ("window_kv_indices", "swa", 2, n - 3, slot, SWA_ROWS)
 
 
+def test_window_set_on_a_plain_pool_is_bounded_by_the_full_pool(tmp_path, guard_on_cpu):
+    world = tg.graph_world(plain=True)
+    backend, fb = world.backend, world.fb
+    full, window = tg.expected_rails(world)
+    assert tg.ragged(backend.window_kv_indptr[:4], backend.cuda_graph_window_kv_indices) == window == [
+        f[-tg.WINDOW:] for f in full]  # untranslated: full-pool ids
+    bad = FULL_ROWS + 3
+    backend.req_to_token[3, int(world.batch.seq_lens[2]) - 1] = bad  # request 2's last token: in both sets
+    with kvtrap.armed(dump_dir=str(tmp_path)):
+        backend.init_forward_metadata_out_graph(fb)
+        with pytest.raises(kvtrap.KVTrapError) as info:
+            _drain()
+    dump = kvtrap.load_dump(info.value.dump_path)
+    entries = sorted(map(tuple, dump.tensors["guard_entries"].tolist()))
+    ids = {name: t["id"] for name, t in dump.manifest["context"]["guard"]["tables"].items()}
+    n = world.batch.seq_lens[2]
+    assert entries == sorted([(ids["kv_indices"], -1, 2, n - 1, bad, FULL_ROWS, 1),
+                              (ids["window_kv_indices"], -1, 2, min(n, tg.WINDOW) - 1, bad, FULL_ROWS, 1)])
+    assert dump.manifest["context"]["guard"]["tables"]["window_kv_indices"]["pool"] == "full"
+
+
 def test_clean_replays_bit_identical_armed_and_unarmed_and_quiet(tmp_path, guard_on_cpu):
     for step, lens in enumerate([(40, 100, 17), (1, 200), (63, 64, 65, 3), (200,)]):
         plain = tg.graph_world(lens)

@@ -61,13 +61,22 @@ def graph_backend(pool, r2t, translator, *, max_bs: int, device: str = "cpu", wi
     return backend
 
 
+def plain_pool(pages: int = w.FULL_PAGES, device: str = "cpu"):
+    """SGLang's plain MHA pool (no SWA sub-pool): a sliding-window model's window layers read full-pool ids."""
+    return w.sglang()["MHATokenToKVPool"](
+        size=pages * w.PAGE_SIZE, page_size=w.PAGE_SIZE, dtype=torch.bfloat16, head_num=1, head_dim=8,
+        layer_num=len(w.SWA_LAYERS) + len(w.FULL_LAYERS), device=device, enable_memory_saver=False,
+    )
+
+
 def graph_world(seq_lens=(40, 100, 17), *, fill_pages: int = 0, max_bs: int = 4, device: str = "cpu",
-                replay: bool = True, window: int = WINDOW) -> TritonGraphWorld:  # fmt: skip
+                replay: bool = True, window: int = WINDOW, plain: bool = False) -> TritonGraphWorld:  # fmt: skip
     """Requests allocated for real (``fill_pages``: older requests first, so full ids are large and differ from
     SWA ids), one decode token each (SGLang's ``alloc_decode``), the runner's buffers bound as for capture and,
-    with ``replay``, refilled for the replay by SGLang's ``init_forward_metadata_out_graph(fb)``."""
-    pool = w.make_pool(device=device)
-    alloc = w.make_allocator(pool, device=device)
+    with ``replay``, refilled for the replay by SGLang's ``init_forward_metadata_out_graph(fb)``. ``plain``: a
+    plain pool and SGLang's plain paged allocator (window ids untranslated)."""
+    pool = plain_pool(device=device) if plain else w.make_pool(device=device)
+    alloc = w.make_plain_allocator(pool) if plain else w.make_allocator(pool, device=device)
     for _ in range(fill_pages // 8):  # older requests whose tokens left the window: SWA pages released
         older = w.allocate_requests(alloc, [8 * w.PAGE_SIZE])
         alloc.free_swa(older.token_slots[0])
@@ -95,9 +104,10 @@ def graph_world(seq_lens=(40, 100, 17), *, fill_pages: int = 0, max_bs: int = 4,
 def expected_rails(world: TritonGraphWorld) -> tuple[list[list[int]], list[list[int]]]:
     """Each request's full-pool ids (its token slots) and its window ids (the last ``window`` of them,
     translated through the live pool's ``full_to_swa_index_mapping``): what the replay's sets must hold."""
-    mapping = world.pool.full_to_swa_index_mapping
+    mapping = getattr(world.pool, "full_to_swa_index_mapping", None)
     full = [s.tolist() for s in world.batch.token_slots]
-    window = [mapping[s[max(0, s.numel() - world.window):]].tolist() for s in world.batch.token_slots]
+    tails = [s[max(0, s.numel() - world.window):] for s in world.batch.token_slots]
+    window = [(t if mapping is None else mapping[t]).tolist() for t in tails]
     return full, window
 
 

@@ -34,8 +34,6 @@ from kvtrap.capture.hooks.device_guard import GuardState, guard_wanted, state_fo
 from kvtrap.capture.patching import MethodTarget
 from kvtrap.capture.session import current
 from kvtrap.capture.sglang_view import (
-    FULL,
-    SWA,
     Rail,
     layer_rows,
     ragged_guard_context,
@@ -49,8 +47,6 @@ from kvtrap.record.context import Context
 MODULE = "sglang.srt.layers.attention.triton_backend"
 CLASS = "TritonAttnBackend"
 DRAFT_CLASS = "TritonMultiStepDraftBackend"
-#: table name -> (pool, ragged); the window set's pool is the SWA one on an SWA pool (the name's pool is a label)
-TABLES = {"kv_indices": (FULL, True), "window_kv_indices": (SWA, True)}
 
 
 def _context(backend: Any, state: GuardState) -> tuple[Context, dict[str, Any]]:
@@ -64,13 +60,16 @@ def guard_rails(backend: Any, rails: dict[str, Rail], *, publish: bool) -> Guard
     live = backend.token_to_kv_pool
     page_size = int(backend.page_size)
     first = next(iter(rails.values()))
-    state = state_for(backend, first.indices.device, TABLES, _context)
+    state = state_for(backend, first.indices.device, {}, _context)
     state.last_checked = rails
     for rail in rails.values():
         bound = layer_rows(live, rail.space, page_size)
         if bound is None:
             continue  # no pool size known: the host checks say so once
-        guard_ragged_(rail.indptr, rail.indices, bound, state.record, state.table_ids[rail.name])
+        tid = state.table_ids.get(rail.name)
+        if tid is None:  # registered with the pool its ids index (the window set: SWA only on an SWA pool)
+            tid = state.table_ids[rail.name] = state.record.register_table(rail.name, pool=rail.space, ragged=True)
+        guard_ragged_(rail.indptr, rail.indices, bound, state.record, tid)
     if publish:
         state.record.publish_()
     return state
