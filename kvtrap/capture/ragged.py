@@ -42,8 +42,9 @@ def check_ragged(
     ``layer`` reads and the ids ``extend`` appended to it; report through the armed session.
 
     ``judge_drift=False``: the backend's cached SWA state does not decide what this read uses (it is still
-    recorded in a dump's context when something else is wrong). ``device_guarded``: the backend's CUDA-graph
-    replays are value-checked by the device guard (triton), so capture is silent unless the guard is off."""
+    recorded in a dump's context when something else is wrong). ``device_guarded``: every CUDA-graph replay of the
+    backend is value-checked by the device guard (triton), so capture is silent unless the guard is off
+    (flashinfer's are only for some graphs: it warns once)."""
     session = current()
     if session is None:
         return
@@ -76,8 +77,10 @@ def check_ragged(
             extend_bad = entry.scans[key]
     if not (mismatch or drift or extend_bad is not None) and (scan is None or scan.ok):
         if capturing and (session.config.guard == "off" or not device_guarded):
-            session.warn_once("capture-ragged", "ragged KV ids are not value-checked inside CUDA-graph capture or"
-                              " replay (host checks only); run eager to check them every step")
+            session.warn_once("capture-ragged", "ragged KV ids are not value-checked by the host checks inside"
+                              " CUDA-graph capture or replay; the device guard (KVTRAP_GUARD, not off) checks the"
+                              " replays of triton's graphs and of flashinfer's decode / verify / draft-extend graphs"
+                              " (docs/guard.md); run eager to check every step")
         return  # the common case: a few attribute reads, no sync
     view = ragged_snapshot(
         backend, layer, forward_batch, where, layer_type=layer_type, index_in_pool=index_in_pool, rails=sets,

@@ -719,6 +719,44 @@ def triton_draft_graph_rails(draft: Any, forward_batch: Any) -> list[dict[str, R
     return out
 
 
+def flashinfer_graph_rails(backend: Any, forward_batch: Any) -> dict[str, Rail] | None:
+    """The ids the CUDA-graph wrappers of a ``FlashInferAttnBackend`` replay will run on, right after
+    ``init_forward_metadata_out_graph(fb)`` planned them (SGLang 0.5.23: the indices updater gathers straight
+    into each cuda-graph wrapper's ``_paged_kv_indices_buf`` and ``plan`` copies the offsets into its
+    ``_paged_kv_indptr_buf``; the captured ``run`` reads both): the decode wrappers of ``batch_size`` (decode),
+    the prefill wrappers (target verify) or the draft-extend wrappers (draft extend v2). Names and id spaces as
+    :func:`flashinfer_rails`. ``None``: another mode (dLLM, prefill graphs) or nothing planned for this size."""
+    mode = getattr(forward_batch, "forward_mode", None)
+    if mode is None:
+        return None
+    bs = int(forward_batch.batch_size)
+    if mode.is_decode_or_idle():
+        wrappers = (getattr(backend, "decode_cuda_graph_metadata", None) or {}).get(bs)
+        updater = getattr(backend, "indices_updater_decode", None)
+    elif mode.is_target_verify():
+        wrappers = (getattr(backend, "prefill_cuda_graph_metadata", None) or {}).get(bs)
+        updater = getattr(backend, "indices_updater_prefill", None)
+    elif mode.is_draft_extend_v2():
+        wrappers = (getattr(backend, "draft_extend_cuda_graph_metadata", None) or {}).get(bs)
+        updater = getattr(backend, "indices_updater_prefill", None)
+    else:
+        return None
+    if not wrappers:
+        return None
+    live = backend.token_to_kv_pool
+    window = getattr(getattr(backend, "dispatch_reason", None), "name", None) == "SLIDING_WINDOW"
+    translated = is_swa_pool(live) and getattr(updater, "_swa_kv_pool", None) is not None
+    out = {}
+    for idx, wrapper in enumerate(wrappers[:2]):
+        name = "window_kv_indices" if window and idx == 0 else "kv_indices"
+        indptr = getattr(wrapper, "_paged_kv_indptr_buf", None)
+        indices = getattr(wrapper, "_paged_kv_indices_buf", None)
+        if indptr is not None and indices is not None and indptr.numel() > bs:
+            out[name] = Rail(name, indptr[: bs + 1], indices, SWA if name == "window_kv_indices" and translated
+                             else FULL)
+    return out or None
+
+
 def ragged_guard_context(backend: Any, rails: dict[str, Rail]) -> tuple[Context, dict[str, Any]]:
     """The context and tensors a device-guard drain dumps for the ragged sets it checked last (``rails``):
     each set's live ids (up to its last offset, within the buffer) and offsets. Reads the device: call at the

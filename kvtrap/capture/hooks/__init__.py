@@ -27,6 +27,7 @@ from kvtrap.capture.hooks import (
     fa3,
     fa3_guard,
     flashinfer,
+    flashinfer_guard,
     step_drain,
     triton,
     triton_guard,
@@ -34,7 +35,8 @@ from kvtrap.capture.hooks import (
 )
 from kvtrap.capture.patching import MethodTarget
 
-HOOKS = (allocator, trtllm_mha, fa3, triton, flashinfer, device_guard, fa3_guard, triton_guard, step_drain)
+HOOKS = (allocator, trtllm_mha, fa3, triton, flashinfer, device_guard, fa3_guard, triton_guard, flashinfer_guard,
+         step_drain)
 
 
 def targets() -> list[MethodTarget]:
