@@ -7,9 +7,9 @@ Attention backends guarded (each adapter declares its ``ATTENTION_BACKEND``):
   device guard for their CUDA graphs (:mod:`~kvtrap.capture.hooks.device_guard`,
   :mod:`~kvtrap.capture.hooks.fa3_guard`);
 * ``triton`` and ``flashinfer``: ragged ``kv_indptr`` / ``kv_indices`` and the SWA window rail on the host
-  (:mod:`kvtrap.capture.ragged`; triton incl. the deterministic unified extend path); triton also has the
-  device guard for the ragged sets its CUDA-graph replays read (:mod:`~kvtrap.capture.hooks.triton_guard`);
-  flashinfer's graph replays are host-checked only.
+  (:mod:`kvtrap.capture.ragged`; triton incl. the deterministic unified extend path), and the device guard
+  for the ragged sets their CUDA-graph replays read (:mod:`~kvtrap.capture.hooks.triton_guard`, incl. the EAGLE
+  multi-step draft; :mod:`~kvtrap.capture.hooks.flashinfer_guard`: decode, verify and draft-extend graphs).
 
 The SWA allocator's alloc and free paths are guarded by :mod:`~kvtrap.capture.hooks.allocator`. The one
 drain point, where SGLang waits for a step's results, is :mod:`~kvtrap.capture.hooks.step_drain`.
