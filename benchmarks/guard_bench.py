@@ -18,6 +18,10 @@ Times (CUDA events, median of several repetitions; graph numbers are per launch 
 * (e) ``--sections variants``: the fused build's launch shapes (columns per step, warps:
   ``FUSED_VARIANTS``) against SGLang's builder in the same cells; written to
   guard-<device>-fused-variants.json / .md only.
+* (f) ``--sections ragged``: the ragged guard (``guard_ragged_``, triton's ``kv_indptr`` / ``kv_indices``) for bs
+  in ``--bs`` x tokens per request in ``--ragged-tokens`` (every id live and in range), over an ids buffer as
+  large as SGLang's ``cuda_graph_kv_indices`` (``--ragged-max-bs`` x the longest request), under CUDA-graph
+  replay and eager, against the empty-kernel floor; written to guard-<device>-ragged.json / .md only.
 Writes guard-<device>.json and guard-<device>.md into ``--out``. Sections not run keep what those files
 already hold (the fused section is merged into them: key ``fused`` / a marked block in the .md).
 """
@@ -39,6 +43,7 @@ import torch
 import triton
 
 from kvtrap.capture.guard import GuardRecord, guard_page_table_
+from kvtrap.capture.guard.ragged_kernel import guard_ragged_, splits_for
 
 
 @triton.jit
@@ -428,6 +433,47 @@ def _markdown(meta: dict, guard_rows: list[dict], decode_rows: list[dict]) -> st
     return "\n".join(lines)
 
 
+def bench_ragged(args: argparse.Namespace) -> list[dict]:
+    rows_bound = 10_000_000
+    rec = GuardRecord(64)
+    tid = rec.register_table("kv_indices", "full", ragged=True)
+    x = torch.zeros(1, device="cuda")
+    floor_graph = _graph_time_us(lambda: _empty(x), args.per_graph, args.reps, args.iters)
+    floor_eager = _eager_time_us(lambda: _empty(x), args.reps, args.iters * 10)
+    numel = args.ragged_max_bs * max(args.ragged_tokens)
+    ids = torch.randint(0, rows_bound, (numel,), dtype=torch.int64, device="cuda")
+    out = []
+    for bs in args.bs:
+        for tokens in args.ragged_tokens:
+            if bs * tokens > numel:
+                continue
+            indptr = (torch.arange(bs + 1, dtype=torch.int32) * tokens).to("cuda")
+            guard = partial(guard_ragged_, indptr, ids, rows_bound, rec, tid)
+            g = _graph_time_us(guard, args.per_graph, args.reps, args.iters)
+            e = _eager_time_us(guard, args.reps, args.iters * 10)
+            assert rec.drain().total == 0  # every id in range: nothing recorded, nothing redirected
+            out.append({"bs": bs, "tokens_per_request": tokens, "buffer_ids": numel,
+                        "splits": splits_for(bs, numel), "guard_graph_us": g, "empty_graph_us": floor_graph,
+                        "graph_ratio": g / floor_graph, "guard_eager_us": e, "empty_eager_us": floor_eager})
+            print(f"ragged bs={bs:4d} tokens={tokens:6d}: graph {g:7.2f} us ({g / floor_graph:4.2f}x floor) | "
+                  f"eager {e:7.2f} us", flush=True)
+    return out
+
+
+def _ragged_markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"# Ragged device guard on {meta['device']}", "", f"`{meta['command']}`, {meta['date']}, torch"
+             f" {meta['torch']}, triton {meta['triton']}, sglang {meta['sglang']}; every id live and in range;"
+             " per launch", "", "| bs | tokens / request | splits | graph replay (us) | x floor | eager (us) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['bs']} | {r['tokens_per_request']} | {r['splits']} | {r['guard_graph_us']:.2f} |"
+                     f" {r['graph_ratio']:.2f} | {r['guard_eager_us']:.2f} |")
+    if rows:
+        lines += ["", f"Empty-kernel floor: {rows[0]['empty_graph_us']:.2f} us (graph), {rows[0]['empty_eager_us']:.2f}"
+                  " us (eager)."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -440,7 +486,10 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--decode-iters", type=int, default=3)
     ap.add_argument("--skip-decode", action="store_true")
-    ap.add_argument("--sections", nargs="+", choices=["guard", "decode", "fused", "variants"], default=["guard", "decode"])
+    ap.add_argument("--ragged-tokens", type=int, nargs="+", default=[1024, 8192, 32768])
+    ap.add_argument("--ragged-max-bs", type=int, default=256)
+    ap.add_argument("--sections", nargs="+", choices=["guard", "decode", "fused", "variants", "ragged"],
+                    default=["guard", "decode"])
     args = ap.parse_args()
     sections = set(args.sections) - ({"decode"} if args.skip_decode else set())
 
@@ -464,8 +513,12 @@ def main() -> int:
     decode_rows = bench_decode(args) if "decode" in sections else []
     fused_rows = bench_fused(args) if "fused" in sections else None
     variant_rows = bench_fused_variants(args) if "variants" in sections else None
+    ragged_rows = bench_ragged(args) if "ragged" in sections else None
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
     args.out.mkdir(parents=True, exist_ok=True)
+    if ragged_rows is not None:
+        (args.out / f"guard-{slug}-ragged.json").write_text(json.dumps({"meta": meta, "rows": ragged_rows}, indent=2))
+        (args.out / f"guard-{slug}-ragged.md").write_text(_ragged_markdown(meta, ragged_rows))
     json_path, md_path = args.out / f"guard-{slug}.json", args.out / f"guard-{slug}.md"
     data = json.loads(json_path.read_text()) if json_path.exists() else {}
     md_text = md_path.read_text() if md_path.exists() else ""
@@ -480,7 +533,7 @@ def main() -> int:
             json.dumps({"meta": meta, "rows": variant_rows}, indent=2))
         (args.out / f"guard-{slug}-fused-variants.md").write_text(_variants_markdown(meta, variant_rows))
     if guard_rows is None and fused_rows is None:
-        print("wrote the variants files only", flush=True)
+        print("wrote the variants / ragged files only", flush=True)
         return 0
     json_path.write_text(json.dumps(data, indent=2))
     md_path.write_text(md_text)

@@ -65,12 +65,14 @@ BACKEND_NOTES: dict[str, str] = {
     ),
     "fa4": "the same FlashAttentionBackend class as fa3 (its page-table traps apply); sm100/sm120 builds",
     "flashinfer": (
-        "kvtrap checks the ragged ids each wrapper was planned with, on the host only (no device guard in its "
-        "CUDA graphs: use --eager to check every step's values)"
+        "kvtrap checks the ragged ids each wrapper was planned with on the host before each layer, and with the "
+        "device guard after each decode / verify / draft-extend CUDA-graph replay's planning (not the multi-step "
+        "draft's per-step wrappers: use --eager to check those)"
     ),
     "triton": (
-        "Gemma 4's default off sm100; kvtrap checks its ragged kv_indptr / kv_indices on the host only (no device "
-        "guard in its CUDA graphs: use --eager to check every step's values)"
+        "Gemma 4's default off sm100; kvtrap checks its ragged kv_indptr / kv_indices on the host before each "
+        "layer, and with the device guard after each CUDA-graph replay's metadata build (the EAGLE multi-step "
+        "draft's per-step sets included)"
     ),
 }
 

@@ -36,13 +36,15 @@ def _rows(session: Session, entry: ForwardCache, backend: Any, live: Any, layer_
 
 def check_ragged(
     backend: Any, layer: Any, forward_batch: Any, where: str, rails: Callable[[Any, str], dict[str, Rail] | None],
-    handed: str | Rail, extend: Rail | None = None, judge_drift: bool = True,
+    handed: str | Rail, extend: Rail | None = None, judge_drift: bool = True, device_guarded: bool = False,
 ) -> None:
     """Check the index set ``handed`` (a name in ``rails(live, layer_type)``, or a :class:`Rail`) that
     ``layer`` reads and the ids ``extend`` appended to it; report through the armed session.
 
     ``judge_drift=False``: the backend's cached SWA state does not decide what this read uses (it is still
-    recorded in a dump's context when something else is wrong)."""
+    recorded in a dump's context when something else is wrong). ``device_guarded``: every CUDA-graph replay of the
+    backend is value-checked by the device guard (triton), so capture is silent unless the guard is off
+    (flashinfer's are only for some graphs: it warns once)."""
     session = current()
     if session is None:
         return
@@ -74,9 +76,11 @@ def check_ragged(
                 entry.scans[key] = checks.scan_slots(extend.indices, 0, bound)
             extend_bad = entry.scans[key]
     if not (mismatch or drift or extend_bad is not None) and (scan is None or scan.ok):
-        if capturing and session.config.guard == "off":
-            session.warn_once("capture-ragged", "ragged KV ids are not value-checked inside CUDA-graph capture or"
-                              " replay (host checks only); run eager to check them every step")
+        if capturing and (session.config.guard == "off" or not device_guarded):
+            session.warn_once("capture-ragged", "ragged KV ids are not value-checked by the host checks inside"
+                              " CUDA-graph capture or replay; the device guard (KVTRAP_GUARD, not off) checks the"
+                              " replays of triton's graphs and of flashinfer's decode / verify / draft-extend graphs"
+                              " (docs/guard.md); run eager to check every step")
         return  # the common case: a few attribute reads, no sync
     view = ragged_snapshot(
         backend, layer, forward_batch, where, layer_type=layer_type, index_in_pool=index_in_pool, rails=sets,

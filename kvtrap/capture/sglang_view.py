@@ -668,6 +668,125 @@ def flashinfer_handed(backend: Any, layer: Any) -> str:
     return "window_kv_indices" if window and int(backend._get_wrapper_idx(layer)) == 0 else "kv_indices"
 
 
+def triton_graph_rails(backend: Any, forward_batch: Any) -> dict[str, Rail] | None:
+    """The index sets a ``TritonAttnBackend`` CUDA-graph replay reads, right after
+    ``init_forward_metadata_out_graph(fb)`` refilled them (SGLang 0.5.23 builds them there, outside the graph,
+    in the static buffers the graph captured: ``kv_indptr`` / ``cuda_graph_kv_indices`` and, with a sliding
+    window, ``window_kv_indptr`` / ``cuda_graph_window_kv_indices``), cut to the batch's rows: decode, draft
+    extend and dLLM fill ``batch_size`` rows, target verify ``len(req_pool_indices)``. ``None``: no graph
+    buffers (``init_cuda_graph_state`` not run)."""
+    indices = getattr(backend, "cuda_graph_kv_indices", None)
+    indptr = getattr(backend, "kv_indptr", None)
+    if indices is None or indptr is None:
+        return None
+    mode = getattr(forward_batch, "forward_mode", None)
+    verify = mode is not None and mode.is_target_verify()
+    bs = len(forward_batch.req_pool_indices) if verify else int(forward_batch.batch_size)
+    live = backend.token_to_kv_pool
+    out = {"kv_indices": Rail("kv_indices", indptr[: bs + 1], indices, FULL)}
+    window = getattr(backend, "sliding_window_size", None)
+    window_indices = getattr(backend, "cuda_graph_window_kv_indices", None)
+    window_indptr = getattr(backend, "window_kv_indptr", None)
+    if window is not None and window > 0 and window_indices is not None and window_indptr is not None:
+        out["window_kv_indices"] = Rail("window_kv_indices", window_indptr[: bs + 1], window_indices,
+                                        rail_space("window_kv_indices", live, SWA))
+    return out
+
+
+def triton_draft_graph_rails(draft: Any, forward_batch: Any) -> list[dict[str, Rail]] | None:
+    """Each captured draft step's index sets of a ``TritonMultiStepDraftBackend`` replay, right after its
+    ``init_forward_metadata_out_graph(fb)`` refilled them (SGLang 0.5.23: ``common_template`` fills row ``i`` of
+    its ``kv_indptr`` / ``cuda_graph_kv_indices`` and, with a sliding window, of ``window_kv_indptr`` /
+    ``cuda_graph_window_kv_indices`` for every step; step ``i``'s backend, ``attn_backends[i]``, reads row ``i``),
+    cut to ``topk * batch_size`` rows. One dict per backend in ``attn_backends``; ``None``: no graph buffers."""
+    indices = getattr(draft, "cuda_graph_kv_indices", None)
+    indptr = getattr(draft, "kv_indptr", None)
+    backends = getattr(draft, "attn_backends", None)
+    if indices is None or indptr is None or not backends:
+        return None
+    bs = int(draft.topk) * int(forward_batch.batch_size)
+    live = draft.token_to_kv_pool
+    window_indices = getattr(draft, "cuda_graph_window_kv_indices", None)
+    window_indptr = getattr(draft, "window_kv_indptr", None)
+    window = bool(getattr(draft, "window_rail", False)) and window_indices is not None and window_indptr is not None
+    out = []
+    for i in range(len(backends)):
+        rails = {"kv_indices": Rail("kv_indices", indptr[i, : bs + 1], indices[i], FULL)}
+        if window:
+            rails["window_kv_indices"] = Rail("window_kv_indices", window_indptr[i, : bs + 1], window_indices[i],
+                                              rail_space("window_kv_indices", live, SWA))
+        out.append(rails)
+    return out
+
+
+def flashinfer_graph_rails(backend: Any, forward_batch: Any) -> dict[str, Rail] | None:
+    """The ids the CUDA-graph wrappers of a ``FlashInferAttnBackend`` replay will run on, right after
+    ``init_forward_metadata_out_graph(fb)`` planned them (SGLang 0.5.23: the indices updater gathers straight
+    into each cuda-graph wrapper's ``_paged_kv_indices_buf`` and ``plan`` copies the offsets into its
+    ``_paged_kv_indptr_buf``; the captured ``run`` reads both): the decode wrappers of ``batch_size`` (decode),
+    the prefill wrappers (target verify) or the draft-extend wrappers (draft extend v2). Names and id spaces as
+    :func:`flashinfer_rails`. ``None``: another mode (dLLM, prefill graphs) or nothing planned for this size."""
+    mode = getattr(forward_batch, "forward_mode", None)
+    if mode is None:
+        return None
+    bs = int(forward_batch.batch_size)
+    if mode.is_decode_or_idle():
+        wrappers = (getattr(backend, "decode_cuda_graph_metadata", None) or {}).get(bs)
+        updater = getattr(backend, "indices_updater_decode", None)
+    elif mode.is_target_verify():
+        wrappers = (getattr(backend, "prefill_cuda_graph_metadata", None) or {}).get(bs)
+        updater = getattr(backend, "indices_updater_prefill", None)
+    elif mode.is_draft_extend_v2():
+        wrappers = (getattr(backend, "draft_extend_cuda_graph_metadata", None) or {}).get(bs)
+        updater = getattr(backend, "indices_updater_prefill", None)
+    else:
+        return None
+    if not wrappers:
+        return None
+    live = backend.token_to_kv_pool
+    window = getattr(getattr(backend, "dispatch_reason", None), "name", None) == "SLIDING_WINDOW"
+    translated = is_swa_pool(live) and getattr(updater, "_swa_kv_pool", None) is not None
+    out = {}
+    for idx, wrapper in enumerate(wrappers[:2]):
+        name = "window_kv_indices" if window and idx == 0 else "kv_indices"
+        indptr = getattr(wrapper, "_paged_kv_indptr_buf", None)
+        indices = getattr(wrapper, "_paged_kv_indices_buf", None)
+        if indptr is not None and indices is not None and indptr.numel() > bs:
+            out[name] = Rail(name, indptr[: bs + 1], indices, SWA if name == "window_kv_indices" and translated
+                             else FULL)
+    return out or None
+
+
+def ragged_guard_context(backend: Any, rails: dict[str, Rail]) -> tuple[Context, dict[str, Any]]:
+    """The context and tensors a device-guard drain dumps for the ragged sets it checked last (``rails``):
+    each set's live ids (up to its last offset, within the buffer) and offsets. Reads the device: call at the
+    drain, after the step's sync."""
+    live = backend.token_to_kv_pool
+    page_size = int(backend.page_size)
+    tables: dict[str, TableInfo] = {}
+    tensors: dict[str, Any] = {}
+    rows = None
+    for rail in rails.values():
+        numel = int(rail.indices.numel())
+        end = int(rail.indptr[-1]) if rail.indptr.numel() else 0
+        tensors[rail.name] = rail.indices[: min(max(end, 0), numel)]
+        tensors[rail.name.replace("indices", "indptr")] = rail.indptr
+        tables[rail.name] = TableInfo(pool=rail.space, bound=layer_rows(live, rail.space, page_size),
+                                      handed_to_layer=None, shape=[numel])
+        rows = int(rail.indptr.numel()) - 1
+    context = Context(
+        page_size=page_size,
+        pools=pool_summary(live, page_size),
+        live_pool=live_pool(live),
+        backend=backend_state(backend, live),
+        capturing=False,
+        tables=tables,
+    )
+    if rows is not None:
+        context = context.with_(batch_size=rows)
+    return context, tensors
+
+
 @dataclass
 class RaggedSnapshot:
     """One layer's ragged KV read: the index set handed (``handed``), and for triton's unified

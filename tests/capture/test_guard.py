@@ -315,7 +315,8 @@ def test_to_violation_prefers_out_of_range_and_sorts() -> None:
         Kind.PAGE_TABLE_OUT_OF_RANGE, "swa_page_table", "swa", 0, 1, 40, 4,
     )
     assert v.rows == (0, 2) and v.count == 3
-    assert v.details["entries_by_flag"] == {"out_of_range": 2, "swa_mismatch": 1, "seqlen_exceeds_table": 0}
+    assert v.details["entries_by_flag"] == {"out_of_range": 2, "swa_mismatch": 1, "seqlen_exceeds_table": 0,
+                                            "indptr_malformed": 0}
 
 
 def test_drain_reports_dropped_entries() -> None:

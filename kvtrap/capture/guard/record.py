@@ -22,6 +22,7 @@ import torch
 from kvtrap.record.context import GuardSummary, GuardTableInfo
 from kvtrap.record.guard_entry import (
     ENTRY_WIDTH,
+    FLAG_INDPTR_MALFORMED,
     FLAG_NAMES,
     FLAG_OUT_OF_RANGE,
     FLAG_SEQLEN_EXCEEDS_TABLE,
@@ -45,13 +46,15 @@ class GuardEntry(NamedTuple):
 
 @dataclass(frozen=True)
 class GuardTable:
-    """What the host knows about a table id: its name in dumps, the pool it indexes, the safe page."""
+    """What the host knows about a table id: its name in dumps, the pool it indexes, the safe page.
+    ``ragged``: a CSR index set (token-slot ids, :mod:`kvtrap.capture.guard.ragged_kernel`), not a page table."""
 
     name: str
     pool: str | None = None
     layer_id: int | None = None
     layer_type: str | None = None
     window: int | None = None
+    ragged: bool = False
 
 
 @dataclass
@@ -103,6 +106,7 @@ class GuardRecord:
         layer_id: int | None = None,
         layer_type: str | None = None,
         window: int | None = None,
+        ragged: bool = False,
     ) -> int:
         """Id for the table called ``name`` (same name, same id). Call outside the hot path or cache it."""
         with self._lock:
@@ -110,7 +114,7 @@ class GuardRecord:
                 return self._names[name]
             tid = len(self._names)
             self._names[name] = tid
-            self.tables[tid] = GuardTable(name, pool, layer_id, layer_type, window)
+            self.tables[tid] = GuardTable(name, pool, layer_id, layer_type, window, ragged)
             return tid
 
     def table_name(self, table_id: int) -> str:
@@ -179,7 +183,17 @@ class GuardRecord:
             "tables": tables,
             "first_flags": first.flags,
         }
-        if first.flags & FLAG_OUT_OF_RANGE:
+        ragged = bool(info and info.ragged)
+        if first.flags & FLAG_OUT_OF_RANGE and ragged:
+            kind, fatal = Kind.KV_INDICES_OUT_OF_RANGE, True
+            summary = (
+                f"Device guard: {by_flag['out_of_range']} live KV id(s) in {name} were outside [0, {first.bound})"
+                f" (token rows of the {info.pool if info else '?'} pool), first {first.value} at request"
+                f" {first.row}, position {first.column}; the guard redirected them to slot {self.safe_page} so the"
+                " attention kernel completed (attention output for those requests is not valid)"
+            )
+            value, lower, bound, column = first.value, 0, first.bound, first.column
+        elif first.flags & FLAG_OUT_OF_RANGE:
             kind, fatal = Kind.PAGE_TABLE_OUT_OF_RANGE, True
             summary = (
                 f"Device guard: {by_flag['out_of_range']} live page id(s) in {name} were outside the pool;"
@@ -187,6 +201,15 @@ class GuardRecord:
                 " (attention output for those rows is not valid)"
             )
             value, lower, bound, column = first.value, 0, first.bound, first.column
+        elif first.flags & FLAG_INDPTR_MALFORMED:
+            kind, fatal = Kind.KV_INDPTR_MALFORMED, True
+            name = name.replace("indices", "indptr")
+            summary = (
+                f"Device guard: {by_flag['indptr_malformed']} offset(s) of {name} break the ranges:"
+                f" [{first.column}] = {first.value} ({name.replace('indptr', 'indices')} holds {first.bound} ids;"
+                " offsets start at 0 and never decrease); recorded, not changed"
+            )
+            value, lower, bound, column = first.value, 0, first.bound + 1, first.column
         elif first.flags & FLAG_SEQLEN_EXCEEDS_TABLE:
             kind, fatal = Kind.SEQLENS_EXCEED_TABLE, True
             summary = (
@@ -240,7 +263,7 @@ class GuardRecord:
 
 
 def _pick_first(entries: list[GuardEntry]) -> GuardEntry:
-    for flag in (FLAG_OUT_OF_RANGE, FLAG_SEQLEN_EXCEEDS_TABLE):
+    for flag in (FLAG_OUT_OF_RANGE, FLAG_INDPTR_MALFORMED, FLAG_SEQLEN_EXCEEDS_TABLE):
         for e in entries:
             if e.flags & flag:
                 return e

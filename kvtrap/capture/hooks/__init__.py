@@ -6,8 +6,10 @@ Attention backends guarded (each adapter declares its ``ATTENTION_BACKEND``):
   (:mod:`kvtrap.capture.layer_checks`; each adapter only picks the table handed to a layer), and the
   device guard for their CUDA graphs (:mod:`~kvtrap.capture.hooks.device_guard`,
   :mod:`~kvtrap.capture.hooks.fa3_guard`);
-* ``triton`` and ``flashinfer``: ragged ``kv_indptr`` / ``kv_indices`` and the SWA window rail
-  (:mod:`kvtrap.capture.ragged`; triton incl. the deterministic unified extend path); host checks only.
+* ``triton`` and ``flashinfer``: ragged ``kv_indptr`` / ``kv_indices`` and the SWA window rail on the host
+  (:mod:`kvtrap.capture.ragged`; triton incl. the deterministic unified extend path), and the device guard
+  for the ragged sets their CUDA-graph replays read (:mod:`~kvtrap.capture.hooks.triton_guard`, incl. the EAGLE
+  multi-step draft; :mod:`~kvtrap.capture.hooks.flashinfer_guard`: decode, verify and draft-extend graphs).
 
 The SWA allocator's alloc and free paths are guarded by :mod:`~kvtrap.capture.hooks.allocator`. The one
 drain point, where SGLang waits for a step's results, is :mod:`~kvtrap.capture.hooks.step_drain`.
@@ -25,13 +27,16 @@ from kvtrap.capture.hooks import (
     fa3,
     fa3_guard,
     flashinfer,
+    flashinfer_guard,
     step_drain,
     triton,
+    triton_guard,
     trtllm_mha,
 )
 from kvtrap.capture.patching import MethodTarget
 
-HOOKS = (allocator, trtllm_mha, fa3, triton, flashinfer, device_guard, fa3_guard, step_drain)
+HOOKS = (allocator, trtllm_mha, fa3, triton, flashinfer, device_guard, fa3_guard, triton_guard, flashinfer_guard,
+         step_drain)
 
 
 def targets() -> list[MethodTarget]:

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import threading
 import weakref
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvtrap.capture.patching import MethodTarget, module_function
@@ -53,6 +54,9 @@ class GuardState:
     table_ids: dict[str, int]
     backend: Any  # weakref.ref to the backend, for the dump context
     last_fallback: str | None = None  # why the last in-graph build used the separate guard (None: fused)
+    # the dump's context and tensors for a drain: (backend, state) -> (Context, tensors); None: page tables'
+    context: Callable[[Any, GuardState], tuple[Context, dict[str, Any]]] | None = None
+    last_checked: dict[str, Any] = field(default_factory=dict)  # what the last launch checked (adapters' use)
 
 
 _states: weakref.WeakKeyDictionary[Any, GuardState] = weakref.WeakKeyDictionary()
@@ -65,16 +69,22 @@ def guard_wanted(table: Any, guard: str) -> bool:
 
 
 def _state(backend: Any, device: Any) -> GuardState:
+    return state_for(backend, device, {"page_table": ("full", False), "swa_page_table": ("swa", False)})
+
+
+def state_for(
+    backend: Any, device: Any, tables: dict[str, tuple[str, bool]],
+    context: Callable[[Any, GuardState], tuple[Context, dict[str, Any]]] | None = None,
+) -> GuardState:
+    """``backend``'s guard state (one record per backend, created on first use: outside capture, since SGLang
+    warms up eagerly), its tables registered: name -> (pool, ragged). Shared by every backend adapter."""
     state = _states.get(backend)
     if state is None:
         from kvtrap.capture.guard import GuardRecord
 
         record = GuardRecord(device=device)
-        ids = {
-            "page_table": record.register_table("page_table", pool="full"),
-            "swa_page_table": record.register_table("swa_page_table", pool="swa"),
-        }
-        state = GuardState(record, ids, weakref.ref(backend))
+        ids = {name: record.register_table(name, pool=pool, ragged=ragged) for name, (pool, ragged) in tables.items()}
+        state = GuardState(record, ids, weakref.ref(backend), context=context)
         _states[backend] = state
     return state
 
@@ -117,7 +127,12 @@ def drain(state: GuardState, session: Any, *, synced: bool) -> None:
     if state.record.pending(synced=synced) == 0:
         return
     backend = state.backend()
-    context, tensors = backend_context(backend) if backend is not None else (Context(), {})
+    if backend is None:
+        context, tensors = Context(), {}
+    elif state.context is not None:
+        context, tensors = state.context(backend, state)
+    else:
+        context, tensors = backend_context(backend)
     check_and_raise(state.record, session, context, tensors, synced=synced)
 
 
@@ -234,7 +249,7 @@ def _after_eager_metadata(original: Any) -> Any:
 
 
 def drain_all(session: Any, result: Any) -> None:
-    """Read every guarded backend's record (trtllm_mha's and fa3's alike) before a decode step's results are
+    """Read every guarded backend's record (trtllm_mha's, fa3's and triton's alike) before a decode step's results are
     used: the one drain point, called by :mod:`kvtrap.capture.hooks.step_drain` at the start of
     ``process_batch_result_decode``. ``result`` without ``copy_done`` (or ``None``): nothing to wait on."""
     if not len(_states):

@@ -16,7 +16,8 @@ Before ``forward_decode`` / ``forward_extend`` run, for the layer:
    translated by the live pool's type when they are built. (A frozen-KV draft whose own pool is plain reads
    the target's SWA pool through a view and writes nothing: flagging its stale flag would be a false trap.)
 4. Values: ``indptr`` starts at 0, never decreases and ends within ``indices``; every live id lies in
-   ``[0, rows)``. Once per index set per forward (one host sync), skipped while a CUDA graph is captured.
+   ``[0, rows)``. Once per index set per forward (one host sync), skipped while a CUDA graph is captured:
+   replays are value-checked by the device guard (:mod:`kvtrap.capture.hooks.triton_guard`).
 
 The deterministic (unified) extend path (``--enable-deterministic-inference``) appends the current
 tokens' ids to the prefix rail in ``_forward_extend_unified``; SWA layers must append the translated
@@ -55,7 +56,7 @@ def _rails(backend: Any) -> Callable[[Any, str], dict[str, Rail]]:
 
 def check_layer(backend: Any, layer: Any, forward_batch: Any, where: str) -> None:
     check_ragged(backend, layer, forward_batch, f"{CLASS}.{where}", _rails(backend), triton_handed(layer),
-                 judge_drift=False)
+                 judge_drift=False, device_guarded=True)
 
 
 # ------------------------------------------------------------------------------------ wrappers
