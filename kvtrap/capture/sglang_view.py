@@ -649,7 +649,14 @@ def flashinfer_rails(backend: Any, md: Any, live: Any) -> dict[str, Rail] | None
     if not wrappers:
         return None
     updater = getattr(backend, "indices_updater_decode" if hasattr(md, "decode_wrappers")
-                      else "indices_updater_prefill", None)
+                      else "indices_updater_prefill", None)  # fmt: skip
+    return _wrapper_rails(backend, wrappers, updater, live, None)
+
+
+def _wrapper_rails(backend: Any, wrappers: Any, updater: Any, live: Any, bs: int | None) -> dict[str, Rail]:
+    """Name and id space of each paged wrapper's planned ids (wrapper 0 is the window wrapper with a sliding
+    window; its ids are SWA ids when the updater that planned them had an SWA pool). ``bs``: cut the offsets
+    to that many requests (a CUDA-graph wrapper's buffers are sized for the largest batch)."""
     window = getattr(getattr(backend, "dispatch_reason", None), "name", None) == "SLIDING_WINDOW"
     translated = is_swa_pool(live) and getattr(updater, "_swa_kv_pool", None) is not None
     out = {}
@@ -657,8 +664,10 @@ def flashinfer_rails(backend: Any, md: Any, live: Any) -> dict[str, Rail] | None
         name = "window_kv_indices" if window and idx == 0 else "kv_indices"
         indptr = getattr(wrapper, "_paged_kv_indptr_buf", None)
         indices = getattr(wrapper, "_paged_kv_indices_buf", None)
-        if indptr is not None and indices is not None:
-            out[name] = Rail(name, indptr, indices, SWA if name == "window_kv_indices" and translated else FULL)
+        if indptr is None or indices is None or (bs is not None and indptr.numel() <= bs):
+            continue
+        space = SWA if name == "window_kv_indices" and translated else FULL
+        out[name] = Rail(name, indptr if bs is None else indptr[: bs + 1], indices, space)
     return out
 
 
@@ -743,18 +752,7 @@ def flashinfer_graph_rails(backend: Any, forward_batch: Any) -> dict[str, Rail] 
         return None
     if not wrappers:
         return None
-    live = backend.token_to_kv_pool
-    window = getattr(getattr(backend, "dispatch_reason", None), "name", None) == "SLIDING_WINDOW"
-    translated = is_swa_pool(live) and getattr(updater, "_swa_kv_pool", None) is not None
-    out = {}
-    for idx, wrapper in enumerate(wrappers[:2]):
-        name = "window_kv_indices" if window and idx == 0 else "kv_indices"
-        indptr = getattr(wrapper, "_paged_kv_indptr_buf", None)
-        indices = getattr(wrapper, "_paged_kv_indices_buf", None)
-        if indptr is not None and indices is not None and indptr.numel() > bs:
-            out[name] = Rail(name, indptr[: bs + 1], indices, SWA if name == "window_kv_indices" and translated
-                             else FULL)
-    return out or None
+    return _wrapper_rails(backend, wrappers, updater, backend.token_to_kv_pool, bs) or None
 
 
 def ragged_guard_context(backend: Any, rails: dict[str, Rail]) -> tuple[Context, dict[str, Any]]:
