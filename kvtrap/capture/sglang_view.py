@@ -480,18 +480,18 @@ def free_snapshot(alloc: Any, released: Any, freeing: Any, free_index: Any, wher
 
 
 # ------------------------------------------------------------------------------------ device guard
+def _guard_context(backend: Any, live: Any, page_size: int) -> Context:
+    """What every device-guard dump says of the backend and its live pool (no layer: whole tables)."""
+    return Context(page_size=page_size, pools=pool_summary(live, page_size), live_pool=live_pool(live),
+                   backend=backend_state(backend, live), capturing=False)  # fmt: skip
+
+
 def backend_context(backend: Any) -> tuple[Context, dict[str, Any]]:
     """The context and tensors a device-guard drain dumps for ``backend`` (no layer: the guard checks
     whole tables once per forward)."""
     live = backend.token_to_kv_pool
     page_size = int(backend.page_size)
-    context = Context(
-        page_size=page_size,
-        pools=pool_summary(live, page_size),
-        live_pool=live_pool(live),
-        backend=backend_state(backend, live),
-        capturing=False,
-    )
+    context = _guard_context(backend, live, page_size)
     tensors: dict[str, Any] = {}
     md = getattr(backend, "forward_metadata", None)
     if md is not None:
@@ -772,14 +772,7 @@ def ragged_guard_context(backend: Any, rails: dict[str, Rail]) -> tuple[Context,
         tables[rail.name] = TableInfo(pool=rail.space, bound=layer_rows(live, rail.space, page_size),
                                       handed_to_layer=None, shape=[numel])
         rows = int(rail.indptr.numel()) - 1
-    context = Context(
-        page_size=page_size,
-        pools=pool_summary(live, page_size),
-        live_pool=live_pool(live),
-        backend=backend_state(backend, live),
-        capturing=False,
-        tables=tables,
-    )
+    context = _guard_context(backend, live, page_size).with_(tables=tables)
     if rows is not None:
         context = context.with_(batch_size=rows)
     return context, tensors
