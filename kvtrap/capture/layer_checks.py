@@ -15,6 +15,8 @@ its ``pick`` function); everything else is here and shared:
    SWA entry equals ``mapping[full_entry * page_size] // page_size``. Scanned once per table per forward
    (one host sync), not once per layer; skipped while a CUDA graph is being captured.
 5. KV writes: the locations the layer's store writes lie in ``[0, rows)`` of the pool it writes.
+   The ragged adapters (:mod:`kvtrap.capture.hooks.triton`, :mod:`kvtrap.capture.hooks.flashinfer`) run
+   this one too, through :func:`check_store`.
 
 Checks 1-3 are host-only attribute reads (a few microseconds) and also run during graph capture. What is
 checked once per forward and reused by every layer (drift, bounds, scans, clean write locations) is kept in
@@ -128,7 +130,7 @@ def check_write(backend: Any, layer: Any, forward_batch: Any, where: str) -> Non
         return
     live = backend.token_to_kv_pool
     layer_type, index_in_pool = layer_pool(live, int(layer.layer_id))
-    picked = write_locs(backend, forward_batch, layer_type)
+    picked = write_locs(backend, layer, forward_batch, layer_type)
     if picked is None:
         return
     name, locs = picked
@@ -155,6 +157,17 @@ def check_write(backend: Any, layer: Any, forward_batch: Any, where: str) -> Non
     session.report(verdict.violation, verdict.context, verdict.tensors, safe_to_continue=verdict.safe_to_continue)
 
 
+def check_store(backend: Any, args: tuple[Any, ...], kwargs: dict[str, Any], layer: Any, forward_batch: Any,
+                where: str) -> None:  # fmt: skip
+    """:func:`check_write` when this ``forward_decode`` / ``forward_extend`` call stores K/V: ``k`` given and
+    ``save_kv_cache`` true (the signature every checked backend shares in 0.5.23:
+    ``(q, k, v, layer, forward_batch, save_kv_cache=True, ...)``)."""
+    k = call_arg(args, kwargs, 1, "k")
+    save = args[5] if len(args) > 5 else kwargs.get("save_kv_cache", True)
+    if save and k is not None:
+        check_write(backend, layer, forward_batch, where)
+
+
 def wrap_layer_call(method: str, pick: Pick) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The AROUND wrapper of a backend's ``forward_decode`` / ``forward_extend``: the checks, then SGLang.
 
@@ -167,10 +180,7 @@ def wrap_layer_call(method: str, pick: Pick) -> Callable[[Callable[..., Any]], C
             forward_batch = call_arg(args, kwargs, 4, "forward_batch")
             if layer is not None:
                 check_forward(self, layer, forward_batch, method, pick)
-                k = call_arg(args, kwargs, 1, "k")
-                save = args[5] if len(args) > 5 else kwargs.get("save_kv_cache", True)
-                if save and k is not None:
-                    check_write(self, layer, forward_batch, method)
+                check_store(self, args, kwargs, layer, forward_batch, method)
             return original(self, *args, **kwargs)
 
         return wrapper

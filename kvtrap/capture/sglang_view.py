@@ -526,7 +526,7 @@ class WriteSnapshot:
     rows: int  # token rows of the pool written
     out_cache_loc: Any
     swa_out_cache_loc: Any
-    cache_seqlens: Any
+    cache_seqlens: Any  # the metadata's cache_seqlens_int32; the batch's seq_lens where it has none
     req_pool_indices: Any
     pools: dict[str, PoolPages | None]
     backend: BackendState
@@ -536,10 +536,18 @@ class WriteSnapshot:
     capturing: bool = False
 
 
-def write_locs(backend: Any, forward_batch: Any, layer_type: str) -> tuple[str, Any] | None:
-    """(name, locations) the layer's K/V store writes, as SGLang's ``_get_layer_cache_loc`` picks them but
-    by the live pool; ``None`` when there is nothing to check (no batch locations, or an SWA layer whose
-    translated locations are missing: SGLang's own assert reports that)."""
+def write_locs(backend: Any, layer: Any, forward_batch: Any, layer_type: str) -> tuple[str, Any] | None:
+    """(name, locations) the layer's K/V store writes, by the live pool: what SGLang 0.5.23's
+    ``KVWriteLoc`` hands ``set_kv_buffer`` in every backend kvtrap checks (trtllm_mha, fa3, triton,
+    flashinfer): ``loc`` = ``out_cache_loc``, and for an SWA layer ``SWAKVPool.set_kv_buffer`` takes
+    ``swa_loc`` = ``forward_metadata.swa_out_cache_loc`` narrowed to ``loc``'s length.
+
+    ``None`` when there is nothing to check: no batch locations; an SWA layer whose translated locations
+    are missing (SGLang's own assert reports that); a cross-attention layer (``KVWriteLoc.for_layer``
+    writes ``encoder_out_cache_loc`` there, not checked); decode context parallelism (triton writes
+    ``out_cache_loc // dcp_size`` into the rank's shard, a space kvtrap does not bound)."""
+    if getattr(layer, "is_cross_attention", False) or sharded_kv(backend):
+        return None
     loc = getattr(forward_batch, "out_cache_loc", None)
     if loc is None or not hasattr(loc, "shape"):
         return None
@@ -572,8 +580,15 @@ def write_snapshot(
         rows=rows,
         out_cache_loc=forward_batch.out_cache_loc,
         swa_out_cache_loc=getattr(md, "swa_out_cache_loc", None),
-        cache_seqlens=getattr(md, "cache_seqlens_int32", None),
+        cache_seqlens=_write_seqlens(md, forward_batch),
     )
+
+
+def _write_seqlens(md: Any, forward_batch: Any) -> Any:
+    # page-table backends keep the lengths their kernels read in the metadata; the ragged ones (triton,
+    # flashinfer) have none there, and their ragged dumps carry the batch's seq_lens: the same here
+    seqlens = getattr(md, "cache_seqlens_int32", None)
+    return seqlens if seqlens is not None else getattr(forward_batch, "seq_lens", None)
 
 
 # ------------------------------------------------------------------ ragged KV ids (triton, flashinfer)

@@ -172,3 +172,46 @@ def test_27737_world_is_clean_without_the_injection(tmp_path):
     assert buggy._swa_kv_pool is None and buggy.forward_metadata.swa_out_cache_loc is None
     first = batch2.token_slots[0][-(td.TRITON_WINDOW + 1):]
     assert torch.equal(wrappers(buggy)[0]._paged_kv_indices_buf[: first.numel()].to(torch.int64), first)
+
+
+# ----------------------------------------------------------------------------------- KV write path
+@pytest.mark.parametrize("extend", [False, True], ids=["decode", "extend"])
+@pytest.mark.parametrize("value", [FULL_ROWS, -1], ids=["pool-rows", "minus-one"])
+def test_out_cache_loc_past_the_full_pool_trapped_before_the_store(tmp_path, value, extend):
+    pool, alloc, layers, batch, backend, fb = td.flashinfer_world(prefix_lens=(30, 90, 10) if extend else None)
+    fb.out_cache_loc[1] = value  # -1 would silently write the pool's last row
+    before, locs = w.kv_snapshot(pool), fb.out_cache_loc.clone()
+    with kvtrap.armed(dump_dir=str(tmp_path)), pytest.raises(kvtrap.KVTrapError) as info:
+        td.attend(backend, full_layer(layers), fb)
+    v = info.value.violation
+    assert (v.kind, v.table, v.pool, v.layer_type) == ("kv_write_out_of_range", "out_cache_loc", "full", "full")
+    assert (v.row, v.value, v.lower, v.bound, v.count, v.fatal) == (1, value, 0, FULL_ROWS, 1, True)
+    assert runs(backend) == [[], []]  # no wrapper ran...
+    assert w.same_kv(before, w.kv_snapshot(pool))  # ...and nothing was stored
+    assert torch.equal(fb.out_cache_loc, locs)
+    dump = load_dump(info.value.dump_path)
+    assert dump.kind == "kv_write_out_of_range"
+    assert dump.tensors["out_cache_loc"].tolist() == locs.tolist()
+    ctx = dump.manifest["context"]
+    assert ctx["hook"] == f"FlashInferAttnBackend.forward_{'extend' if extend else 'decode'}"
+    assert ctx["layer"]["type"] == "full" and ctx["pools"]["full"]["rows"] == FULL_ROWS
+
+
+def test_swa_write_location_past_the_swa_pool_trapped_on_the_swa_layer(tmp_path):
+    # an untranslated full-pool slot left in swa_out_cache_loc: inside the full pool, past the SWA pool
+    pool, alloc, layers, batch, backend, fb = td.flashinfer_world()
+    backend.forward_metadata.swa_out_cache_loc[2] = FULL_ROWS - 5
+    before = w.kv_snapshot(pool)
+    with kvtrap.armed(dump_dir=str(tmp_path)):
+        td.attend(backend, full_layer(layers), fb)  # full layers write out_cache_loc: fine
+        with pytest.raises(kvtrap.KVTrapError) as info:
+            td.attend(backend, layers[0], fb)
+    v = info.value.violation
+    assert (v.kind, v.table, v.pool, v.layer_id, v.layer_type, v.row, v.value, v.bound) == (
+        "kv_write_out_of_range", "swa_out_cache_loc", "swa", 0, "swa", 2, FULL_ROWS - 5, SWA_ROWS)
+    assert v.details["out_cache_loc"] == int(fb.out_cache_loc[2])
+    assert [len(c) for c in runs(backend)] == [0, 1]  # the SWA layer's wrapper (0) never ran...
+    after = w.kv_snapshot(pool)  # ...nor its store: only the full layer's K/V changed
+    assert w.same_kv(before, after, skip=(full_layer(layers).layer_id,))
+    assert not w.same_kv(before, after)  # (the full layer's store really ran)
+    assert int(load_dump(info.value.dump_path).tensors["swa_out_cache_loc"][2]) == FULL_ROWS - 5

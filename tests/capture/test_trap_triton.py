@@ -280,3 +280,57 @@ def test_decode_context_parallel_stands_aside(tmp_path, monkeypatch):
     with kvtrap.armed(dump_dir=str(tmp_path)):
         hook.check_layer(backend, full_layer(layers), fb, "forward_decode")
     assert calls == [] and not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------------- KV write path
+@pytest.mark.parametrize("mode", ["decode", "extend", "unified"])
+@pytest.mark.parametrize("value", [FULL_ROWS, -1], ids=["pool-rows", "minus-one"])
+def test_out_cache_loc_past_the_full_pool_trapped_before_the_store(tmp_path, value, mode):
+    prefix = None if mode == "decode" else (30, 90, 10)
+    pool, alloc, layers, batch, backend, fb = td.triton_world(prefix_lens=prefix, deterministic=mode == "unified")
+    fb.out_cache_loc[1] = value  # -1 would silently write the pool's last row
+    before, locs = w.kv_snapshot(pool), fb.out_cache_loc.clone()
+    with kvtrap.armed(dump_dir=str(tmp_path)), pytest.raises(kvtrap.KVTrapError) as info:
+        td.attend(backend, full_layer(layers), fb)
+    v = info.value.violation
+    assert (v.kind, v.table, v.pool, v.layer_type) == ("kv_write_out_of_range", "out_cache_loc", "full", "full")
+    assert (v.row, v.value, v.lower, v.bound, v.count, v.fatal) == (1, value, 0, FULL_ROWS, 1, True)
+    assert w.kernel_calls(backend) == 0  # neither the launch nor (unified) the index gather ran...
+    assert w.same_kv(before, w.kv_snapshot(pool))  # ...nor the K/V store
+    assert torch.equal(fb.out_cache_loc, locs)
+    dump = load_dump(info.value.dump_path)
+    assert dump.kind == "kv_write_out_of_range"
+    assert dump.tensors["out_cache_loc"].tolist() == locs.tolist()
+    ctx = dump.manifest["context"]
+    assert ctx["hook"] == f"TritonAttnBackend.forward_{'decode' if mode == 'decode' else 'extend'}"
+    assert ctx["layer"]["type"] == "full" and ctx["pools"]["full"]["rows"] == FULL_ROWS
+
+
+def test_swa_write_location_past_the_swa_pool_trapped_on_the_swa_layer(tmp_path):
+    # an untranslated full-pool slot left in swa_out_cache_loc: inside the full pool, past the SWA pool
+    pool, alloc, layers, batch, backend, fb = td.triton_world()
+    backend.forward_metadata.swa_out_cache_loc[2] = FULL_ROWS - 5
+    before = w.kv_snapshot(pool)
+    with kvtrap.armed(dump_dir=str(tmp_path)):
+        td.attend(backend, full_layer(layers), fb)  # full layers write out_cache_loc: fine
+        assert w.kernel_calls(backend) == 1
+        with pytest.raises(kvtrap.KVTrapError) as info:
+            td.attend(backend, layers[0], fb)
+    v = info.value.violation
+    assert (v.kind, v.table, v.pool, v.layer_id, v.layer_type, v.row, v.value, v.bound) == (
+        "kv_write_out_of_range", "swa_out_cache_loc", "swa", 0, "swa", 2, FULL_ROWS - 5, SWA_ROWS)
+    assert v.details["out_cache_loc"] == int(fb.out_cache_loc[2])
+    assert w.kernel_calls(backend) == 1  # the SWA layer reached neither its launch...
+    after = w.kv_snapshot(pool)  # ...nor its store: only the full layer's K/V changed
+    assert w.same_kv(before, after, skip=(full_layer(layers).layer_id,))
+    assert not w.same_kv(before, after)  # (the full layer's store really ran)
+    assert int(load_dump(info.value.dump_path).tensors["swa_out_cache_loc"][2]) == FULL_ROWS - 5
+
+
+def test_no_store_no_write_check(tmp_path):
+    pool, alloc, layers, batch, backend, fb = td.triton_world()
+    fb.out_cache_loc[0] = FULL_ROWS
+    q, k, v = td.triton_qkv(fb)
+    with kvtrap.armed(dump_dir=str(tmp_path)):
+        backend.forward_decode(q, k, v, full_layer(layers), fb, save_kv_cache=False)
+    assert w.kernel_calls(backend) == 1 and not list(tmp_path.iterdir())

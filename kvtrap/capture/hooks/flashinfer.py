@@ -12,6 +12,12 @@ index space (an SWA layer must run on translated ids), drift (the backend's and 
 ``_swa_kv_pool`` / ``use_sliding_window_kv_pool`` against the live pool: SGLang #27737 resolved them from
 the allocator instead of the active pool), and values (:mod:`kvtrap.capture.ragged`). The ragged extend path
 (``use_ragged`` without prefix) reads no paged ids; its paged wrapper still holds the planned prefix ids.
+
+KV writes (when the call stores K/V): ``KVWriteLoc.for_layer`` hands ``set_kv_buffer`` ``out_cache_loc``
+(full layers) and ``swa_out_cache_loc`` (SWA layers); each must lie in ``[0, rows)`` of the pool written
+(:func:`kvtrap.capture.layer_checks.check_write`, shared with trtllm_mha / fa3: once per pool type per
+forward, before the store, skipped while capturing and for unified pools; cross-attention layers, which write
+``encoder_out_cache_loc``, are not checked).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from kvtrap.capture.layer_checks import check_store
 from kvtrap.capture.patching import MethodTarget
 from kvtrap.capture.ragged import check_ragged
 from kvtrap.capture.session import current
@@ -44,6 +51,7 @@ def _forward(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             forward_batch = call_arg(args, kwargs, 4, "forward_batch")
             if layer is not None and current() is not None and getattr(self, "forward_metadata", None) is not None:
                 check_layer(self, layer, forward_batch, method)
+                check_store(self, args, kwargs, layer, forward_batch, method)
             return original(self, *args, **kwargs)
 
         return wrapper

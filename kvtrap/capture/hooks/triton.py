@@ -19,6 +19,13 @@ Before ``forward_decode`` / ``forward_extend`` run, for the layer:
    ``[0, rows)``. Once per index set per forward (one host sync), skipped while a CUDA graph is captured:
    replays are value-checked by the device guard (:mod:`kvtrap.capture.hooks.triton_guard`).
 
+5. KV writes (when the call stores K/V): ``KVWriteLoc.for_batch`` hands ``set_kv_buffer``
+   ``out_cache_loc`` (full layers) and ``swa_out_cache_loc`` (SWA layers, narrowed as ``KVWriteLoc``
+   narrows it); each must lie in ``[0, rows)`` of the pool written. The shared
+   :func:`kvtrap.capture.layer_checks.check_write` (as trtllm_mha / fa3): once per pool type per forward,
+   before the store (which precedes the kernel on every path, the unified one included), skipped while
+   capturing, for unified pools and under decode context parallelism.
+
 The deterministic (unified) extend path (``--enable-deterministic-inference``) appends the current
 tokens' ids to the prefix rail in ``_forward_extend_unified``; SWA layers must append the translated
 ``swa_out_cache_loc`` (SGLang #24394: the untranslated ``out_cache_loc`` faulted; fixed by #24395). That
@@ -31,6 +38,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from kvtrap.capture.layer_checks import check_store
 from kvtrap.capture.patching import MethodTarget
 from kvtrap.capture.ragged import check_ragged
 from kvtrap.capture.session import current
@@ -83,8 +91,12 @@ def _forward(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             if layer is None or current() is None:
                 return original(self, *args, **kwargs)
             build = self.__dict__.get("build_unified_kv_indices")
-            if method != "forward_extend" or not getattr(self, "enable_deterministic", False) or build is None:
+            unified = method == "forward_extend" and getattr(self, "enable_deterministic", False) and build is not None
+            if not unified:
                 check_layer(self, layer, forward_batch, method)
+            # both paths store K/V first (the unified one before its index gather): check where it writes
+            check_store(self, args, kwargs, layer, forward_batch, method)
+            if not unified:
                 return original(self, *args, **kwargs)
             # Deterministic extend reads prefix + current ids merged by build_unified_kv_indices inside
             # _forward_extend_unified: checked on the arguments really handed to it. It is an instance
