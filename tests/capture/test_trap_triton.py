@@ -292,18 +292,11 @@ def test_out_cache_loc_past_the_full_pool_trapped_before_the_store(tmp_path, val
     before, locs = w.kv_snapshot(pool), fb.out_cache_loc.clone()
     with kvtrap.armed(dump_dir=str(tmp_path)), pytest.raises(kvtrap.KVTrapError) as info:
         td.attend(backend, full_layer(layers), fb)
-    v = info.value.violation
-    assert (v.kind, v.table, v.pool, v.layer_type) == ("kv_write_out_of_range", "out_cache_loc", "full", "full")
-    assert (v.row, v.value, v.lower, v.bound, v.count, v.fatal) == (1, value, 0, FULL_ROWS, 1, True)
+    td.check_full_write_trap(info.value, locs, value, FULL_ROWS,
+                             f"TritonAttnBackend.forward_{'decode' if mode == 'decode' else 'extend'}")  # fmt: skip
     assert w.kernel_calls(backend) == 0  # neither the launch nor (unified) the index gather ran...
     assert w.same_kv(before, w.kv_snapshot(pool))  # ...nor the K/V store
     assert torch.equal(fb.out_cache_loc, locs)
-    dump = load_dump(info.value.dump_path)
-    assert dump.kind == "kv_write_out_of_range"
-    assert dump.tensors["out_cache_loc"].tolist() == locs.tolist()
-    ctx = dump.manifest["context"]
-    assert ctx["hook"] == f"TritonAttnBackend.forward_{'decode' if mode == 'decode' else 'extend'}"
-    assert ctx["layer"]["type"] == "full" and ctx["pools"]["full"]["rows"] == FULL_ROWS
 
 
 def test_swa_write_location_past_the_swa_pool_trapped_on_the_swa_layer(tmp_path):

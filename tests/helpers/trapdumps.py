@@ -465,3 +465,17 @@ ALL = {
     "24402": make_24402_dump,
     "24402-wrapped": lambda d: make_24402_dump(d, wrapped=True),
 }
+
+
+def check_full_write_trap(err: kvtrap.KVTrapError, locs, value: int, full_rows: int, hook: str) -> None:
+    """A full layer's write location ``value`` at position 1 of ``locs`` trapped as ``kv_write_out_of_range``,
+    with the dump saying so (shared by the ragged backends' KV-write tests)."""
+    v = err.violation
+    assert (v.kind, v.table, v.pool, v.layer_type) == ("kv_write_out_of_range", "out_cache_loc", "full", "full")
+    assert (v.row, v.value, v.lower, v.bound, v.count, v.fatal) == (1, value, 0, full_rows, 1, True)
+    dump = kvtrap.load_dump(err.dump_path)
+    assert dump.kind == "kv_write_out_of_range"
+    assert dump.tensors["out_cache_loc"].tolist() == locs.tolist()
+    ctx = dump.manifest["context"]
+    assert ctx["hook"] == hook
+    assert ctx["layer"]["type"] == "full" and ctx["pools"]["full"]["rows"] == full_rows
