@@ -168,12 +168,8 @@ def forward_mode(forward_batch: Any) -> str | None:
 
 
 @dataclass
-class LayerSnapshot:
-    """Everything the checks need about one layer's attention call, gathered from live objects.
-
-    The trtllm_mha hook fills it from SGLang's backend (:func:`layer_snapshot`); the weight-free repro
-    fills it directly. Either way :func:`kvtrap.capture.verdict.judge_layer` decides.
-    """
+class LayerCall:
+    """Which layer call a snapshot describes (the header :func:`_layer_call` fills for every snapshot)."""
 
     where: str
     layer_id: int
@@ -181,6 +177,16 @@ class LayerSnapshot:
     window: int | None
     index_in_pool: int | None
     page_size: int
+
+
+@dataclass
+class LayerSnapshot(LayerCall):
+    """Everything the checks need about one layer's attention call, gathered from live objects.
+
+    The trtllm_mha hook fills it from SGLang's backend (:func:`layer_snapshot`); the weight-free repro
+    fills it directly. Either way :func:`kvtrap.capture.verdict.judge_layer` decides.
+    """
+
     bound: int | None  # pages of the pool this layer reads (None: unknown, values not checked)
     handed_name: str
     tables: dict[str, Any]  # "page_table", "swa_page_table" (None when absent)
@@ -506,7 +512,7 @@ def backend_context(backend: Any) -> tuple[Context, dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------ KV write path
 @dataclass
-class WriteSnapshot:
+class WriteSnapshot(LayerCall):
     """Where one layer's K/V store is about to write: the locations and the pool rows they must fit.
 
     An SWA layer (per the *live* pool's ``layers_mapping``) writes ``forward_metadata.swa_out_cache_loc``
@@ -515,12 +521,6 @@ class WriteSnapshot:
     padding slot padded tokens write to: legal. Valid: ``[0, rows)``.
     """
 
-    where: str
-    layer_id: int
-    layer_type: str
-    window: int | None
-    index_in_pool: int | None
-    page_size: int
     name: str  # "out_cache_loc" or "swa_out_cache_loc"
     locs: Any  # the write locations (narrowed to the batch's token count, as SGLang narrows them)
     rows: int  # token rows of the pool written
@@ -794,17 +794,11 @@ def ragged_guard_context(backend: Any, rails: dict[str, Rail]) -> tuple[Context,
 
 
 @dataclass
-class RaggedSnapshot:
+class RaggedSnapshot(LayerCall):
     """One layer's ragged KV read: the index set handed (``handed``), and for triton's unified
     (deterministic) extend the current tokens' ids appended to it (``extend``, a :class:`Rail` without
     offsets). Valid ids: ``[0, bound)``, ``bound`` the token rows of the pool this layer reads."""
 
-    where: str
-    layer_id: int
-    layer_type: str
-    window: int | None
-    index_in_pool: int | None
-    page_size: int
     bound: int | None
     handed: Rail
     extend: Rail | None
