@@ -137,11 +137,9 @@ def test_untranslated_swa_entry_in_range_caught(tmp_path, monkeypatch):
     assert v.details["swa_translation"] and v.bound is None
 
 
-def test_26957_state_on_fa3_trapped_on_first_swa_layer(tmp_path, monkeypatch):
-    # the backend cached "no SWA pool" at init while the live pool is an SWA pool: fa3 hands SWA layers
-    # the full table (its own forward_decode chooses by use_sliding_window_kv_pool)
-    world = fw.decode_world(swa=False)
-    assert world.backend.forward_metadata.swa_page_table is None
+def _swa_layer_handed_page_table_is_trapped(world, tmp_path, monkeypatch) -> None:
+    """fa3 hands the first SWA layer ``page_table`` (stale ``use_sliding_window_kv_pool``): trapped before
+    the kernel, as an index-space mismatch with that drift."""
     rec = fw.KernelRecorder()
     with kvtrap.armed(dump_dir=str(tmp_path)), pytest.raises(kvtrap.KVTrapError) as info:
         fw.run_layer(world, world.layers[0], rec, monkeypatch)
@@ -149,6 +147,14 @@ def test_26957_state_on_fa3_trapped_on_first_swa_layer(tmp_path, monkeypatch):
     v = info.value.violation
     assert (v.kind, v.table, v.layer_type) == ("index_space_mismatch", "page_table", "swa")
     assert "use_sliding_window_kv_pool" in v.details["drift"]
+
+
+def test_26957_state_on_fa3_trapped_on_first_swa_layer(tmp_path, monkeypatch):
+    # the backend cached "no SWA pool" at init while the live pool is an SWA pool: fa3 hands SWA layers
+    # the full table (its own forward_decode chooses by use_sliding_window_kv_pool)
+    world = fw.decode_world(swa=False)
+    assert world.backend.forward_metadata.swa_page_table is None
+    _swa_layer_handed_page_table_is_trapped(world, tmp_path, monkeypatch)
 
 
 def test_frozen_kv_draft_on_fa3_hands_swa_layers_full_ids(tmp_path, monkeypatch):
@@ -158,13 +164,7 @@ def test_frozen_kv_draft_on_fa3_hands_swa_layers_full_ids(tmp_path, monkeypatch)
     # in the release, where the draft's own pool is a plain one (read from the code; not seen on a GPU yet)
     world = fw.decode_world(frozen_kv_draft=True)
     assert world.backend.use_sliding_window_kv_pool is False and world.backend.forward_metadata.swa_page_table is None
-    rec = fw.KernelRecorder()
-    with kvtrap.armed(dump_dir=str(tmp_path)), pytest.raises(kvtrap.KVTrapError) as info:
-        fw.run_layer(world, world.layers[0], rec, monkeypatch)
-    assert rec.calls == []
-    v = info.value.violation
-    assert (v.kind, v.table, v.layer_type) == ("index_space_mismatch", "page_table", "swa")
-    assert "use_sliding_window_kv_pool" in v.details["drift"]
+    _swa_layer_handed_page_table_is_trapped(world, tmp_path, monkeypatch)
 
 
 def test_stale_host_lengths_make_the_table_too_narrow(tmp_path, monkeypatch):

@@ -201,14 +201,7 @@ def _armed_batch(dump_dir: Path, seq_lens=(40, 20)):
 
 def fire_world(dump_dir: Path, world, inject: tuple[str, ...] = ()) -> tuple[Path, kvtrap.KVTrapError]:
     """Arm (with ``inject``), build ``world(dump_dir)``, make its bad call; the trap must fire."""
-    with kvtrap.armed(mode="raise", dump_dir=str(dump_dir), inject=inject):
-        call = world(dump_dir)[2]
-        try:
-            call()
-        except kvtrap.KVTrapError as err:
-            assert err.dump_path is not None, err.dump_error
-            return err.dump_path, err
-    raise AssertionError("the trap did not fire")
+    return _fire(dump_dir, lambda: world(dump_dir)[2](), inject)
 
 
 def swa_page0_free_world(dump_dir: Path):
