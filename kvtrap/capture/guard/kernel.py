@@ -47,18 +47,26 @@ _MAX_BLOCK = 1024
 
 
 @triton.jit
-def _append_overflow(counter_ptr, entries_ptr, max_entries, table_id, layer_id, row, width, need):
-    """Flag FLAG_SEQLEN_EXCEEDS_TABLE (shared by this guard and the fused metadata build): the row needs more pages than the table has (column=width, value=pages needed)."""
+def _append_one(counter_ptr, entries_ptr, max_entries, table_id, layer_id, row, column, value, bound, flag):
+    """Append one scalar entry (its own atomic); shared by every guard's row-level findings: the table overflow
+    below and the ragged guard's malformed offsets."""
     slot = tl.atomic_add(counter_ptr, 1)
     if slot < max_entries:
         e = entries_ptr + slot.to(tl.int64) * _W
         tl.store(e + _C_TABLE, table_id.to(tl.int64))
         tl.store(e + _C_LAYER, layer_id.to(tl.int64))
         tl.store(e + _C_ROW, row)
-        tl.store(e + _C_COLUMN, width.to(tl.int64))
-        tl.store(e + _C_VALUE, need)
-        tl.store(e + _C_BOUND, width.to(tl.int64))
-        tl.store(e + _C_FLAGS, tl.full([], F_SEQLEN_EXCEEDS_TABLE, tl.int64))
+        tl.store(e + _C_COLUMN, column.to(tl.int64))
+        tl.store(e + _C_VALUE, value)
+        tl.store(e + _C_BOUND, bound.to(tl.int64))
+        tl.store(e + _C_FLAGS, tl.full([], flag, tl.int64))
+
+
+@triton.jit
+def _append_overflow(counter_ptr, entries_ptr, max_entries, table_id, layer_id, row, width, need):
+    """Flag FLAG_SEQLEN_EXCEEDS_TABLE (shared by this guard and the fused metadata build): the row needs more pages than the table has (column=width, value=pages needed)."""
+    _append_one(counter_ptr, entries_ptr, max_entries, table_id, layer_id, row, width, need, width,
+                F_SEQLEN_EXCEEDS_TABLE)
 
 
 @triton.jit

@@ -25,16 +25,9 @@ import triton
 import triton.language as tl
 
 from kvtrap.capture.guard.kernel import (
-    _C_BOUND,
-    _C_COLUMN,
-    _C_FLAGS,
-    _C_LAYER,
-    _C_ROW,
-    _C_TABLE,
-    _C_VALUE,
-    _W,
     F_OUT_OF_RANGE,
     _append_entries,
+    _append_one,
     _int_dtypes,
 )
 from kvtrap.record import guard_entry as _layout
@@ -48,20 +41,6 @@ F_INDPTR_MALFORMED: tl.constexpr = tl.constexpr(_layout.FLAG_INDPTR_MALFORMED)
 
 _BLOCK = 1024
 _MAX_SPLITS = 16
-
-
-@triton.jit
-def _append_indptr(counter_ptr, entries_ptr, max_entries, table_id, layer_id, row, column, value, numel):
-    slot = tl.atomic_add(counter_ptr, 1)
-    if slot < max_entries:
-        e = entries_ptr + slot.to(tl.int64) * _W
-        tl.store(e + _C_TABLE, table_id.to(tl.int64))
-        tl.store(e + _C_LAYER, layer_id.to(tl.int64))
-        tl.store(e + _C_ROW, row)
-        tl.store(e + _C_COLUMN, column)
-        tl.store(e + _C_VALUE, value)
-        tl.store(e + _C_BOUND, numel.to(tl.int64))
-        tl.store(e + _C_FLAGS, tl.full([], F_INDPTR_MALFORMED, tl.int64))
 
 
 @triton.jit(do_not_specialize=["numel", "bound", "table_id", "layer_id"])
@@ -87,9 +66,11 @@ def _ragged_guard_kernel(
     if split == 0:
         # each offset is judged once: indptr[0] by row 0, indptr[r + 1] by row r
         if (row == 0) & (start != 0):
-            _append_indptr(counter_ptr, entries_ptr, max_entries, table_id, layer_id, row, row, start, n)
+            _append_one(counter_ptr, entries_ptr, max_entries, table_id, layer_id, row, row, start, n,
+                        F_INDPTR_MALFORMED)
         if (end < start) | (end > n):
-            _append_indptr(counter_ptr, entries_ptr, max_entries, table_id, layer_id, row, row + 1, end, n)
+            _append_one(counter_ptr, entries_ptr, max_entries, table_id, layer_id, row, row + 1, end, n,
+                        F_INDPTR_MALFORMED)
     lo = tl.minimum(tl.maximum(start, 0), n)
     hi = tl.minimum(tl.maximum(end, lo), n)
     offs = tl.arange(0, BLOCK)
