@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The real-server runs of docs/repro.md ("What a real server shows"), all started at once on one GPU, each through
-# `kvtrap repro` with the weight-free E4B-like model (12 layers). Every run writes its own report under $OUT_DIR.
-# Usage (GPU machine with SGLang's full runtime): bash benchmarks/server_matrix.sh runs/matrix
+# `kvtrap repro` with the weight-free E4B-like model (12 layers). Every run writes its own report under its dir.
+# Usage (GPU machine with SGLang's full runtime):
+#   bash benchmarks/server_matrix.sh runs/matrix             trtllm_mha: #26957 armed/unarmed/fix/log/eager
+#   SET=backends bash benchmarks/server_matrix.sh runs/be   fa3, triton, flashinfer clean + zoo bugs, free-path traps
 # Then: bash benchmarks/server_matrix.sh --wait runs/matrix  (waits for every run, prints the outcome lines)
 set -u
 if [ "${1:-}" = "--wait" ]; then
@@ -29,6 +31,21 @@ run() {
     --bench-timeout 600 --out "$d/$name" "$@" > "$d/$name.out" 2>&1 < /dev/null &
   echo $! > "$d/$name.pid"
 }
+if [ "${SET:-trtllm}" = backends ]; then
+  # issue 11 on a real server: the other attention backends armed vs unarmed (greedy outputs compared with
+  # `kvtrap repro compare`), one zoo bug per backend family, and the allocator free path trapped in drain mode
+  run fa3-unarmed-clean          --attention-backend fa3 --unarmed --probe 8 "${SMALL[@]}" "${SHARE[@]}"
+  run fa3-armed-clean            --attention-backend fa3 --probe 8 "${SMALL[@]}" "${SHARE[@]}"
+  run fa3-armed-inject-38269     --attention-backend fa3 --inject sglang-38269 "${FILL[@]}" "${SHARE[@]}" --disable-radix-cache
+  run triton-unarmed-clean       --attention-backend triton --unarmed --probe 8 "${SMALL[@]}" "${SHARE[@]}"
+  run triton-armed-clean         --attention-backend triton --probe 8 "${SMALL[@]}" "${SHARE[@]}"
+  run triton-armed-inject-24394  --attention-backend triton --inject sglang-24394 --enable-deterministic-inference "${SMALL[@]}" "${SHARE[@]}"
+  run flashinfer-armed-clean     --attention-backend flashinfer --probe 8 "${SMALL[@]}" "${SHARE[@]}"
+  run trtllm-armed-inject-38269  --inject sglang-38269 "${FILL[@]}" "${SHARE[@]}" --disable-radix-cache
+  run trtllm-unarmed-inject-38269 --unarmed --inject sglang-38269 "${FILL[@]}" "${SHARE[@]}" --disable-radix-cache
+  echo "started: $(ls "$d"/*.pid | wc -l) runs under $d"
+  exit 0
+fi
 run unarmed-clean      --unarmed --probe 8 "${SMALL[@]}" "${SHARE[@]}"
 run armed-clean        --probe 8 "${SMALL[@]}" "${SHARE[@]}"
 run armed-inject       --inject sglang-26957 --no-fix "${SMALL[@]}" "${SHARE[@]}"
