@@ -8,6 +8,11 @@ mode (``drain``: device work only). The time is the host's, from the call to its
 idle before each call (on a GPU: ``torch.cuda.synchronize()`` first). In a server a call-mode sync also waits
 for the forward running on the GPU; that part is not in these numbers. Prints a table, writes JSON + markdown.
 
+A second table counts what each call dispatches (any origin: SGLang's own ops included): aten ops and Triton
+launches. The count does not depend on the device, so it is the CPU's way to see what drain mode costs a GPU
+host (each dispatch is several microseconds of CPU there). On CPU the drain-mode kernels run in Triton's
+interpreter (set here), so the CPU's drain-mode times are not a cost figure; its op counts are.
+
     python benchmarks/free_path_bench.py --out benchmarks/results                 # CPU
     python benchmarks/free_path_bench.py --device cuda --out benchmarks/results   # GPU
 """
@@ -15,6 +20,7 @@ for the forward running on the GPU; that part is not in these numbers. Prints a 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -66,12 +72,53 @@ def _time(alloc, make, reps: int, sync) -> list[float]:
     return out
 
 
+def _count(alloc, make, reps: int) -> tuple[float, float]:
+    """Mean aten ops and Triton launches dispatched per call (torch dispatch mode + Triton's launch entry)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime.jit import KernelInterface
+
+    counts = {"aten": 0, "triton": 0, "inside": 0}
+
+    class _Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts["aten"] += not counts["inside"]  # the interpreter's own copies are not the launch's cost
+            return func(*args, **(kwargs or {}))
+
+    getitem = KernelInterface.__getitem__
+
+    def launch(self, grid):
+        run = getitem(self, grid)
+
+        def counted(*args, **kwargs):
+            counts["triton"] += 1
+            counts["inside"] += 1
+            try:
+                return run(*args, **kwargs)
+            finally:
+                counts["inside"] -= 1
+
+        return counted
+
+    for _ in range(reps):
+        call, cleanup = make(alloc)
+        KernelInterface.__getitem__ = launch
+        try:
+            with _Ops():
+                call()
+        finally:
+            KernelInterface.__getitem__ = getitem
+        cleanup()
+    return counts["aten"] / reps, counts["triton"] / reps
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--reps", type=int, default=500)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = ap.parse_args()
+    if args.device == "cpu":  # the drain-mode kernels need it on CPU (before any kernel is decorated)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -85,7 +132,7 @@ def main() -> int:
         return 2
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
-    rows = {}
+    rows, ops = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, make in _cases(w).items():
             sides = {}
@@ -96,9 +143,12 @@ def main() -> int:
                     alloc = w.make_allocator(w.make_pool(device=args.device), device=args.device)
                     _time(alloc, make, 30, sync)  # warm-up
                     sides[side] = round(statistics.median(_time(alloc, make, args.reps, sync)), 1)
+                    aten, launches = _count(alloc, make, 20)
+                    ops.setdefault(name, {})[side] = {"aten_ops": aten, "triton_launches": launches}
             for mode in ("call", "drain"):
                 sides[f"{mode}_cost_us"] = round(sides[f"armed_checks_{mode}"] - sides["armed_free_checks_off"], 1)
             rows[name] = sides
+            rows[name]["dispatches_per_call"] = ops[name]
     meta = {
         "machine": f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}",
         "python": platform.python_version(),
@@ -116,6 +166,12 @@ def main() -> int:
     for name, r in rows.items():
         lines.append(f"| {name} | {r['unarmed']} | {r['armed_free_checks_off']} | {r['armed_checks_call']} | "
                      f"{r['armed_checks_drain']} | {r['call_cost_us']} | {r['drain_cost_us']} |")
+    lines += ["", "Dispatched per free call (aten ops + Triton launches, any origin):", "",
+              "| free call | unarmed | armed, checks off | checks on, call mode | checks on, drain mode |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for name, sides in ops.items():
+        cells = [f"{v['aten_ops']:g} + {v['triton_launches']:g}" for v in sides.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -3,18 +3,17 @@
 The allocator checks judge device tensors (the SWA slots an alloc hands out, the pages a free returns). Read on
 the host at the call, each check is a host sync; in SGLang 0.5.23's overlap scheduler the allocator runs on the
 schedule stream, which waits on the running forward, so such a sync also stalls the CPU until that forward ends
-and the next step is launched late. In drain mode a check only enqueues device work: its reason codes go into a
-small per-allocator record (the first finding wins until it is read), and a copy of the record goes, without
-blocking, into one of a few pinned host slots with a CUDA event behind it. Where SGLang waits for a step's
-results (:mod:`kvtrap.capture.hooks.step_drain`, after that step's ``copy_done``) kvtrap reads the newest slot
-whose event has passed: every check enqueued before that step's forward has then passed. A finding is judged
-there by the same verdict as in call mode, with the call's own tensors, and raised before the step's tokens go
-out.
+and the next step is launched late. In drain mode a check is one kernel launch
+(:mod:`kvtrap.capture.allocator_kernels`) that folds the call's first bad element into a small per-allocator
+record on the device (the first finding wins until it is read). Where SGLang waits for a step's results
+(:mod:`kvtrap.capture.hooks.step_drain`, after that step's ``copy_done``) kvtrap enqueues a copy of the record
+into one of a few pinned host slots with a CUDA event behind it, and reads the newest slot whose event has
+passed (a step later, at the latest two). A finding is judged there by the same verdict as in call mode, with
+the call's own tensors, and raised before the step's tokens go out.
 
 The price, said in the docs: the faulty result has been used by then (a page freed twice may have been handed
 out again, a slot outside the pool written). Call mode (``KVTRAP_ALLOCATOR_TRAP=call``) prevents it at a host
-sync per call. No value is read on the host here: every index is a 1-element tensor (``index_select``), never a
-0-dim one (indexing with a 0-dim tensor reads it on the host).
+sync per call. No value is read on the host here except the pinned snapshots, and only once their event passed.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ import torch
 FIELDS = ("count", "code", "position", "value", "owner", "call")
 #: Calls remembered for judging a finding (a finding is read within a step or two of its call).
 REMEMBERED_CALLS = 256
-#: Pinned snapshots in flight: the newest whose event has passed is read.
+#: Pinned snapshots in flight (one per drain): the newest whose event has passed is read.
 SLOTS = 8
 
 Judge = Callable[[Any, dict[str, int]], Any]  # (the allocator, the finding's fields) -> Verdict
@@ -40,10 +39,6 @@ Judge = Callable[[Any, dict[str, int]], Any]  # (the allocator, the finding's fi
 class Finding:
     fields: dict[str, int]
     judge: Judge | None  # None: the call fell out of the remembered ones
-
-
-def _pick(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).index_select(0, index)
 
 
 class Findings:
@@ -57,53 +52,58 @@ class Findings:
         n = SLOTS if self.cuda else 1
         self.host = [torch.zeros(len(FIELDS), dtype=torch.int64, pin_memory=self.cuda) for _ in range(n)]
         self.events: list[Any] = [torch.cuda.Event() if self.cuda else None for _ in range(n)]
-        self.slot_seq = [0] * n  # the add each slot was last written by (0: never)
+        self.slot_snap = [0] * n  # the snapshot each slot last holds (0: none, or read)
+        self.snaps = 0
+        self.snapped_seq = 0  # the last call a snapshot was taken after
         self.stream: Any = None  # the stream the checks run on (SGLang's schedule stream)
         self.calls: OrderedDict[int, Judge] = OrderedDict()
         self.seq = 0
         self.reported = 0  # call number of the last finding reported (an older snapshot may still hold it)
 
-    def add(self, codes: torch.Tensor, values: torch.Tensor, owners: torch.Tensor | None, judge: Judge) -> None:
-        """Fold one checked call into the record: ``codes`` per element (0 fine), ``values`` the ids judged,
-        ``owners`` what kvtrap's record said of them (or None). Enqueues device work only."""
-        if codes.numel() == 0:
-            return
+    def begin(self, judge: Judge) -> int:
+        """Register one checked call (its judge, for when a finding points at it); returns its number, which
+        the check's kernel writes into the record. Host bookkeeping only."""
         self.seq += 1
         self.calls[self.seq] = judge
         while len(self.calls) > REMEMBERED_CALLS:
             self.calls.popitem(last=False)
-        hit = codes.reshape(-1) > 0
-        first = torch.argmax(hit.to(torch.int32)).reshape(1)  # the first hit (0 when there is none: unused)
-        seq = torch.full((1,), self.seq, dtype=torch.int64, device=codes.device)
-        owner = _pick(owners, first) if owners is not None else torch.full_like(seq, -1)
-        parts = (hit.sum().reshape(1), _pick(codes, first), first, _pick(values, first), owner, seq)
-        new = torch.cat([t.to(torch.int64) for t in parts])
-        take = (new[:1] > 0) & (self.buf[:1] == 0)  # the first finding wins until it is read
-        self.buf.copy_(torch.where(take, new, self.buf))
-        slot = self.seq % len(self.host)
         if self.cuda:
             self.stream = torch.cuda.current_stream(self.device)
-            self.host[slot].copy_(self.buf, non_blocking=True)
-            self.events[slot].record(self.stream)
+        return self.seq
+
+    def snapshot(self) -> None:
+        """Enqueue a copy of the record into the next pinned slot, after every check enqueued so far."""
+        if self.seq == self.snapped_seq:
+            return  # no check since the last snapshot: that one (or a reset read earlier) says it all
+        self.snapped_seq = self.seq
+        self.snaps += 1
+        slot = self.snaps % len(self.host)
+        if self.cuda and self.stream is not None:
+            with torch.cuda.stream(self.stream):
+                self.host[slot].copy_(self.buf, non_blocking=True)
+                self.events[slot].record(self.stream)
         else:
             self.host[slot].copy_(self.buf)
-        self.slot_seq[slot] = self.seq
+        self.slot_snap[slot] = self.snaps
 
     def take(self, *, wait: bool = False) -> Finding | None:
-        """The finding in the newest snapshot whose device work has finished (``wait``: synchronize first, for
-        error paths), if it was not reported yet; the record is then reset on the checks' stream."""
-        ready = [i for i, s in enumerate(self.slot_seq) if s]
+        """The finding in the newest snapshot whose device work has finished (``wait``: snapshot now and
+        synchronize, for error paths), if it was not reported yet; the record is then reset on the checks'
+        stream."""
+        if wait:
+            self.snapshot()
+        ready = [i for i, s in enumerate(self.slot_snap) if s]
         if wait and self.cuda:
             for i in ready:
                 self.events[i].synchronize()
         done = [i for i in ready if not self.cuda or self.events[i].query()]
         if not done:
             return None
-        newest = max(done, key=lambda i: self.slot_seq[i])
+        newest = max(done, key=lambda i: self.slot_snap[i])
         vals = dict(zip(FIELDS, (int(v) for v in self.host[newest].tolist()), strict=True))
         for i in done:
-            if self.slot_seq[i] <= self.slot_seq[newest]:
-                self.slot_seq[i] = 0  # read (or superseded by a newer snapshot that has passed)
+            if self.slot_snap[i] <= self.slot_snap[newest]:
+                self.slot_snap[i] = 0  # read (or superseded by a newer snapshot that has passed)
         if vals["count"] == 0 or vals["call"] <= self.reported:
             return None
         self.reported = vals["call"]

@@ -62,7 +62,7 @@ from typing import Any
 
 import torch
 
-from kvtrap.capture import checks, page_owners
+from kvtrap.capture import allocator_kernels, checks, page_owners
 from kvtrap.capture.deferred import Finding, Findings
 from kvtrap.capture.patching import MethodTarget
 from kvtrap.capture.session import Session, current
@@ -78,9 +78,12 @@ PAGED_CLASS = "PagedTokenToKVPoolAllocator"
 
 
 def at_drain(session: Session, t: Any) -> bool:
-    """Whether this session's allocator checks on ``t``'s device trap at the drain (no host sync)."""
+    """Whether this session's allocator checks on ``t``'s device trap at the drain (no host sync): ``drain``, or
+    ``auto`` on a CUDA device, where the check kernels can run (elsewhere they run as ``call``)."""
     mode = session.config.allocator_trap
-    return mode == "drain" or (mode == "auto" and bool(getattr(t, "is_cuda", False)))
+    if mode == "call" or not allocator_kernels.usable(t):
+        return False
+    return mode == "drain" or bool(getattr(t, "is_cuda", False))
 
 
 _findings: weakref.WeakKeyDictionary[Any, Findings] = weakref.WeakKeyDictionary()
@@ -108,20 +111,26 @@ def check_allocation(alloc: Any, out: Any, where: str, args: dict[str, Any]) -> 
         return
     if checks.is_capturing(out):
         return
-    swa_slots = alloc.full_to_swa_index_mapping[out]
     lower, bound = int(alloc.page_size), swa_slot_bound(alloc)
-    if at_drain(session, swa_slots):
+    mapping = alloc.full_to_swa_index_mapping
+    if at_drain(session, out):
+        found = _findings_for(alloc, session, out.device)
+        flat = out.reshape(-1)
+        swa_slots = torch.empty(flat.shape, dtype=mapping.dtype, device=mapping.device)
+
         # the judge gets the allocator at the drain: holding it here would keep it alive (the record is weak)
         def judge(a: Any, f: dict[str, int]) -> Verdict:
             return judge_allocation(allocation_snapshot(a, out, swa_slots, where, args), _slot_bad(f))
 
-        codes = checks.slot_codes(swa_slots, lower, bound)
-        _findings_for(alloc, session, swa_slots.device).add(codes, swa_slots.reshape(-1), None, judge)
-    else:
-        bad = checks.scan_slots(swa_slots, lower=lower, bound=bound)
-        if bad is not None:
-            verdict = judge_allocation(allocation_snapshot(alloc, out, swa_slots, where, args), bad)
-            session.report(verdict.violation, verdict.context, verdict.tensors)
+        rec = page_owners.record_for(alloc, session) if _free_checks(session, alloc) else None
+        allocator_kernels.slot_check_(flat, mapping, swa_slots, lower, bound, None if rec is None else rec.owner,
+                                      int(alloc.page_size), found.buf, found.begin(judge))  # fmt: skip
+        return
+    swa_slots = mapping[out]
+    bad = checks.scan_slots(swa_slots, lower=lower, bound=bound)
+    if bad is not None:
+        verdict = judge_allocation(allocation_snapshot(alloc, out, swa_slots, where, args), bad)
+        session.report(verdict.violation, verdict.context, verdict.tensors)
     note_allocation(session, alloc, out, swa_slots)
 
 
@@ -132,6 +141,7 @@ def drain_findings(session: Session) -> None:
     (:mod:`kvtrap.capture.hooks.step_drain`); never waits itself."""
     for alloc, found in list(_findings.items()):
         if found.session is session:
+            found.snapshot()
             _report(session, alloc, found.take())
 
 
@@ -190,7 +200,11 @@ class _Freeing:
     alloc: Any
     where: str
     free_index: Any  # the call's token indices (None at free_group_end)
-    full_pages: Any  # full pages the call releases (None: unknown)
+    freeing: Any  # what the call releases: ``freeing // div`` are its full pages (None: unknown)
+    div: int
+
+    def full_pages(self) -> Any:
+        return None if self.freeing is None else self.freeing.to(torch.int64) // self.div
 
 
 _local = threading.local()
@@ -224,11 +238,10 @@ def _wrap_swa_free(method: str) -> Callable[[Callable[..., Any]], Callable[..., 
             if not _free_checks(session, self) or free_index.numel() == 0 or checks.is_capturing(free_index):
                 return original(self, free_index, *args, **kwargs)
             rec = page_owners.record_for(self, session)
-            # not unique'd: that would be a host sync; membership is a bitmap, dumps unique them when judged
-            full_pages = free_index.to(torch.int64) // rec.page_size
-            if self.free_group is not None:  # released at free_group_end
-                rec.pending_full_pages.append(full_pages)
-            with _freeing(_Freeing(self, where, free_index, full_pages)):
+            if self.free_group is not None:  # released at free_group_end; SGLang may reuse free_index by then
+                rec.pending_full_pages.append(free_index.to(torch.int64) // rec.page_size)
+            # not unique'd (a host sync): the checks test membership, dumps unique them when judged
+            with _freeing(_Freeing(self, where, free_index, free_index, rec.page_size)):
                 return _call_checked(session, self, free_index, original, self, free_index, *args, **kwargs)
 
         return wrapper
@@ -259,7 +272,7 @@ def _wrap_group_end(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(self, *args, **kwargs)
         pending, rec.pending_full_pages = rec.pending_full_pages, []
         full_pages = torch.cat(pending) if pending else None
-        with _freeing(_Freeing(self, where, None, full_pages)):
+        with _freeing(_Freeing(self, where, None, full_pages, 1)):
             return _call_checked(session, self, full_pages, original, self, *args, **kwargs)
 
     return wrapper
@@ -287,27 +300,30 @@ def _wrap_release(original: Callable[..., Any]) -> Callable[..., Any]:
         if checks.is_capturing(pages):
             return original(self, *page_ids)
         ctx = _current_freeing(alloc)
-        freeing = None if ctx is None else ctx.full_pages
         where = ctx.where if ctx is not None else f"{PAGED_CLASS}._release_page_ids"
         drain = at_drain(session, pages)
         free_index = None if ctx is None else ctx.free_index
-        if drain and free_index is not None:
-            free_index = free_index.clone()  # SGLang passes views of req_to_token rows that it reuses
+        freeing = None if ctx is None else ctx.freeing
+        div = 1 if ctx is None else ctx.div
+        if drain:  # judged at the drain, a step later: SGLang passes views of req_to_token rows that it reuses
+            free_index = None if free_index is None else free_index.clone()
+            freeing = free_index if ctx is not None and ctx.freeing is ctx.free_index else freeing
 
         def judge(a: Any, bad: checks.BadFree) -> Verdict:
-            view = free_snapshot(a, pages, None if freeing is None else torch.unique(freeing), free_index, where,
-                                 rec.owner[:-1])  # fmt: skip
-            return judge_free(view, bad)
+            full = None if freeing is None else torch.unique(freeing.to(torch.int64) // div)
+            return judge_free(free_snapshot(a, pages, full, free_index, where, rec.owner[:-1]), bad)
 
         if drain:
-            flat, owners, codes = checks.swa_release_codes(pages, rec.owner, freeing, full_page_bound(alloc))
             found = _findings_for(alloc, session, pages.device)
-            found.add(codes, flat, owners, lambda a, f: judge(a, _free_bad(f)))
-        else:
-            bad = checks.scan_swa_release(pages, rec.owner, freeing, full_page_bound(alloc))
-            if bad is not None:
-                verdict = judge(alloc, bad)
-                session.report(verdict.violation, verdict.context, verdict.tensors)  # raises before the release
+            seq = found.begin(lambda a, f: judge(a, _free_bad(f)))
+            # also marks the pages freed in kvtrap's record (no rec.note_freed below)
+            allocator_kernels.release_check_(pages, rec.owner, freeing, div, found.buf, seq)
+            return original(self, *page_ids)
+        full_pages = None if ctx is None else ctx.full_pages()
+        bad = checks.scan_swa_release(pages, rec.owner, full_pages, full_page_bound(alloc))
+        if bad is not None:
+            verdict = judge(alloc, bad)
+            session.report(verdict.violation, verdict.context, verdict.tensors)  # raises before the release
         out = original(self, *page_ids)
         rec.note_freed(pages)
         return out

@@ -1,0 +1,210 @@
+"""The drain-mode allocator checks as one Triton launch per checked call (``KVTRAP_ALLOCATOR_TRAP=drain``).
+
+Written as torch ops, the free check of one SGLang free call was about 60 small device ops (codes, ownership
+lookups, a membership bitmap, folding the first finding into the record, marking the pages freed), and the
+host-side dispatch of those ops, not the device work, is what a server pays: on an H200 it measured ~1.4 ms
+of CPU per free call (``benchmarks/results/free-path-nvidia-h200.md``), and at concurrency 64 a decode step
+makes several. Each check here is one launch that does all of it and reads nothing on the host.
+
+Same verdicts as the torch references in :mod:`kvtrap.capture.checks` (``swa_release_codes``,
+``slot_codes``), which call mode uses and the tests compare against:
+
+* :func:`release_check_`: SWA pages about to enter the free list. Reserved page 0 (code 1), a page not handed
+  out or freed twice in one call (2), a page handed out with a full page the call does not free (3). The
+  ownership record is updated in the same pass (each page's owner is exchanged for ``FREE`` atomically, so a
+  page twice in one release sees ``FREE`` the second time: the double free needs no sort).
+* :func:`slot_check_`: the SWA slots an allocation handed out (read through ``full_to_swa_index_mapping``) lie
+  in ``[page_size, bound)`` (code 4), and, with the free checks on, their pages are recorded as owned by the
+  allocation's full pages.
+
+Both fold the call's first bad element into the allocator's record (:class:`kvtrap.capture.deferred.Findings`:
+count, code, position, value, owner, call number); the first finding stays until the host reads it. One
+program per launch walks the call's ids in blocks: a free or an allocation moves tens to a few thousand ids,
+and a single program keeps the record update free of races.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kvtrap.capture import checks
+
+_BLOCK = 256
+_BLOCK_F = 64
+_FREE: tl.constexpr = tl.constexpr(-1)
+_CODE_RESERVED: tl.constexpr = tl.constexpr(1)
+_CODE_DOUBLE: tl.constexpr = tl.constexpr(2)
+_CODE_NOT_OWNED: tl.constexpr = tl.constexpr(3)
+_CODE_OUT_OF_RANGE: tl.constexpr = tl.constexpr(checks.OUT_OF_RANGE)
+assert checks.RELEASE_REASONS == ("reserved", "double", "not_owned")  # the codes above, in that order
+
+
+def usable(t: torch.Tensor) -> bool:
+    """Whether these kernels can run on ``t``'s device: CUDA, or anywhere under the Triton interpreter."""
+    return bool(t.is_cuda) or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _fold_block(idx, hit, code, value, owner, count, f_code, f_pos, f_value, f_owner):
+    """Add one block's hits to the call's running tally; keep the first hit of the call (lowest position)."""
+    big = tl.full(idx.shape, 2**62, tl.int64)
+    bpos = tl.min(tl.where(hit, idx, big), axis=0)
+    sel = hit & (idx == bpos)
+    take = (f_pos < 0) & (bpos < 2**62)
+    zero = tl.zeros(idx.shape, tl.int64)
+    f_code = tl.where(take, tl.sum(tl.where(sel, code, zero), axis=0), f_code)
+    f_value = tl.where(take, tl.sum(tl.where(sel, value, zero), axis=0), f_value)
+    f_owner = tl.where(take, tl.sum(tl.where(sel, owner, zero), axis=0), f_owner)
+    f_pos = tl.where(take, bpos, f_pos)
+    count += tl.sum(hit.to(tl.int64), axis=0)
+    return count, f_code, f_pos, f_value, f_owner
+
+
+@triton.jit
+def _store_first(rec_ptr, count, f_code, f_pos, f_value, f_owner, seq):
+    """The record's fields (kvtrap.capture.deferred.FIELDS order); the first finding wins until it is read."""
+    if (count > 0) & (tl.load(rec_ptr) == 0):
+        tl.store(rec_ptr + 0, count)
+        tl.store(rec_ptr + 1, f_code)
+        tl.store(rec_ptr + 2, f_pos)
+        tl.store(rec_ptr + 3, f_value)
+        tl.store(rec_ptr + 4, f_owner)
+        tl.store(rec_ptr + 5, seq)
+
+
+@triton.jit(do_not_specialize=["n", "owner_numel", "n_freeing", "freeing_div", "seq"])
+def _release_check_kernel(
+    pages_ptr,  # [n] SWA page ids about to enter the free list
+    n,
+    owner_ptr,  # [owner_numel] int64: full page per SWA page, FREE when not handed out (last: scratch)
+    owner_numel,
+    freeing_ptr,  # [n_freeing] what the call frees (token slots or full pages), or a dummy
+    n_freeing,
+    freeing_div,  # freeing // freeing_div = full page ids
+    rec_ptr,  # [6] int64 record
+    seq,  # this call's number
+    HAS_FREEING: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
+    count = tl.zeros([], tl.int64)
+    f_code = tl.zeros([], tl.int64)
+    f_pos = tl.full([], -1, tl.int64)
+    f_value = tl.zeros([], tl.int64)
+    f_owner = tl.full([], -1, tl.int64)
+    for start in range(0, n, BLOCK):
+        idx = start + tl.arange(0, BLOCK).to(tl.int64)
+        m = idx < n
+        p = tl.load(pages_ptr + idx, mask=m, other=0).to(tl.int64)
+        inside = m & (p > 0) & (p < owner_numel - 1)
+        free = tl.full([BLOCK], _FREE, tl.int64)
+        old = tl.atomic_xchg(owner_ptr + tl.where(inside, p, 0), free, mask=inside)
+        owners = tl.where(inside, old, free)
+        code = tl.where(m & (p == 0), _CODE_RESERVED, tl.where(inside & (owners < 0), _CODE_DOUBLE, 0))
+        if HAS_FREEING:
+            member = tl.zeros([BLOCK], tl.int32)
+            for fs in range(0, n_freeing, BLOCK_F):
+                fidx = fs + tl.arange(0, BLOCK_F).to(tl.int64)
+                fm = fidx < n_freeing
+                fp = tl.load(freeing_ptr + fidx, mask=fm, other=0).to(tl.int64) // freeing_div
+                eq = (owners[:, None] == fp[None, :]) & fm[None, :]
+                member = tl.maximum(member, tl.max(eq.to(tl.int32), axis=1))
+            not_owned = inside & (owners >= 0) & (member == 0)
+            code = tl.where((code == 0) & not_owned, _CODE_NOT_OWNED, code)
+        code = code.to(tl.int64)
+        count, f_code, f_pos, f_value, f_owner = _fold_block(
+            idx, code > 0, code, p, owners, count, f_code, f_pos, f_value, f_owner
+        )
+    _store_first(rec_ptr, count, f_code, f_pos, f_value, f_owner, seq)
+
+
+@triton.jit(do_not_specialize=["n", "lower", "bound", "owner_numel", "page_size", "seq"])
+def _slot_check_kernel(
+    full_ptr,  # [n] full-pool token slots the allocation returned
+    n,
+    mapping_ptr,  # full_to_swa_index_mapping
+    slots_ptr,  # [n] out: the SWA slot of each
+    lower,
+    bound,
+    owner_ptr,  # ownership record (NOTE) or a dummy
+    owner_numel,
+    page_size,
+    rec_ptr,
+    seq,
+    NOTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    count = tl.zeros([], tl.int64)
+    f_code = tl.zeros([], tl.int64)
+    f_pos = tl.full([], -1, tl.int64)
+    f_value = tl.zeros([], tl.int64)
+    f_owner = tl.full([], -1, tl.int64)
+    for start in range(0, n, BLOCK):
+        idx = start + tl.arange(0, BLOCK).to(tl.int64)
+        m = idx < n
+        full = tl.load(full_ptr + idx, mask=m, other=0).to(tl.int64)
+        slot = tl.load(mapping_ptr + full, mask=m, other=0)
+        tl.store(slots_ptr + idx, slot, mask=m)
+        slot = slot.to(tl.int64)
+        bad = m & ((slot < lower) | (slot >= bound))
+        code = tl.where(bad, _CODE_OUT_OF_RANGE, 0).to(tl.int64)
+        if NOTE:
+            # record the pairing (kvtrap.capture.page_owners.note_pairs); a slot without an SWA peer reads 0
+            swa_page = tl.where(slot >= 0, slot // page_size, 0)
+            valid = m & (swa_page > 0) & (swa_page < owner_numel - 1)
+            tl.store(owner_ptr + tl.where(valid, swa_page, 0), full // page_size, mask=valid)
+        count, f_code, f_pos, f_value, f_owner = _fold_block(
+            idx, bad, code, slot, tl.full([BLOCK], -1, tl.int64), count, f_code, f_pos, f_value, f_owner
+        )
+    _store_first(rec_ptr, count, f_code, f_pos, f_value, f_owner, seq)
+
+
+def release_check_(
+    pages: torch.Tensor,
+    owner: torch.Tensor,
+    freeing: torch.Tensor | None,
+    freeing_div: int,
+    record: torch.Tensor,
+    seq: int,
+) -> None:
+    """Judge ``pages`` (flat SWA page ids) against ``owner`` and mark them freed there; fold the first bad one
+    into ``record`` as call ``seq``. ``freeing``: what the call frees (``freeing // freeing_div`` are full page
+    ids) or None when the release has no known full side (ownership is then not judged). One launch."""
+    n = int(pages.numel())
+    if n == 0:
+        return
+    has = freeing is not None and freeing.numel() > 0
+    f = freeing.reshape(-1) if has else owner
+    _release_check_kernel[(1,)](
+        pages, n, owner, owner.numel(), f, int(f.numel()) if has else 0, max(int(freeing_div), 1), record, seq,
+        HAS_FREEING=has, BLOCK=_BLOCK, BLOCK_F=_BLOCK_F,
+    )  # fmt: skip
+
+
+def slot_check_(
+    full_slots: torch.Tensor,
+    mapping: torch.Tensor,
+    slots: torch.Tensor,
+    lower: int,
+    bound: int,
+    owner: torch.Tensor | None,
+    page_size: int,
+    record: torch.Tensor,
+    seq: int,
+) -> None:
+    """Write the SWA slots of an allocation (``mapping[full_slots]``, flat) into ``slots``, check each against
+    ``[lower, bound)`` and fold the first bad one into ``record`` as call ``seq``; with ``owner``, record their
+    pages as handed out with the allocation's full pages. One launch."""
+    n = int(full_slots.numel())
+    if n == 0:
+        return
+    note = owner is not None
+    o = owner if note else record
+    _slot_check_kernel[(1,)](
+        full_slots, n, mapping, slots, int(lower), int(bound), o, o.numel(), int(page_size), record, seq,
+        NOTE=note, BLOCK=_BLOCK,
+    )  # fmt: skip
