@@ -155,7 +155,8 @@ def _locate(values: torch.Tensor, bad_mask: torch.Tensor) -> BadEntries:
 
 
 def slot_codes(slots: torch.Tensor, lower: int, bound: int) -> torch.Tensor:
-    """Per slot: 0 inside ``[lower, bound)``, :data:`OUT_OF_RANGE` outside. Device-side, no host sync."""
+    """Per slot: 0 inside ``[lower, bound)``, :data:`OUT_OF_RANGE` outside (the reference of
+    :func:`kvtrap.capture.allocator_kernels.slot_check_`)."""
     flat = slots.reshape(-1)
     return ((flat < lower) | (flat >= bound)).to(torch.int64) * OUT_OF_RANGE
 
@@ -271,8 +272,9 @@ def swa_release_codes(
     the reserved page). ``freeing``: the full pages the free call releases, or None when the release has
     no known full side (then ownership is not judged). ``full_bound``: more than any full page id.
     Returns the flat page ids, their owners and a reason code per page (0 fine, else 1 + index in
-    :data:`RELEASE_REASONS`, the first that applies). No host sync: membership goes through a bitmap over
-    the full pages, not ``torch.isin`` (which sorts with a data-dependent size on CUDA).
+    :data:`RELEASE_REASONS`, the first that applies). Call mode reads it on the host
+    (:func:`scan_swa_release`); drain mode runs the same verdict as one kernel
+    (:func:`kvtrap.capture.allocator_kernels.release_check_`), which the tests hold to this reference.
     """
     flat = pages.reshape(-1).to(torch.int64)
     inside = (flat > 0) & (flat < owner.numel() - 1)

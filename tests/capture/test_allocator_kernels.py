@@ -4,7 +4,7 @@ One op, kernel + reference: ``release_check_`` must give ``swa_release_codes``' 
 position, page, owner) and leave kvtrap's ownership record as ``note_freed`` does; ``slot_check_`` must give
 ``slot_codes``' verdict and record pairs as ``note_pairs`` does. Random cases with every reason mixed in,
 blocks longer than one program step, and the first finding staying in the record until it is read. On CPU the
-kernels run in Triton's interpreter; on a GPU (``KVTRAP_TEST_DEVICE=cuda``) on the device.
+kernels run in Triton's interpreter; on a GPU on the device.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 from kvtrap.capture import allocator_kernels, checks, page_owners
 from kvtrap.capture.deferred import FIELDS
 
-DEVICE = os.environ.get("KVTRAP_TEST_DEVICE", "cpu")
+# where CUDA is, the kernels run compiled (conftest turns the interpreter on only without CUDA)
+DEVICE = os.environ.get("KVTRAP_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE == "cuda" and not torch.cuda.is_available():
     pytest.skip("KVTRAP_TEST_DEVICE=cuda needs a CUDA GPU", allow_module_level=True)
 
