@@ -916,8 +916,9 @@ def swa_page0_freed(f: Facts) -> Finding | None:
     evidence = _free_evidence(f)
     idx = f.dump.tensors.get("free_index")
     if idx is not None:
-        evidence.append(f"the call was given {np.asarray(idx).size} token slot(s); their SWA peers read as slot 0"
-                        " (no SWA pair: already evicted from the window, or never given one)")
+        # not "all of them": a request's release passes its whole row, mapped slots and window-evicted ones
+        evidence.append(f"the call was given {np.asarray(idx).size} token slot(s); {f.violation.count} of the pages"
+                        " it releases read SWA slot 0 (no SWA pair: already evicted from the window, or never given one)")
     _injected(f, "sglang-38269", evidence)
     return Finding(
         rule="sglang-38269",
@@ -934,7 +935,8 @@ def swa_page0_freed(f: Facts) -> Finding | None:
             "Filter unmapped slots (mapping == 0) before releasing SWA pages in every free path"
             " (free_swa_segment / _free_swa_pages in 0.5.23 has no filter).",
             "Find the caller in the traceback: a segment free of a node or range whose SWA side is already gone"
-            " should release the full side only (free_full_segment).",
+            " should release the full side only (free_full_segment; a request's release does this for its"
+            " window-evicted range in free_kv_row_segments).",
         ],
     )
 

@@ -17,10 +17,11 @@ from helpers import sglang_world as w  # noqa: E402
 from helpers import trapdumps as td  # noqa: E402
 
 ZOO = {
-    # bug -> (world, the violation kind its trap reports)
-    "sglang-38269": (td.bug_38269_world, "swa_free_reserved_page"),
-    "sglang-27779": (td.bug_27779_world, "swa_double_free"),
-    "sglang-25805": (td.bug_25805_world, "swa_free_not_owned"),
+    # bug -> (world, the violation kind its trap reports, the SGLang call it is reported in)
+    # 38269: a request's release in the scheduler's free group; the SWA pages go in at free_group_end
+    "sglang-38269": (td.bug_38269_world, "swa_free_reserved_page", "SWATokenToKVPoolAllocator.free_group_end"),
+    "sglang-27779": (td.bug_27779_world, "swa_double_free", "SWATokenToKVPoolAllocator.free_swa"),
+    "sglang-25805": (td.bug_25805_world, "swa_free_not_owned", "SWATokenToKVPoolAllocator.free_swa"),
 }
 
 
@@ -41,7 +42,7 @@ def _bad_page_in_use(name, alloc, batch, page):
 
 @pytest.mark.parametrize("name", list(ZOO))
 def test_injected_bug_is_trapped_at_the_free(tmp_path, name):
-    world, kind = ZOO[name]
+    world, kind, where = ZOO[name]
     with kvtrap.armed(mode="raise", dump_dir=str(tmp_path), inject=(name,)):
         assert bugs.enabled() == (name,)
         alloc, batch, call = world(tmp_path)
@@ -50,7 +51,7 @@ def test_injected_bug_is_trapped_at_the_free(tmp_path, name):
             call()
     assert bugs.enabled() == ()
     v = info.value.violation
-    assert v.kind == kind and v.where == "SWATokenToKVPoolAllocator.free_swa"
+    assert v.kind == kind and v.where == where
     page = v.value
     # caught before the release: both free lists exactly as before the call; the bad page not in the list
     after = _lists(alloc)
@@ -72,7 +73,7 @@ def test_injected_bug_is_trapped_at_the_free(tmp_path, name):
 
 @pytest.mark.parametrize("name", list(ZOO))
 def test_same_steps_without_the_injection_are_clean_and_bit_identical(tmp_path, name):
-    world, _ = ZOO[name]
+    world = ZOO[name][0]
     alloc_plain, _, call = world(tmp_path)
     call()
     with kvtrap.armed(mode="raise", dump_dir=str(tmp_path)):
@@ -87,7 +88,7 @@ def test_same_steps_without_the_injection_are_clean_and_bit_identical(tmp_path, 
 @pytest.mark.parametrize("name", list(ZOO))
 def test_injection_makes_a_real_fault_when_nothing_checks(tmp_path, name):
     """Free checks off: the bad page goes into the real free list and is handed out again."""
-    world, _ = ZOO[name]
+    world = ZOO[name][0]
     with kvtrap.armed(mode="raise", dump_dir=str(tmp_path), inject=(name,), free_checks="off"):
         alloc, batch, call = world(tmp_path)
         call()

@@ -527,3 +527,69 @@ def set_flashinfer_metadata(backend, alloc, batch: Batch, fb, *, prefix_lens=Non
                                 swa_out_cache_loc=swa_loc)
     backend.forward_metadata = md
     return md
+
+
+# ------------------------------------------------------------------ requests through SGLang's own cache
+# The release path a server takes for a finished request: a real ``UnifiedRadixCache`` (what 0.5.23 builds for
+# a hybrid-SWA model; ``disable=True`` is ``--disable-radix-cache``), real ``Req`` objects with rows in a real
+# ``ReqToTokenPool``, window eviction through ``evict_sliding_windows`` and the release through
+# ``release_kv_cache``, each inside the allocator's free group as the scheduler calls them.
+def make_unified_cache(alloc, window: int, *, disable: bool = True):
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+    from sglang.srt.mem_cache.unified_cache.components import ComponentType
+    from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
+    r2t = ReqToTokenPool(size=4, max_context_len=MAX_PAGES * PAGE_SIZE, device="cpu", enable_memory_saver=False)
+    params = CacheInitParams(disable=disable, req_to_token_pool=r2t, token_to_kv_pool_allocator=alloc,
+                             page_size=alloc.page_size, sliding_window_size=window,
+                             tree_components=(ComponentType.FULL, ComponentType.SWA))  # fmt: skip
+    return UnifiedRadixCache(params)
+
+
+def admit_request(cache, alloc, n: int, rid: str):
+    """A real ``Req`` of ``n`` prompt tokens, prefilled: a row in the cache's ReqToTokenPool holding slots from
+    the real ``alloc_extend``, committed. Returns (req, its full-pool slots)."""
+    from array import array
+
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    req = Req(rid=rid, origin_input_text="", origin_input_ids=array("q", range(1, n + 1)),
+              sampling_params=SamplingParams(temperature=0, max_new_tokens=1))  # fmt: skip
+    cache.req_to_token_pool.alloc([req])
+    slots = allocate_requests(alloc, [n]).token_slots[0]
+    cache.req_to_token_pool.write((req.kv.req_pool_idx, slice(0, n)), slots)
+    req.kv.kv_committed_len = req.kv.kv_allocated_len = n
+    return req, slots
+
+
+def evict_window(cache, req, pre_len: int) -> None:
+    """``ScheduleBatch.maybe_evict_swa`` for one request: SGLang's ``evict_sliding_windows`` in a free group."""
+    alloc = cache.token_to_kv_pool_allocator
+    alloc.free_group_begin()
+    cache.evict_sliding_windows(req, pre_len)
+    alloc.free_group_end()
+
+
+def release_finished(cache, req, *, group: bool = True) -> None:
+    """A finished request's KV given back as the batch result processor does: ``release_kv_cache`` in a free
+    group (``group=False``: a release outside one), under a published server config (``release_kv_cache``
+    reads it; published with SGLang's own test helper, the caller's context put back after)."""
+    from sglang.srt.managers.schedule_batch import FINISH_LENGTH
+    from sglang.srt.mem_cache.common import release_kv_cache
+    from sglang.srt.runtime_context import restore_context, snapshot_context
+    from sglang.test.test_utils import published_topology
+
+    req.finished_reason = FINISH_LENGTH(length=0)
+    alloc = cache.token_to_kv_pool_allocator
+    saved = snapshot_context()
+    try:
+        with published_topology():
+            if group:
+                alloc.free_group_begin()
+            release_kv_cache(req, cache, checkpoint=True)
+            if group:
+                alloc.free_group_end()
+    finally:
+        restore_context(saved)

@@ -246,13 +246,23 @@ def make_swa_not_owned_dump(dump_dir: Path):
 
 # ------------------------------------------------------------------------ the SWA free-path bug zoo
 # Called armed with the bug injected (KVTRAP_INJECT); the same steps without it are clean (see the tests).
-def bug_38269_world(dump_dir: Path):
-    """SGLang #38269: a request's oldest pages leave the window (SWA freed), then its node is freed again by
-    its full indices, as ``SWAComponent.evict_component`` does, counting on unmapped slots being skipped."""
-    alloc, batch = _armed_batch(dump_dir)
-    a = batch.token_slots[0]
-    alloc.free_swa(a[: 2 * w.PAGE_SIZE])  # window eviction: the SWA side of 2 pages released
-    return alloc, batch, lambda: alloc.free_swa(a[: 2 * w.PAGE_SIZE])  # the node free: mapping reads 0
+BUG_38269_WINDOW = 2 * w.PAGE_SIZE
+
+
+def bug_38269_world(dump_dir: Path, *, group: bool = True):
+    """SGLang #38269 on the path a server takes: request A (100 tokens) runs past its window, SGLang's window
+    eviction releases the SWA side of its first 4 pages and clears their mapping; A finishes and
+    ``release_kv_cache`` frees its row. Request B (4 pages) is still running, so the SWA free list has room
+    for what a wrong release adds (SGLang's own ``available_size() <= size`` assert stays quiet, as under
+    load). ``--disable-radix-cache``: a disabled UnifiedRadixCache, as 0.5.23 builds it."""
+    alloc = w.make_allocator(w.make_pool())
+    cache = w.make_unified_cache(alloc, BUG_38269_WINDOW)
+    req_a, a = w.admit_request(cache, alloc, 100, "A")
+    _, b = w.admit_request(cache, alloc, 4 * w.PAGE_SIZE, "B")
+    w.evict_window(cache, req_a, 100)
+    assert req_a.kv.component_evicted_seqlens and max(req_a.kv.component_evicted_seqlens.values()) == 64
+    batch = w.Batch(seq_lens=[100, 4 * w.PAGE_SIZE], token_slots=[a, b])
+    return alloc, batch, lambda: w.release_finished(cache, req_a, group=group)
 
 
 def bug_27779_world(dump_dir: Path):

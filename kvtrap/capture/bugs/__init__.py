@@ -26,7 +26,7 @@ _GH = "https://github.com/sgl-project/sglang/pull/"
 
 BUGS: dict[str, Listed] = {
     "sglang-26957": Listed("kvtrap.capture.bugs.sglang_26957", "trtllm_mha frozen-KV MTP draft reads full-pool ids on SWA layers", ("https://github.com/sgl-project/sglang/issues/26957", _GH + "25103", _GH + "26966")),  # noqa: E501
-    "sglang-38269": Listed("kvtrap.capture.bugs.sglang_38269", "SWA free without the `> 0` filter frees the reserved SWA page 0", (_GH + "38269", _GH + "38519", _GH + "38159")),  # noqa: E501
+    "sglang-38269": Listed("kvtrap.capture.bugs.sglang_38269", "request release sends window-evicted (unmapped) slots down the SWA segment free: the reserved SWA page 0 freed", (_GH + "38269", _GH + "38519", _GH + "38159")),  # noqa: E501
     "sglang-27779": Listed("kvtrap.capture.bugs.sglang_27779", "partial-page SWA free clears the freed tokens' mapping only: SWA page freed twice", (_GH + "27779",)),  # noqa: E501
     "sglang-24402": Listed("kvtrap.capture.bugs.sglang_24402", "fa3 EAGLE tree (topk > 1) speculative SWA page table holds untranslated full-pool ids", ("https://github.com/sgl-project/sglang/issues/24402", _GH + "24617")),  # noqa: E501
     "sglang-25805": Listed("kvtrap.capture.bugs.sglang_25805", "alloc_extend_swa_tail leaves stale full-to-SWA mappings: another request's SWA page freed", (_GH + "25805", _GH + "26078")),  # noqa: E501
