@@ -11,6 +11,7 @@ Command builders are parameters so that tests can swap SGLang for short-lived st
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -23,7 +24,7 @@ import time
 import traceback
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -33,9 +34,11 @@ from kvtrap.repro.models import DummyModel, ModelDirs
 from kvtrap.repro.probe import ProbeSpec
 from kvtrap.repro.scenarios import (
     EAGER_ARGS,
+    GEMMA4_ARCHITECTURES,
     ComponentContext,
     ComponentResult,
     Scenario,
+    gemma4_refusal,
     with_attention_backend,
 )
 
@@ -316,11 +319,67 @@ def backend_warnings(options: RunOptions) -> list[str]:
         return []
     from kvtrap.repro.scenarios import BACKEND_NOTES  # plain data: a dry run imports neither torch nor SGLang
 
-    out = [f"--attention-backend {backend}: {BACKEND_NOTES[backend]}"]
-    if backend == "fa3" and options.dummy is None and not options.model_path:
-        out.append("fa3 with the real Gemma 4 checkpoints: their 512-wide full-attention heads exceed FA3's 256;"
-                   " use --dummy-weights (head size 256) or a model with heads <= 256")
+    return [f"--attention-backend {backend}: {BACKEND_NOTES[backend]}"]
+
+
+_BACKEND_FLAGS = ("--attention-backend", "--prefill-attention-backend", "--decode-attention-backend")
+
+
+def _last_values(args: Sequence[str], flags: tuple[str, ...]) -> dict[str, str]:
+    """The last value each of ``flags`` gets in ``args`` (``--flag v`` or ``--flag=v``): the one argparse keeps."""
+    out: dict[str, str] = {}
+    for i, a in enumerate(args):
+        flag, eq, value = a.partition("=")
+        if flag in flags:
+            if eq:
+                out[flag] = value
+            elif i + 1 < len(args):
+                out[flag] = args[i + 1]
     return out
+
+
+def served_model_is_gemma4(options: RunOptions) -> bool:
+    """Whether the run serves a Gemma 4 model: a --dummy-weights model, a scenario's own model, a local
+    ``--model-path`` whose config.json names a Gemma 4 architecture, or a model id that says gemma-4."""
+    import re
+
+    if options.dummy is not None:
+        return True  # kvtrap.repro.models writes Gemma4ForCausalLM configs only
+    model = options.model_path or options.scenario.model
+    if not model:
+        return False
+    config = Path(model).expanduser() / "config.json"
+    if _looks_local(model) and config.is_file():
+        try:
+            cfg = json.loads(config.read_text())
+        except (OSError, ValueError):
+            cfg = {}
+        if isinstance(cfg, dict) and isinstance(cfg.get("architectures"), list):
+            return any(a in GEMMA4_ARCHITECTURES for a in cfg["architectures"])
+    return re.search(r"gemma-?4", str(model), re.IGNORECASE) is not None
+
+
+def backend_refusal(options: RunOptions) -> str | None:
+    """Why SGLang would refuse this run's attention backend(s) at start-up for its model, said before anything is
+    written or started; None when nothing is known against them. Only Gemma 4's check (model_hook.py) for now."""
+    if options.scenario.kind != "server":
+        return None
+    args = options.scenario.server_args
+    if options.attention_backend is not None:
+        args = with_attention_backend(args, options.attention_backend)
+    given = _last_values([*args, *options.extra_server_args], _BACKEND_FLAGS)
+    if not given or not served_model_is_gemma4(options):
+        return None
+    # SGLang's resolution: prefill = --prefill-attention-backend or --attention-backend; decode likewise.
+    effective: dict[str, str] = {}
+    for phase in ("--prefill-attention-backend", "--decode-attention-backend"):
+        if phase in given:
+            effective[phase] = given[phase]
+        elif "--attention-backend" in given:
+            effective["--attention-backend"] = given["--attention-backend"]
+    model = (f"a weight-free {options.dummy.name}-like Gemma 4 model" if options.dummy is not None
+             else f"{options.model_path or options.scenario.model}, a Gemma 4 model")  # fmt: skip
+    return gemma4_refusal(effective, f"{options.scenario.name} serves {model}")
 
 
 def check_environment(options: RunOptions, *, environ: Mapping[str, str] | None = None) -> list[str]:
@@ -356,6 +415,9 @@ def check_environment(options: RunOptions, *, environ: Mapping[str, str] | None 
     unknown = _unknown_bugs(options.inject)
     if unknown:
         problems.append(unknown)
+    refused = backend_refusal(options)
+    if refused:
+        problems.append(refused)
     warnings += backend_warnings(options)
     for label, path in (("--model-path", options.model_path), ("--draft-model-path", options.draft_model_path)):
         if path and _looks_local(path) and not Path(path).expanduser().exists():

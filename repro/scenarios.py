@@ -45,29 +45,46 @@ ATTN_ARGS: tuple[str, ...] = (
 )  # fmt: skip
 
 #: ``kvtrap repro NAME --attention-backend B``: the backends a server scenario may be switched to (SGLang
-#: 0.5.23 ``--attention-backend`` choices that serve these MHA models with a paged KV pool). Which of them
-#: kvtrap's attention traps cover is ``kvtrap.capture.hooks.covered_attention_backends()``.
+#: 0.5.23 ``--attention-backend`` choices that serve MHA models with a paged KV pool). Which of them kvtrap's
+#: attention traps cover is ``kvtrap.capture.hooks.covered_attention_backends()``. For a Gemma 4 model (every
+#: scenario here, unless ``--model-path`` names another) only those in :data:`GEMMA4_ATTENTION_BACKENDS` start.
 ATTENTION_BACKENDS: tuple[str, ...] = ("trtllm_mha", "fa3", "fa4", "flashinfer", "triton")
 
-#: What SGLang 0.5.23 requires of a backend for these scenarios (Gemma 4 + frozen-KV MTP, topk 1), read from
-#: its server-arg checks and backends; said by ``--dry-run`` and written into the run report. Not enforced
-#: here: SGLang refuses what it refuses at start-up, in its own words.
+#: The attention backends SGLang 0.5.23 starts a Gemma 4 model on: ``handle_model_specific_adjustments`` in
+#: sglang/srt/arg_groups/model_hook.py asserts, for the architectures in :data:`GEMMA4_ARCHITECTURES`, that both
+#: the prefill and the decode backend are in this tuple ("Gemma4 only supports trtllm_mha, triton, fa4, ascend,
+#: intel_xpu, intel_amx, or aiter attention backend"). A local variable there, so not importable: a CPU test
+#: (tests/repro/test_gemma4_backends.py) reads SGLang's source and fails when the two disagree.
+GEMMA4_ATTENTION_BACKENDS: tuple[str, ...] = (
+    "trtllm_mha", "triton", "fa4", "ascend", "intel_xpu", "intel_amx", "aiter",
+)  # fmt: skip
+#: The ``architectures`` that branch of model_hook.py checks.
+GEMMA4_ARCHITECTURES: tuple[str, ...] = (
+    "Gemma4ForConditionalGeneration", "Gemma4ForCausalLM", "Gemma4UnifiedForConditionalGeneration",
+)  # fmt: skip
+
+_GEMMA4_REFUSED = (
+    "SGLang 0.5.23 refuses Gemma 4 on {b} at start-up (sglang/srt/arg_groups/model_hook.py: \"Gemma4 only supports "
+    "trtllm_mha, triton, fa4, ...\"), so kvtrap repro refuses it for the Gemma 4 scenarios before starting anything"
+)
+
+#: What SGLang 0.5.23 requires of a backend, read from its server-arg checks and backends; said by ``--dry-run`` and
+#: written into the run report. The Gemma 4 refusal is enforced (:func:`gemma4_refusal`); the rest is not: SGLang
+#: refuses what it refuses at start-up, in its own words.
 BACKEND_NOTES: dict[str, str] = {
     "trtllm_mha": "topk 1 and page size 16/32/64/128; Gemma 4's default on sm100 (sm90 runs FlashInfer XQA)",
     "fa3": (
-        "sm80/sm90 only (SGLang asserts at backend creation; use flashinfer on sm100); FA3 compiles head sizes "
-        "up to 256, so Gemma 4's real 512-wide full-attention heads do not run (the --dummy-weights models use "
-        "256); frozen-KV MTP with topk > 1 supports only triton/trtllm_mha; Gemma 4 never picks fa3 by itself "
-        "(its default is trtllm_mha on sm100, triton elsewhere); the frozen-KV draft's fa3 backend caches "
-        "use_sliding_window_kv_pool from the draft's own pool at init (no resolver like trtllm_mha's), so on an "
-        "SWA target kvtrap may trap that drift on the first draft step (inferred from the code, not yet seen); "
-        "sgl_kernel's FA3 ops (flash_ops) must be installed"
+        _GEMMA4_REFUSED.format(b="fa3") + "; kvtrap's fa3 traps are verified on SGLang's real FlashAttentionBackend "
+        "(CPU and GPU tests), and a real fa3 server needs a non-Gemma SWA model (--model-path). There: sm80/sm90 "
+        "only (SGLang asserts at backend creation), FA3 compiles head sizes up to 256, sgl_kernel's FA3 ops "
+        "(flash_ops) must be installed"
     ),
     "fa4": "the same FlashAttentionBackend class as fa3 (its page-table traps apply); sm100/sm120 builds",
     "flashinfer": (
-        "kvtrap checks the ragged ids each wrapper was planned with on the host before each layer, and with the "
-        "device guard after each decode / verify / draft-extend CUDA-graph replay's planning (not the multi-step "
-        "draft's per-step wrappers: use --eager to check those)"
+        _GEMMA4_REFUSED.format(b="flashinfer") + "; with a non-Gemma --model-path, kvtrap checks the ragged ids "
+        "each wrapper was planned with on the host before each layer, and with the device guard after each decode / "
+        "verify / draft-extend CUDA-graph replay's planning (not the multi-step draft's per-step wrappers: use "
+        "--eager to check those)"
     ),
     "triton": (
         "Gemma 4's default off sm100; kvtrap checks its ragged kv_indptr / kv_indices on the host before each "
@@ -75,6 +92,20 @@ BACKEND_NOTES: dict[str, str] = {
         "draft's per-step sets included)"
     ),
 }
+
+
+def gemma4_refusal(backends: dict[str, str], served: str) -> str | None:
+    """Why SGLang 0.5.23 will not start a Gemma 4 model on these backends (``{"--attention-backend": "fa3", ...}``,
+    the flags as the server gets them), or None when it will. ``served`` opens the sentence ("e4b-chat serves ...")."""
+    bad = {flag: b for flag, b in backends.items() if b not in GEMMA4_ATTENTION_BACKENDS}
+    if not bad:
+        return None
+    given = ", ".join(f"{flag} {b}" for flag, b in bad.items())
+    return (f"{served}, and SGLang 0.5.23 refuses Gemma 4 on {given} at start-up "
+            f"(sglang/srt/arg_groups/model_hook.py asserts \"Gemma4 only supports trtllm_mha, triton, fa4, ascend, "
+            f"intel_xpu, intel_amx, or aiter attention backend\"); on a CUDA GPU use --attention-backend trtllm_mha "
+            f"or triton (fa4 on sm100)")  # fmt: skip
+
 
 #: Run every step eagerly so kvtrap's host-side checks see every decode step (flag names checked
 #: against ``python -m sglang.launch_server --help`` of 0.5.23: choices full|breakable|disabled).

@@ -154,6 +154,10 @@ def _run_scenario(scenario: Scenario, **kw: Any) -> None:
     )
     if scenario.kind == "server" and not (options.model_path or scenario.model):
         raise click.UsageError(f"scenario {scenario.name!r} has no model; pass --model-path")
+    refused = runner.backend_refusal(options)
+    if refused:  # before any model dir, run dir or process; --dry-run too (it would show a run that cannot start)
+        click.echo(f"kvtrap repro: {refused}", err=True)
+        sys.exit(EXIT_USAGE)
     plan = runner.build_plan(options)
 
     if kw["dry_run"]:
@@ -233,7 +237,9 @@ def _run_command(scenario: Scenario) -> click.Command:
                      help="KVTRAP_MODE. Not given: kvtrap's default (raise)."),
         click.Option(["--attention-backend"], type=click.Choice(ATTENTION_BACKENDS), default=None,
                      help="Run the server scenario on this SGLang attention backend instead of its own (replaces "
-                          "its --attention-backend; recorded in the report). --dry-run says what SGLang requires."),
+                          "its --attention-backend; recorded in the report). --dry-run says what SGLang requires. "
+                          "SGLang 0.5.23 starts Gemma 4 only on trtllm_mha, triton or fa4: fa3 and flashinfer are "
+                          "refused (exit 2) unless --model-path names another model."),
         click.Option(["--num-prompts"], type=click.IntRange(min=1), default=None, help="Benchmark prompts."),
         click.Option(["--concurrency"], type=click.IntRange(min=1), default=None, help="Benchmark max concurrency."),
         click.Option(["--input-len"], type=click.IntRange(min=1), default=None, help="Benchmark input tokens."),

@@ -176,25 +176,85 @@ def test_component_needs_a_callable() -> None:
 # ------------------------------------------------------------------------------- --attention-backend
 def test_attention_backend_replaces_the_scenarios_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runner, "gpu_inventory", lambda environ=None: [{"name": "H200", "memory_gib": 141}])
-    code, out = _cli("e4b-chat", "--dry-run", "--attention-backend", "fa3", "--dummy-weights", "--out",
+    code, out = _cli("e4b-chat", "--dry-run", "--attention-backend", "triton", "--dummy-weights", "--out",
                      str(tmp_path / "run"))
     assert code == 0, out
     launch = next(line for line in out.splitlines() if "sglang.launch_server" in line).split()
-    assert launch.count("--attention-backend") == 1 and launch[launch.index("--attention-backend") + 1] == "fa3"
+    assert launch.count("--attention-backend") == 1 and launch[launch.index("--attention-backend") + 1] == "triton"
     assert "trtllm_mha" not in launch
     # the rest of the scenario's flags are unchanged
     i = launch.index("--speculative-algorithm")
     assert launch[i:i + 8] == ["--speculative-algorithm", "NEXTN", "--speculative-num-steps", "3",
                                "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", "4"]
-    assert "# note: --attention-backend fa3: sm80/sm90 only" in out
-    assert out.count("sm80/sm90 only") == 1  # said once, not again as an environment warning
+    assert "# note: --attention-backend triton: Gemma 4's default off sm100" in out
+    assert out.count("Gemma 4's default off sm100") == 1  # said once, not again as an environment warning
 
 
-def test_attention_backend_without_dummy_weights_warns_about_gemma4_heads(monkeypatch: pytest.MonkeyPatch) -> None:
+# SGLang's own words (sglang/srt/arg_groups/model_hook.py), as the H200 server runs printed them
+SGLANG_GEMMA4_ASSERT = "Gemma4 only supports trtllm_mha, triton, fa4, ascend, intel_xpu, intel_amx, or aiter attention backend"
+
+
+@pytest.mark.parametrize("backend", ["fa3", "flashinfer"])
+@pytest.mark.parametrize("dry_run", [True, False])
+@pytest.mark.parametrize("weights", [("--dummy-weights",), ()])
+def test_gemma4_on_fa3_or_flashinfer_is_refused_up_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         backend: str, dry_run: bool, weights: tuple[str, ...]) -> None:  # fmt: skip
+    def must_not_run(*args: object, **kw: object) -> None:
+        raise AssertionError("the run was started")
+
+    monkeypatch.setattr(runner, "run", must_not_run)
     monkeypatch.setattr(runner, "gpu_inventory", lambda environ=None: [{"name": "H200", "memory_gib": 141}])
-    code, out = _cli("e4b-chat", "--dry-run", "--attention-backend", "fa3")
-    assert code == 0
-    assert "512-wide full-attention heads exceed FA3's 256" in out
+    res = CliRunner().invoke(repro, ["e4b-chat", "--attention-backend", backend, "--out", str(tmp_path / "run"),
+                                     *weights, *(["--dry-run"] if dry_run else [])], catch_exceptions=False)  # fmt: skip
+    assert res.exit_code == 2
+    assert res.stdout == ""
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    line = lines[0]
+    assert line.startswith("kvtrap repro: e4b-chat serves ")
+    assert f"SGLang 0.5.23 refuses Gemma 4 on --attention-backend {backend} at start-up" in line
+    assert SGLANG_GEMMA4_ASSERT in line and "model_hook.py" in line
+    assert line.endswith("use --attention-backend trtllm_mha or triton (fa4 on sm100)")
+    assert list(tmp_path.iterdir()) == []  # no run dir, no model dirs
+
+
+def test_gemma4_refusal_covers_split_backends_passed_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "gpu_inventory", lambda environ=None: [{"name": "H200", "memory_gib": 141}])
+    res = CliRunner().invoke(repro, ["26b-chat", "--dry-run", "--decode-attention-backend", "flashinfer"])
+    assert res.exit_code == 2 and "on --decode-attention-backend flashinfer at start-up" in res.stderr
+    # SGLang resolves each phase: both split flags on accepted backends override --attention-backend fa3
+    code, out = _cli("26b-chat", "--dry-run", "--attention-backend", "fa3", "--prefill-attention-backend", "triton",
+                     "--decode-attention-backend", "trtllm_mha")  # fmt: skip
+    assert code == 0, out
+
+
+@pytest.mark.parametrize("backend", ["trtllm_mha", "triton", "fa4"])
+def test_gemma4_accepted_backends_still_run(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "gpu_inventory", lambda environ=None: [{"name": "H200", "memory_gib": 141}])
+    code, out = _cli("e4b-chat", "--dry-run", "--dummy-weights", "--attention-backend", backend)
+    assert code == 0, out
+
+
+def test_fa3_with_a_non_gemma_model_path_is_left_to_sglang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "gpu_inventory", lambda environ=None: [{"name": "H200", "memory_gib": 141}])
+    other = tmp_path / "llama"
+    other.mkdir()
+    (other / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    code, out = _cli("e4b-chat", "--dry-run", "--attention-backend", "fa3", "--model-path", str(other))
+    assert code == 0, out
+    assert "# note: --attention-backend fa3: SGLang 0.5.23 refuses Gemma 4 on fa3" in out
+    assert "a real fa3 server needs a non-Gemma SWA model" in out
+    # a local Gemma 4 checkpoint is recognised by its config, whatever its directory is called
+    (other / "config.json").write_text('{"architectures": ["Gemma4ForConditionalGeneration"]}')
+    code, out = _cli("e4b-chat", "--dry-run", "--attention-backend", "fa3", "--model-path", str(other))
+    assert code == 2 and f"e4b-chat serves {other}, a Gemma 4 model" in out
+
+
+def test_the_runner_refuses_gemma4_on_fa3_too(tmp_path: Path) -> None:
+    options = runner.RunOptions(scenario=scenarios.get("e4b-chat"), out_dir=tmp_path / "run", attention_backend="fa3")
+    with pytest.raises(runner.EnvironmentProblem, match="refuses Gemma 4 on --attention-backend fa3"):
+        runner.check_environment(options, environ={"CUDA_VISIBLE_DEVICES": "0"})
+    assert not (tmp_path / "run").exists()
 
 
 def test_attention_backend_choice_is_validated() -> None:

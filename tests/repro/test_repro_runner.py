@@ -208,12 +208,12 @@ def test_wait_healthy_returns_exited_when_the_process_is_gone() -> None:
 
 
 def test_attention_backend_override_is_recorded_in_the_reports(tmp_path: Path) -> None:
-    res = _run(tmp_path, "healthy", attention_backend="fa3")  # type: ignore[arg-type]
+    res = _run(tmp_path, "healthy", attention_backend="triton")  # type: ignore[arg-type]
     assert res.outcome is Outcome.CLEAN
     data = orjson.loads((tmp_path / "run" / "report.json").read_bytes())
-    assert data["options"]["attention_backend"] == "fa3"
-    assert "attention backend=fa3 (replaces the scenario's)" in (tmp_path / "run" / "report.md").read_text()
-    assert any("--attention-backend fa3: sm80/sm90 only" in w for w in data["warnings"]) or data["warnings"] == []
+    assert data["options"]["attention_backend"] == "triton"
+    assert "attention backend=triton (replaces the scenario's)" in (tmp_path / "run" / "report.md").read_text()
+    assert any("--attention-backend triton: Gemma 4's default off sm100" in w for w in data["warnings"]) or data["warnings"] == []
     plan = runner.build_plan(runner.RunOptions(scenario=scenarios.get("e4b-chat"), out_dir=tmp_path / "p",
-                                               attention_backend="fa3", port=1))  # fmt: skip
-    assert plan.server_cmd[plan.server_cmd.index("--attention-backend") + 1] == "fa3"
+                                               attention_backend="triton", port=1))  # fmt: skip
+    assert plan.server_cmd[plan.server_cmd.index("--attention-backend") + 1] == "triton"
