@@ -49,6 +49,13 @@ def usable(t: torch.Tensor) -> bool:
 
 
 @triton.jit
+def _no_finding():
+    """A call's running tally before its first block: no hit, first position -1, owner -1."""
+    return (tl.zeros([], tl.int64), tl.zeros([], tl.int64), tl.full([], -1, tl.int64), tl.zeros([], tl.int64),
+            tl.full([], -1, tl.int64))  # fmt: skip
+
+
+@triton.jit
 def _fold_block(idx, hit, code, value, owner, count, f_code, f_pos, f_value, f_owner):
     """Add one block's hits to the call's running tally; keep the first hit of the call (lowest position)."""
     big = tl.full(idx.shape, 2**62, tl.int64)
@@ -91,11 +98,7 @@ def _release_check_kernel(
     BLOCK: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
-    count = tl.zeros([], tl.int64)
-    f_code = tl.zeros([], tl.int64)
-    f_pos = tl.full([], -1, tl.int64)
-    f_value = tl.zeros([], tl.int64)
-    f_owner = tl.full([], -1, tl.int64)
+    count, f_code, f_pos, f_value, f_owner = _no_finding()
     for start in range(0, n, BLOCK):
         idx = start + tl.arange(0, BLOCK).to(tl.int64)
         m = idx < n
@@ -138,11 +141,7 @@ def _slot_check_kernel(
     NOTE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    count = tl.zeros([], tl.int64)
-    f_code = tl.zeros([], tl.int64)
-    f_pos = tl.full([], -1, tl.int64)
-    f_value = tl.zeros([], tl.int64)
-    f_owner = tl.full([], -1, tl.int64)
+    count, f_code, f_pos, f_value, f_owner = _no_finding()
     for start in range(0, n, BLOCK):
         idx = start + tl.arange(0, BLOCK).to(tl.int64)
         m = idx < n
