@@ -16,6 +16,8 @@ pytest.importorskip("sglang")
 from helpers import sglang_world as w  # noqa: E402
 from helpers import trapdumps as td  # noqa: E402
 
+pytestmark = pytest.mark.cpu_world(gpu="tests/capture/test_trap_allocator_drain.py::test_cuda_allocator_*")
+
 ZOO = {
     # bug -> (world, the violation kind its trap reports)
     "sglang-38269": (td.bug_38269_world, "swa_free_reserved_page"),

@@ -24,6 +24,8 @@ from helpers import sglang_world as w  # noqa: E402
 from helpers import trapdumps as td  # noqa: E402
 
 KVTRAP = str(Path(kvtrap.__file__).parent)
+# the tests that build their world on CPU tensors (skipped where Triton compiles)
+cpu_world = pytest.mark.cpu_world(gpu="this file's test_cuda_allocator_defaults_to_drain_*")
 
 
 def _processor():
@@ -84,6 +86,7 @@ def no_host_reads_from_kvtrap():
     return _SyncSpy()
 
 
+@cpu_world
 def test_the_spy_sees_kvtraps_host_reads(tmp_path):
     """The control: call mode reads on the host at every checked free, and the spy says so."""
     spy = _SyncSpy()
@@ -95,6 +98,7 @@ def test_the_spy_sees_kvtraps_host_reads(tmp_path):
     assert any(h.startswith(("_local_scalar_dense", "is_nonzero")) for h in spy.hits), spy.hits
 
 
+@cpu_world
 @pytest.mark.parametrize(
     "world,kind",
     [
@@ -142,6 +146,7 @@ def test_bad_free_goes_through_and_is_raised_at_the_decode_drain(tmp_path, world
                        torch.as_tensor(load_dump(call_path).tensors["released_swa_pages"]))  # fmt: skip
 
 
+@cpu_world
 def test_out_of_range_alloc_is_raised_at_the_prefill_drain(tmp_path, no_host_reads_from_kvtrap):
     pool = w.make_pool()
     alloc = w.make_allocator(pool)
@@ -162,6 +167,7 @@ def test_out_of_range_alloc_is_raised_at_the_prefill_drain(tmp_path, no_host_rea
     assert int(load_dump(info.value.dump_path).tensors["out_full_indices"][0]) == int(out[0])
 
 
+@cpu_world
 def test_first_finding_wins_and_later_checks_do_not_overwrite_it(tmp_path):
     with kvtrap.armed(mode="raise", dump_dir=str(tmp_path), allocator_trap="drain"):
         alloc, _, call = td.swa_not_owned_world(tmp_path)
@@ -212,6 +218,7 @@ def _random_steps(alloc, rng: random.Random, steps: int):
     return outs
 
 
+@cpu_world
 def test_clean_random_steps_find_nothing_and_match_unarmed(tmp_path, no_host_reads_from_kvtrap):
     plain_alloc = w.make_allocator(w.make_pool())
     plain = _random_steps(plain_alloc, random.Random(3), 400)
@@ -270,6 +277,7 @@ def test_cuda_allocator_defaults_to_drain_and_reads_a_snapshot_only_after_its_ev
     assert info.value.violation.details["trapped_at"].startswith("drain")
 
 
+@cpu_world
 def test_a_finding_whose_call_is_forgotten_is_still_reported_from_the_record(tmp_path):
     pool = w.make_pool()
     alloc = w.make_allocator(pool)
@@ -286,6 +294,7 @@ def test_a_finding_whose_call_is_forgotten_is_still_reported_from_the_record(tmp
     assert v.details["full_index"] is None and "out_full_indices" not in load_dump(info.value.dump_path).tensors
 
 
+@cpu_world
 def test_the_record_holds_no_allocator_alive(tmp_path):
     import gc
     import weakref
