@@ -254,10 +254,23 @@ def test_bad_setting_is_a_config_error():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_allocator_defaults_to_drain_and_reads_a_snapshot_only_after_its_event(tmp_path):
     """On CUDA, ``auto`` is drain mode: the free check is device work only, a drain before that work has run
-    stays quiet (it never waits), and once it has run the drain raises call mode's violation."""
+    stays quiet (it never waits), and once it has run the drain raises call mode's violation.
+
+    The GPU sleep that holds the check's device work back is queued where the freed SWA pages enter the free
+    list (the sub-allocator's ``_release_page_ids``, checked there by kvtrap's class-level wrapper), just
+    before kvtrap's check: SGLang syncs earlier on the free path (its boolean mask and ``torch.unique`` in
+    ``_release_swa`` / ``free``), which would wait the sleep out first. ``free_swa`` (what radix-cache eviction
+    calls) is the free path with no sync after the release (``free`` goes on to ``free_full``, whose
+    ``torch.unique`` would wait for the check). If kvtrap's free check moves elsewhere, move the sleep with it."""
     from sglang.srt.managers.utils import GenerationBatchResult
 
     alloc = w.make_allocator(w.make_pool(device="cuda"), device="cuda")
+    sub = alloc.swa_attn_allocator
+
+    def sleep_then_release(*page_ids):
+        torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU cycles queued ahead of the check's device work
+        return type(sub)._release_page_ids(sub, *page_ids)  # the class's method: kvtrap's wrapper when armed
+
     with kvtrap.armed(mode="raise", dump_dir=str(tmp_path)) as session:
         batch = w.allocate_requests(alloc, [40, 20])
         assert allocator.at_drain(session, alloc.full_to_swa_index_mapping)
@@ -265,8 +278,9 @@ def test_cuda_allocator_defaults_to_drain_and_reads_a_snapshot_only_after_its_ev
         first = slice(0, w.PAGE_SIZE)
         alloc.full_to_swa_index_mapping[a[first]] = alloc.full_to_swa_index_mapping[b[first]]
         torch.cuda.synchronize()
-        torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU cycles queued ahead of the check's device work
-        alloc.free(a)  # request A's first page maps to B's live SWA page
+        sub._release_page_ids = sleep_then_release  # this instance only, for this free
+        alloc.free_swa(a)  # request A's first page maps to B's live SWA page
+        del sub._release_page_ids
         found = allocator._findings[alloc]
         assert found.host[0].is_pinned() and found.events[0] is not None
         allocator.drain_findings(session)  # the check has not run yet: nothing to read, no wait
