@@ -7,6 +7,9 @@ shared helpers are ``tests/helpers/`` only, imported as ``helpers.<module>`` (``
 Without CUDA every Triton kernel runs in Triton's interpreter. ``TRITON_INTERPRET=1`` has to be set before
 any kernel is decorated, and a test file that imports SGLang (which decorates its own Triton kernels) may be
 collected before the kernel tests; so it is set here, before any test module is imported.
+
+On a CUDA machine Triton compiles, and tests marked ``cpu_world`` (real SGLang objects on CPU tensors, see
+``helpers/srt.py``) are skipped with one reason naming their GPU counterpart: one decision, here.
 """
 
 from __future__ import annotations
@@ -35,9 +38,14 @@ if not _cuda_available():
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if _cuda_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    from helpers.srt import cpu_world_blocker
+
+    no_gpu = None if _cuda_available() else pytest.mark.skip(reason="needs a CUDA GPU")
+    blocker = cpu_world_blocker()
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if no_gpu is not None and "gpu" in item.keywords:
+            item.add_marker(no_gpu)
+        world = item.get_closest_marker("cpu_world")
+        if blocker is not None and world is not None:
+            twin = world.kwargs.get("gpu")
+            item.add_marker(pytest.mark.skip(reason=f"{blocker}; on a GPU: {twin}" if twin else blocker))

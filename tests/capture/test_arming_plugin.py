@@ -61,14 +61,32 @@ def test_bad_settings_are_clear_errors():
             pass
 
 
+# Whether kvtrap's register() initialises CUDA: importing SGLang may do so itself (on a CUDA machine its
+# platform detection asks for the device name), so the probe counts what happens inside register() only:
+# calls into torch.cuda._lazy_init (torch.cuda's API and the first CUDA tensor made from C++ go through it)
+# and a context that appeared during the call. SGLang's loader resolves the entry point by name, so it
+# runs the counting wrapper set on kvtrap.plugin.
 PROBE = textwrap.dedent(
     """
     import sys, json
+    import torch
     from sglang.srt.plugins import load_plugins
+    import kvtrap.plugin
+    inits = []
+    ctx = []
+    register, lazy_init = kvtrap.plugin.register, torch.cuda._lazy_init
+    def counting_register():
+        before = torch.cuda.is_initialized()
+        torch.cuda._lazy_init = lambda: inits.append(1) or lazy_init()
+        try:
+            register()
+        finally:
+            torch.cuda._lazy_init = lazy_init
+            ctx.append(torch.cuda.is_initialized() and not before)
+    kvtrap.plugin.register = counting_register
     load_plugins()
     lazy = "sglang.srt.layers.attention.trtllm_mha_backend" not in sys.modules
-    import torch
-    cuda_ctx = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda_ctx = ctx != [False] or bool(inits)  # False only when register ran once and touched no CUDA
     from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator as A
     from sglang.srt.layers.attention.trtllm_mha_backend import TRTLLMHAAttnBackend as B
     print(json.dumps({

@@ -16,6 +16,8 @@ pytest.importorskip("sglang")
 from helpers import sglang_world as w  # noqa: E402
 from helpers import trapdumps as td  # noqa: E402
 
+pytestmark = pytest.mark.cpu_world(gpu="tests/capture/test_trap_allocator_drain.py::test_cuda_allocator_*")
+
 ZOO = {
     # bug -> (world, the violation kind its trap reports, the SGLang call it is reported in)
     # 38269: a request's release in the scheduler's free group; the SWA pages go in at free_group_end

@@ -19,8 +19,7 @@ pytest.importorskip("sglang")
 from helpers import fa3_world as fw  # noqa: E402
 from helpers import sglang_world as w  # noqa: E402
 
-if torch.cuda.is_available():  # these build CPU worlds; SGLang's allocators and builders launch Triton there
-    pytest.skip("CPU worlds (Triton interpreted); on a GPU: tests/capture/test_fa3_gpu.py", allow_module_level=True)
+pytestmark = pytest.mark.cpu_world(gpu="tests/capture/test_fa3_gpu.py")
 fw.fa3_module()
 
 

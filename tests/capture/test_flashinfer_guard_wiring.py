@@ -19,8 +19,7 @@ from helpers import flashinfer_graph as fg  # noqa: E402
 from helpers import sglang_world as w  # noqa: E402
 from helpers import triton_graph as tg  # noqa: E402
 
-if torch.cuda.is_available():
-    pytest.skip("CPU worlds (Triton interpreted)", allow_module_level=True)
+pytestmark = pytest.mark.cpu_world(gpu="tests/capture/test_trap_ragged_gpu.py::test_flashinfer_*")
 
 FULL_ROWS = w.FULL_PAGES * w.PAGE_SIZE + w.PAGE_SIZE
 SWA_ROWS = w.SWA_PAGES * w.PAGE_SIZE + w.PAGE_SIZE

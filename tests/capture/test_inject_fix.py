@@ -21,6 +21,8 @@ TRTLLMHAAttnBackend = import_srt("sglang.srt.layers.attention.trtllm_mha_backend
 frozen_kv_target_view = import_srt("sglang.srt.speculative.frozen_kv_mtp_utils").frozen_kv_target_view
 from helpers import sglang_world as w  # noqa: E402
 
+pytestmark = pytest.mark.cpu_world()
+
 KERNEL = "name 'flashinfer' is not defined"
 
 

@@ -15,6 +15,8 @@ pytest.importorskip("sglang")
 from helpers import sglang_world as w  # noqa: E402
 from helpers import trapdumps as td  # noqa: E402
 
+pytestmark = pytest.mark.cpu_world(gpu="tests/capture/test_trap_allocator_drain.py::test_cuda_allocator_*")
+
 
 def test_corrupt_free_list_trapped_on_extend_with_dump(tmp_path):
     path, err = td.make_swa_slot_dump(tmp_path, bad_page=500)

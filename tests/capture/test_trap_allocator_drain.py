@@ -24,6 +24,8 @@ from helpers import sglang_world as w  # noqa: E402
 from helpers import trapdumps as td  # noqa: E402
 
 KVTRAP = str(Path(kvtrap.__file__).parent)
+# the tests that build their world on CPU tensors (skipped where Triton compiles)
+cpu_world = pytest.mark.cpu_world(gpu="this file's test_cuda_allocator_defaults_to_drain_*")
 
 
 def _processor():
@@ -84,6 +86,7 @@ def no_host_reads_from_kvtrap():
     return _SyncSpy()
 
 
+@cpu_world
 def test_the_spy_sees_kvtraps_host_reads(tmp_path):
     """The control: call mode reads on the host at every checked free, and the spy says so."""
     spy = _SyncSpy()
@@ -95,6 +98,7 @@ def test_the_spy_sees_kvtraps_host_reads(tmp_path):
     assert any(h.startswith(("_local_scalar_dense", "is_nonzero")) for h in spy.hits), spy.hits
 
 
+@cpu_world
 @pytest.mark.parametrize(
     "world,kind",
     [
@@ -142,6 +146,7 @@ def test_bad_free_goes_through_and_is_raised_at_the_decode_drain(tmp_path, world
                        torch.as_tensor(load_dump(call_path).tensors["released_swa_pages"]))  # fmt: skip
 
 
+@cpu_world
 def test_out_of_range_alloc_is_raised_at_the_prefill_drain(tmp_path, no_host_reads_from_kvtrap):
     pool = w.make_pool()
     alloc = w.make_allocator(pool)
@@ -162,6 +167,7 @@ def test_out_of_range_alloc_is_raised_at_the_prefill_drain(tmp_path, no_host_rea
     assert int(load_dump(info.value.dump_path).tensors["out_full_indices"][0]) == int(out[0])
 
 
+@cpu_world
 def test_first_finding_wins_and_later_checks_do_not_overwrite_it(tmp_path):
     with kvtrap.armed(mode="raise", dump_dir=str(tmp_path), allocator_trap="drain"):
         alloc, _, call = td.swa_not_owned_world(tmp_path)
@@ -212,6 +218,7 @@ def _random_steps(alloc, rng: random.Random, steps: int):
     return outs
 
 
+@cpu_world
 def test_clean_random_steps_find_nothing_and_match_unarmed(tmp_path, no_host_reads_from_kvtrap):
     plain_alloc = w.make_allocator(w.make_pool())
     plain = _random_steps(plain_alloc, random.Random(3), 400)
@@ -247,10 +254,23 @@ def test_bad_setting_is_a_config_error():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_allocator_defaults_to_drain_and_reads_a_snapshot_only_after_its_event(tmp_path):
     """On CUDA, ``auto`` is drain mode: the free check is device work only, a drain before that work has run
-    stays quiet (it never waits), and once it has run the drain raises call mode's violation."""
+    stays quiet (it never waits), and once it has run the drain raises call mode's violation.
+
+    The GPU sleep that holds the check's device work back is queued where the freed SWA pages enter the free
+    list (the sub-allocator's ``_release_page_ids``, checked there by kvtrap's class-level wrapper), just
+    before kvtrap's check: SGLang syncs earlier on the free path (its boolean mask and ``torch.unique`` in
+    ``_release_swa`` / ``free``), which would wait the sleep out first. ``free_swa`` (what radix-cache eviction
+    calls) is the free path with no sync after the release (``free`` goes on to ``free_full``, whose
+    ``torch.unique`` would wait for the check). If kvtrap's free check moves elsewhere, move the sleep with it."""
     from sglang.srt.managers.utils import GenerationBatchResult
 
     alloc = w.make_allocator(w.make_pool(device="cuda"), device="cuda")
+    sub = alloc.swa_attn_allocator
+
+    def sleep_then_release(*page_ids):
+        torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU cycles queued ahead of the check's device work
+        return type(sub)._release_page_ids(sub, *page_ids)  # the class's method: kvtrap's wrapper when armed
+
     with kvtrap.armed(mode="raise", dump_dir=str(tmp_path)) as session:
         batch = w.allocate_requests(alloc, [40, 20])
         assert allocator.at_drain(session, alloc.full_to_swa_index_mapping)
@@ -258,8 +278,9 @@ def test_cuda_allocator_defaults_to_drain_and_reads_a_snapshot_only_after_its_ev
         first = slice(0, w.PAGE_SIZE)
         alloc.full_to_swa_index_mapping[a[first]] = alloc.full_to_swa_index_mapping[b[first]]
         torch.cuda.synchronize()
-        torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU cycles queued ahead of the check's device work
-        alloc.free(a)  # request A's first page maps to B's live SWA page
+        sub._release_page_ids = sleep_then_release  # this instance only, for this free
+        alloc.free_swa(a)  # request A's first page maps to B's live SWA page
+        del sub._release_page_ids
         found = allocator._findings[alloc]
         assert found.host[0].is_pinned() and found.events[0] is not None
         allocator.drain_findings(session)  # the check has not run yet: nothing to read, no wait
@@ -270,6 +291,7 @@ def test_cuda_allocator_defaults_to_drain_and_reads_a_snapshot_only_after_its_ev
     assert info.value.violation.details["trapped_at"].startswith("drain")
 
 
+@cpu_world
 def test_a_finding_whose_call_is_forgotten_is_still_reported_from_the_record(tmp_path):
     pool = w.make_pool()
     alloc = w.make_allocator(pool)
@@ -286,6 +308,7 @@ def test_a_finding_whose_call_is_forgotten_is_still_reported_from_the_record(tmp
     assert v.details["full_index"] is None and "out_full_indices" not in load_dump(info.value.dump_path).tensors
 
 
+@cpu_world
 def test_the_record_holds_no_allocator_alive(tmp_path):
     import gc
     import weakref

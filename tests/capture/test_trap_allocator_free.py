@@ -14,6 +14,8 @@ pytest.importorskip("sglang")
 from helpers import sglang_world as w  # noqa: E402
 from helpers import trapdumps as td  # noqa: E402
 
+pytestmark = pytest.mark.cpu_world(gpu="tests/capture/test_trap_allocator_drain.py::test_cuda_allocator_*")
+
 
 def _state(alloc):
     sub = alloc.swa_attn_allocator

@@ -14,6 +14,8 @@ pytest.importorskip("sglang")
 from helpers import sglang_world as w  # noqa: E402
 from helpers import trapdumps as td  # noqa: E402
 
+pytestmark = pytest.mark.cpu_world()
+
 
 def _decode_all(backend, layers, fb, bs=3):
     reached = []

@@ -23,6 +23,8 @@ sglang = pytest.importorskip("sglang")
 from helpers import sglang_world as w  # noqa: E402
 from helpers import trapdumps as td  # noqa: E402
 
+pytestmark = pytest.mark.cpu_world(gpu="tests/capture/test_trap_ragged_gpu.py")
+
 SWA_ROWS = w.SWA_PAGES * w.PAGE_SIZE + w.PAGE_SIZE
 FULL_ROWS = w.FULL_PAGES * w.PAGE_SIZE + w.PAGE_SIZE
 

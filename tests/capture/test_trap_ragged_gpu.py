@@ -2,9 +2,9 @@
 graph is captured.
 
 The backends, pool and allocator are the real sglang==0.5.23 objects of ``test_trap_triton.py`` /
-``test_trap_flashinfer.py``; the ragged index sets (triton's metadata, flashinfer's planned wrapper buffers) are
-moved to the GPU, where the check reads them (the pool stays on the CPU: the check reads only its sizes).
-Needs a GPU machine where ``sglang.srt`` imports (the full runtime).
+``test_trap_flashinfer.py``, built on the GPU: pool and allocator on CUDA (SGLang's allocator kernels run
+compiled), and the ragged index sets (triton's metadata, flashinfer's planned wrapper buffers) are gathered
+from the CUDA allocations. Needs a GPU machine where ``sglang.srt`` imports (the full runtime).
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ pytestmark = pytest.mark.gpu
 from helpers import sglang_world as w  # noqa: E402
 from helpers import trapdumps as td  # noqa: E402
 
+RAGGED = ("kv_indptr", "kv_indices", "window_kv_indptr", "window_kv_indices")
+
 
 def cuda_world():
     w.triton_classes()  # skips where sglang.srt cannot import (no sgl_kernel)
-    pool, alloc, layers, batch, backend, fb = td.triton_world()
+    _, alloc, layers, _, backend, fb = td.triton_world(device="cuda")
     md = backend.forward_metadata
-    for name in ("kv_indptr", "kv_indices", "window_kv_indptr", "window_kv_indices"):
-        setattr(md, name, getattr(md, name).cuda())
+    assert alloc.full_to_swa_index_mapping.is_cuda and all(getattr(md, name).is_cuda for name in RAGGED)
     return layers, backend, fb
 
 
@@ -56,10 +57,9 @@ def test_no_scan_and_no_sync_while_capturing(tmp_path, monkeypatch):
 
 def test_flashinfer_no_scan_and_no_sync_while_capturing(tmp_path, monkeypatch):
     w.flashinfer_classes()
-    _, _, layers, _, backend, fb = td.flashinfer_world()
+    _, _, layers, _, backend, fb = td.flashinfer_world(device="cuda")
     for wrapper in backend.forward_metadata.decode_wrappers:
-        wrapper._paged_kv_indptr_buf = wrapper._paged_kv_indptr_buf.cuda()
-        wrapper._paged_kv_indices_buf = wrapper._paged_kv_indices_buf.cuda()
+        assert wrapper._paged_kv_indptr_buf.is_cuda and wrapper._paged_kv_indices_buf.is_cuda
     scans = []
     real = checks.scan_ragged
     monkeypatch.setattr(checks, "scan_ragged", lambda *a, **k: scans.append(1) or real(*a, **k))

@@ -14,6 +14,10 @@ sglang = pytest.importorskip("sglang")
 from helpers import sglang_world as w  # noqa: E402
 from helpers import trapdumps as td  # noqa: E402
 
+pytestmark = pytest.mark.cpu_world(
+    gpu="tests/capture/test_guard_gpu.py, the gpu tests of tests/capture/test_guard_fused.py"
+)
+
 KERNEL_REACHED = "name 'flashinfer' is not defined"  # on CPU the FlashInfer launch is where SGLang stops
 
 

@@ -19,9 +19,7 @@ pytest.importorskip("sglang")
 from helpers import sglang_world as w  # noqa: E402
 from helpers import triton_graph as tg  # noqa: E402
 
-if torch.cuda.is_available():
-    pytest.skip("CPU worlds (Triton interpreted); on a GPU: tests/capture/test_triton_guard_gpu.py",
-                allow_module_level=True)
+pytestmark = pytest.mark.cpu_world(gpu="tests/capture/test_triton_guard_gpu.py")
 
 FULL_ROWS = w.FULL_PAGES * w.PAGE_SIZE + w.PAGE_SIZE
 SWA_ROWS = w.SWA_PAGES * w.PAGE_SIZE + w.PAGE_SIZE

@@ -17,6 +17,8 @@ from kvtrap.record.dumpfile import MANIFEST, TENSORS, find_dumps, load_dump
 
 trapdumps = pytest.importorskip("helpers.trapdumps", reason="tests/helpers/trapdumps.py (real trap scenarios) is missing")
 
+pytestmark = pytest.mark.cpu_world()
+
 
 @pytest.fixture(scope="module")
 def dumps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

@@ -20,6 +20,8 @@ from kvtrap.record.dumpfile import find_dumps, load_dump
 
 pytest.importorskip("sglang")
 
+pytestmark = pytest.mark.cpu_world()
+
 TESTS = Path(__file__).resolve().parents[1]
 RANK_PROCESS = """
 import sys

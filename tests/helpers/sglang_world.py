@@ -304,7 +304,7 @@ def triton_classes():
     return mod.TritonAttnBackend, mod.ForwardMetadata
 
 
-def make_triton_backend(pool, *, deterministic: bool = False):
+def make_triton_backend(pool, *, deterministic: bool = False, device: str = "cpu"):
     """A real ``TritonAttnBackend`` with the attributes its ``__init__`` sets from a model runner (which
     needs a GPU); its kernel launches are :class:`KernelRecorder` s wrapping SGLang's real kernel functions.
     ``forward_decode`` / ``forward_extend`` / ``_forward_extend_unified`` are SGLang's and run on CPU up to
@@ -313,7 +313,7 @@ def make_triton_backend(pool, *, deterministic: bool = False):
 
     cls, _ = triton_classes()
     backend = object.__new__(cls)
-    backend.device = "cpu"
+    backend.device = device
     backend.page_size = PAGE_SIZE
     backend.token_to_kv_pool = pool
     backend.use_sliding_window_kv_pool = is_swa(pool)
@@ -362,11 +362,12 @@ def kernel_calls(backend) -> int:
 
 
 def _ragged(slot_lists, translate=None):
+    """(indptr, flat ids) of ``slot_lists``, on the slots' device."""
     lens = [int(s.numel()) for s in slot_lists]
     indptr = torch.zeros(len(lens) + 1, dtype=torch.int32)
     indptr[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int64), 0).to(torch.int32)
     flat = torch.cat(slot_lists) if slot_lists else torch.zeros(0, dtype=torch.int64)
-    return indptr, (flat if translate is None else translate[flat]).to(torch.int64)
+    return indptr.to(flat.device), (flat if translate is None else translate[flat]).to(torch.int64)
 
 
 def set_triton_metadata(backend, alloc, batch: Batch, fb, *, prefix_lens=None, window: int = WINDOW):
@@ -383,11 +384,13 @@ def set_triton_metadata(backend, alloc, batch: Batch, fb, *, prefix_lens=None, w
     win_indptr, win_indices = _ragged([s[max(0, s.numel() - window):] for s in slots], mapping)
     bs = len(batch.seq_lens)
     decode = prefix_lens is None
+    dev = kv_indices.device
+    splits = torch.full((bs,), backend.max_kv_splits, dtype=torch.int32, device=dev) if decode else None
     md = fm(
-        attn_logits=torch.zeros(bs, 2, backend.max_kv_splits, 8) if decode else None,
-        attn_lse=torch.zeros(bs, 2, backend.max_kv_splits) if decode else None,
+        attn_logits=torch.zeros(bs, 2, backend.max_kv_splits, 8, device=dev) if decode else None,
+        attn_lse=torch.zeros(bs, 2, backend.max_kv_splits, device=dev) if decode else None,
         max_extend_len=None if decode else max(n - p for n, p in zip(batch.seq_lens, lens, strict=True)),
-        num_kv_splits=torch.full((bs,), backend.max_kv_splits, dtype=torch.int32) if decode else None,
+        num_kv_splits=splits,
         kv_indptr=kv_indptr,
         kv_indices=kv_indices,
         qo_indptr=None if decode else _ragged([s[p:] for s, p in zip(batch.token_slots, lens, strict=True)])[0],
@@ -395,7 +398,7 @@ def set_triton_metadata(backend, alloc, batch: Batch, fb, *, prefix_lens=None, w
         mask_indptr=None,
         window_kv_indptr=win_indptr,
         window_kv_indices=win_indices,
-        window_num_kv_splits=torch.full((bs,), backend.max_kv_splits, dtype=torch.int32) if decode else None,
+        window_num_kv_splits=None if splits is None else splits.clone(),
         window_kv_offsets=None if decode else torch.tensor(
             [max(0, p - window) for p in lens], dtype=torch.int64),
         swa_out_cache_loc=alloc.full_to_swa_index_mapping[fb.out_cache_loc] if is_swa(pool) else None,
@@ -465,7 +468,7 @@ def _planned_wrapper(cls, indptr, indices):
     wrapper = object.__new__(cls)
     wrapper._paged_kv_indptr_buf = indptr
     wrapper._paged_kv_indices_buf = indices
-    wrapper._paged_kv_last_page_len_buf = torch.ones(indptr.numel() - 1, dtype=torch.int32)
+    wrapper._paged_kv_last_page_len_buf = torch.ones(indptr.numel() - 1, dtype=torch.int32).to(indptr.device)
     wrapper.forward = KernelRecorder(cls.forward, lambda q, *_: torch.zeros_like(q))  # the output's shape
     return wrapper
 

@@ -26,11 +26,11 @@ def _fire(dump_dir: Path, call, inject: tuple[str, ...] = ()) -> tuple[Path, kvt
     raise AssertionError("the trap did not fire")
 
 
-def _filled(fill_pages: int):
+def _filled(fill_pages: int, device: str = "cpu"):
     """A real pool and allocator with ``fill_pages`` full pages held by older requests whose tokens left the
     sliding window (SGLang released their SWA pages, the full ones stay): new full-pool ids start high."""
-    pool = w.make_pool()
-    alloc = w.make_allocator(pool)
+    pool = w.make_pool(device=device)
+    alloc = w.make_allocator(pool, device=device)
     for _ in range(fill_pages // 8):
         older = w.allocate_requests(alloc, [8 * w.PAGE_SIZE])
         alloc.free_swa(older.token_slots[0])
@@ -318,16 +318,18 @@ def make_25805_dump(dump_dir: Path):
 TRITON_WINDOW = 48  # smaller than the requests, so window rails really are the last tokens of each
 
 
-def triton_world(seq_lens=(40, 100, 17), *, prefix_lens=None, deterministic=False, fill_pages: int = 0):
+def triton_world(seq_lens=(40, 100, 17), *, prefix_lens=None, deterministic=False, fill_pages: int = 0,
+                 device: str = "cpu"):  # fmt: skip
     """Pool, allocator, layers, a batch, a real TritonAttnBackend with its metadata set, and the batch:
     decode (``prefix_lens`` None) or extend (the first ``prefix_lens`` tokens cached). ``fill_pages`` as in
-    :func:`decode_world` (full-pool ids start high)."""
-    pool, alloc = _filled(fill_pages)
+    :func:`decode_world` (full-pool ids start high). ``device="cuda"``: pool, allocator, decode batch and
+    metadata on the GPU (SGLang's allocator kernels compiled)."""
+    pool, alloc = _filled(fill_pages, device)
     batch = w.allocate_requests(alloc, list(seq_lens))
     layers = w.make_layers(window=TRITON_WINDOW)
-    backend = w.make_triton_backend(pool, deterministic=deterministic)
+    backend = w.make_triton_backend(pool, deterministic=deterministic, device=device)
     if prefix_lens is None:
-        fb = w.make_forward_batch(batch)
+        fb = w.make_forward_batch(batch, device=device)
     else:
         fb = w.make_extend_batch(batch, list(prefix_lens))
     w.set_triton_metadata(backend, alloc, batch, fb, prefix_lens=prefix_lens, window=TRITON_WINDOW)
@@ -370,15 +372,16 @@ def make_24394_dump(dump_dir: Path, *, high_fill: bool = True):
 
 
 # -------------------------------------------------------------------------------- flashinfer backend
-def flashinfer_world(seq_lens=(40, 100, 17), *, prefix_lens=None, dflash_draft=False):
+def flashinfer_world(seq_lens=(40, 100, 17), *, prefix_lens=None, dflash_draft=False, device: str = "cpu"):
     """Pool, allocator, layers, a batch, a real FlashInferAttnBackend built from a real ModelRunner (its SWA
     pool resolved by SGLang's own ``_resolve_swa_kv_pool``) with its wrappers planned, and the batch.
 
     ``dflash_draft``: the runner is a DFlash draft worker whose active pool is the SWA pool but whose allocator
     is SGLang's plain paged allocator (not an SWA allocator type): the state SGLang #27737 mis-resolved.
+    ``device="cuda"`` (decode, not ``dflash_draft``): pool, allocator, batch and planned ids on the GPU.
     """
-    pool = w.make_pool()
-    alloc = w.make_allocator(pool)
+    pool = w.make_pool(device=device)
+    alloc = w.make_allocator(pool, device=device)
     batch = w.allocate_requests(alloc, list(seq_lens))
     layers = w.make_layers(window=TRITON_WINDOW)
     if dflash_draft:
@@ -386,7 +389,10 @@ def flashinfer_world(seq_lens=(40, 100, 17), *, prefix_lens=None, dflash_draft=F
     else:
         runner = w.make_runner(pool, alloc)
     backend = w.make_flashinfer_backend(runner, window=TRITON_WINDOW)
-    fb = w.make_forward_batch(batch) if prefix_lens is None else w.make_extend_batch(batch, list(prefix_lens))
+    if prefix_lens is None:
+        fb = w.make_forward_batch(batch, device=device)
+    else:
+        fb = w.make_extend_batch(batch, list(prefix_lens))
     w.set_flashinfer_metadata(backend, alloc, batch, fb, prefix_lens=prefix_lens)
     return pool, alloc, layers, batch, backend, fb
 

@@ -19,6 +19,8 @@ from kvtrap.report.explain import RULES, Finding, explain, rule_ids
 
 trapdumps = pytest.importorskip("helpers.trapdumps", reason="tests/helpers/trapdumps.py (real trap scenarios) is missing")
 
+pytestmark = pytest.mark.cpu_world()
+
 
 def _path(made: object) -> Path:
     """trapdumps' ``make_*`` return ``(dump_path, KVTrapError)``."""
