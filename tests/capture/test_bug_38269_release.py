@@ -20,6 +20,9 @@ pytest.importorskip("sglang")
 from helpers import sglang_world as w  # noqa: E402
 from helpers import trapdumps as td  # noqa: E402
 
+# real SGLang allocators on CPU tensors; no CUDA twin yet (the GPU check is a server run: server_matrix.sh)
+pytestmark = pytest.mark.cpu_world
+
 NAME = "sglang-38269"
 EVICTED_PAGES = 4  # request A's first 64 tokens left its 32-token window (page 16)
 
