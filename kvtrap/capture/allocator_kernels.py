@@ -33,8 +33,11 @@ import triton.language as tl
 
 from kvtrap.capture import checks
 
-_BLOCK = 256
-_BLOCK_F = 64
+_BLOCK = 256  # ids per step of the slot check (1-D)
+# the release check compares a block of pages with a block of freed slots ([BLOCK_R, BLOCK_F] per step): kept small
+# so the tile stays in registers; a free call rarely moves more than one block of SWA pages
+_BLOCK_R = 128
+_BLOCK_F = 32
 _FREE: tl.constexpr = tl.constexpr(-1)
 _CODE_RESERVED: tl.constexpr = tl.constexpr(1)
 _CODE_DOUBLE: tl.constexpr = tl.constexpr(2)
@@ -180,7 +183,7 @@ def release_check_(
     f = freeing.reshape(-1) if has else owner
     _release_check_kernel[(1,)](
         pages, n, owner, owner.numel(), f, int(f.numel()) if has else 0, max(int(freeing_div), 1), record, seq,
-        HAS_FREEING=has, BLOCK=_BLOCK, BLOCK_F=_BLOCK_F,
+        HAS_FREEING=has, BLOCK=_BLOCK_R, BLOCK_F=_BLOCK_F,
     )  # fmt: skip
 
 

@@ -103,7 +103,7 @@ def test_release_check_flags_a_page_twice_in_one_call_and_page_zero() -> None:
 
 
 def test_release_check_judges_ownership_across_many_freed_pages() -> None:
-    """More freed full pages than one inner step (64): membership is found in every step."""
+    """More freed full pages than one inner step (32): membership is found in every step."""
     owner = torch.full((402,), page_owners.FREE, dtype=torch.int64, device=DEVICE)
     pages = torch.arange(1, 401, device=DEVICE)
     owner[1:401] = torch.arange(1000, 1400, device=DEVICE)
