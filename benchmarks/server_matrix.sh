@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The real-server runs of docs/repro.md ("What a real server shows"), all started at once on one GPU, each through
-# `kvtrap repro` with the weight-free E4B-like model (12 layers). Every run writes its own report under its dir.
+# `kvtrap repro` with the weight-free E4B-like model (12 layers), and for fa3 the GPT-OSS-like one (8 layers).
+# Every run writes its own report under its dir.
 # Usage (GPU machine with SGLang's full runtime):
 #   bash benchmarks/server_matrix.sh runs/matrix             trtllm_mha: #26957 armed/unarmed/fix/log/eager
-#   SET=backends bash benchmarks/server_matrix.sh runs/be   triton clean + zoo bugs, free-path traps
+#   SET=backends bash benchmarks/server_matrix.sh runs/be   triton and fa3 clean + zoo bugs, free-path traps
 # Then: bash benchmarks/server_matrix.sh --wait runs/matrix  (waits for every run, prints the outcome lines)
 set -u
 if [ "${1:-}" = "--wait" ]; then
@@ -25,22 +26,30 @@ L=${LAYERS:-12}
 SHARE=(--mem-fraction-static 0.8 --max-total-tokens 120000 --max-running-requests 16 --cuda-graph-max-bs-decode 16)
 SMALL=(--num-prompts 32 --concurrency 8 --input-len 1000 --output-len 200)
 FILL=(--num-prompts 32 --concurrency 16 --input-len 8000 --output-len 200)  # long prompts: the SWA pool fills fast
-run() {
-  local name=$1; shift
-  setsid nohup kvtrap repro e4b-chat --dummy-weights --dummy-layers "$L" -q --health-timeout 900 \
+run_scenario() {
+  local scenario=$1 layers=$2 name=$3; shift 3
+  setsid nohup kvtrap repro "$scenario" --dummy-weights --dummy-layers "$layers" -q --health-timeout 900 \
     --bench-timeout 600 --out "$d/$name" "$@" > "$d/$name.out" 2>&1 < /dev/null &
   echo $! > "$d/$name.pid"
 }
+run() { run_scenario e4b-chat "$L" "$@"; }
+# fa3 with the hybrid SWA pool: GPT-OSS-like (SGLang 0.5.23 refuses Gemma 4 on fa3), no draft
+run_gptoss() { run_scenario gptoss-swa-chat "${GPTOSS_LAYERS:-8}" "$@"; }
 if [ "${SET:-trtllm}" = backends ]; then
   # issue 11 on a real server: the other attention backends armed vs unarmed (greedy outputs compared with
   # `kvtrap repro compare`), one zoo bug per backend family, and the allocator free path trapped in drain mode
   # fa3 and flashinfer: SGLang 0.5.23 refuses Gemma 4 on both at start-up (model_hook.py), so kvtrap repro exits 2
-  # for them before starting anything; the runs that showed it: server-runs-backends-nvidia-h200/*-assert.txt
+  # for them before starting anything; the runs that showed it: server-runs-backends-nvidia-h200/*-assert.txt.
+  # fa3 therefore runs on the GPT-OSS-like model (hybrid SWA pool, window 128; flashinfer is refused for it too).
   run triton-unarmed-clean       --attention-backend triton --unarmed --probe 8 "${SMALL[@]}" "${SHARE[@]}"
   run triton-armed-clean         --attention-backend triton --probe 8 "${SMALL[@]}" "${SHARE[@]}"
   run triton-armed-inject-24394  --attention-backend triton --inject sglang-24394 --enable-deterministic-inference "${SMALL[@]}" "${SHARE[@]}"
   run trtllm-armed-inject-38269  --inject sglang-38269 "${FILL[@]}" "${SHARE[@]}" --disable-radix-cache
   run trtllm-unarmed-inject-38269 --unarmed --inject sglang-38269 "${FILL[@]}" "${SHARE[@]}" --disable-radix-cache
+  run_gptoss fa3-unarmed-clean       --attention-backend fa3 --unarmed --probe 8 "${SMALL[@]}" "${SHARE[@]}"
+  run_gptoss fa3-armed-clean         --attention-backend fa3 --probe 8 "${SMALL[@]}" "${SHARE[@]}"
+  run_gptoss fa3-armed-inject-38269  --attention-backend fa3 --inject sglang-38269 "${FILL[@]}" "${SHARE[@]}" \
+    --disable-radix-cache
   echo "started: $(ls "$d"/*.pid | wc -l) runs under $d"
   exit 0
 fi

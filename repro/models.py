@@ -1,11 +1,16 @@
-"""Weight-free Gemma 4 models for the server repros: configs + a tokenizer, no weights, no hub.
+"""Weight-free models for the server repros: configs + a tokenizer, no weights, no hub.
 
-``kvtrap repro NAME --dummy-weights`` (or ``kvtrap repro models write DIR``) writes a target model dir and
-its frozen-KV MTP "assistant" draft dir, each with a ``config.json``, a ``generation_config.json`` and a
-word-level tokenizer, and the server starts with ``--load-format dummy`` (SGLang initialises the weights
-itself). Any GPU that runs SGLang can then run kvtrap's server scenarios without downloading anything.
+``kvtrap repro NAME --dummy-weights`` (or ``kvtrap repro models write DIR``) writes a target model dir (and, for
+the Gemma 4 variants, its frozen-KV MTP "assistant" draft dir), each with a ``config.json``, a
+``generation_config.json`` and a word-level tokenizer, and the server starts with ``--load-format dummy`` (SGLang
+initialises the weights itself). Any GPU that runs SGLang can then run kvtrap's server scenarios without
+downloading anything.
 
-The shapes follow the public Gemma 4 checkpoints' config.json values (the ``VARIANTS`` table below; the MoE and
+Two families: Gemma 4 (:class:`DummyModel`, the #26957 workload) and GPT-OSS (:class:`GptOssModel`), the one
+hybrid sliding-window architecture SGLang 0.5.23 both serves on fa3 and gives the hybrid SWA pool (it refuses
+Gemma 4 on fa3), so that kvtrap's fa3 traps can run in a real server; see :class:`GptOssModel` for why.
+
+The Gemma 4 shapes follow the public checkpoints' config.json values (the ``VARIANTS`` table below; the MoE and
 31B MLP widths are approximate, which only changes GEMM sizes) except where a weight-free text-only model on
 SGLang 0.5.23 cannot follow them;
 every such deviation is listed in :attr:`DummyModel.deviations` and recorded in the run's report:
@@ -27,7 +32,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 #: Special tokens of the dummy tokenizer (ids 0..3); every other id i is the word f"t{i}".
 SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>")
@@ -51,6 +56,9 @@ class MoE:
 @dataclass(frozen=True)
 class DummyModel:
     """One weight-free Gemma 4 variant: the target's shapes and its assistant draft's."""
+
+    has_draft: ClassVar[bool] = True  # the frozen-KV MTP assistant
+    architecture: ClassVar[str] = "Gemma4ForCausalLM"
 
     name: str
     like: str  # the public checkpoint whose shapes it follows
@@ -175,16 +183,150 @@ class DummyModel:
             "tie_word_embeddings": True,
         }
 
+    def summary(self) -> str:
+        moe = f", MoE {self.moe.experts} experts top-{self.moe.top_k}" if self.moe else ""
+        ple = f", PLE {self.ple_dim}" if self.ple_dim else ""
+        return (f"like {self.like}: {self.layers} layers ({self.kv_shared_layers} KV-shared), hidden {self.hidden}, "
+                f"{self.q_heads} q heads, kv {self.kv_heads_sliding} sliding / {self.kv_heads_full} full, head_dim "
+                f"{self.head_dim}, window {self.sliding_window}{moe}{ple}")  # fmt: skip
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["layer_types"] = self.layer_types()
+        out["architecture"] = self.architecture
         return out
 
+
+#: Why the GPT-OSS-like model is bf16 (recorded in each run's report).
+GPTOSS_BF16_WHY = (
+    "bf16 experts, no quantization_config (the real checkpoint's experts are MXFP4): SGLang 0.5.23 then runs "
+    "the unquantized MoE (triton_kernel runner where the triton_kernels package is installed), the path "
+    "--load-format dummy initialises without MXFP4 scales; attention, the KV pool and the allocator are the same"
+)
+
+
+@dataclass(frozen=True)
+class GptOssModel:
+    """A weight-free GPT-OSS-like model (``GptOssForCausalLM``): sliding-window (128) and full attention layers
+    alternating, learned attention sinks, a top-k MoE in every layer, no draft.
+
+    Why this architecture: it is the one in SGLang 0.5.23 that both gets the hybrid SWA memory pool and is
+    served on fa3, with a plain config.json and nothing else (read from 0.5.23's source):
+
+    * ``GptOssForCausalLM`` is in ``SWA_SINK_ARCHS`` (configs/model_config.py), so ``is_hybrid_swa_model`` is
+      true and ``get_hybrid_layer_ids`` splits the layers by ``layer_types``; no override sets
+      ``disable_hybrid_swa_memory`` for it (only Gemma 2/3, Exaone, Olmo 2 and Step3p ones do), so the KV cache
+      configurator builds ``SWAKVPool`` and ``SWATokenToKVPoolAllocator`` (mem_cache/kv_cache_configurator.py).
+    * model_hook.py accepts it on triton, trtllm_mha, fa3, fa4 (not flashinfer), and its override
+      (arg_groups/model_overrides/gpt_oss.py, ``_gpt_oss_overrides``) picks fa3 on sm90 and trtllm_mha on sm100
+      when no backend is given.
+    * The others, as 0.5.23 has them: Gemma 4 is refused on fa3 (model_hook.py); Exaone 4 accepts fa3 but its
+      override turns hybrid SWA memory off (model_overrides/exaone.py); Llama 4's hybrid layers are chunked
+      attention in a multimodal ``...ForConditionalGeneration``; Step 3.5 gets fa3 and the SWA pool too, but its
+      config class is SGLang's own (configs/step3p5.py, not in transformers) and its checkpoints carry MTP
+      layers. GPT-OSS has transformers' ``GptOssConfig`` and fa3 is what SGLang picks for it on Hopper.
+
+    Shapes follow openai/gpt-oss-20b's config.json (hidden 2880, 64 q / 8 kv heads of 64, window 128, YaRN RoPE,
+    SwiGLU limit 7, attention biases, vocab 201088) except what :attr:`deviations` lists: fewer layers and experts
+    (start-up time and memory; the pattern and top-4 stay), bf16 experts.
+    """
+
+    has_draft: ClassVar[bool] = False
+    architecture: ClassVar[str] = "GptOssForCausalLM"
+
+    name: str
+    like: str
+    layers: int
+    real_layers: int
+    hidden: int
+    intermediate: int
+    q_heads: int
+    kv_heads: int
+    sliding_window: int
+    experts: int
+    real_experts: int
+    top_k: int
+    head_dim: int = 64
+    vocab: int = 201088
+    deviations: tuple[str, ...] = ()
+
+    def _layers_why(self, layers: int) -> str:
+        return (f"{layers} layers instead of {self.real_layers} (shorter start-up and CUDA-graph capture; same "
+                f"alternating sliding/full pattern)")  # fmt: skip
+
+    def with_layers(self, layers: int | None) -> GptOssModel:
+        """The same model with ``layers`` decoder layers (the alternating pattern kept)."""
+        if layers is None or layers == self.layers:
+            return self
+        if layers < 2:
+            raise ValueError(f"{self.name}: at least 2 layers (one sliding/full pair), got {layers}")
+        old = self._layers_why(self.layers)
+        kept = tuple(d for d in self.deviations if d != old)
+        new = () if layers == self.real_layers else (self._layers_why(layers),)
+        return replace(self, layers=layers, deviations=kept + new)
+
+    def layer_types(self) -> list[str]:
+        # openai/gpt-oss-*: even layers slide, odd layers attend to everything (transformers' GptOssConfig default)
+        return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(self.layers)]
+
+    def target_config(self) -> dict[str, Any]:
+        return {
+            "architectures": [self.architecture],
+            "model_type": "gpt_oss",
+            "vocab_size": self.vocab,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.q_heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "num_local_experts": self.experts,
+            "num_experts_per_tok": self.top_k,
+            "experts_per_token": self.top_k,
+            # SGLang's model uses sliding_window - 1 (HF's window includes the current token)
+            "sliding_window": self.sliding_window,
+            "layer_types": self.layer_types(),
+            "swiglu_limit": 7.0,
+            "hidden_act": "silu",
+            "attention_bias": True,
+            "attention_dropout": 0.0,
+            "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 131072,
+            "initial_context_length": 4096,
+            "rope_theta": 150000.0,
+            "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                             "truncate": False, "original_max_position_embeddings": 4096},
+            "router_aux_loss_coef": 0.9,
+            "output_router_logits": False,
+            "use_cache": True,
+            "tie_word_embeddings": False,
+            "pad_token_id": PAD_ID,
+            "eos_token_id": EOS_ID,
+            "bos_token_id": BOS_ID,
+            "dtype": "bfloat16",
+        }  # fmt: skip
+
+    def summary(self) -> str:
+        return (f"like {self.like}: {self.layers} layers (sliding window {self.sliding_window} / full, alternating), "
+                f"hidden {self.hidden}, {self.q_heads} q heads, {self.kv_heads} kv heads, head_dim {self.head_dim}, "
+                f"MoE {self.experts} experts top-{self.top_k}, attention sinks, no draft")  # fmt: skip
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["layer_types"] = self.layer_types()
+        out["architecture"] = self.architecture
+        return out
+
+
+AnyDummyModel = DummyModel | GptOssModel
+
+_GPTOSS_LAYERS = 8
+_GPTOSS_EXPERTS = 8
 
 #: Shapes of the public checkpoints (HF config.json values: layers, hidden, heads, windows, KV sharing, PLE,
 #: experts; kernels/README.md lists them too), as far as a weight-free text-only model on SGLang 0.5.23 can
 #: follow them.
-VARIANTS: dict[str, DummyModel] = {
+VARIANTS: dict[str, AnyDummyModel] = {
     m.name: m
     for m in (
         DummyModel(name="e4b", like="google/gemma-4-E4B-it", layers=42, hidden=2560, intermediate=10240,
@@ -195,11 +337,19 @@ VARIANTS: dict[str, DummyModel] = {
                    moe=MoE(experts=128, top_k=8, intermediate=704)),
         DummyModel(name="31b", like="google/gemma-4-31B-it", layers=60, hidden=5376, intermediate=21504,
                    q_heads=32, kv_heads_sliding=16, kv_heads_full=4, sliding_window=1024),
+        GptOssModel(name="gptoss", like="openai/gpt-oss-20b", layers=_GPTOSS_LAYERS, real_layers=24, hidden=2880,
+                    intermediate=2880, q_heads=64, kv_heads=8, sliding_window=128, experts=_GPTOSS_EXPERTS,
+                    real_experts=32, top_k=4,
+                    deviations=(f"{_GPTOSS_LAYERS} layers instead of 24 (shorter start-up and CUDA-graph capture; "
+                                f"same alternating sliding/full pattern)",
+                                f"{_GPTOSS_EXPERTS} experts instead of 32, top-4 as the real model (expert weights "
+                                f"are most of its memory; routing and the MoE kernels are the same)",
+                                GPTOSS_BF16_WHY)),
     )
 }  # fmt: skip
 
 
-def variant(name: str, layers: int | None = None) -> DummyModel:
+def variant(name: str, layers: int | None = None) -> AnyDummyModel:
     try:
         base = VARIANTS[name]
     except KeyError:
@@ -210,11 +360,12 @@ def variant(name: str, layers: int | None = None) -> DummyModel:
 @dataclass(frozen=True)
 class ModelDirs:
     target: Path
-    draft: Path
-    model: DummyModel
+    draft: Path | None  # None: the model has no draft (GPT-OSS-like)
+    model: AnyDummyModel
 
     def to_json(self) -> dict[str, Any]:
-        return {"target": str(self.target), "draft": str(self.draft), "model": self.model.to_json()}
+        return {"target": str(self.target), "draft": None if self.draft is None else str(self.draft),
+                "model": self.model.to_json()}  # fmt: skip
 
 
 def write_tokenizer(directory: Path, vocab: int) -> None:
@@ -241,15 +392,19 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_model_dirs(dest: Path | str, model: DummyModel) -> ModelDirs:
-    """Write ``dest/target`` and ``dest/draft``; returns their paths. Existing files are replaced.
+def write_model_dirs(dest: Path | str, model: AnyDummyModel) -> ModelDirs:
+    """Write ``dest/target`` and, for a model with a draft, ``dest/draft``; returns their paths. Existing files are
+    replaced.
 
     Raises ``OSError`` (with the path) when ``dest`` cannot be written; the CLI turns it into one line.
     """
     dest = Path(dest).expanduser().absolute()
-    dirs = ModelDirs(dest / "target", dest / "draft", model)
+    dirs = ModelDirs(dest / "target", dest / "draft" if model.has_draft else None, model)
     generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID], "pad_token_id": PAD_ID, "do_sample": False}
-    for d, cfg in ((dirs.target, model.target_config()), (dirs.draft, model.draft_config())):
+    todo = [(dirs.target, model.target_config())]
+    if isinstance(model, DummyModel) and dirs.draft is not None:
+        todo.append((dirs.draft, model.draft_config()))
+    for d, cfg in todo:
         d.mkdir(parents=True, exist_ok=True)
         _write_json(d / "config.json", cfg)
         _write_json(d / "generation_config.json", generation)

@@ -155,7 +155,8 @@ def render_markdown(data: dict[str, Any]) -> str:
     out.append(f"- started {data['started']}, ended {data['ended']} ({data['duration_s']} s)")
     out.append(f"- scenario: {sc['description']}")
     if sc.get("model") and not data.get("models"):
-        out.append(f"- models: `{sc['model']}` + draft `{sc.get('draft_model')}`")
+        draft = f" + draft `{sc['draft_model']}`" if sc.get("draft_model") else " (no draft)"
+        out.append(f"- models: `{sc['model']}`{draft}")
     opts = data["options"]
     out.append(
         f"- options: armed={opts.get('armed', True)}, mode={opts.get('mode') or 'raise'}, eager={opts['eager']}, "
@@ -167,8 +168,8 @@ def render_markdown(data: dict[str, Any]) -> str:
     models = data.get("models")
     if models:
         m = models["model"]
-        out.append(f"- weight-free models ({m['name']}-like, shapes of `{m['like']}`): `{models['target']}`, "
-                   f"draft `{models['draft']}`")  # fmt: skip
+        draft = f", draft `{models['draft']}`" if models.get("draft") else ", no draft"
+        out.append(f"- weight-free models ({m['name']}-like, shapes of `{m['like']}`): `{models['target']}`{draft}")
         for why in m.get("deviations") or []:
             out.append(f"  - {why}")
     probe = data.get("probe")

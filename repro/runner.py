@@ -30,15 +30,17 @@ from pathlib import Path
 from typing import IO, Any
 
 from kvtrap.repro.classify import EXIT_USAGE, Classification, Outcome, RunFacts, classify, summarize_dumps
-from kvtrap.repro.models import DummyModel, ModelDirs
+from kvtrap.repro.models import AnyDummyModel, ModelDirs
 from kvtrap.repro.probe import ProbeSpec
 from kvtrap.repro.scenarios import (
     EAGER_ARGS,
     GEMMA4_ARCHITECTURES,
+    GPTOSS_ARCHITECTURES,
     ComponentContext,
     ComponentResult,
     Scenario,
     gemma4_refusal,
+    gptoss_refusal,
     with_attention_backend,
 )
 
@@ -77,7 +79,7 @@ class RunOptions:
     base_env: Mapping[str, str] | None = None  # default: os.environ
     armed: bool = True  # False: SGLANG_TRTLLM_MHA_DEBUG=0 (KVTRAP_INJECT still re-introduces the bug, untrapped)
     mode: str | None = None  # KVTRAP_MODE (raise|log); None: kvtrap's default (raise)
-    dummy: DummyModel | None = None  # weight-free model dirs written into the run dir, --load-format dummy
+    dummy: AnyDummyModel | None = None  # weight-free model dirs written into the run dir, --load-format dummy
     probe: ProbeSpec | None = None  # greedy prompts sent one by one before the benchmark (outputs.json)
     attention_backend: str | None = None  # replaces the scenario's --attention-backend (None: the scenario's)
 
@@ -86,10 +88,12 @@ CommandBuilder = Callable[[Scenario, RunOptions, int, Path], list[str]]
 
 
 def dummy_dirs(options: RunOptions, run_dir: Path) -> ModelDirs | None:
-    """Where a ``--dummy-weights`` run's model dirs go: ``<run dir>/models/{target,draft}``."""
+    """Where a ``--dummy-weights`` run's model dirs go: ``<run dir>/models/{target,draft}`` (no draft for a model
+    without one)."""
     if options.dummy is None:
         return None
-    return ModelDirs(run_dir / "models" / "target", run_dir / "models" / "draft", options.dummy)
+    draft = run_dir / "models" / "draft" if options.dummy.has_draft else None
+    return ModelDirs(run_dir / "models" / "target", draft, options.dummy)
 
 
 def default_server_cmd(scenario: Scenario, options: RunOptions, port: int, run_dir: Path) -> list[str]:
@@ -338,13 +342,13 @@ def _last_values(args: Sequence[str], flags: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def served_model_is_gemma4(options: RunOptions) -> bool:
-    """Whether the run serves a Gemma 4 model: a --dummy-weights model, a scenario's own model, a local
-    ``--model-path`` whose config.json names a Gemma 4 architecture, or a model id that says gemma-4."""
+def _served_model_is(options: RunOptions, architectures: tuple[str, ...], id_pattern: str) -> bool:
+    """Whether the run serves one of ``architectures``: its --dummy-weights model's, a local ``--model-path`` whose
+    config.json names one, or (a hub id, or a dir without a readable config) a model id matching ``id_pattern``."""
     import re
 
     if options.dummy is not None:
-        return True  # kvtrap.repro.models writes Gemma4ForCausalLM configs only
+        return options.dummy.architecture in architectures
     model = options.model_path or options.scenario.model
     if not model:
         return False
@@ -355,20 +359,31 @@ def served_model_is_gemma4(options: RunOptions) -> bool:
         except (OSError, ValueError):
             cfg = {}
         if isinstance(cfg, dict) and isinstance(cfg.get("architectures"), list):
-            return any(a in GEMMA4_ARCHITECTURES for a in cfg["architectures"])
-    return re.search(r"gemma-?4", str(model), re.IGNORECASE) is not None
+            return any(a in architectures for a in cfg["architectures"])
+    return re.search(id_pattern, str(model), re.IGNORECASE) is not None
+
+
+def served_model_is_gemma4(options: RunOptions) -> bool:
+    return _served_model_is(options, GEMMA4_ARCHITECTURES, r"gemma-?4")
+
+
+def served_model_is_gptoss(options: RunOptions) -> bool:
+    return _served_model_is(options, GPTOSS_ARCHITECTURES, r"gpt-?oss")
 
 
 def backend_refusal(options: RunOptions) -> str | None:
     """Why SGLang would refuse this run's attention backend(s) at start-up for its model, said before anything is
-    written or started; None when nothing is known against them. Only Gemma 4's check (model_hook.py) for now."""
+    written or started; None when nothing is known against them. Gemma 4's and GPT-OSS's checks (model_hook.py)."""
     if options.scenario.kind != "server":
         return None
     args = options.scenario.server_args
     if options.attention_backend is not None:
         args = with_attention_backend(args, options.attention_backend)
     given = _last_values([*args, *options.extra_server_args], _BACKEND_FLAGS)
-    if not given or not served_model_is_gemma4(options):
+    if not given:
+        return None
+    gemma4 = served_model_is_gemma4(options)
+    if not gemma4 and not served_model_is_gptoss(options):
         return None
     # SGLang's resolution: prefill = --prefill-attention-backend or --attention-backend; decode likewise.
     effective: dict[str, str] = {}
@@ -377,9 +392,11 @@ def backend_refusal(options: RunOptions) -> str | None:
             effective[phase] = given[phase]
         elif "--attention-backend" in given:
             effective["--attention-backend"] = given["--attention-backend"]
-    model = (f"a weight-free {options.dummy.name}-like Gemma 4 model" if options.dummy is not None
-             else f"{options.model_path or options.scenario.model}, a Gemma 4 model")  # fmt: skip
-    return gemma4_refusal(effective, f"{options.scenario.name} serves {model}")
+    family = "Gemma 4" if gemma4 else "GPT-OSS"
+    model = (f"a weight-free {options.dummy.name}-like {family} model" if options.dummy is not None
+             else f"{options.model_path or options.scenario.model}, a {family} model")  # fmt: skip
+    refusal = gemma4_refusal if gemma4 else gptoss_refusal
+    return refusal(effective, f"{options.scenario.name} serves {model}")
 
 
 def check_environment(options: RunOptions, *, environ: Mapping[str, str] | None = None) -> list[str]:

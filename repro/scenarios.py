@@ -46,8 +46,8 @@ ATTN_ARGS: tuple[str, ...] = (
 
 #: ``kvtrap repro NAME --attention-backend B``: the backends a server scenario may be switched to (SGLang
 #: 0.5.23 ``--attention-backend`` choices that serve MHA models with a paged KV pool). Which of them kvtrap's
-#: attention traps cover is ``kvtrap.capture.hooks.covered_attention_backends()``. For a Gemma 4 model (every
-#: scenario here, unless ``--model-path`` names another) only those in :data:`GEMMA4_ATTENTION_BACKENDS` start.
+#: attention traps cover is ``kvtrap.capture.hooks.covered_attention_backends()``. For a Gemma 4 model only those in
+#: :data:`GEMMA4_ATTENTION_BACKENDS` start, for a GPT-OSS model only those in :data:`GPTOSS_ATTENTION_BACKENDS`.
 ATTENTION_BACKENDS: tuple[str, ...] = ("trtllm_mha", "fa3", "fa4", "flashinfer", "triton")
 
 #: The attention backends SGLang 0.5.23 starts a Gemma 4 model on: ``handle_model_specific_adjustments`` in
@@ -68,6 +68,27 @@ _GEMMA4_REFUSED = (
     "trtllm_mha, triton, fa4, ...\"), so kvtrap repro refuses it for the Gemma 4 scenarios before starting anything"
 )
 
+#: The attention backends SGLang 0.5.23 starts ``GptOssForCausalLM`` on: the ``supported_backends`` list of its
+#: branch in ``handle_model_specific_adjustments`` (sglang/srt/arg_groups/model_hook.py, "GptOssForCausalLM requires
+#: one of [...] attention backend"). A local variable there too; tests/repro/test_gptoss_model.py reads the source.
+GPTOSS_ATTENTION_BACKENDS: tuple[str, ...] = (
+    "triton", "trtllm_mha", "fa3", "fa4", "ascend", "intel_amx", "intel_xpu", "aiter",
+)  # fmt: skip
+GPTOSS_ARCHITECTURES: tuple[str, ...] = ("GptOssForCausalLM",)
+
+
+def gptoss_refusal(backends: dict[str, str], served: str) -> str | None:
+    """Why SGLang 0.5.23 will not start a GPT-OSS model on these backends (flags as the server gets them), or None."""
+    bad = {flag: b for flag, b in backends.items() if b not in GPTOSS_ATTENTION_BACKENDS}
+    if not bad:
+        return None
+    given = ", ".join(f"{flag} {b}" for flag, b in bad.items())
+    return (f"{served}, and SGLang 0.5.23 refuses GptOssForCausalLM on {given} at start-up "
+            f"(sglang/srt/arg_groups/model_hook.py asserts \"GptOssForCausalLM requires one of "
+            f"{list(GPTOSS_ATTENTION_BACKENDS)} attention backend\"); on a CUDA GPU use --attention-backend fa3 "
+            f"(sm90), trtllm_mha (sm100) or triton")  # fmt: skip
+
+
 #: What SGLang 0.5.23 requires of a backend, read from its server-arg checks and backends; said by ``--dry-run`` and
 #: written into the run report. The Gemma 4 refusal is enforced (:func:`gemma4_refusal`); the rest is not: SGLang
 #: refuses what it refuses at start-up, in its own words.
@@ -75,13 +96,15 @@ BACKEND_NOTES: dict[str, str] = {
     "trtllm_mha": "topk 1 and page size 16/32/64/128; Gemma 4's default on sm100 (sm90 runs FlashInfer XQA)",
     "fa3": (
         _GEMMA4_REFUSED.format(b="fa3") + "; kvtrap's fa3 traps are verified on SGLang's real FlashAttentionBackend "
-        "(CPU and GPU tests), and a real fa3 server needs a non-Gemma SWA model (--model-path). There: sm80/sm90 "
+        "(CPU and GPU tests); for a real fa3 server with the hybrid SWA pool use the GPT-OSS scenarios "
+        "(gptoss-swa-chat, gptoss-swa-summarize; fa3 is SGLang's own pick for them on sm90). sm80/sm90 "
         "only (SGLang asserts at backend creation), FA3 compiles head sizes up to 256, sgl_kernel's FA3 ops "
         "(flash_ops) must be installed"
     ),
     "fa4": "the same FlashAttentionBackend class as fa3 (its page-table traps apply); sm100/sm120 builds",
     "flashinfer": (
-        _GEMMA4_REFUSED.format(b="flashinfer") + "; with a non-Gemma --model-path, kvtrap checks the ragged ids "
+        _GEMMA4_REFUSED.format(b="flashinfer") + " (and GPT-OSS, see GPTOSS_ATTENTION_BACKENDS); with another "
+        "--model-path, kvtrap checks the ragged ids "
         "each wrapper was planned with on the host before each layer, and with the device guard after each decode / "
         "verify / draft-extend CUDA-graph replay's planning (not the multi-step draft's per-step wrappers: use "
         "--eager to check those)"
@@ -425,6 +448,51 @@ for _s in (
             TP2_ARGS),
     _server("26b-tp2-chat", A26B, A26B_DRAFT, CHAT, NEEDS_26B_TP2, "Gemma 4 26B-A4B (MoE), TP=2, short prompts",
             "26b-a4b", TP2_ARGS),
+):
+    register(_s)
+del _s
+
+
+# ------------------------------------------------------------------------------ GPT-OSS: fa3 + the SWA pool
+#: The MXFP4 checkpoint (~13 GiB) a run without --dummy-weights serves; the weight-free model is the bf16 "gptoss"
+#: variant of kvtrap.repro.models (why GPT-OSS: see GptOssModel's docstring).
+GPTOSS = "openai/gpt-oss-20b"
+
+NEEDS_GPTOSS = Needs(
+    gpu="H100/H200 (sm90: SGLang picks fa3 for GPT-OSS) or B200 (sm100: it picks trtllm_mha)",
+    min_gpu_mem_gib=40,
+    weights_gib=13.0,
+    note=(
+        "no --attention-backend: SGLang 0.5.23 picks fa3 for GptOssForCausalLM on sm90 and trtllm_mha on sm100 "
+        "(arg_groups/model_overrides/gpt_oss.py), so on an H100/H200 this is kvtrap's fa3 guard in a real server; "
+        "hybrid SWA pool (SWAKVPool + SWATokenToKVPoolAllocator, window 128), page size 1 (SGLang's default), no "
+        "MTP draft. The checkpoint is MXFP4 (~13 GiB); --dummy-weights writes an 8-layer bf16 GPT-OSS-like model "
+        "(about 6 GiB) instead. Not yet run on a GPU"
+    ),
+)
+
+
+def _gptoss(name: str, workload: Workload, what: str) -> Scenario:
+    return Scenario(
+        name=name,
+        description=(
+            f"{what}: random {workload.input_len} in / {workload.output_len} out x {workload.num_prompts} "
+            f"prompts, concurrency {workload.max_concurrency}; SGLang's default backend (fa3 on sm90), hybrid SWA "
+            "pool, no draft"
+        ),
+        kind="server",
+        needs=NEEDS_GPTOSS,
+        model=GPTOSS,
+        workload=workload,
+        server_args=(),
+        tags=("fa3", "swa", "sglang-38269"),
+        dummy_variant="gptoss",
+    )
+
+
+for _s in (
+    _gptoss("gptoss-swa-chat", CHAT, "GPT-OSS-20B (sliding window 128 / full, sinks, MoE), short prompts"),
+    _gptoss("gptoss-swa-summarize", SUMMARIZE, "GPT-OSS-20B, long prompts (the SWA window slides every request)"),
 ):
     register(_s)
 del _s

@@ -15,7 +15,10 @@ import click
 
 from kvtrap.repro import scenarios as _scenarios
 from kvtrap.repro.classify import EXIT_USAGE, Outcome
+from kvtrap.repro.models import VARIANTS as _VARIANTS
 from kvtrap.repro.scenarios import ATTENTION_BACKENDS, Scenario
+
+_VARIANT_NAMES = tuple(_VARIANTS)  # plain data (the models module imports neither torch nor SGLang)
 
 _EPILOG = """\b
 Exit codes: 0 clean; 1 trapped or crashed (reproduced); 2 usage or environment error
@@ -49,11 +52,11 @@ def _print_list(as_json: bool) -> None:
         click.echo(f"{s.name}  [{s.kind}]  {s.description}")
         click.echo(f"    needs: {_needs_line(s)}; {s.needs.gpu}")
         if s.needs.weights_gib:
-            click.echo(f"    weights: ~{s.needs.weights_gib:g} GiB bf16 (downloaded once into the HF cache)")
+            click.echo(f"    weights: ~{s.needs.weights_gib:g} GiB (downloaded once into the HF cache)")
         if s.needs.note:
             click.echo(f"    note: {s.needs.note}")
         if s.model_ids:
-            click.echo(f"    models: {s.model} (draft {s.draft_model})")
+            click.echo(f"    models: {s.model} " + (f"(draft {s.draft_model})" if s.draft_model else "(no draft)"))
         if s.dummy_variant:
             click.echo(f"    weight-free: --dummy-weights writes a {s.dummy_variant}-like model (kvtrap repro models list)")
         if s.workload is not None:
@@ -227,10 +230,12 @@ def _run_command(scenario: Scenario) -> click.Command:
                      help="Seconds between SIGTERM and SIGKILL when stopping a process group."),
         click.Option(["--quiet", "-q"], is_flag=True, help="Do not echo the server and benchmark logs."),
         click.Option(["--dummy-weights"], is_flag=True,
-                     help="Weight-free: write the scenario's Gemma 4-like model dirs (configs + tokenizer) into the "
-                          "run dir and start SGLang with --load-format dummy. No download, any GPU."),
+                     help="Weight-free: write the scenario's model dirs (Gemma 4-like or GPT-OSS-like configs + "
+                          "tokenizer) into the run dir and start SGLang with --load-format dummy. No download, any "
+                          "GPU."),
         click.Option(["--dummy-layers"], type=click.IntRange(min=6, max=256), default=None,
-                     help="With --dummy-weights: this many decoder layers (same 5:1 pattern; faster start-up)."),
+                     help="With --dummy-weights: this many decoder layers (same sliding/full pattern; faster "
+                          "start-up)."),
         click.Option(["--unarmed"], is_flag=True,
                      help="SGLANG_TRTLLM_MHA_DEBUG=0: no traps. --inject still re-introduces the bug (to see it crash)."),
         click.Option(["--mode"], type=click.Choice(["raise", "log"]), default=None,
@@ -238,8 +243,8 @@ def _run_command(scenario: Scenario) -> click.Command:
         click.Option(["--attention-backend"], type=click.Choice(ATTENTION_BACKENDS), default=None,
                      help="Run the server scenario on this SGLang attention backend instead of its own (replaces "
                           "its --attention-backend; recorded in the report). --dry-run says what SGLang requires. "
-                          "SGLang 0.5.23 starts Gemma 4 only on trtllm_mha, triton or fa4: fa3 and flashinfer are "
-                          "refused (exit 2) unless --model-path names another model."),
+                          "SGLang 0.5.23 starts Gemma 4 only on trtllm_mha, triton or fa4 (fa3 and flashinfer are "
+                          "refused, exit 2), GPT-OSS on fa3, trtllm_mha, triton or fa4 (flashinfer refused)."),
         click.Option(["--num-prompts"], type=click.IntRange(min=1), default=None, help="Benchmark prompts."),
         click.Option(["--concurrency"], type=click.IntRange(min=1), default=None, help="Benchmark max concurrency."),
         click.Option(["--input-len"], type=click.IntRange(min=1), default=None, help="Benchmark input tokens."),
@@ -278,7 +283,7 @@ def list_cmd(as_json: bool) -> None:
 
 @click.group("models")
 def models_group() -> None:
-    """Weight-free Gemma 4-like models (configs + tokenizer) for `--load-format dummy` servers."""
+    """Weight-free Gemma 4-like and GPT-OSS-like models (configs + tokenizer) for `--load-format dummy` servers."""
 
 
 @models_group.command("list")
@@ -287,22 +292,19 @@ def models_list() -> None:
     from kvtrap.repro.models import VARIANTS
 
     for m in VARIANTS.values():
-        moe = f", MoE {m.moe.experts} experts top-{m.moe.top_k}" if m.moe else ""
-        ple = f", PLE {m.ple_dim}" if m.ple_dim else ""
-        click.echo(f"{m.name}: like {m.like}: {m.layers} layers ({m.kv_shared_layers} KV-shared), hidden {m.hidden}, "
-                   f"{m.q_heads} q heads, kv {m.kv_heads_sliding} sliding / {m.kv_heads_full} full, head_dim "
-                   f"{m.head_dim}, window {m.sliding_window}{moe}{ple}")  # fmt: skip
+        click.echo(f"{m.name}: {m.summary()}")
         for why in m.deviations:
             click.echo(f"    differs: {why}")
 
 
 @models_group.command("write")
 @click.argument("dest", type=click.Path(file_okay=False))
-@click.option("--variant", "name", type=click.Choice(["e4b", "26b-a4b", "31b"]), default="e4b", show_default=True)
+@click.option("--variant", "name", type=click.Choice(list(_VARIANT_NAMES)), default="e4b", show_default=True)
 @click.option("--layers", type=click.IntRange(min=6, max=256), default=None,
               help="Decoder layers (default: the real count).")
 def models_write(dest: str, name: str, layers: int | None) -> None:
-    """Write DEST/target and DEST/draft (frozen-KV MTP assistant) for `sglang.launch_server --load-format dummy`."""
+    """Write DEST/target (and, for Gemma 4, DEST/draft: the frozen-KV MTP assistant) for `sglang.launch_server
+    --load-format dummy`."""
     from kvtrap.repro.models import variant, write_model_dirs
 
     if not dest.strip():
@@ -317,6 +319,10 @@ def models_write(dest: str, name: str, layers: int | None) -> None:
         click.echo(f"kvtrap repro models write: cannot write {exc.filename or dest}: {exc.strerror or exc}", err=True)
         sys.exit(EXIT_USAGE)
     click.echo(f"target: {dirs.target}")
+    if dirs.draft is None:
+        click.echo("draft:  none (this model has no draft)")
+        click.echo(f"serve:  python -m sglang.launch_server --model-path {dirs.target} --load-format dummy ...")
+        return
     click.echo(f"draft:  {dirs.draft}")
     click.echo(f"serve:  python -m sglang.launch_server --model-path {dirs.target} --speculative-draft-model-path "
                f"{dirs.draft} --load-format dummy ...")  # fmt: skip

@@ -243,7 +243,7 @@ def test_fa3_with_a_non_gemma_model_path_is_left_to_sglang(tmp_path: Path, monke
     code, out = _cli("e4b-chat", "--dry-run", "--attention-backend", "fa3", "--model-path", str(other))
     assert code == 0, out
     assert "# note: --attention-backend fa3: SGLang 0.5.23 refuses Gemma 4 on fa3" in out
-    assert "a real fa3 server needs a non-Gemma SWA model" in out
+    assert "for a real fa3 server with the hybrid SWA pool use the GPT-OSS scenarios" in out
     # a local Gemma 4 checkpoint is recognised by its config, whatever its directory is called
     (other / "config.json").write_text('{"architectures": ["Gemma4ForConditionalGeneration"]}')
     code, out = _cli("e4b-chat", "--dry-run", "--attention-backend", "fa3", "--model-path", str(other))
