@@ -484,7 +484,8 @@ def _gptoss(name: str, workload: Workload, what: str) -> Scenario:
         needs=NEEDS_GPTOSS,
         model=GPTOSS,
         workload=workload,
-        server_args=(),
+        # pages as the Gemma scenarios use: kvtrap's free-path checks (and #38269's page 0) need page_size > 1
+        server_args=("--page-size", "64"),
         tags=("fa3", "swa", "sglang-38269"),
         dummy_variant="gptoss",
     )

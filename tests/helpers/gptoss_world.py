@@ -37,8 +37,9 @@ KEYS = ("attention_backend", "prefill_attention_backend", "decode_attention_back
 def _resolve(model_dir: str, backend: str | None, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
     from sglang.srt.server_args import ServerArgs
 
+    # page 64 as the scenarios pass it (kvtrap's free-path checks need pages)
     args = ServerArgs(model_path=model_dir, load_format="dummy", attention_backend=backend, device=device,
-                      disable_radix_cache=True)  # fmt: skip
+                      disable_radix_cache=True, page_size=64)  # fmt: skip
     args.resolve_once()
     resolved = args.resolved_dict()
     return args, {k: resolved.get(k) for k in KEYS}

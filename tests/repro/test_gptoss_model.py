@@ -66,7 +66,7 @@ def test_sglang_resolves_the_written_model_to_the_hybrid_swa_pool_on_fa3(world: 
     # the whole pipeline ran (model_hook.py's GPT-OSS check included) and kept fa3 and the hybrid pool
     assert r["attention_backend"] == "fa3" and r["prefill_attention_backend"] is None
     assert r["disable_hybrid_swa_memory"] is False and r["disable_radix_cache"] is True
-    assert r["page_size"] == 1 and r["load_format"] == "dummy" and r["quantization"] is None
+    assert r["page_size"] == 64 and r["load_format"] == "dummy" and r["quantization"] is None
 
 
 def test_sglang_picks_fa3_for_it_on_sm90_and_refuses_flashinfer(world: dict[str, Any]) -> None:
