@@ -33,14 +33,12 @@ from kvtrap.repro.classify import EXIT_USAGE, Classification, Outcome, RunFacts,
 from kvtrap.repro.models import AnyDummyModel, ModelDirs
 from kvtrap.repro.probe import ProbeSpec
 from kvtrap.repro.scenarios import (
+    BACKEND_RULES,
     EAGER_ARGS,
-    GEMMA4_ARCHITECTURES,
-    GPTOSS_ARCHITECTURES,
     ComponentContext,
     ComponentResult,
     Scenario,
-    gemma4_refusal,
-    gptoss_refusal,
+    refusal,
     with_attention_backend,
 )
 
@@ -363,14 +361,6 @@ def _served_model_is(options: RunOptions, architectures: tuple[str, ...], id_pat
     return re.search(id_pattern, str(model), re.IGNORECASE) is not None
 
 
-def served_model_is_gemma4(options: RunOptions) -> bool:
-    return _served_model_is(options, GEMMA4_ARCHITECTURES, r"gemma-?4")
-
-
-def served_model_is_gptoss(options: RunOptions) -> bool:
-    return _served_model_is(options, GPTOSS_ARCHITECTURES, r"gpt-?oss")
-
-
 def backend_refusal(options: RunOptions) -> str | None:
     """Why SGLang would refuse this run's attention backend(s) at start-up for its model, said before anything is
     written or started; None when nothing is known against them. Gemma 4's and GPT-OSS's checks (model_hook.py)."""
@@ -382,8 +372,8 @@ def backend_refusal(options: RunOptions) -> str | None:
     given = _last_values([*args, *options.extra_server_args], _BACKEND_FLAGS)
     if not given:
         return None
-    gemma4 = served_model_is_gemma4(options)
-    if not gemma4 and not served_model_is_gptoss(options):
+    rule = next((r for r in BACKEND_RULES if _served_model_is(options, r.architectures, r.id_pattern)), None)
+    if rule is None:
         return None
     # SGLang's resolution: prefill = --prefill-attention-backend or --attention-backend; decode likewise.
     effective: dict[str, str] = {}
@@ -392,11 +382,9 @@ def backend_refusal(options: RunOptions) -> str | None:
             effective[phase] = given[phase]
         elif "--attention-backend" in given:
             effective["--attention-backend"] = given["--attention-backend"]
-    family = "Gemma 4" if gemma4 else "GPT-OSS"
-    model = (f"a weight-free {options.dummy.name}-like {family} model" if options.dummy is not None
-             else f"{options.model_path or options.scenario.model}, a {family} model")  # fmt: skip
-    refusal = gemma4_refusal if gemma4 else gptoss_refusal
-    return refusal(effective, f"{options.scenario.name} serves {model}")
+    model = (f"a weight-free {options.dummy.name}-like {rule.family} model" if options.dummy is not None
+             else f"{options.model_path or options.scenario.model}, a {rule.family} model")  # fmt: skip
+    return refusal(rule, effective, f"{options.scenario.name} serves {model}")
 
 
 def check_environment(options: RunOptions, *, environ: Mapping[str, str] | None = None) -> list[str]:

@@ -77,20 +77,43 @@ GPTOSS_ATTENTION_BACKENDS: tuple[str, ...] = (
 GPTOSS_ARCHITECTURES: tuple[str, ...] = ("GptOssForCausalLM",)
 
 
-def gptoss_refusal(backends: dict[str, str], served: str) -> str | None:
-    """Why SGLang 0.5.23 will not start a GPT-OSS model on these backends (flags as the server gets them), or None."""
-    bad = {flag: b for flag, b in backends.items() if b not in GPTOSS_ATTENTION_BACKENDS}
+@dataclass(frozen=True)
+class BackendRule:
+    """One architecture family's start-up check in SGLang 0.5.23's ``handle_model_specific_adjustments``
+    (sglang/srt/arg_groups/model_hook.py): the attention backends it accepts, in its own words."""
+
+    family: str  # "Gemma 4"
+    architectures: tuple[str, ...]  # config.json "architectures" the branch checks
+    id_pattern: str  # how a hub id of the family looks (regex, case-insensitive)
+    accepted: tuple[str, ...]
+    sglang_says: str  # the assertion's words
+    advice: str  # what works on a CUDA GPU
+
+
+BACKEND_RULES: tuple[BackendRule, ...] = (
+    BackendRule("Gemma 4", GEMMA4_ARCHITECTURES, r"gemma-?4", GEMMA4_ATTENTION_BACKENDS,
+                "Gemma4 only supports trtllm_mha, triton, fa4, ascend, intel_xpu, intel_amx, or aiter attention "
+                "backend", "--attention-backend trtllm_mha or triton (fa4 on sm100)"),
+    BackendRule("GPT-OSS", GPTOSS_ARCHITECTURES, r"gpt-?oss", GPTOSS_ATTENTION_BACKENDS,
+                f"GptOssForCausalLM requires one of {list(GPTOSS_ATTENTION_BACKENDS)} attention backend",
+                "--attention-backend fa3 (sm90), trtllm_mha (sm100) or triton"),
+)  # fmt: skip
+
+
+def refusal(rule: BackendRule, backends: dict[str, str], served: str) -> str | None:
+    """Why SGLang 0.5.23 will not start a model of ``rule``'s family on these backends
+    (``{"--attention-backend": "fa3", ...}``, the flags as the server gets them), or None when it will.
+    ``served`` opens the sentence ("e4b-chat serves ...")."""
+    bad = {flag: b for flag, b in backends.items() if b not in rule.accepted}
     if not bad:
         return None
     given = ", ".join(f"{flag} {b}" for flag, b in bad.items())
-    return (f"{served}, and SGLang 0.5.23 refuses GptOssForCausalLM on {given} at start-up "
-            f"(sglang/srt/arg_groups/model_hook.py asserts \"GptOssForCausalLM requires one of "
-            f"{list(GPTOSS_ATTENTION_BACKENDS)} attention backend\"); on a CUDA GPU use --attention-backend fa3 "
-            f"(sm90), trtllm_mha (sm100) or triton")  # fmt: skip
+    return (f"{served}, and SGLang 0.5.23 refuses {rule.family} on {given} at start-up "
+            f"(sglang/srt/arg_groups/model_hook.py asserts \"{rule.sglang_says}\"); on a CUDA GPU use {rule.advice}")
 
 
 #: What SGLang 0.5.23 requires of a backend, read from its server-arg checks and backends; said by ``--dry-run`` and
-#: written into the run report. The Gemma 4 refusal is enforced (:func:`gemma4_refusal`); the rest is not: SGLang
+#: written into the run report. The Gemma 4 and GPT-OSS refusals are enforced (:func:`refusal`); the rest is not: SGLang
 #: refuses what it refuses at start-up, in its own words.
 BACKEND_NOTES: dict[str, str] = {
     "trtllm_mha": "topk 1 and page size 16/32/64/128; Gemma 4's default on sm100 (sm90 runs FlashInfer XQA)",
@@ -115,19 +138,6 @@ BACKEND_NOTES: dict[str, str] = {
         "draft's per-step sets included)"
     ),
 }
-
-
-def gemma4_refusal(backends: dict[str, str], served: str) -> str | None:
-    """Why SGLang 0.5.23 will not start a Gemma 4 model on these backends (``{"--attention-backend": "fa3", ...}``,
-    the flags as the server gets them), or None when it will. ``served`` opens the sentence ("e4b-chat serves ...")."""
-    bad = {flag: b for flag, b in backends.items() if b not in GEMMA4_ATTENTION_BACKENDS}
-    if not bad:
-        return None
-    given = ", ".join(f"{flag} {b}" for flag, b in bad.items())
-    return (f"{served}, and SGLang 0.5.23 refuses Gemma 4 on {given} at start-up "
-            f"(sglang/srt/arg_groups/model_hook.py asserts \"Gemma4 only supports trtllm_mha, triton, fa4, ascend, "
-            f"intel_xpu, intel_amx, or aiter attention backend\"); on a CUDA GPU use --attention-backend trtllm_mha "
-            f"or triton (fa4 on sm100)")  # fmt: skip
 
 
 #: Run every step eagerly so kvtrap's host-side checks see every decode step (flag names checked

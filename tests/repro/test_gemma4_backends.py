@@ -61,8 +61,10 @@ def test_the_refusal_quotes_what_the_h200_servers_printed() -> None:
     assert len(evidence) == 2
     for f in evidence:
         assert f"AssertionError: {ASSERTION}, got prefill=" in f.read_text()
-    line = scenarios.gemma4_refusal({"--attention-backend": "fa3"}, "x serves y")
+    gemma4 = next(r for r in scenarios.BACKEND_RULES if r.family == "Gemma 4")
+    line = scenarios.refusal(gemma4, {"--attention-backend": "fa3"}, "x serves y")
     assert line is not None and ASSERTION in line
-    assert scenarios.gemma4_refusal({"--attention-backend": "triton", "--decode-attention-backend": "fa4"}, "x") is None
+    ok = {"--attention-backend": "triton", "--decode-attention-backend": "fa4"}
+    assert scenarios.refusal(gemma4, ok, "x") is None
     for backend in ("fa3", "flashinfer"):
         assert backend in scenarios.ATTENTION_BACKENDS and backend not in scenarios.GEMMA4_ATTENTION_BACKENDS

@@ -200,7 +200,7 @@ def test_flashinfer_is_refused_up_front_for_gptoss(tmp_path: Path, monkeypatch: 
     assert res.exit_code == 2 and res.stdout == ""
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("kvtrap repro: gptoss-swa-chat serves ")
-    assert "refuses GptOssForCausalLM on --attention-backend flashinfer at start-up" in lines[0]
+    assert "refuses GPT-OSS on --attention-backend flashinfer at start-up" in lines[0]
     assert list(tmp_path.iterdir()) == []
     # and a Gemma 4 model path given to a GPT-OSS scenario is judged as Gemma 4
     gemma = tmp_path / "g"
