@@ -5,11 +5,12 @@ the host at the call, each check is a host sync; in SGLang 0.5.23's overlap sche
 schedule stream, which waits on the running forward, so such a sync also stalls the CPU until that forward ends
 and the next step is launched late. In drain mode a check is one kernel launch
 (:mod:`kvtrap.capture.allocator_kernels`) that folds the call's first bad element into a small per-allocator
-record on the device (the first finding wins until it is read). Where SGLang waits for a step's results
-(:mod:`kvtrap.capture.hooks.step_drain`, after that step's ``copy_done``) kvtrap enqueues a copy of the record
-into one of a few pinned host slots with a CUDA event behind it, and reads the newest slot whose event has
-passed (a step later, at the latest two). A finding is judged there by the same verdict as in call mode, with
-the call's own tensors, and raised before the step's tokens go out.
+record on the device (the first finding wins until it is read), and a copy of the record goes, without blocking,
+into one of a few pinned host slots with a CUDA event behind it. Where SGLang waits for a step's results
+(:mod:`kvtrap.capture.hooks.step_drain`, after that step's ``copy_done``) kvtrap reads the newest slot whose event
+has passed: every check enqueued before that step's forward has then passed. When the scheduler goes idle it reads
+with a wait (the frees of the last finished requests come after the last drain). A finding is judged there by the
+same verdict as in call mode, with the call's own tensors, and raised before the step's tokens go out.
 
 The price, said in the docs: the faulty result has been used by then (a page freed twice may have been handed
 out again, a slot outside the pool written). Call mode (``KVTRAP_ALLOCATOR_TRAP=call``) prevents it at a host
@@ -29,7 +30,7 @@ import torch
 FIELDS = ("count", "code", "position", "value", "owner", "call")
 #: Calls remembered for judging a finding (a finding is read within a step or two of its call).
 REMEMBERED_CALLS = 256
-#: Pinned snapshots in flight (one per drain): the newest whose event has passed is read.
+#: Pinned snapshots in flight (one per checked call): the newest whose event has passed is read.
 SLOTS = 8
 
 Judge = Callable[[Any, dict[str, int]], Any]  # (the allocator, the finding's fields) -> Verdict
@@ -72,7 +73,8 @@ class Findings:
         return self.seq
 
     def snapshot(self) -> None:
-        """Enqueue a copy of the record into the next pinned slot, after every check enqueued so far."""
+        """Enqueue a copy of the record into the next pinned slot, after every check enqueued so far (after each
+        checked call: a snapshot taken at the drain would pass only by the next one)."""
         if self.seq == self.snapped_seq:
             return  # no check since the last snapshot: that one (or a reset read earlier) says it all
         self.snapped_seq = self.seq

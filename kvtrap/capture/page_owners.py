@@ -32,6 +32,14 @@ class PageOwners:
     owner: torch.Tensor  # [swa_pages + 2] int64: full page per SWA page, FREE if not handed out
     # full pages of SWA frees queued inside a free group (released at free_group_end)
     pending_full_pages: list[torch.Tensor] = field(default_factory=list)
+    # per full page, the last drain-mode release check that freed it (kvtrap.capture.allocator_kernels)
+    stamp: torch.Tensor | None = None
+
+    def stamps(self, full_bound: int) -> torch.Tensor:
+        """The stamp table over full pages ``[0, full_bound]`` (zeros at first; call numbers start at 1)."""
+        if self.stamp is None or self.stamp.numel() != full_bound + 1:
+            self.stamp = torch.zeros(full_bound + 1, dtype=torch.int64, device=self.owner.device)
+        return self.stamp
 
     @property
     def scratch(self) -> int:

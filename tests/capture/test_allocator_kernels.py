@@ -1,8 +1,8 @@
 """The drain-mode allocator check kernels against their torch references (kvtrap.capture.checks).
 
-One op, kernel + reference: ``release_check_`` must give ``swa_release_codes``' verdict (count, first code,
-position, page, owner) and leave kvtrap's ownership record as ``note_freed`` does; ``slot_check_`` must give
-``slot_codes``' verdict and record pairs as ``note_pairs`` does. Random cases with every reason mixed in,
+One op, kernel + reference: ``release_check_`` must give call mode's verdict (``scan_swa_release``: the
+reason by precedence, its first position, page, owner and count) and leave kvtrap's ownership record as
+``note_freed`` does; ``slot_check_`` must give ``slot_codes``' verdict and record pairs as ``note_pairs`` does. Random cases with every reason mixed in,
 blocks longer than one program step, and the first finding staying in the record until it is read. On CPU the
 kernels run in Triton's interpreter; on a GPU on the device.
 """
@@ -27,6 +27,14 @@ PS = 16
 
 def _record() -> torch.Tensor:
     return torch.zeros(len(FIELDS), dtype=torch.int64, device=DEVICE)
+
+
+def _stamp(full_bound: int = 2000) -> torch.Tensor:
+    return torch.zeros(full_bound + 1, dtype=torch.int64, device=DEVICE)
+
+
+def _release(pages, owner, freeing, div, rec, seq, stamp=None):
+    allocator_kernels.release_check_(pages, owner, freeing, div, _stamp() if stamp is None else stamp, rec, seq)
 
 
 def _fields(rec: torch.Tensor) -> dict[str, int]:
@@ -68,19 +76,19 @@ def test_release_check_matches_the_reference(seed: int) -> None:
         freeing = (full * PS + torch.randint(0, PS, full.shape, generator=gen)).to(DEVICE)
     pages = pages.to(DEVICE)
     freeing_pages = None if freeing is None else freeing // PS
-    flat, owners, codes, hits, after = _reference_release(pages, owner, freeing_pages, full_pages)
+    *_, after = _reference_release(pages, owner, freeing_pages, full_pages)
+    bad = checks.scan_swa_release(pages, owner, freeing_pages, full_pages)  # call mode's verdict
 
     mine, rec = owner.clone(), _record()
-    allocator_kernels.release_check_(pages, mine, freeing, PS, rec, seq=7)
+    _release(pages, mine, freeing, PS, rec, seq=7, stamp=_stamp(full_pages))
     got = _fields(rec)
     assert torch.equal(mine, after)  # the record is left as note_freed leaves it
-    if hits.numel() == 0:
+    if bad is None:
         assert got == dict.fromkeys(FIELDS, 0)
         return
-    first = int(hits[0])
     assert got == {
-        "count": int(hits.numel()), "code": int(codes[first]), "position": first, "value": int(flat[first]),
-        "owner": int(owners[first]), "call": 7,
+        "count": bad.count, "code": 1 + checks.RELEASE_REASONS.index(bad.reason), "position": bad.position,
+        "value": bad.page, "owner": bad.owner, "call": 7,
     }  # fmt: skip
 
 
@@ -90,7 +98,7 @@ def test_release_check_flags_a_page_twice_in_one_call_and_page_zero() -> None:
     freeing = torch.tensor([30 * PS, 50 * PS], device=DEVICE)
     pages = torch.tensor([3, 5, 3], device=DEVICE)
     rec = _record()
-    allocator_kernels.release_check_(pages, owner, freeing, PS, rec, seq=1)
+    _release(pages, owner, freeing, PS, rec, seq=1)
     got = _fields(rec)
     # one of the two 3s is a double free (which one is the device's order of atomics)
     assert (got["count"], got["code"], got["value"]) == (1, 2, 3)
@@ -98,7 +106,7 @@ def test_release_check_flags_a_page_twice_in_one_call_and_page_zero() -> None:
     assert owner.cpu().tolist() == [page_owners.FREE] * 12
 
     rec = _record()
-    allocator_kernels.release_check_(torch.tensor([0], device=DEVICE), owner, None, 1, rec, seq=2)
+    _release(torch.tensor([0], device=DEVICE), owner, None, 1, rec, seq=2)
     assert _fields(rec)["code"] == 1 and _fields(rec)["position"] == 0
 
 
@@ -109,10 +117,10 @@ def test_release_check_judges_ownership_across_many_freed_pages() -> None:
     owner[1:401] = torch.arange(1000, 1400, device=DEVICE)
     freeing = torch.arange(1000, 1400, device=DEVICE).flip(0)  # full pages (div 1), in another order
     rec = _record()
-    allocator_kernels.release_check_(pages, owner.clone(), freeing, 1, rec, seq=3)
+    _release(pages, owner.clone(), freeing, 1, rec, seq=3)
     assert _fields(rec)["count"] == 0
     rec = _record()
-    allocator_kernels.release_check_(pages, owner.clone(), freeing[:-1], 1, rec, seq=4)  # 1000 not freed
+    _release(pages, owner.clone(), freeing[:-1], 1, rec, seq=4)  # 1000 not freed
     assert {k: _fields(rec)[k] for k in ("count", "code", "value", "owner")} == {
         "count": 1, "code": 3, "value": 1, "owner": 1000}  # fmt: skip
 
@@ -120,11 +128,11 @@ def test_release_check_judges_ownership_across_many_freed_pages() -> None:
 def test_first_finding_stays_until_read() -> None:
     owner = torch.full((10,), page_owners.FREE, dtype=torch.int64, device=DEVICE)
     rec = _record()
-    allocator_kernels.release_check_(torch.tensor([0], device=DEVICE), owner, None, 1, rec, seq=1)
-    allocator_kernels.release_check_(torch.tensor([4], device=DEVICE), owner, None, 1, rec, seq=2)  # double
+    _release(torch.tensor([0], device=DEVICE), owner, None, 1, rec, seq=1)
+    _release(torch.tensor([4], device=DEVICE), owner, None, 1, rec, seq=2)  # double
     assert (_fields(rec)["call"], _fields(rec)["code"]) == (1, 1)
     rec.zero_()  # what Findings.take does once it has read it
-    allocator_kernels.release_check_(torch.tensor([4], device=DEVICE), owner, None, 1, rec, seq=3)
+    _release(torch.tensor([4], device=DEVICE), owner, None, 1, rec, seq=3)
     assert (_fields(rec)["call"], _fields(rec)["code"]) == (3, 2)
 
 
@@ -180,6 +188,21 @@ def test_release_check_leaves_ids_outside_the_record_alone() -> None:
     pages = torch.tensor([11, 17, -2], device=DEVICE)
     flat, owners, codes, hits, after = _reference_release(pages, owner.clone(), None, 100)
     rec = _record()
-    allocator_kernels.release_check_(pages, owner, None, 1, rec, seq=1)
+    _release(pages, owner, None, 1, rec, seq=1)
     assert hits.numel() == 0 and _fields(rec) == dict.fromkeys(FIELDS, 0)
     assert torch.equal(owner, before)
+
+
+def test_release_check_reports_the_reason_call_mode_reports_when_reasons_mix() -> None:
+    """A free with a double free first, then page 0, then a page of another full page: call mode reports the
+    reserved page (the reasons' precedence), at its own position, counting only reserved pages; so must drain."""
+    owner = torch.full((12,), page_owners.FREE, dtype=torch.int64, device=DEVICE)
+    owner[3] = 30
+    pages = torch.tensor([5, 0, 3], device=DEVICE)
+    freeing_pages = torch.tensor([99], device=DEVICE)
+    bad = checks.scan_swa_release(pages, owner, freeing_pages, 200)
+    assert bad is not None and (bad.reason, bad.position, bad.count) == ("reserved", 1, 1)
+    rec = _record()
+    _release(pages, owner.clone(), freeing_pages, 1, rec, seq=5)
+    assert {k: _fields(rec)[k] for k in ("count", "code", "position", "value")} == {
+        "count": 1, "code": 1, "position": 1, "value": 0}  # fmt: skip

@@ -321,3 +321,27 @@ def test_the_record_holds_no_allocator_alive(tmp_path):
         del alloc
         gc.collect()
         assert ref() is None
+
+
+@cpu_world
+def test_a_bad_free_after_the_last_drain_is_raised_when_the_scheduler_goes_idle(tmp_path):
+    """The frees of a step's finished requests run after that step's drain: with no next step, SGLang's idle
+    housekeeping (``Scheduler.on_idle``, wrapped by kvtrap) is where they are read, waiting for their checks."""
+    from sglang.srt.managers.scheduler import Scheduler
+
+    with kvtrap.armed(mode="raise", dump_dir=str(tmp_path), allocator_trap="drain"):
+        alloc, _, call = td.swa_not_owned_world(tmp_path)
+        _outcome(call)
+        with pytest.raises(kvtrap.KVTrapError) as info:
+            Scheduler.on_idle(object.__new__(Scheduler))  # kvtrap's read comes before SGLang's body needs any state
+    assert info.value.violation.kind == "swa_free_not_owned"
+    assert info.value.violation.details["trapped_at"].startswith("drain")
+
+
+def test_the_idle_read_is_kvtraps_only_wrapper_on_the_scheduler(tmp_path):
+    from sglang.srt.managers.scheduler import Scheduler
+
+    original = Scheduler.on_idle
+    with kvtrap.armed(mode="raise", dump_dir=str(tmp_path)):
+        assert Scheduler.on_idle is not original
+    assert Scheduler.on_idle is original  # disarmed: SGLang's own method, nothing left behind

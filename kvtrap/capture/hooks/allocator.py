@@ -125,6 +125,7 @@ def check_allocation(alloc: Any, out: Any, where: str, args: dict[str, Any]) -> 
         rec = page_owners.record_for(alloc, session) if _free_checks(session, alloc) else None
         allocator_kernels.slot_check_(flat, mapping, swa_slots, lower, bound, None if rec is None else rec.owner,
                                       int(alloc.page_size), found.buf, found.begin(judge))  # fmt: skip
+        found.snapshot()
         return
     swa_slots = mapping[out]
     bad = checks.scan_slots(swa_slots, lower=lower, bound=bound)
@@ -134,15 +135,15 @@ def check_allocation(alloc: Any, out: Any, where: str, args: dict[str, Any]) -> 
     note_allocation(session, alloc, out, swa_slots)
 
 
-def drain_findings(session: Session) -> None:
+def drain_findings(session: Session, *, wait: bool = False) -> None:
     """Report the first finding any allocator's drain-mode checks recorded, once its device work is done.
 
     Called where SGLang waits for a step's results, after that step's ``copy_done``
-    (:mod:`kvtrap.capture.hooks.step_drain`); never waits itself."""
+    (:mod:`kvtrap.capture.hooks.step_drain`): never waits there. ``wait``: when the scheduler is idle (nothing
+    else to wait for; the frees of the last finished requests are checked after the last step's drain)."""
     for alloc, found in list(_findings.items()):
         if found.session is session:
-            found.snapshot()
-            _report(session, alloc, found.take())
+            _report(session, alloc, found.take(wait=wait))
 
 
 def _report(session: Session, alloc: Any, finding: Finding | None) -> None:
@@ -293,12 +294,10 @@ def _wrap_release(original: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(self: Any, *page_ids: Any) -> Any:
         alloc = page_owners.parent_of(self)
         session = current()
-        if alloc is None or not _free_checks(session, alloc) or not page_ids:
+        if alloc is None or not _free_checks(session, alloc) or not page_ids or checks.is_capturing(page_ids[0]):
             return original(self, *page_ids)
         rec = page_owners.record_for(alloc, session)
         pages = torch.cat([p.reshape(-1) for p in page_ids])
-        if checks.is_capturing(pages):
-            return original(self, *page_ids)
         ctx = _current_freeing(alloc)
         where = ctx.where if ctx is not None else f"{PAGED_CLASS}._release_page_ids"
         drain = at_drain(session, pages)
@@ -317,7 +316,9 @@ def _wrap_release(original: Callable[..., Any]) -> Callable[..., Any]:
             found = _findings_for(alloc, session, pages.device)
             seq = found.begin(lambda a, f: judge(a, _free_bad(f)))
             # also marks the pages freed in kvtrap's record (no rec.note_freed below)
-            allocator_kernels.release_check_(pages, rec.owner, freeing, div, found.buf, seq)
+            allocator_kernels.release_check_(pages, rec.owner, freeing, div, rec.stamps(full_page_bound(alloc)),
+                                             found.buf, seq)  # fmt: skip
+            found.snapshot()
             return original(self, *page_ids)
         full_pages = None if ctx is None else ctx.full_pages()
         bad = checks.scan_swa_release(pages, rec.owner, full_pages, full_page_bound(alloc))

@@ -9,8 +9,10 @@ the step (``result.copy_done.synchronize()``) before any token goes to a client.
   prefill results): after the step's ``copy_done`` every check enqueued before that step's forward has passed.
 
 A finding is dumped and raised here, before this step's tokens reach a client (the faulty call may be a step or
-two older). Not drained: SGLang's other result paths (disaggregated prefill, dLLM, idle batches); use
-``KVTRAP_ALLOCATOR_TRAP=call`` there.
+two older). ``Scheduler.on_idle`` (SGLang's idle housekeeping) reads the allocator records once more, waiting for
+them: the frees of a step's finished requests run after that step's drain, so without it a bad free at the end of
+a burst would wait for the next request. Not drained: SGLang's other result paths (disaggregated prefill, dLLM);
+use ``KVTRAP_ALLOCATOR_TRAP=call`` there.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from kvtrap.capture.session import current
 
 MODULE = "sglang.srt.managers.scheduler_components.batch_result_processor"
 CLASS = "SchedulerBatchResultProcessor"
+SCHEDULER_MODULE = "sglang.srt.managers.scheduler"
 
 
 def _step_done(result: Any) -> None:
@@ -56,7 +59,18 @@ def _before_prefill_results(original: Any) -> Any:
     return process_batch_result_prefill
 
 
+def _when_idle(original: Any) -> Any:
+    def on_idle(self: Any, *args: Any, **kwargs: Any) -> Any:
+        session = current()
+        if session is not None:
+            allocator.drain_findings(session, wait=True)  # idle: a wait costs no step anything
+        return original(self, *args, **kwargs)
+
+    return on_idle
+
+
 TARGETS = [
     MethodTarget(MODULE, CLASS, "process_batch_result_decode", _before_decode_results),
     MethodTarget(MODULE, CLASS, "process_batch_result_prefill", _before_prefill_results),
+    MethodTarget(SCHEDULER_MODULE, "Scheduler", "on_idle", _when_idle),
 ]
