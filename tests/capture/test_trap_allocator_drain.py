@@ -345,3 +345,26 @@ def test_the_idle_read_is_kvtraps_only_wrapper_on_the_scheduler(tmp_path):
     with kvtrap.armed(mode="raise", dump_dir=str(tmp_path)):
         assert Scheduler.on_idle is not original
     assert Scheduler.on_idle is original  # disarmed: SGLang's own method, nothing left behind
+
+
+@cpu_world
+def test_check_kernels_that_cannot_launch_fall_back_to_call_mode_once(tmp_path, monkeypatch, caplog):
+    """A Triton that cannot build the kernels (e.g. a broken toolchain on the serving machine): the bad free is
+    still trapped, at the call as call mode does, and the fallback is said once, not a crash inside SGLang."""
+    from kvtrap.capture import allocator_kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(allocator_kernels, "release_check_", broken)
+    monkeypatch.setattr(allocator_kernels, "slot_check_", broken)
+    _, call_err = td.fire_world(tmp_path / "call", td.swa_not_owned_world)
+    with caplog.at_level("WARNING", logger="kvtrap"):
+        with kvtrap.armed(mode="raise", dump_dir=str(tmp_path / "drain"), allocator_trap="drain") as session:
+            alloc, _, call = td.swa_not_owned_world(tmp_path)
+            with pytest.raises(kvtrap.KVTrapError) as info:
+                call()
+            assert not allocator.at_drain(session, alloc.full_to_swa_index_mapping)
+    assert info.value.violation.kind == call_err.violation.kind == "swa_free_not_owned"
+    assert "trapped_at" not in (info.value.violation.details or {})  # at the call, not at a drain
+    assert sum("drain-mode allocator checks unavailable" in r.getMessage() for r in caplog.records) == 1

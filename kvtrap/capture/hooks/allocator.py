@@ -81,9 +81,19 @@ def at_drain(session: Session, t: Any) -> bool:
     """Whether this session's allocator checks on ``t``'s device trap at the drain (no host sync): ``drain``, or
     ``auto`` on a CUDA device, where the check kernels can run (elsewhere they run as ``call``)."""
     mode = session.config.allocator_trap
-    if mode == "call" or not allocator_kernels.usable(t):
+    if mode == "call" or not allocator_kernels.usable(t) or _KERNELS_FAILED in session.warned:
         return False
     return mode == "drain" or bool(getattr(t, "is_cuda", False))
+
+
+_KERNELS_FAILED = "allocator-kernels-failed"
+
+
+def _kernels_failed(session: Session, exc: BaseException) -> None:
+    """A Triton that cannot build or launch the check kernels (first launch, mid-serving): the session's
+    allocator checks go on in call mode, said once, instead of failing an allocation SGLang already made."""
+    session.warn_once(_KERNELS_FAILED, f"drain-mode allocator checks unavailable ({type(exc).__name__}: {exc}); "
+                                       "checking at each call from now on (KVTRAP_ALLOCATOR_TRAP=call)")  # fmt: skip
 
 
 _findings: weakref.WeakKeyDictionary[Any, Findings] = weakref.WeakKeyDictionary()
@@ -123,8 +133,12 @@ def check_allocation(alloc: Any, out: Any, where: str, args: dict[str, Any]) -> 
             return judge_allocation(allocation_snapshot(a, out, swa_slots, where, args), _slot_bad(f))
 
         rec = page_owners.record_for(alloc, session) if _free_checks(session, alloc) else None
-        allocator_kernels.slot_check_(flat, mapping, swa_slots, lower, bound, None if rec is None else rec.owner,
-                                      int(alloc.page_size), found.buf, found.begin(judge))  # fmt: skip
+        try:
+            allocator_kernels.slot_check_(flat, mapping, swa_slots, lower, bound, None if rec is None else rec.owner,
+                                          int(alloc.page_size), found.buf, found.begin(judge))  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - any failure to build or launch: call mode, said once
+            _kernels_failed(session, exc)
+            return check_allocation(alloc, out, where, args)
         found.snapshot()
         return
     swa_slots = mapping[out]
@@ -315,11 +329,15 @@ def _wrap_release(original: Callable[..., Any]) -> Callable[..., Any]:
         if drain:
             found = _findings_for(alloc, session, pages.device)
             seq = found.begin(lambda a, f: judge(a, _free_bad(f)))
-            # also marks the pages freed in kvtrap's record (no rec.note_freed below)
-            allocator_kernels.release_check_(pages, rec.owner, freeing, div, rec.stamps(full_page_bound(alloc)),
-                                             found.buf, seq)  # fmt: skip
-            found.snapshot()
-            return original(self, *page_ids)
+            try:
+                # also marks the pages freed in kvtrap's record (no rec.note_freed below)
+                allocator_kernels.release_check_(pages, rec.owner, freeing, div, rec.stamps(full_page_bound(alloc)),
+                                                 found.buf, seq)  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - any failure to build or launch: call mode, said once
+                _kernels_failed(session, exc)
+            else:
+                found.snapshot()
+                return original(self, *page_ids)
         full_pages = None if ctx is None else ctx.full_pages()
         bad = checks.scan_swa_release(pages, rec.owner, full_pages, full_page_bound(alloc))
         if bad is not None:
