@@ -318,9 +318,10 @@ def _wrap_release(original: Callable[..., Any]) -> Callable[..., Any]:
         free_index = None if ctx is None else ctx.free_index
         freeing = None if ctx is None else ctx.freeing
         div = 1 if ctx is None else ctx.div
-        if drain:  # judged at the drain, a step later: SGLang passes views of req_to_token rows that it reuses
-            free_index = None if free_index is None else free_index.clone()
-            freeing = free_index if ctx is not None and ctx.freeing is ctx.free_index else freeing
+        if drain and free_index is not None:  # judged a step later: SGLang passes views of rows it reuses
+            kept = free_index.clone()
+            freeing = kept if freeing is free_index else freeing
+            free_index = kept
 
         def judge(a: Any, bad: checks.BadFree) -> Verdict:
             full = None if freeing is None else torch.unique(freeing.to(torch.int64) // div)
