@@ -5,6 +5,7 @@
 # Usage (GPU machine with SGLang's full runtime):
 #   bash benchmarks/server_matrix.sh runs/matrix             trtllm_mha: #26957 armed/unarmed/fix/log/eager
 #   SET=backends bash benchmarks/server_matrix.sh runs/be   triton and fa3 clean + zoo bugs, free-path traps
+#   RUNS='^(fa3|trtllm)-' SET=backends bash ...              only the runs whose name matches the regex
 # Then: bash benchmarks/server_matrix.sh --wait runs/matrix  (waits for every run, prints the outcome lines)
 set -u
 if [ "${1:-}" = "--wait" ]; then
@@ -28,6 +29,7 @@ SMALL=(--num-prompts 32 --concurrency 8 --input-len 1000 --output-len 200)
 FILL=(--num-prompts 32 --concurrency 16 --input-len 8000 --output-len 200)  # long prompts: the SWA pool fills fast
 run_scenario() {
   local scenario=$1 layers=$2 name=$3; shift 3
+  [[ $name =~ ${RUNS:-.} ]] || return 0  # RUNS=REGEX: start only the runs whose name matches
   setsid nohup kvtrap repro "$scenario" --dummy-weights --dummy-layers "$layers" -q --health-timeout 900 \
     --bench-timeout 600 --out "$d/$name" "$@" > "$d/$name.out" 2>&1 < /dev/null &
   echo $! > "$d/$name.pid"
