@@ -21,6 +21,8 @@ every such deviation is listed in :attr:`DummyModel.deviations` and recorded in 
   SGLang 0.5.23 (it flattens per-layer head dims only for the multimodal ``gemma4`` model type).
 * fewer layers on request (``layers=``): CUDA-graph capture time grows with the layer count; the
   sliding/full pattern (5:1, last layer full) and the KV-shared tail keep their proportions.
+* ``rms_norm_eps`` 1e-30 (real: 1e-6): see :data:`NORM_EPS_WHY`. Without it the dummy-weight forward pass
+  shrinks the residual stream about 1000x per layer to zero (or denormals), and the model's logits are all 0.
 
 The tokenizer maps id ``i >= 4`` to the word ``t<i>`` and back, so random token ids (``sglang.bench_serving
 --dataset-name random-ids``) survive decode -> encode exactly and generated ids can be read back from text.
@@ -43,6 +45,21 @@ HEAD_DIM_WHY = (
     "head_dim 256 on every layer (real full-attention layers: 512): trtllm_mha on sm_90 runs FlashInfer XQA "
     "decode, which has no head_dim 512 with speculative decoding, and fmha_v2 has no sm_90 prefill kernel for "
     "512; a text-only gemma4_text config also carries one head_dim in SGLang 0.5.23"
+)
+
+#: The Gemma 4 dummy models' RMSNorm epsilon (the real checkpoints' is 1e-6); NORM_EPS_WHY says why.
+DUMMY_RMS_NORM_EPS = 1e-30
+
+#: Why the Gemma 4 dummy models use a tiny RMSNorm epsilon (recorded in each run's report).
+NORM_EPS_WHY = (
+    f"rms_norm_eps {DUMMY_RMS_NORM_EPS:g} (real: 1e-6): --load-format dummy fills every parameter and persistent "
+    "buffer with U(-1e-3, 1e-3), the per-layer `layer_scalar` buffer included (SGLang 0.5.23 gemma4_causal.py "
+    "multiplies each layer's output by it; the real checkpoints carry its value), and the norm weights too "
+    "(Gemma 4 norms scale by w, not 1+w), so each layer shrinks the residual stream about 1000x; with eps 1e-6 "
+    "the next layer's norms cannot undo that (mean(x^2) << eps), and by layer 12 the stream is about 1e-36 "
+    "(bf16/fp32 denormal range): all logits 0, greedy token id 0, routing on a vanishing stream. A tiny eps "
+    "makes every norm renormalise, so activations stay around 1e-6..1e-3 and logits around 1e-4 in every layer "
+    "(same kernels, shapes and routing code; only the numbers are healthy)"
 )
 
 
@@ -77,7 +94,8 @@ class DummyModel:
     full_every: int = 6  # 5 sliding layers, then 1 full
     draft_layers: int = 4
     draft_hidden: int = 1024
-    deviations: tuple[str, ...] = field(default=(HEAD_DIM_WHY,))
+    rms_norm_eps: float = DUMMY_RMS_NORM_EPS
+    deviations: tuple[str, ...] = field(default=(HEAD_DIM_WHY, NORM_EPS_WHY))
 
     def with_layers(self, layers: int | None) -> DummyModel:
         """The same model with ``layers`` decoder layers (KV-shared tail scaled to the same fraction)."""
@@ -128,7 +146,8 @@ class DummyModel:
             },  # fmt: skip
             "hidden_activation": "gelu_pytorch_tanh",
             "final_logit_softcapping": 30.0,
-            "rms_norm_eps": 1e-6,
+            # Every Gemma 4 norm reads this, the draft's too (NORM_EPS_WHY: why not the real 1e-6).
+            "rms_norm_eps": self.rms_norm_eps,
             "tie_word_embeddings": True,
             "pad_token_id": PAD_ID,
             "eos_token_id": EOS_ID,

@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from kvtrap.repro import runner, scenarios
-from kvtrap.repro.models import VARIANTS, variant, write_model_dirs
+from kvtrap.repro.models import (
+    DUMMY_RMS_NORM_EPS,
+    NORM_EPS_WHY,
+    VARIANTS,
+    DummyModel,
+    variant,
+    write_model_dirs,
+)
 from kvtrap.repro.probe import ProbeSpec, compare, load_probe
 
 from kvtrap.cli import main
@@ -55,6 +62,8 @@ def test_written_models_load_with_sglangs_config_loader_and_server_args(tmp_path
     assert (text.swa_num_key_value_heads, text.swa_head_dim) == (hf.swa_num_key_value_heads, hf.swa_head_dim)
     assert text.num_key_value_heads == hf.num_key_value_heads
     assert draft.hf_config.backbone_hidden_size == hf.hidden_size
+    # The tiny norm epsilon (NORM_EPS_WHY) survives SGLang's config loader, in the target and in the draft.
+    assert hf.rms_norm_eps == text.rms_norm_eps == DUMMY_RMS_NORM_EPS
 
 
 def test_dummy_tokenizer_round_trips_random_ids_through_sglangs_tokenizer(tmp_path):
@@ -78,11 +87,49 @@ def test_layer_count_keeps_the_pattern_and_says_why():
     # the non-shared prefix keeps a layer of each type for the shared layers to read
     assert "full_attention" in types[: 12 - m.kv_shared_layers]
     assert any("12 layers instead of 42" in d for d in m.deviations)
-    assert variant("e4b").deviations == VARIANTS["e4b"].deviations and len(variant("e4b").deviations) == 1
+    assert variant("e4b").deviations == VARIANTS["e4b"].deviations and len(variant("e4b").deviations) == 2
     with pytest.raises(ValueError, match="at least 6 layers"):
         variant("e4b", 4)
     with pytest.raises(ValueError, match="unknown dummy model"):
         variant("70b")
+
+
+def test_gemma4_dummy_models_use_the_tiny_norm_eps_and_say_why():
+    for m in VARIANTS.values():
+        if isinstance(m, DummyModel):
+            assert m.target_config()["rms_norm_eps"] == DUMMY_RMS_NORM_EPS
+            assert m.draft_config()["text_config"]["rms_norm_eps"] == DUMMY_RMS_NORM_EPS
+            assert NORM_EPS_WHY in m.deviations and NORM_EPS_WHY in m.with_layers(12).deviations
+
+
+@pytest.mark.parametrize("eps,alive", [(1e-6, False), (DUMMY_RMS_NORM_EPS, True)])
+def test_dummy_init_residual_stream_survives_12_layers_only_with_the_tiny_eps(eps, alive):
+    """The collapse NORM_EPS_WHY describes, in miniature, with SGLang 0.5.23's own RMSNorm (weight w, not 1+w):
+    what the dummy loader gives every norm weight and Gemma 4's per-layer ``layer_scalar`` (U(-1e-3, 1e-3),
+    seed 1234), and each layer's output is (norm(branch(norm(h))) + h) * layer_scalar, in bf16. The branch
+    here is a plain dummy-weight linear map (attention and MLP are linear-or-smaller at these magnitudes)."""
+    import torch
+    from helpers.srt import import_srt
+
+    RMSNorm = import_srt("sglang.srt.layers.layernorm").RMSNorm
+    hidden, dt = 256, torch.bfloat16
+
+    def dummy(*shape):  # initialize_dummy_weights: one generator per tensor, same seed
+        return torch.empty(*shape, dtype=dt).uniform_(-1e-3, 1e-3, generator=torch.Generator().manual_seed(1234))
+
+    norm = RMSNorm(hidden, eps=eps).to(dt)
+    norm.weight.data.copy_(dummy(hidden))
+    w, layer_scalar = dummy(hidden, hidden), dummy(1)
+    torch.manual_seed(0)
+    h = dummy(16, hidden)[torch.randperm(16)] * hidden**0.5  # scaled embeddings (embed_scale = sqrt(hidden))
+    for _ in range(12):
+        branch = norm.forward_native(norm.forward_native(h) @ w.T)
+        h = (branch + h) * layer_scalar
+    logits = norm.forward_native(h).float() @ dummy(1000, hidden).float().T
+    if alive:
+        assert 1e-9 < h.float().abs().max() < 1e-2 and logits.abs().max() > 1e-9
+    else:
+        assert h.float().abs().max() < 1e-30 and logits.abs().max() < 1e-30  # bf16/fp32 denormals or zero
 
 
 def test_models_write_cli(tmp_path):
