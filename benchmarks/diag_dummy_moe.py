@@ -168,7 +168,8 @@ def main() -> int:
         engine = sglang.Engine(
             model_path=str(dirs.target), load_format="dummy", attention_backend=args.attention_backend,
             page_size=64, cuda_graph_backend_decode="disabled", cuda_graph_backend_prefill="disabled",
-            mem_fraction_static=0.8, context_length=2048, max_running_requests=8, log_level="warning",
+            mem_fraction_static=0.8, max_total_tokens=32768, context_length=2048, max_running_requests=8,
+            log_level="warning",
         )  # fmt: skip
         try:
             outs = engine.generate(input_ids=prompts, sampling_params={"temperature": 0.0,
