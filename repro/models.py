@@ -75,6 +75,7 @@ class DummyModel:
     """One weight-free Gemma 4 variant: the target's shapes and its assistant draft's."""
 
     has_draft: ClassVar[bool] = True  # the frozen-KV MTP assistant
+    server_args: ClassVar[tuple[str, ...]] = ()  # server flags the weight-free model needs (none)
     architecture: ClassVar[str] = "Gemma4ForCausalLM"
 
     name: str
@@ -219,8 +220,19 @@ class DummyModel:
 #: Why the GPT-OSS-like model is bf16 (recorded in each run's report).
 GPTOSS_BF16_WHY = (
     "bf16 experts, no quantization_config (the real checkpoint's experts are MXFP4): SGLang 0.5.23 then runs "
-    "the unquantized MoE (triton_kernel runner where the triton_kernels package is installed), the path "
-    "--load-format dummy initialises without MXFP4 scales; attention, the KV pool and the allocator are the same"
+    "the unquantized MoE, the path --load-format dummy initialises without MXFP4 scales, with "
+    "--moe-runner-backend triton (GPTOSS_MOE_WHY); attention, the KV pool and the allocator are the same"
+)
+
+#: The flags a weight-free GPT-OSS server gets, and why (recorded in each run's report).
+GPTOSS_SERVER_ARGS = ("--moe-runner-backend", "triton")
+GPTOSS_MOE_WHY = (
+    "--moe-runner-backend triton: for an unquantized GPT-OSS SGLang 0.5.23 picks the triton_kernel MoE runner "
+    "whenever a triton_kernels package is importable (model_overrides/gpt_oss.py), and its top-k then calls "
+    "`routing`, which layers/moe/topk.py defines only if `triton_kernels.tensor` / `triton_kernels.topk` import; "
+    "with a triton_kernels that does not match the installed Triton (seen with Triton 3.6 on an H200) every "
+    "start-up dies in the first forward with NameError: name 'routing' is not defined. The triton runner is "
+    "SGLang's plain fused-MoE path and needs nothing extra"
 )
 
 
@@ -252,6 +264,8 @@ class GptOssModel:
 
     has_draft: ClassVar[bool] = False
     architecture: ClassVar[str] = "GptOssForCausalLM"
+    #: Server flags the weight-free model needs (GPTOSS_MOE_WHY); a user's own flag of the same name wins.
+    server_args: ClassVar[tuple[str, ...]] = GPTOSS_SERVER_ARGS
 
     name: str
     like: str
@@ -363,7 +377,7 @@ VARIANTS: dict[str, AnyDummyModel] = {
                                 f"same alternating sliding/full pattern)",
                                 f"{_GPTOSS_EXPERTS} experts instead of 32, top-4 as the real model (expert weights "
                                 f"are most of its memory; routing and the MoE kernels are the same)",
-                                GPTOSS_BF16_WHY)),
+                                GPTOSS_BF16_WHY, GPTOSS_MOE_WHY)),
     )
 }  # fmt: skip
 

@@ -107,6 +107,11 @@ def default_server_cmd(scenario: Scenario, options: RunOptions, port: int, run_d
     cmd += list(server_args)
     if dirs is not None:
         cmd += ["--load-format", "dummy"]  # SGLang initialises the weights itself; nothing is downloaded
+        given = {a.split("=", 1)[0] for a in [*cmd, *options.extra_server_args]}
+        extra = dirs.model.server_args  # flags the weight-free model needs (e.g. GPT-OSS's MoE runner)
+        for flag, value in zip(extra[::2], extra[1::2], strict=True):
+            if flag not in given:
+                cmd += [flag, value]
     if options.eager:
         for flag, value in zip(EAGER_ARGS[::2], EAGER_ARGS[1::2], strict=True):
             if flag not in cmd:  # the scenario may already pass one of them (e4b: prefill graphs off)

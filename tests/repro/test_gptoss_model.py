@@ -182,9 +182,24 @@ def test_the_dry_run_serves_the_dummy_model_without_a_draft(tmp_path: Path, monk
     assert "export KVTRAP_INJECT=sglang-38269" in res.output and "--random-input-len 8000" in res.output
     assert "# environment: ok" in res.output
     assert not (tmp_path / "run").exists()
+    # the weight-free model brings its MoE runner (GPTOSS_MOE_WHY), once
+    assert launch.count("--moe-runner-backend") == 1
+    assert launch[launch.index("--moe-runner-backend") + 1] == "triton"
     # the scenario's own flags leave the backend to SGLang (fa3 on sm90)
     res = CliRunner().invoke(main, ["repro", "gptoss-swa-chat", "--dummy-weights", "--dry-run"])
     assert res.exit_code == 0 and "--attention-backend" not in _launch(res.output)
+
+
+@pytest.mark.parametrize("given", [["--moe-runner-backend", "triton_kernel"], ["--moe-runner-backend=triton_kernel"]])
+def test_a_users_moe_runner_wins_over_the_dummy_models(given: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "gpu_inventory", lambda environ=None: [{"name": "H200", "memory_gib": 141}])
+    res = CliRunner().invoke(main, ["repro", "gptoss-swa-chat", "--dummy-weights", "--dry-run", *given])
+    assert res.exit_code == 0, res.output
+    launch = " ".join(_launch(res.output))
+    assert launch.count("--moe-runner-backend") == 1 and "triton_kernel" in launch
+    # and without weight-free models nothing is added (a real checkpoint gets SGLang's own pick)
+    res = CliRunner().invoke(main, ["repro", "gptoss-swa-chat", "--dry-run"])
+    assert res.exit_code == 0 and "--moe-runner-backend" not in _launch(res.output)
 
 
 @pytest.mark.parametrize("weights", [("--dummy-weights",), ()])
@@ -236,3 +251,4 @@ def test_a_run_writes_the_target_dir_only_and_reports_no_draft(tmp_path: Path) -
     assert report["models"]["draft"] is None and report["models"]["model"]["name"] == "gptoss"
     md = (tmp_path / "run" / "report.md").read_text()
     assert "gptoss-like, shapes of `openai/gpt-oss-20b`" in md and "no draft" in md and "MXFP4" in md
+    assert "--moe-runner-backend triton" in md  # the deviation says why the weight-free server gets it
