@@ -363,6 +363,27 @@ def _signal_text(code: int | None) -> str:
     return f"exit code {code}"
 
 
+def scheduler_exception(text: str) -> str | None:
+    """What the first "Scheduler hit an exception" traceback raised, and where: ``AssertionError at swa.py:665
+    in free_group_end``. Used when a server died without a CUDA fault or a trap (SGLang's own asserts, a missing
+    kernel package), so the report names the exception instead of only the signal SGLang's teardown sent."""
+    at = text.find("Scheduler hit an exception")
+    if at < 0:
+        return None
+    frame: re.Match[str] | None = None
+    for line in text[at:].splitlines()[1:200]:
+        f = _PY_FRAME.search(line)
+        if f:
+            frame = f
+            continue
+        body = line.strip()
+        if frame is None or not body or line[:1].isspace() or body.startswith("Traceback") or set(body) <= set("^~ "):
+            continue
+        where = f" at {Path(frame['file']).name}:{frame['line']} in {frame['func']}"
+        return f"{body[:200]}{where}"
+    return None
+
+
 def classify(
     logs: dict[str, str],
     dumps: Sequence[Path] = (),
@@ -416,15 +437,19 @@ def classify(
             return done(Outcome.UNHEALTHY, "the server did not answer /health with 200 within the timeout")
         if facts.server_exited_early:
             ctx = [m for m in matches if m.name == "cuda_oom"]
-            extra = f" ({ctx[0].line})" if ctx else ""
+            raised = scheduler_exception(all_text)
+            extra = f" ({ctx[0].line})" if ctx else f": the scheduler raised {raised}" if raised else ""
             return done(Outcome.UNHEALTHY, f"the server exited during start-up ({_signal_text(facts.server_exit_code)}){extra}")
         if facts.error:
             return done(Outcome.UNHEALTHY, f"the run failed: {facts.error.strip().splitlines()[-1][:300]}")
         return done(Outcome.UNHEALTHY, "the server never became healthy")
     if facts.server_exited_early:
+        raised = scheduler_exception(all_text)
+        said = f": the scheduler raised {raised}" if raised else ""
         return done(
             Outcome.CRASHED,
-            f"the server died during the benchmark ({_signal_text(facts.server_exit_code)}); no CUDA error was logged",
+            f"the server died during the benchmark ({_signal_text(facts.server_exit_code)}){said}; no CUDA error was "
+            "logged",
         )
     if facts.error:
         return done(Outcome.UNHEALTHY, f"the run failed: {facts.error.strip().splitlines()[-1][:300]}")

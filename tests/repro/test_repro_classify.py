@@ -234,3 +234,39 @@ def test_server_metrics_peak() -> None:
 def test_interrupted_and_exit_codes() -> None:
     assert classify({"server": ""}, facts=RunFacts(interrupted=True)).exit_code == 130
     assert EXIT_CODES[Outcome.CLEAN] == 0 and EXIT_CODES[Outcome.TRAPPED] == 1 and EXIT_CODES[Outcome.CRASHED] == 1
+
+
+# SGLang 0.5.23's scheduler death as logged on an H200 (#38269 injected, unarmed: SGLang's own allocator assert),
+# trimmed to the frames that matter; and a start-up death in the MoE top-k (a mismatched triton_kernels package).
+SCHED_ASSERT = """\
+[2026-11-29 22:02:38] Scheduler hit an exception: Traceback (most recent call last):
+  File "/venv/sglang/srt/managers/scheduler.py", line 5092, in process_batch_result
+    self.batch_result_processor.process_batch_result_decode(batch, result)
+  File "/venv/sglang/srt/mem_cache/allocator/swa.py", line 665, in free_group_end
+    assert self.swa_attn_allocator.available_size() <= self.swa_attn_allocator.size
+           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+AssertionError
+
+[2026-11-29 22:02:38] SIGQUIT received. signum=None, frame=None. It usually means one child failed.
+"""
+SCHED_NAMEERROR = """\
+[2026-11-29 22:00:22] Scheduler hit an exception: Traceback (most recent call last):
+  File "/venv/sglang/srt/layers/moe/topk.py", line 914, in forward_cuda
+    ) = routing(
+        ^^^^^^^
+NameError: name 'routing' is not defined
+
+[2026-11-29 22:00:22] Received sigquit from a child process. It usually means the child failed.
+"""
+
+
+def test_a_scheduler_exception_is_named_not_only_the_signal() -> None:
+    c = classify({"server": SCHED_ASSERT}, facts=RunFacts(healthy=True, server_exited_early=True, server_exit_code=-9))
+    assert c.outcome is Outcome.CRASHED and "SIGKILL" in c.reason
+    assert "the scheduler raised AssertionError at swa.py:665 in free_group_end" in c.reason
+    c = classify({"server": SCHED_NAMEERROR}, facts=RunFacts(server_exited_early=True, server_exit_code=-9))
+    assert c.outcome is Outcome.UNHEALTHY
+    assert "NameError: name 'routing' is not defined at topk.py:914 in forward_cuda" in c.reason
+    # no traceback: the signal alone, as before
+    c = classify({"server": "Scheduler hit an exception"}, facts=RunFacts(healthy=True, server_exited_early=True))
+    assert c.outcome is Outcome.CRASHED and "raised" not in c.reason
