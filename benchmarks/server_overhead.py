@@ -256,9 +256,15 @@ def probe_lines(probes: dict[str, Any]) -> list[str]:
            " new tokens each, one at a time, compared to the unarmed server:"]  # fmt: skip
     for name, c in probes.items():
         if name != "spec":
-            out.append(f"  - {name}: {c['exact']}/{c['prompts']} prompts identical, {c['matched_tokens']}/"
-                       f"{c['total_tokens']} tokens before the first difference, first divergence (prompt, token)"
-                       f" {c['first_divergence']}, unanswered {c['failed']}")  # fmt: skip
+            line = (f"  - {name}: {c['exact']}/{c['prompts']} prompts identical, {c['matched_tokens']}/"
+                    f"{c['total_tokens']} tokens before the first difference, first divergence (prompt, token)"
+                    f" {c['first_divergence']}, unanswered {c['failed']}")  # fmt: skip
+            if c.get("differing"):  # logs written before the probe kept top-2 log-probs have no such fields
+                known = [m for m in c.get("swap_margins", []) if m is not None]
+                line += (f"; near ties {c['near_ties']}/{c['differing']} differing prompts (their first difference "
+                         f"swaps the two runs' top two candidates closer than {c['near_tie_nats']:g} nats"
+                         + (f"; swap margins {min(known):.3g}-{max(known):.3g}" if known else "") + ")")  # fmt: skip
+            out.append(line)
     return out
 
 

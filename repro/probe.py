@@ -44,11 +44,43 @@ class ProbeSpec:
                 "seed": self.seed, "first_id": self.first_id, "vocab": self.vocab}  # fmt: skip
 
 
-def generate(base_url: str, input_ids: Sequence[int], output_len: int, timeout_s: float = 300.0) -> list[int]:
-    """One greedy request to SGLang's native ``/generate``; the generated token ids."""
+#: Two runs whose greedy picks swap their top two candidates where those lie closer than this (in log-probability,
+#: i.e. logit difference) differ by rounding, not by what they compute: bf16 keeps 8 significant bits, so a logit
+#: of magnitude ~5 moves by up to ~0.02 when the same sum is reduced in another order (fused vs unfused kernels).
+NEAR_TIE_NATS = 0.02
+
+
+@dataclass(frozen=True)
+class Generated:
+    ids: list[int]
+    margins: list[float | None] | None  # per position: log-probability of the pick minus the runner-up's
+    runner_up: list[int | None] | None  # per position: the second candidate's id
+
+
+def _top2(meta: Any, n: int) -> tuple[list[float | None], list[int | None]] | None:
+    """Margins and runner-ups from SGLang's ``meta_info.output_top_logprobs`` (per position a list of
+    ``[logprob, token_id, text]``, best first); None when the answer has no such list of ``n`` positions."""
+    tops = meta.get("output_top_logprobs") if isinstance(meta, dict) else None
+    if not isinstance(tops, list) or len(tops) != n:
+        return None
+    margins: list[float | None] = []
+    runner: list[int | None] = []
+    for pos in tops:
+        ok = (isinstance(pos, list) and len(pos) >= 2 and all(isinstance(c, list) and len(c) >= 2 for c in pos[:2])
+              and all(isinstance(c[0], (int, float)) and isinstance(c[1], int) for c in pos[:2]))  # fmt: skip
+        margins.append(float(pos[0][0]) - float(pos[1][0]) if ok else None)
+        runner.append(pos[1][1] if ok else None)
+    return margins, runner
+
+
+def generate(base_url: str, input_ids: Sequence[int], output_len: int, timeout_s: float = 300.0) -> Generated:
+    """One greedy request to SGLang's native ``/generate``: the generated token ids, and per position how far the
+    pick led its runner-up (``top_logprobs_num`` 2; only read, the greedy pick is the same argmax)."""
     body = {
         "input_ids": list(input_ids),
         "sampling_params": {"temperature": 0.0, "max_new_tokens": output_len, "ignore_eos": True},
+        "return_logprob": True,
+        "top_logprobs_num": 2,
     }
     req = urllib.request.Request(f"{base_url}/generate", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})  # fmt: skip
@@ -58,7 +90,8 @@ def generate(base_url: str, input_ids: Sequence[int], output_len: int, timeout_s
     ids = out.get("output_ids") if isinstance(out, dict) else None
     if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
         raise ValueError(f"/generate answered without a list of output_ids: {str(out)[:200]}")
-    return ids
+    top = _top2(out.get("meta_info"), len(ids))
+    return Generated(ids, top[0] if top else None, top[1] if top else None)
 
 
 def run_probe(base_url: str, spec: ProbeSpec, timeout_s: float = 300.0,
@@ -77,7 +110,11 @@ def run_probe(base_url: str, spec: ProbeSpec, timeout_s: float = 300.0,
             outputs.append({"prompt": i, "output_ids": None, "error": f"not sent: {why}"})
             continue
         try:
-            outputs.append({"prompt": i, "output_ids": generate(base_url, ids, spec.output_len, left)})
+            got = generate(base_url, ids, spec.output_len, left)
+            entry: dict[str, Any] = {"prompt": i, "output_ids": got.ids}
+            if got.margins is not None:
+                entry.update(margins=got.margins, runner_up=got.runner_up)
+            outputs.append(entry)
         except (OSError, ValueError, urllib.error.URLError) as exc:
             outputs.append({"prompt": i, "output_ids": None, "error": f"{type(exc).__name__}: {exc}"})
     return {"schema": PROBE_SCHEMA, "spec": spec.to_json(), "outputs": outputs}
@@ -118,9 +155,36 @@ def load_probe(path: Path | str) -> dict[str, Any]:
     for i, o in enumerate(outs):
         ids = o.get("output_ids") if isinstance(o, dict) else None
         ok_ids = ids is None or isinstance(ids, list) and all(type(t) is int for t in ids)
-        if not isinstance(o, dict) or o.get("prompt") != i or not ok_ids:
+        if not isinstance(o, dict) or o.get("prompt") != i or not ok_ids or not _ok_top2(o, ids):
             raise ProbeError(f"{p}: malformed output entry {i}: {str(o)[:80]}")
     return data
+
+
+def _ok_top2(o: dict[str, Any], ids: list[int] | None) -> bool:
+    """Margins and runner-ups are optional (older files, servers that return none); if there, one per id."""
+    m, r = o.get("margins"), o.get("runner_up")
+    if m is None and r is None:
+        return True
+    if ids is None or not isinstance(m, list) or not isinstance(r, list) or not len(m) == len(r) == len(ids):
+        return False
+    nums = all(x is None or type(x) in (int, float) for x in m)
+    return nums and all(x is None or type(x) is int for x in r)
+
+
+def _near_tie(oa: dict[str, Any], ob: dict[str, Any], n: int) -> float | None:
+    """At a first difference at position ``n``: the smaller margin over which the two runs swapped their top two
+    candidates (each run's pick is the other's runner-up there), or None when they did not swap or a run has
+    no margins."""
+    xa, xb = oa["output_ids"], ob["output_ids"]
+    if n >= min(len(xa), len(xb)):
+        return None
+    found: list[float] = []
+    for me, other_pick in ((oa, xb[n]), (ob, xa[n])):
+        m, r = me.get("margins"), me.get("runner_up")
+        if m is None or r is None or m[n] is None or r[n] != other_pick:
+            return None
+        found.append(float(m[n]))
+    return min(found)
 
 
 @dataclass(frozen=True)
@@ -131,6 +195,13 @@ class Comparison:
     first_divergence: tuple[int, int] | None  # (prompt, token position) of the earliest mismatch
     matched_tokens: int  # tokens equal before each prompt's first mismatch, summed
     total_tokens: int
+    # per differing prompt (in prompt order): the swap margin at its first difference (see _near_tie), or None
+    swap_margins: tuple[float | None, ...] = ()
+
+    @property
+    def near_ties(self) -> int:
+        """Differing prompts whose first difference swaps the runs' top two candidates closer than NEAR_TIE_NATS."""
+        return sum(1 for m in self.swap_margins if m is not None and m < NEAR_TIE_NATS)
 
     @property
     def identical(self) -> bool:
@@ -141,7 +212,9 @@ class Comparison:
                 "exact_match_rate": self.exact / self.prompts if self.prompts else None,
                 "first_divergence": list(self.first_divergence) if self.first_divergence else None,
                 "matched_tokens": self.matched_tokens, "total_tokens": self.total_tokens,
-                "identical": self.identical}  # fmt: skip
+                "identical": self.identical, "differing": len(self.swap_margins),
+                "swap_margins": list(self.swap_margins), "near_ties": self.near_ties,
+                "near_tie_nats": NEAR_TIE_NATS}  # fmt: skip
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> Comparison:
@@ -149,6 +222,7 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> Comparison:
         raise ProbeError(f"the runs probed different prompts: {a.get('spec')} vs {b.get('spec')}")
     exact = failed = matched = total = 0
     first: tuple[int, int] | None = None
+    swaps: list[float | None] = []
     if len(a["outputs"]) != len(b["outputs"]):
         raise ProbeError(f"the runs hold {len(a['outputs'])} and {len(b['outputs'])} outputs")
     pairs = list(zip(a["outputs"], b["outputs"], strict=True))
@@ -164,6 +238,8 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> Comparison:
         matched += n
         if xa == xb:
             exact += 1
-        elif first is None or n < first[1]:
+            continue
+        swaps.append(_near_tie(oa, ob, n))
+        if first is None or n < first[1]:
             first = (i, n)
-    return Comparison(len(pairs), exact, failed, first, matched, total)
+    return Comparison(len(pairs), exact, failed, first, matched, total, tuple(swaps))

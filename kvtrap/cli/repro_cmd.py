@@ -328,6 +328,21 @@ def models_write(dest: str, name: str, layers: int | None) -> None:
                f"{dirs.draft} --load-format dummy ...")  # fmt: skip
 
 
+def _near_tie_line(result: Any) -> str:
+    """How the differing prompts first differ: a swap of the two runs' top two candidates closer than
+    NEAR_TIE_NATS is rounding (the same computation reduced in another order), anything else is not."""
+    from kvtrap.repro.probe import NEAR_TIE_NATS
+
+    known = [m for m in result.swap_margins if m is not None]
+    n = len(result.swap_margins)
+    if not known:
+        return (f"near ties: none of {n} differing prompts can be judged (the runs recorded no top-2 log-probs, or "
+                "their picks there are not each other's runner-up)")  # fmt: skip
+    return (f"near ties: {result.near_ties} of {n} differing prompts first differ by swapping the two runs' top "
+            f"two candidates closer than {NEAR_TIE_NATS:g} nats (rounding-level); {len(known)} swap(s), margins "
+            f"{min(known):.3g} to {max(known):.3g} nats")  # fmt: skip
+
+
 @click.command("compare")
 @click.argument("run_a", type=click.Path())
 @click.argument("run_b", type=click.Path())
@@ -353,6 +368,7 @@ def compare_cmd(run_a: str, run_b: str, as_json: bool) -> None:
         if result.first_divergence is not None:
             p, t = result.first_divergence
             click.echo(f"first divergence: prompt {p}, token {t}")
+            click.echo(_near_tie_line(result))
     sys.exit(0 if result.identical else 1)
 
 

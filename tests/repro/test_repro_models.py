@@ -204,6 +204,38 @@ def test_probe_runs_before_the_benchmark_and_compare_reads_two_runs(tmp_path):
     assert other.exit_code == 1 and "first divergence: prompt 0, token 5" in other.output
     as_json = cli.invoke(main, ["repro", "compare", "--json", str(tmp_path / "a"), str(tmp_path / "c")])
     assert json.loads(as_json.output)["exact_match_rate"] == 0.0
+    # salt 5: the other run's pick is not this run's runner-up: not a swap, so not a near tie
+    assert json.loads(as_json.output)["near_ties"] == 0 and diff.swap_margins == (None, None, None)
+    assert "near ties: none of 3 differing prompts can be judged" in other.output
+
+
+@pytest.mark.parametrize(("margin", "ties"), [("0.001", 3), ("0.5", 0)])
+def test_compare_judges_a_swap_of_the_top_two_by_its_margin(tmp_path, margin, ties):
+    a = _probe_run(tmp_path / "a", "0", armed=False, FAKE_SERVER_MARGIN=margin)
+    b = _probe_run(tmp_path / "b", "1", armed=True, FAKE_SERVER_MARGIN=margin)  # picks = a's runner-ups from token 5
+    pa = load_probe(tmp_path / "a")
+    assert len(pa["outputs"][0]["margins"]) == 10 and pa["outputs"][0]["runner_up"][0] == pa["outputs"][0]["output_ids"][0] + 1
+    assert a.outcome.value == b.outcome.value == "CLEAN"
+    diff = compare(pa, load_probe(tmp_path / "b"))
+    assert diff.first_divergence == (0, 5) and not diff.identical
+    assert diff.swap_margins == pytest.approx((float(margin),) * 3) and diff.near_ties == ties
+    out = CliRunner().invoke(main, ["repro", "compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert out.exit_code == 1  # different is different; the near-tie line says how to read it
+    assert f"near ties: {ties} of 3 differing prompts" in out.output
+
+
+def test_a_probe_file_with_malformed_margins_is_refused(tmp_path):
+    from kvtrap.repro.probe import ProbeError
+
+    good = {"schema": "kvtrap.repro.outputs", "spec": {"prompts": 1},
+            "outputs": [{"prompt": 0, "output_ids": [5, 6], "margins": [0.1, None], "runner_up": [7, None]}]}
+    (tmp_path / "ok.json").write_text(json.dumps(good))
+    assert load_probe(tmp_path / "ok.json")["outputs"][0]["margins"] == [0.1, None]
+    for bad in ({"margins": [0.1]}, {"margins": ["x", 1.0], "runner_up": [1, 2]}, {"margins": [0.1, 0.2], "runner_up": [1.5, 2]}):
+        entry = {**good["outputs"][0], "runner_up": [7, 8], **bad}
+        (tmp_path / "bad.json").write_text(json.dumps({**good, "outputs": [entry]}))
+        with pytest.raises(ProbeError, match="malformed output entry 0"):
+            load_probe(tmp_path / "bad.json")
 
 
 def test_probe_without_answers_makes_the_run_unhealthy_and_a_used_run_dir_is_refused(tmp_path):

@@ -84,7 +84,16 @@ class Health(BaseHTTPRequestHandler):
         n = body["sampling_params"]["max_new_tokens"]
         salt = int(os.environ.get("FAKE_SERVER_SALT", "0"))  # a "different computation" for compare tests
         out = [(sum(ids) + 7 * i + (salt if i >= n // 2 else 0)) % 262144 for i in range(n)]
-        data = json.dumps({"text": " ".join(f"t{i}" for i in out), "output_ids": out, "meta_info": {}}).encode()
+        meta: dict = {}
+        if body.get("return_logprob") and body.get("top_logprobs_num", 0) >= 2:
+            # SGLang's shape: per position [[logprob, id, text], ...], best first, FAKE_SERVER_MARGIN nats apart.
+            # Runner-up: the unsalted pick + 1, so a salt of 1 swaps the two runs' top two candidates (a near tie
+            # when the margin is small); a salted position's runner-up is the unsalted pick.
+            margin = float(os.environ.get("FAKE_SERVER_MARGIN", "1.0"))
+            second = [(t - salt if salt and i >= n // 2 else t + 1) % 262144 for i, t in enumerate(out)]
+            meta["output_top_logprobs"] = [[[-12.0, t, f"t{t}"], [-12.0 - margin, r, f"t{r}"]]
+                                           for t, r in zip(out, second, strict=True)]
+        data = json.dumps({"text": " ".join(f"t{i}" for i in out), "output_ids": out, "meta_info": meta}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
