@@ -73,15 +73,16 @@ def _top2(meta: Any, n: int) -> tuple[list[float | None], list[int | None]] | No
     return margins, runner
 
 
-def generate(base_url: str, input_ids: Sequence[int], output_len: int, timeout_s: float = 300.0) -> Generated:
-    """One greedy request to SGLang's native ``/generate``: the generated token ids, and per position how far the
-    pick led its runner-up (``top_logprobs_num`` 2; only read, the greedy pick is the same argmax)."""
-    body = {
+def generate(base_url: str, input_ids: Sequence[int], output_len: int, timeout_s: float = 300.0,
+             top2: bool = True) -> Generated:  # fmt: skip
+    """One greedy request to SGLang's native ``/generate``: the generated token ids, and (``top2``) per position
+    how far the pick led its runner-up (``top_logprobs_num`` 2; only read, the greedy pick is the same argmax)."""
+    body: dict[str, Any] = {
         "input_ids": list(input_ids),
         "sampling_params": {"temperature": 0.0, "max_new_tokens": output_len, "ignore_eos": True},
-        "return_logprob": True,
-        "top_logprobs_num": 2,
     }
+    if top2:
+        body.update(return_logprob=True, top_logprobs_num=2)
     req = urllib.request.Request(f"{base_url}/generate", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})  # fmt: skip
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -103,6 +104,7 @@ def run_probe(base_url: str, spec: ProbeSpec, timeout_s: float = 300.0,
 
     deadline = time.monotonic() + timeout_s
     outputs: list[dict[str, Any]] = []
+    top2 = True
     for i, ids in enumerate(spec.prompt_ids()):
         left = deadline - time.monotonic()
         if not alive() or left <= 0:
@@ -110,7 +112,15 @@ def run_probe(base_url: str, spec: ProbeSpec, timeout_s: float = 300.0,
             outputs.append({"prompt": i, "output_ids": None, "error": f"not sent: {why}"})
             continue
         try:
-            got = generate(base_url, ids, spec.output_len, left)
+            try:
+                got = generate(base_url, ids, spec.output_len, left, top2=top2)
+            except urllib.error.HTTPError:
+                if not top2:
+                    raise
+                # a server that refuses log-probs (some speculative modes) still answers plain greedy requests:
+                # drop the margins for this probe rather than the outputs
+                top2 = False
+                got = generate(base_url, ids, spec.output_len, max(deadline - time.monotonic(), 1.0), top2=False)
             entry: dict[str, Any] = {"prompt": i, "output_ids": got.ids}
             if got.margins is not None:
                 entry.update(margins=got.margins, runner_up=got.runner_up)

@@ -224,6 +224,13 @@ def test_compare_judges_a_swap_of_the_top_two_by_its_margin(tmp_path, margin, ti
     assert f"near ties: {ties} of 3 differing prompts" in out.output
 
 
+def test_a_server_that_refuses_logprobs_still_gets_probed(tmp_path):
+    res = _probe_run(tmp_path / "a", "0", armed=True, FAKE_SERVER_REFUSES_LOGPROBS="1")
+    assert res.outcome.value == "CLEAN", res.classification.reason
+    outs = load_probe(tmp_path / "a")["outputs"]
+    assert all(len(o["output_ids"]) == 10 and "margins" not in o for o in outs)
+
+
 def test_a_probe_file_with_malformed_margins_is_refused(tmp_path):
     from kvtrap.repro.probe import ProbeError
 

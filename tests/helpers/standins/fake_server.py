@@ -80,6 +80,10 @@ class Health(BaseHTTPRequestHandler):
         import json
 
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        if body.get("return_logprob") and os.environ.get("FAKE_SERVER_REFUSES_LOGPROBS"):
+            self.send_response(400)
+            self.end_headers()
+            return
         ids = body["input_ids"]
         n = body["sampling_params"]["max_new_tokens"]
         salt = int(os.environ.get("FAKE_SERVER_SALT", "0"))  # a "different computation" for compare tests
