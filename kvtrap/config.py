@@ -66,7 +66,8 @@ class Config:
         waits for a step's results (``process_batch_result_decode`` / ``_prefill``, after its ``copy_done``),
         and raised there, a step or two after the faulty call. SGLang's other result paths (disaggregated
         prefill, dLLM) are not drained: use ``call`` there. ``auto`` (default): ``drain`` for allocators on a
-        CUDA device, ``call`` elsewhere (no sync to save).
+        CUDA device, ``call`` elsewhere (no sync to save). ``drain`` on a device the check kernels cannot run
+        on (CPU tensors, unless Triton interprets) checks as ``call``.
     """
 
     mode: str = "raise"

@@ -3,8 +3,14 @@ hook on SGLang's ``process_batch_result_decode`` before the step's results are u
 
 The world is SGLang's objects on CPU tensors, which Triton takes only when it interprets
 (``TRITON_INTERPRET=1``, read when a kernel is decorated): so the body runs in a child process with the
-variable set, on every machine (on a GPU one too; the guard compiled on CUDA is ``test_guard_gpu.py`` and
-``test_guard_fused.py``'s gpu tests).
+variable set. It is a CPU world (``cpu_world``, tests/helpers/srt.py): skipped where Triton compiles, like
+the other CPU worlds; the guard compiled on CUDA is ``test_guard_gpu.py`` and ``test_guard_fused.py``'s gpu
+tests. (The child used to run there too, and cannot: on the H200 machine (Triton 3.6, NumPy 2.5) SGLang's
+``alloc_extend_kernel`` fails under the interpreter while building the world, "only 0-dimensional arrays can be
+converted to Python scalars". Triton 3.6's interpreter converts a kernel scalar used as an index or loop bound
+with ``int()`` of a one-element array, which NumPy 2.5 refuses; Triton 3.8's squeezes it first. The guard
+kernel's ``range(0, width, BLOCK)`` takes that path too: with Triton 3.6 and NumPy's deprecation of it raised
+as an error, the child fails there on the CPU machine.)
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ HERE = Path(__file__).parent
 IN_CHILD = os.environ.get("KVTRAP_GUARD_WIRING_CHILD") == "1"
 
 
+@pytest.mark.cpu_world(gpu="tests/capture/test_guard_gpu.py, tests/capture/test_guard_fused.py::test_gpu_*")
 def test_guard_wiring_in_child_process(tmp_path):
     if IN_CHILD:
         pytest.skip("already the child")

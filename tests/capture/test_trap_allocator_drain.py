@@ -9,6 +9,7 @@ import os
 import random
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -237,12 +238,26 @@ def test_clean_random_steps_find_nothing_and_match_unarmed(tmp_path, no_host_rea
     assert not list(tmp_path.iterdir())
 
 
-def test_auto_is_call_mode_on_cpu_tensors(tmp_path):
+def test_drain_needs_a_device_the_kernels_run_on_and_auto_means_cuda(tmp_path, monkeypatch):
+    """Drain mode's checks are Triton kernels: they run on CUDA tensors, and on CPU tensors only under Triton's
+    interpreter. Where they cannot run, ``drain`` checks as ``call`` (still trapped, at the call); ``auto`` is drain
+    on CUDA only. Both interpreter states are pinned, so this holds alike on the CPU suite (interpreting) and on a
+    CUDA machine (compiling, where a CPU tensor cannot take the kernels)."""
+    cpu, cuda = torch.zeros(1), SimpleNamespace(is_cuda=True)  # at_drain reads only the tensor's device
     with kvtrap.armed(dump_dir=str(tmp_path)) as session:
         assert session.config.allocator_trap == "auto"
-        assert not allocator.at_drain(session, torch.zeros(1))
+        for interpreting in (True, False):
+            monkeypatch.setenv("TRITON_INTERPRET", "1" if interpreting else "0")
+            assert not allocator.at_drain(session, cpu)  # auto on CPU: call mode, kernels or not
+            assert allocator.at_drain(session, cuda)
     with kvtrap.armed(dump_dir=str(tmp_path), allocator_trap="drain") as session:
-        assert allocator.at_drain(session, torch.zeros(1))
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert allocator.at_drain(session, cpu)  # the interpreter runs the kernels on CPU tensors
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert not allocator.at_drain(session, cpu)  # compiled Triton refuses CPU tensors: call mode
+        assert allocator.at_drain(session, cuda)
+    with kvtrap.armed(dump_dir=str(tmp_path), allocator_trap="call") as session:
+        assert not allocator.at_drain(session, cuda)
 
 
 def test_bad_setting_is_a_config_error():

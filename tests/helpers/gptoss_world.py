@@ -10,8 +10,8 @@ is SGLang's own code on the written ``config.json``:
 * ``default``: the same without a backend (device "cuda"). SGLang picks GPT-OSS's backend in
   ``_gpt_oss_overrides`` from ``get_platform()``; a CPU host is not sm90, so for the ``sm90`` run that module's
   ``get_platform`` answers ``is_sm90`` / ``is_sm100`` as an H100/H200 would and everything else as the real platform
-  does (the override and the rest of the pipeline are SGLang's, unchanged); ``this_host`` is the control,
-  unpatched. (sm100 cannot be shown this way: its pick, trtllm_mha, is then checked by attention_hook.py against
+  does (the override and the rest of the pipeline are SGLang's, unchanged); ``sm80`` the same as an sm80 GPU
+  (neither), the control; ``this_host`` unpatched, with ``host``: the real platform's two answers. (sm100 cannot be shown this way: its pick, trtllm_mha, is then checked by attention_hook.py against
   the real platform.)
 * ``refused``: ``attention_backend="flashinfer"``, which model_hook.py asserts against.
 * ``model``: ``GptOssForCausalLM`` built from the loaded config on the ``meta`` device (no memory, no weights)
@@ -70,6 +70,14 @@ def _default_on(model_dir: str, sm: int | None) -> str:
     return resolved["attention_backend"]
 
 
+def _host_platform() -> dict[str, bool]:
+    """The compute-capability answers of this host's real platform (what ``this_host``'s pick follows)."""
+    from sglang.srt.runtime_context import get_platform
+
+    p = get_platform()
+    return {"is_sm90": bool(getattr(p, "is_sm90", False)), "is_sm100": bool(getattr(p, "is_sm100", False))}
+
+
 def _model_facts(args: Any, model_config: Any) -> dict[str, Any]:
     import torch
     from sglang.srt.distributed import parallel_state
@@ -122,7 +130,8 @@ def main(model_dir: str, out_path: str) -> None:
             "dtype": str(mc.dtype), "quantization": mc.quantization, "context_len": mc.context_len,
             "rope_parameters": dict(mc.hf_config.rope_parameters),
         },
-        "default": {"sm90": _default_on(model_dir, 90), "this_host": _default_on(model_dir, None)},
+        "default": {"sm90": _default_on(model_dir, 90), "sm80": _default_on(model_dir, 80),
+                    "this_host": _default_on(model_dir, None), "host": _host_platform()},
     }  # fmt: skip
     try:
         _resolve(model_dir, "flashinfer")

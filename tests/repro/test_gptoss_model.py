@@ -71,8 +71,12 @@ def test_sglang_resolves_the_written_model_to_the_hybrid_swa_pool_on_fa3(world: 
 
 def test_sglang_picks_fa3_for_it_on_sm90_and_refuses_flashinfer(world: dict[str, Any]) -> None:
     facts = world["facts"]
-    assert facts["default"]["sm90"] == "fa3"
-    assert facts["default"]["this_host"] != "fa3"  # the control: the pick follows the platform
+    default = facts["default"]
+    assert default["sm90"] == "fa3"
+    assert default["sm80"] not in ("fa3", None)  # the control: the pick follows the platform
+    # unpatched, this host gets what its own platform says: fa3 on sm90 (the H200 machine), not on a CPU
+    host = default["host"]
+    assert (default["this_host"] == "fa3") == (host["is_sm90"] and not host["is_sm100"]), default
     refused = facts["refused"]
     assert refused is not None and refused.startswith("GptOssForCausalLM requires one of ")
     assert str(list(scenarios.GPTOSS_ATTENTION_BACKENDS)) in refused
