@@ -15,6 +15,15 @@ interpreter (set here), so the CPU's drain-mode times are not a cost figure; its
 
     python benchmarks/free_path_bench.py --out benchmarks/results                 # CPU
     python benchmarks/free_path_bench.py --device cuda --out benchmarks/results   # GPU
+    python benchmarks/free_path_bench.py --host-only --out benchmarks/results     # CPU, kvtrap's own host cost
+
+``--host-only`` (CPU) measures what drain mode costs the host apart from the device: the two check kernels'
+launches are replaced by no-ops (for the measurement only; the interpreter's run is not a host cost), so what is
+left over unarmed is kvtrap's Python and its torch ops. Besides the free calls it times the allocations a decode
+step makes (``alloc_decode`` of 8 requests, and ``alloc_extend`` of 4 tokens for each of 8, as MTP speculative
+decoding allocates its draft tokens), and counts the aten ops kvtrap itself issues per call (the innermost
+frame outside torch is kvtrap's; on a GPU host each is a dispatch of several microseconds). The Triton launch's
+own host cost is not in it.
 """
 
 from __future__ import annotations
@@ -111,12 +120,132 @@ def _count(alloc, make, reps: int) -> tuple[float, float]:
     return counts["aten"] / reps, counts["triton"] / reps
 
 
+def _alloc_cases(w):
+    ps, bs = w.PAGE_SIZE, 8
+
+    def decode(alloc):
+        import torch
+
+        batch = w.allocate_requests(alloc, [ps + 3] * bs)
+        seq = torch.full((bs,), ps + 4, dtype=torch.int64)
+        last = torch.stack([slots[-1] for slots in batch.token_slots])
+        out = []
+        return (lambda: out.append(alloc.alloc_decode(seq, seq.clone(), last)),
+                lambda: alloc.free(torch.cat([*batch.token_slots, *out])))
+
+    def extend(alloc):
+        import torch
+
+        batch = w.allocate_requests(alloc, [ps + 3] * bs)
+        prefix = torch.full((bs,), ps + 3, dtype=torch.int64)
+        seq = prefix + 4
+        last = torch.stack([slots[-1] for slots in batch.token_slots])
+        out = []
+        return (lambda: out.append(alloc.alloc_extend(prefix, prefix.clone(), seq, seq.clone(), last, 4 * bs)),
+                lambda: alloc.free(torch.cat([*batch.token_slots, *out])))
+
+    return {"alloc_decode (8 requests, 1 token each)": decode, "alloc_extend (8 requests, 4 draft tokens each)": extend}
+
+
+def _kvtrap_ops(alloc, make, reps: int) -> float:
+    """Mean aten ops per call that kvtrap's own code issues (the innermost frame outside torch is kvtrap's)."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import kvtrap
+
+    root = str(Path(kvtrap.__file__).parent)
+    counts = [0]
+
+    class _Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            frame = next((f for f in reversed(traceback.extract_stack()) if f"{os.sep}torch{os.sep}" not in f.filename
+                          and f.filename != __file__), None)  # fmt: skip
+            counts[0] += frame is not None and frame.filename.startswith(root)
+            return func(*args, **(kwargs or {}))
+
+    for _ in range(reps):
+        call, cleanup = make(alloc)
+        with _Ops():
+            call()
+        cleanup()
+    return counts[0] / reps
+
+
+def _host_only(args) -> int:
+    """``--host-only``: kvtrap's own host time per allocator call in drain mode, the check launches stubbed."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch  # noqa: F401 - imported before SGLang, as a server does
+    from helpers import sglang_world as w
+
+    import kvtrap
+    from kvtrap.capture import allocator_kernels
+
+    class _NoLaunch:  # ``kernel[grid](...)`` that launches nothing
+        def __getitem__(self, grid):
+            return lambda *a, **k: None
+
+    allocator_kernels._release_check_kernel = _NoLaunch()
+    allocator_kernels._slot_check_kernel = _NoLaunch()
+    cases = {**_alloc_cases(w), **_cases(w)}
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, make in cases.items():
+            r = {}
+            for side, ctx in (("unarmed", nullcontext()), ("armed_free_checks_off", kvtrap.armed(dump_dir=tmp, free_checks="off", allocator_trap="drain")),
+                              ("armed_drain", kvtrap.armed(dump_dir=tmp, allocator_trap="drain"))):  # fmt: skip
+                with ctx:
+                    alloc = w.make_allocator(w.make_pool(full_pages=256, swa_pages=128))
+                    _time(alloc, make, 50, lambda: None)  # warm-up
+                    r[side] = round(statistics.median(_time(alloc, make, args.reps, lambda: None)), 1)
+                    if side != "unarmed":
+                        r[f"{side}_kvtrap_ops"] = _kvtrap_ops(alloc, make, 10)
+            r["drain_host_cost_us"] = round(r["armed_drain"] - r["unarmed"], 1)
+            rows[name] = r
+    meta = {
+        "machine": f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "versions": {d: metadata.version(d) for d in ("kvtrap", "sglang", "torch", "triton")},
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join(["python benchmarks/free_path_bench.py", *sys.argv[1:]]),
+        "device": "cpu", "page_size": w.PAGE_SIZE, "reps": args.reps,
+        "note": "median host us per call; the drain-mode check launches are no-ops here, so the armed cost is "
+                "kvtrap's Python and torch ops alone (on CPU, where an aten op costs ~1-3 us; a GPU host pays "
+                "several us per dispatch, hence the op counts). SGLang's own alloc kernels run in Triton's "
+                "interpreter on CPU: the unarmed alloc times are not a GPU figure.",
+    }  # fmt: skip
+    lines = ["| call | unarmed us | armed, free checks off us | armed, drain us | drain host cost us |"
+             " kvtrap aten ops (off / drain) |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['unarmed']} | {r['armed_free_checks_off']} | {r['armed_drain']} | "
+                     f"{r['drain_host_cost_us']} | {r['armed_free_checks_off_kvtrap_ops']:g} / "
+                     f"{r['armed_drain_kvtrap_ops']:g} |")  # fmt: skip
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        from _results import write_results
+
+        write_results(args.out, "free-path-cpu-host-only", "kvtrap's host cost per SWA allocator call, drain mode, "
+                      "check launches stubbed (cpu)", meta, rows, table)  # fmt: skip
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--reps", type=int, default=500)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--host-only", action="store_true", help="CPU: kvtrap's own host cost, check launches stubbed")
     args = ap.parse_args()
+    if args.host_only:
+        if args.device != "cpu":
+            print("free_path_bench: --host-only runs on cpu", file=sys.stderr)
+            return 2
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # drain mode on CPU tensors (the launches are stubbed)
+        return _host_only(args)
     if args.device == "cpu":  # the drain-mode kernels need it on CPU (before any kernel is decorated)
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import warnings

@@ -72,18 +72,24 @@ class Findings:
             self.stream = torch.cuda.current_stream(self.device)
         return self.seq
 
-    def snapshot(self) -> None:
+    def snapshot(self, *, current: bool = False) -> None:
         """Enqueue a copy of the record into the next pinned slot, after every check enqueued so far (after each
-        checked call: a snapshot taken at the drain would pass only by the next one)."""
+        checked call: a snapshot taken at the drain would pass only by the next one). ``current``: called by the
+        checked call right after its :meth:`begin`, so the checks' stream is the current one and is not entered
+        again."""
         if self.seq == self.snapped_seq:
             return  # no check since the last snapshot: that one (or a reset read earlier) says it all
         self.snapped_seq = self.seq
         self.snaps += 1
         slot = self.snaps % len(self.host)
         if self.cuda and self.stream is not None:
-            with torch.cuda.stream(self.stream):
+            if current:
                 self.host[slot].copy_(self.buf, non_blocking=True)
                 self.events[slot].record(self.stream)
+            else:
+                with torch.cuda.stream(self.stream):
+                    self.host[slot].copy_(self.buf, non_blocking=True)
+                    self.events[slot].record(self.stream)
         else:
             self.host[slot].copy_(self.buf)
         self.slot_snap[slot] = self.snaps

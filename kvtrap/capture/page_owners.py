@@ -53,12 +53,16 @@ class PageOwners:
         valid = (swa_pages > 0) & (swa_pages < self.scratch)
         index = torch.where(valid, swa_pages, torch.full_like(swa_pages, self.scratch))
         self.owner.index_put_((index,), full_pages)
-        self.owner[self.scratch] = FREE
+        self._reset_scratch()
+
+    def _reset_scratch(self) -> None:
+        # fill_ takes the value as a kernel argument: ``owner[i] = FREE`` would build a device scalar and copy it
+        self.owner.narrow(0, self.scratch, 1).fill_(FREE)
 
     def note_freed(self, pages: torch.Tensor) -> None:
         index = pages.reshape(-1).to(torch.int64).clamp(0, self.scratch)
         self.owner.index_fill_(0, index, FREE)
-        self.owner[self.scratch] = FREE
+        self._reset_scratch()
 
 
 _records: weakref.WeakKeyDictionary[Any, PageOwners] = weakref.WeakKeyDictionary()

@@ -55,8 +55,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,17 +114,27 @@ def _free_bad(f: dict[str, int]) -> checks.BadFree:
     return checks.BadFree(checks.RELEASE_REASONS[f["code"] - 1], f["position"], f["value"], f["owner"], f["count"])
 
 
-def check_allocation(alloc: Any, out: Any, where: str, args: dict[str, Any]) -> None:
+def _flat(t: Any) -> Any:
+    """``t`` as the flat contiguous id array the check kernels index; no dispatch when it already is one."""
+    return t if t.dim() == 1 and t.is_contiguous() else t.reshape(-1).contiguous()
+
+
+def check_allocation(alloc: Any, out: Any, where: str, args: dict[str, Any], pairs: tuple[Any, ...] = ()) -> None:
+    """Check the SWA slots of an allocation's result ``out``. ``pairs``: the ``set_full_to_swa_mapping`` calls made
+    inside the allocation whose ownership notes were held back (:func:`_wrap`): in drain mode the check kernel
+    notes ``out``'s pairs itself, so a pair whose full side is ``out`` is noted once, by the kernel; any other
+    (or in call mode, every one) is noted here, before the check, where SGLang's call would have noted it."""
     session = current()
-    if session is None or out is None or getattr(alloc, "_swa_req_ring", False):
+    if session is None:
         return
-    if checks.is_capturing(out):
+    if out is None or getattr(alloc, "_swa_req_ring", False) or checks.is_capturing(out):
+        _note_pairs(session, alloc, pairs)
         return
     lower, bound = int(alloc.page_size), swa_slot_bound(alloc)
     mapping = alloc.full_to_swa_index_mapping
     if at_drain(session, out):
         found = _findings_for(alloc, session, out.device)
-        flat = out.reshape(-1)
+        flat = _flat(out)
         swa_slots = torch.empty(flat.shape, dtype=mapping.dtype, device=mapping.device)
 
         # the judge gets the allocator at the drain: holding it here would keep it alive (the record is weak)
@@ -138,9 +147,12 @@ def check_allocation(alloc: Any, out: Any, where: str, args: dict[str, Any]) -> 
                                           int(alloc.page_size), found.buf, found.begin(judge))  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - any failure to build or launch: call mode, said once
             _kernels_failed(session, exc)
-            return check_allocation(alloc, out, where, args)
-        found.snapshot()
+            return check_allocation(alloc, out, where, args, pairs)
+        found.snapshot(current=True)
+        # the kernel noted out's pairs (rec given); the rest are noted as SGLang's call would have
+        _note_pairs(session, alloc, tuple(p for p in pairs if rec is None or p[0] is not out))
         return
+    _note_pairs(session, alloc, pairs)
     swa_slots = mapping[out]
     bad = checks.scan_slots(swa_slots, lower=lower, bound=bound)
     if bad is not None:
@@ -210,6 +222,11 @@ def note_allocation(session: Session, alloc: Any, out: Any, swa_slots: Any) -> N
         page_owners.record_for(alloc, session).note_pairs(out, swa_slots)
 
 
+def _note_pairs(session: Session, alloc: Any, pairs: tuple[Any, ...]) -> None:
+    for full_indices, swa_indices in pairs:
+        note_allocation(session, alloc, full_indices, swa_indices)
+
+
 @dataclass
 class _Freeing:
     alloc: Any
@@ -225,21 +242,33 @@ class _Freeing:
 _local = threading.local()
 
 
-@contextmanager
-def _freeing(ctx: _Freeing) -> Iterator[None]:
+def _stack() -> list[Any]:
+    """This thread's SWA free calls (:class:`_Freeing`) and allocations (:class:`_Allocating`) in progress."""
     stack = getattr(_local, "stack", None)
     if stack is None:
         stack = _local.stack = []
-    stack.append(ctx)
-    try:
-        yield
-    finally:
-        stack.pop()
+    return stack
 
 
 def _current_freeing(alloc: Any) -> _Freeing | None:
     stack = getattr(_local, "stack", None)
-    if stack and stack[-1].alloc is alloc:
+    if stack and stack[-1].alloc is alloc and isinstance(stack[-1], _Freeing):
+        return stack[-1]
+    return None
+
+
+@dataclass
+class _Allocating:
+    """An ``alloc_extend`` / ``alloc_decode`` in progress: the ``set_full_to_swa_mapping`` pairs SGLang wrote
+    inside it, whose ownership notes wait for the call's check (which notes them in its kernel in drain mode)."""
+
+    alloc: Any
+    pairs: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
+
+
+def _current_allocating(alloc: Any) -> _Allocating | None:
+    stack = getattr(_local, "stack", None)
+    if stack and stack[-1].alloc is alloc and isinstance(stack[-1], _Allocating):
         return stack[-1]
     return None
 
@@ -256,8 +285,12 @@ def _wrap_swa_free(method: str) -> Callable[[Callable[..., Any]], Callable[..., 
             if self.free_group is not None:  # released at free_group_end; SGLang may reuse free_index by then
                 rec.pending_full_pages.append(free_index.to(torch.int64) // rec.page_size)
             # not unique'd (a host sync): the checks test membership, dumps unique them when judged
-            with _freeing(_Freeing(self, where, free_index, free_index, rec.page_size)):
+            stack = _stack()
+            stack.append(_Freeing(self, where, free_index, free_index, rec.page_size))
+            try:
                 return _call_checked(session, self, free_index, original, self, free_index, *args, **kwargs)
+            finally:
+                stack.pop()
 
         return wrapper
 
@@ -286,9 +319,14 @@ def _wrap_group_end(original: Callable[..., Any]) -> Callable[..., Any]:
         if rec is None:
             return original(self, *args, **kwargs)
         pending, rec.pending_full_pages = rec.pending_full_pages, []
-        full_pages = torch.cat(pending) if pending else None
-        with _freeing(_Freeing(self, where, None, full_pages, 1)):
+        # each entry is kvtrap's own fresh tensor (the division at the free): one needs no copy
+        full_pages = (pending[0] if len(pending) == 1 else torch.cat(pending)) if pending else None
+        stack = _stack()
+        stack.append(_Freeing(self, where, None, full_pages, 1))
+        try:
             return _call_checked(session, self, full_pages, original, self, *args, **kwargs)
+        finally:
+            stack.pop()
 
     return wrapper
 
@@ -311,7 +349,9 @@ def _wrap_release(original: Callable[..., Any]) -> Callable[..., Any]:
         if alloc is None or not _free_checks(session, alloc) or not page_ids or checks.is_capturing(page_ids[0]):
             return original(self, *page_ids)
         rec = page_owners.record_for(alloc, session)
-        pages = torch.cat([p.reshape(-1) for p in page_ids])
+        # SGLang's released page ids are fresh tensors it never writes again (unique, ``// page_size``, cat
+        # results): one is used as it is, which the kernel and a judged dump read, not copied
+        pages = _flat(page_ids[0]) if len(page_ids) == 1 else torch.cat([p.reshape(-1) for p in page_ids])
         ctx = _current_freeing(alloc)
         where = ctx.where if ctx is not None else f"{PAGED_CLASS}._release_page_ids"
         drain = at_drain(session, pages)
@@ -337,7 +377,7 @@ def _wrap_release(original: Callable[..., Any]) -> Callable[..., Any]:
             except Exception as exc:  # noqa: BLE001 - any failure to build or launch: call mode, said once
                 _kernels_failed(session, exc)
             else:
-                found.snapshot()
+                found.snapshot(current=True)
                 return original(self, *page_ids)
         full_pages = None if ctx is None else ctx.full_pages()
         bad = checks.scan_swa_release(pages, rec.owner, full_pages, full_page_bound(alloc))
@@ -358,10 +398,20 @@ def _wrap_set_mapping(original: Callable[..., Any]) -> Callable[..., Any]:
         out = original(self, full_indices, swa_indices, *args, **kwargs)
         session = current()
         if session is not None and full_indices.numel() and not checks.is_capturing(full_indices):
-            note_allocation(session, self, full_indices, swa_indices)
+            allocating = _current_allocating(self)
+            if allocating is not None:  # inside alloc_extend: noted by its check (check_allocation)
+                allocating.pairs.append((full_indices, swa_indices))
+            else:
+                note_allocation(session, self, full_indices, swa_indices)
         return out
 
     return wrapper
+
+
+def _note_pairs_now(alloc: Any, allocating: _Allocating) -> None:
+    session = current()
+    if session is not None:
+        _note_pairs(session, alloc, tuple(allocating.pairs))
 
 
 def _bind(names: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -379,8 +429,19 @@ def _wrap(method: str, names: tuple[str, ...]) -> Callable[[Callable[..., Any]],
 
     def make(original: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-            out = original(self, *args, **kwargs)
-            check_allocation(self, out, where, _bind(names, args, kwargs))
+            if current() is None:
+                return original(self, *args, **kwargs)
+            allocating = _Allocating(self)
+            stack = _stack()
+            stack.append(allocating)
+            try:
+                out = original(self, *args, **kwargs)
+            except BaseException:
+                stack.pop()
+                _note_pairs_now(self, allocating)
+                raise
+            stack.pop()
+            check_allocation(self, out, where, _bind(names, args, kwargs), tuple(allocating.pairs))
             return out
 
         return wrapper
