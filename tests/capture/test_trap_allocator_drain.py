@@ -383,3 +383,53 @@ def test_check_kernels_that_cannot_launch_fall_back_to_call_mode_once(tmp_path, 
     assert info.value.violation.kind == call_err.violation.kind == "swa_free_not_owned"
     assert "trapped_at" not in (info.value.violation.details or {})  # at the call, not at a drain
     assert sum("drain-mode allocator checks unavailable" in r.getMessage() for r in caplog.records) == 1
+
+
+@cpu_world
+@pytest.mark.parametrize("mode", ["call", "drain"])
+def test_an_allocation_that_raises_after_its_mapping_write_leaves_nothing_deferred(tmp_path, monkeypatch, mode):
+    """The ownership notes of a mapping written inside ``alloc_extend`` wait for the call's check; if the call
+    raises after the write, they are noted on the way out and the in-call state is gone (a leftover would swallow
+    later notes and make later frees look like double frees)."""
+    from kvtrap.capture import page_owners
+
+    alloc = w.make_allocator(w.make_pool())
+    with kvtrap.armed(dump_dir=str(tmp_path), allocator_trap=mode) as session:
+        w.allocate_requests(alloc, [w.PAGE_SIZE])  # the record exists before the failing call
+        owners = page_owners.record_for(alloc, session).owner
+        held = int((owners != page_owners.FREE).sum())
+        real = alloc.set_full_to_swa_mapping  # kvtrap's wrapper, bound
+
+        def write_then_fail(full, swa, *args, **kwargs):
+            real(full, swa, *args, **kwargs)
+            raise RuntimeError("after the mapping write")
+
+        monkeypatch.setattr(alloc, "set_full_to_swa_mapping", write_then_fail, raising=False)
+        with pytest.raises(RuntimeError, match="after the mapping write"):
+            w.allocate_requests(alloc, [w.PAGE_SIZE + 3])  # two SWA pages written, then the raise
+        monkeypatch.undo()
+        assert allocator._stack() == []
+        assert int((owners != page_owners.FREE).sum()) == held + 2  # noted on the way out
+        _random_steps(alloc, random.Random(5), 150)  # later allocations and frees: nothing misjudged
+        allocator.drain_findings(session)
+    assert not list(tmp_path.iterdir())
+
+
+@cpu_world
+def test_a_check_that_fails_before_its_launch_still_notes_the_allocations_pages(tmp_path, monkeypatch):
+    from kvtrap.capture import page_owners
+
+    alloc = w.make_allocator(w.make_pool())
+    with kvtrap.armed(dump_dir=str(tmp_path), allocator_trap="drain") as session:
+        w.allocate_requests(alloc, [w.PAGE_SIZE])
+        owners = page_owners.record_for(alloc, session).owner
+        held = int((owners != page_owners.FREE).sum())
+
+        def broken(a):
+            raise MemoryError("no room for the check")
+
+        monkeypatch.setattr(allocator, "swa_slot_bound", broken)
+        with pytest.raises(MemoryError):
+            w.allocate_requests(alloc, [w.PAGE_SIZE + 3])
+        monkeypatch.undo()
+        assert allocator._stack() == [] and int((owners != page_owners.FREE).sum()) == held + 2

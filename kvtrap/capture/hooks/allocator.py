@@ -441,7 +441,11 @@ def _wrap(method: str, names: tuple[str, ...]) -> Callable[[Callable[..., Any]],
                 _note_pairs_now(self, allocating)
                 raise
             stack.pop()
-            check_allocation(self, out, where, _bind(names, args, kwargs), tuple(allocating.pairs))
+            try:
+                check_allocation(self, out, where, _bind(names, args, kwargs), tuple(allocating.pairs))
+            except BaseException:
+                _note_pairs_now(self, allocating)  # a check that failed before its notes must not lose them
+                raise  # (notes are idempotent: one already made is made again, the same)
             return out
 
         return wrapper
