@@ -198,7 +198,10 @@ def release_check_(
     if n == 0:
         return
     has = freeing is not None
-    f = owner if freeing is None else freeing if freeing.dim() == 1 and freeing.is_contiguous() else freeing.reshape(-1).contiguous()
+    if freeing is None:
+        f = owner  # any tensor: HAS_FREEING=False never reads it
+    else:  # the kernel indexes it flat: a 1-D contiguous tensor as it is, anything else copied so
+        f = freeing if freeing.dim() == 1 and freeing.is_contiguous() else freeing.reshape(-1).contiguous()
     _release_check_kernel[(1,)](
         pages, n, owner, owner.numel(), f, int(f.numel()) if has else 0, max(int(freeing_div), 1), stamp,
         stamp.numel(), record, seq, HAS_FREEING=has, BLOCK=_BLOCK,
