@@ -28,6 +28,7 @@ import torch
 
 #: The record's fields, in order (one int64 each).
 FIELDS = ("count", "code", "position", "value", "owner", "call")
+_COUNT = FIELDS.index("count")
 #: Calls remembered for judging a finding (a finding is read within a step or two of its call).
 REMEMBERED_CALLS = 256
 #: Pinned snapshots in flight (one per checked call): the newest whose event has passed is read.
@@ -108,11 +109,14 @@ class Findings:
         if not done:
             return None
         newest = max(done, key=lambda i: self.slot_snap[i])
-        vals = dict(zip(FIELDS, (int(v) for v in self.host[newest].tolist()), strict=True))
+        raw = self.host[newest].tolist()
         for i in done:
             if self.slot_snap[i] <= self.slot_snap[newest]:
                 self.slot_snap[i] = 0  # read (or superseded by a newer snapshot that has passed)
-        if vals["count"] == 0 or vals["call"] <= self.reported:
+        if raw[_COUNT] == 0:  # the clean record of nearly every step: no dict built for it
+            return None
+        vals = dict(zip(FIELDS, (int(v) for v in raw), strict=True))
+        if vals["call"] <= self.reported:
             return None
         self.reported = vals["call"]
         if self.cuda and self.stream is not None:

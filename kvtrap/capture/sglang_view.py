@@ -100,11 +100,11 @@ def find_drift(backend: Any, live: Any) -> dict[str, str]:
 
 def _stale_pool(cached: Any, live: Any) -> str | None:
     """Why a cached SWA pool is not the live one, or ``None`` (also when nothing is cached)."""
+    if cached is _MISSING or cached is live:
+        return None  # the common case, on every pool swap of a frozen-KV draft: no description built
     live_desc = f"{type(live).__name__}@{id(live):#x}"
     if cached is None:
         return f"None, but the live pool is {live_desc}"
-    if cached is _MISSING or cached is live:
-        return None
     # Equivalent when it shares the live pool's SWA buffers and mapping (a different wrapper object).
     same = getattr(cached, "swa_kv_pool", None) is live.swa_kv_pool and getattr(
         cached, "full_to_swa_index_mapping", None

@@ -50,11 +50,10 @@ class _Lockstep:
         obj.__dict__["token_to_kv_pool"] = pool
         if first:
             return  # __init__ setting the backend's own pool: nothing to follow yet
-        if obj in self.saved and not is_swa_pool(pool):
-            for name, value in self.saved.pop(obj).items():
-                setattr(obj, name, value)  # swapped back: the backend's own state returns
-            return
         if not is_swa_pool(pool):
+            if obj in self.saved:
+                for name, value in self.saved.pop(obj).items():
+                    setattr(obj, name, value)  # swapped back: the backend's own state returns
             return
         session = current()
         if session is None or session.config.fix != "auto":

@@ -138,7 +138,7 @@ class GuardRecord:
         """Entries appended since the last drain. ``synced=True`` trusts the published host copy (no sync:
         valid only once the stream that ran ``publish_`` has been synchronised); otherwise a device read."""
         if synced and self.host_counter is not None:
-            return int(self.host_counter[0])
+            return int(self.host_counter.item())  # a host tensor: no device read, and no indexing op per drain
         _refuse_in_capture("GuardRecord.pending")
         return int(self.counter[0].item())
 

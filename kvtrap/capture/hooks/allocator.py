@@ -96,6 +96,9 @@ def _kernels_failed(session: Session, exc: BaseException) -> None:
 
 
 _findings: weakref.WeakKeyDictionary[Any, Findings] = weakref.WeakKeyDictionary()
+# _findings' items, read by every drain: iterating a WeakKeyDictionary costs microseconds a step. An allocator that
+# is gone is skipped (and dropped), as _findings drops it.
+_drain_order: list[tuple[weakref.ref[Any], Findings]] = []
 
 
 def _findings_for(alloc: Any, session: Session, device: Any) -> Findings:
@@ -103,6 +106,8 @@ def _findings_for(alloc: Any, session: Session, device: Any) -> Findings:
     found = _findings.get(alloc)
     if found is None or found.session is not session or found.device != device:
         found = _findings[alloc] = Findings(device, session)
+        kept = [(ref, f) for ref, f in _drain_order if ref() is not None and ref() is not alloc]
+        _drain_order[:] = [*kept, (weakref.ref(alloc), found)]
     return found
 
 
@@ -167,9 +172,11 @@ def drain_findings(session: Session, *, wait: bool = False) -> None:
     Called where SGLang waits for a step's results, after that step's ``copy_done``
     (:mod:`kvtrap.capture.hooks.step_drain`): never waits there. ``wait``: when the scheduler is idle (nothing
     else to wait for; the frees of the last finished requests are checked after the last step's drain)."""
-    for alloc, found in list(_findings.items()):
+    for ref, found in tuple(_drain_order):
         if found.session is session:
-            _report(session, alloc, found.take(wait=wait))
+            alloc = ref()
+            if alloc is not None:
+                _report(session, alloc, found.take(wait=wait))
 
 
 def _report(session: Session, alloc: Any, finding: Finding | None) -> None:

@@ -60,6 +60,9 @@ class GuardState:
 
 
 _states: weakref.WeakKeyDictionary[Any, GuardState] = weakref.WeakKeyDictionary()
+# _states' values in creation order, read by every drain: iterating a WeakKeyDictionary costs microseconds a step.
+# A state whose backend is gone is skipped (and dropped), as _states drops it.
+_drain_order: list[GuardState] = []
 
 
 def guard_wanted(table: Any, guard: str) -> bool:
@@ -86,6 +89,7 @@ def state_for(
         ids = {name: record.register_table(name, pool=pool, ragged=ragged) for name, (pool, ragged) in tables.items()}
         state = GuardState(record, ids, weakref.ref(backend), context=context)
         _states[backend] = state
+        _drain_order[:] = [s for s in _drain_order if s.backend() is not None] + [state]
     return state
 
 
@@ -122,10 +126,9 @@ def guard_metadata(backend: Any, md: Any, *, publish: bool) -> GuardState:
 
 
 def drain(state: GuardState, session: Any, *, synced: bool) -> None:
-    from kvtrap.capture.guard import check_and_raise
-
     if state.record.pending(synced=synced) == 0:
         return
+    from kvtrap.capture.guard import check_and_raise
     backend = state.backend()
     if backend is None:
         context, tensors = Context(), {}
@@ -248,17 +251,20 @@ def _after_eager_metadata(original: Any) -> Any:
     return init_forward_metadata
 
 
-def drain_all(session: Any, result: Any) -> None:
+def drain_all(session: Any, result: Any, *, waited: bool = False) -> None:
     """Read every guarded backend's record (trtllm_mha's, fa3's and triton's alike) before a decode step's results are
     used: the one drain point, called by :mod:`kvtrap.capture.hooks.step_drain` at the start of
-    ``process_batch_result_decode``. ``result`` without ``copy_done`` (or ``None``): nothing to wait on."""
-    if not len(_states):
+    ``process_batch_result_decode``. ``result`` without ``copy_done`` (or ``None``): nothing to wait on. ``waited``:
+    the caller has already waited on ``result.copy_done`` (the drain hook does, first)."""
+    if not _drain_order:
         return
     copy_done = getattr(result, "copy_done", None)
-    if copy_done is not None:
+    if copy_done is not None and not waited:
         copy_done.synchronize()  # SGLang's own first step; makes the pinned counter current
-    for state in list(_states.values()):
-        drain(state, session, synced=copy_done is not None)
+    synced = copy_done is not None
+    for state in tuple(_drain_order):
+        if state.backend() is not None:
+            drain(state, session, synced=synced)
 
 
 TARGETS = [

@@ -41,7 +41,7 @@ def _before_decode_results(original: Any) -> Any:
         session = current()
         if session is not None:
             _step_done(result)
-            device_guard.drain_all(session, result)
+            device_guard.drain_all(session, result, waited=True)  # _step_done waited on its copy_done
             allocator.drain_findings(session)
         return original(self, batch, result, *args, **kwargs)
 
