@@ -6,7 +6,8 @@ each concurrency: only one server has requests at any moment, the others sit idl
 server and writes ``server-<name>-<device>.md/.json``. Needs a CUDA GPU and SGLang's full runtime.
 
 Configurations: ``unarmed`` (the baseline), ``armed`` (kvtrap's traps, free-path checks on: the default),
-``armed-free-off`` (``KVTRAP_FREE_CHECKS=off``), ``kv-canary`` (SGLang's own ``--kv-canary raise``), ``kernels``
+``armed-free-off`` (``KVTRAP_FREE_CHECKS=off``), ``armed-guard-off`` (``KVTRAP_GUARD=off``), ``armed-checks-off``
+(both off: what is left is the host hooks and the alloc checks), ``kv-canary`` (SGLang's own ``--kv-canary raise``), ``kernels``
 (unarmed with ``KVTRAP_GEMMA4_KERNELS=1``). With ``--probe N`` every server first answers the same N greedy
 random-id prompts one at a time, and each configuration's outputs are compared token by token to the unarmed
 server's (:mod:`kvtrap.repro.probe`).
@@ -53,6 +54,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "unarmed": {"armed": False, "extra": (), "env": {}},
     "armed": {"armed": True, "extra": (), "env": {}},
     "armed-free-off": {"armed": True, "extra": (), "env": {"KVTRAP_FREE_CHECKS": "off"}},
+    "armed-guard-off": {"armed": True, "extra": (), "env": {"KVTRAP_GUARD": "off"}},
+    "armed-checks-off": {"armed": True, "extra": (), "env": {"KVTRAP_GUARD": "off", "KVTRAP_FREE_CHECKS": "off"}},
     "kv-canary": {"armed": False, "extra": ("--kv-canary", "raise"), "env": {}},
     "kernels": {"armed": False, "extra": (), "env": {"KVTRAP_GEMMA4_KERNELS": "1"}},
 }
@@ -278,6 +281,8 @@ CONFIG_WHAT = {
     "unarmed": "kvtrap disarmed (the baseline)",
     "armed": "kvtrap's traps armed, free-path checks on",
     "armed-free-off": "armed with KVTRAP_FREE_CHECKS=off",
+    "armed-guard-off": "armed with KVTRAP_GUARD=off (no device guard in the CUDA graphs)",
+    "armed-checks-off": "armed with KVTRAP_GUARD=off and KVTRAP_FREE_CHECKS=off (what is left: host hooks, alloc checks)",
     "kv-canary": "unarmed + SGLang's --kv-canary raise",
     "kernels": "unarmed + KVTRAP_GEMMA4_KERNELS=1",
 }
