@@ -475,9 +475,10 @@ NEEDS_GPTOSS = Needs(
     note=(
         "no --attention-backend: SGLang 0.5.23 picks fa3 for GptOssForCausalLM on sm90 and trtllm_mha on sm100 "
         "(arg_groups/model_overrides/gpt_oss.py), so on an H100/H200 this is kvtrap's fa3 guard in a real server; "
-        "hybrid SWA pool (SWAKVPool + SWATokenToKVPoolAllocator, window 128), page size 1 (SGLang's default), no "
-        "MTP draft. The checkpoint is MXFP4 (~13 GiB); --dummy-weights writes an 8-layer bf16 GPT-OSS-like model "
-        "(about 6 GiB) instead. Not yet run on a GPU"
+        "hybrid SWA pool (SWAKVPool + SWATokenToKVPoolAllocator, window 128), page size 64 (the free-path checks "
+        "need pages), no MTP draft. The checkpoint is MXFP4 (~13 GiB); --dummy-weights writes an 8-layer bf16 "
+        "GPT-OSS-like model (about 6 GiB) instead, served with --moe-runner-backend triton; run that way on an H200 "
+        "(fa3: armed and unarmed clean with identical outputs, #38269 trapped)"
     ),
 )
 
