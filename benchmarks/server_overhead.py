@@ -266,7 +266,8 @@ def probe_lines(probes: dict[str, Any]) -> list[str]:
                 known = [m for m in c.get("swap_margins", []) if m is not None]
                 line += (f"; near ties {c['near_ties']}/{c['differing']} differing prompts (their first difference "
                          f"swaps the two runs' top two candidates closer than {c['near_tie_nats']:g} nats"
-                         + (f"; swap margins {min(known):.3g}-{max(known):.3g}" if known else "") + ")")  # fmt: skip
+                         + (f"; swap margins {min(known):.3g}-{max(known):.3g}" if known else "")
+                         + f"; {c.get('judged', 0)} judged)")  # fmt: skip
             out.append(line)
     return out
 

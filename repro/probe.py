@@ -181,20 +181,21 @@ def _ok_top2(o: dict[str, Any], ids: list[int] | None) -> bool:
     return nums and all(x is None or type(x) is int for x in r)
 
 
+def _has_top2(o: dict[str, Any], n: int) -> bool:
+    m, r = o.get("margins"), o.get("runner_up")
+    return m is not None and r is not None and n < len(m) and m[n] is not None and r[n] is not None
+
+
 def _near_tie(oa: dict[str, Any], ob: dict[str, Any], n: int) -> float | None:
     """At a first difference at position ``n``: the smaller margin over which the two runs swapped their top two
     candidates (each run's pick is the other's runner-up there), or None when they did not swap or a run has
-    no margins."""
+    no margins there."""
     xa, xb = oa["output_ids"], ob["output_ids"]
-    if n >= min(len(xa), len(xb)):
+    if n >= min(len(xa), len(xb)) or not (_has_top2(oa, n) and _has_top2(ob, n)):
         return None
-    found: list[float] = []
-    for me, other_pick in ((oa, xb[n]), (ob, xa[n])):
-        m, r = me.get("margins"), me.get("runner_up")
-        if m is None or r is None or m[n] is None or r[n] != other_pick:
-            return None
-        found.append(float(m[n]))
-    return min(found)
+    if oa["runner_up"][n] != xb[n] or ob["runner_up"][n] != xa[n]:
+        return None
+    return min(float(oa["margins"][n]), float(ob["margins"][n]))
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,7 @@ class Comparison:
     total_tokens: int
     # per differing prompt (in prompt order): the swap margin at its first difference (see _near_tie), or None
     swap_margins: tuple[float | None, ...] = ()
+    judged: int = 0  # differing prompts whose first difference both runs recorded top-2 log-probs for
 
     @property
     def near_ties(self) -> int:
@@ -223,7 +225,7 @@ class Comparison:
                 "first_divergence": list(self.first_divergence) if self.first_divergence else None,
                 "matched_tokens": self.matched_tokens, "total_tokens": self.total_tokens,
                 "identical": self.identical, "differing": len(self.swap_margins),
-                "swap_margins": list(self.swap_margins), "near_ties": self.near_ties,
+                "swap_margins": list(self.swap_margins), "near_ties": self.near_ties, "judged": self.judged,
                 "near_tie_nats": NEAR_TIE_NATS}  # fmt: skip
 
 
@@ -233,6 +235,7 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> Comparison:
     exact = failed = matched = total = 0
     first: tuple[int, int] | None = None
     swaps: list[float | None] = []
+    judged = 0
     if len(a["outputs"]) != len(b["outputs"]):
         raise ProbeError(f"the runs hold {len(a['outputs'])} and {len(b['outputs'])} outputs")
     pairs = list(zip(a["outputs"], b["outputs"], strict=True))
@@ -250,6 +253,8 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> Comparison:
             exact += 1
             continue
         swaps.append(_near_tie(oa, ob, n))
+        n_both = n < min(len(xa), len(xb))
+        judged += int(n_both and _has_top2(oa, n) and _has_top2(ob, n))
         if first is None or n < first[1]:
             first = (i, n)
-    return Comparison(len(pairs), exact, failed, first, matched, total, tuple(swaps))
+    return Comparison(len(pairs), exact, failed, first, matched, total, tuple(swaps), judged)

@@ -333,14 +333,16 @@ def _near_tie_line(result: Any) -> str:
     NEAR_TIE_NATS is rounding (the same computation reduced in another order), anything else is not."""
     from kvtrap.repro.probe import NEAR_TIE_NATS
 
-    known = [m for m in result.swap_margins if m is not None]
     n = len(result.swap_margins)
-    if not known:
-        return (f"near ties: none of {n} differing prompts can be judged (the runs recorded no top-2 log-probs, or "
-                "their picks there are not each other's runner-up)")  # fmt: skip
-    return (f"near ties: {result.near_ties} of {n} differing prompts first differ by swapping the two runs' top "
-            f"two candidates closer than {NEAR_TIE_NATS:g} nats (rounding-level); {len(known)} swap(s), margins "
-            f"{min(known):.3g} to {max(known):.3g} nats")  # fmt: skip
+    ties = result.near_ties
+    other = result.judged - ties
+    line = (f"near ties: {ties} of {n} differing prompts first differ by swapping the two runs' top two candidates "
+            f"closer than {NEAR_TIE_NATS:g} nats (rounding-level)")  # fmt: skip
+    if other:
+        line += f"; {other} do not (a wider margin or a third candidate: the runs computed something different)"
+    if n - result.judged:
+        line += f"; {n - result.judged} cannot be judged (no top-2 log-probs recorded there)"
+    return line
 
 
 @click.command("compare")

@@ -206,7 +206,8 @@ def test_probe_runs_before_the_benchmark_and_compare_reads_two_runs(tmp_path):
     assert json.loads(as_json.output)["exact_match_rate"] == 0.0
     # salt 5: the other run's pick is not this run's runner-up: not a swap, so not a near tie
     assert json.loads(as_json.output)["near_ties"] == 0 and diff.swap_margins == (None, None, None)
-    assert "near ties: none of 3 differing prompts can be judged" in other.output
+    assert json.loads(as_json.output)["judged"] == 3  # both runs recorded top-2 log-probs there
+    assert "near ties: 0 of 3 differing prompts" in other.output and "3 do not (a wider margin or a third" in other.output
 
 
 @pytest.mark.parametrize(("margin", "ties"), [("0.001", 3), ("0.5", 0)])
@@ -229,6 +230,9 @@ def test_a_server_that_refuses_logprobs_still_gets_probed(tmp_path):
     assert res.outcome.value == "CLEAN", res.classification.reason
     outs = load_probe(tmp_path / "a")["outputs"]
     assert all(len(o["output_ids"]) == 10 and "margins" not in o for o in outs)
+    _probe_run(tmp_path / "b", "5", armed=True)  # with log-probs: still nothing to judge against run a
+    out = CliRunner().invoke(main, ["repro", "compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert out.exit_code == 1 and "3 cannot be judged (no top-2 log-probs recorded there)" in out.output
 
 
 def test_a_probe_file_with_malformed_margins_is_refused(tmp_path):

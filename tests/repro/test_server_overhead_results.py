@@ -165,8 +165,9 @@ def test_probe_lines_say_how_differences_first_arise(so: Any) -> None:
     from kvtrap.repro.probe import Comparison
 
     spec = {"prompts": 2, "input_len": 8, "output_len": 4}
-    tie = Comparison(2, 0, 0, (0, 1), 2, 8, (0.0004, 0.3)).to_json()
+    tie = Comparison(2, 0, 0, (0, 1), 2, 8, (0.0004, 0.3), 2).to_json()
     lines = so.probe_lines({"spec": spec, "kernels": tie})
-    assert "near ties 1/2 differing prompts" in lines[1] and "swap margins 0.0004-0.3" in lines[1]
-    old = {k: v for k, v in tie.items() if k not in ("differing", "swap_margins", "near_ties", "near_tie_nats")}
+    assert "near ties 1/2 differing prompts" in lines[1] and "swap margins 0.0004-0.3; 2 judged" in lines[1]
+    old = {k: v for k, v in tie.items()
+           if k not in ("differing", "swap_margins", "near_ties", "near_tie_nats", "judged")}
     assert "near ties" not in so.probe_lines({"spec": spec, "kernels": old})[1]  # an older log's comparison
