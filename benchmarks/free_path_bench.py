@@ -30,16 +30,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from _results import run_meta, write_results  # noqa: E402 - beside this script
 
 
 def _cases(w):
@@ -205,11 +205,12 @@ def _host_only(args) -> int:
                         r[f"{side}_kvtrap_ops"] = _kvtrap_ops(alloc, make, 10)
             r["drain_host_cost_us"] = round(r["armed_drain"] - r["unarmed"], 1)
             rows[name] = r
-    meta = _meta(args, "cpu", ("kvtrap", "sglang", "torch", "triton"),
-        "median host us per call; the drain-mode check launches are no-ops here, so the armed cost is "
-                "kvtrap's Python and torch ops alone (on CPU, where an aten op costs ~1-3 us; a GPU host pays "
-                "several us per dispatch, hence the op counts). SGLang's own alloc kernels run in Triton's "
-                "interpreter on CPU: the unarmed alloc times are not a GPU figure.", w.PAGE_SIZE)  # fmt: skip
+    note = ("median host us per call; the drain-mode check launches are no-ops here, so the armed cost is kvtrap's "
+            "Python and torch ops alone (on CPU, where an aten op costs ~1-3 us; a GPU host pays several us per "
+            "dispatch, hence the op counts). SGLang's own alloc kernels run in Triton's interpreter on CPU: the "
+            "unarmed alloc times are not a GPU figure.")
+    meta = run_meta("free_path_bench.py", ("kvtrap", "sglang", "torch", "triton"), device="cpu",
+                    page_size=w.PAGE_SIZE, reps=args.reps, note=note)
     lines = ["| call | unarmed us | armed, free checks off us | armed, drain us | drain host cost us |"
              " kvtrap aten ops (off / drain) |", "|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in rows.items():
@@ -219,24 +220,12 @@ def _host_only(args) -> int:
     table = "\n".join(lines)
     print(table)
     if args.out:
-        from _results import write_results
-
         write_results(args.out, "free-path-cpu-host-only", "kvtrap's host cost per SWA allocator call, drain mode, "
                       "check launches stubbed (cpu)", meta, rows, table)  # fmt: skip
     return 0
 
 
 
-def _meta(args: argparse.Namespace, device: str, dists: tuple[str, ...], note: str, page_size: int) -> dict[str, object]:
-    """The results file's header: machine, versions, date, the command as given, what was measured."""
-    return {
-        "machine": f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "versions": {d: metadata.version(d) for d in dists},
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": " ".join(["python benchmarks/free_path_bench.py", *sys.argv[1:]]),
-        "device": device, "page_size": page_size, "reps": args.reps, "note": note,
-    }  # fmt: skip
 
 def main() -> int:
     ap = argparse.ArgumentParser()
@@ -283,11 +272,12 @@ def main() -> int:
                 sides[f"{mode}_cost_us"] = round(sides[f"armed_checks_{mode}"] - sides["armed_free_checks_off"], 1)
             rows[name] = sides
             rows[name]["dispatches_per_call"] = ops[name]
-    meta = _meta(args, torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
-        ("kvtrap", "sglang", "torch"), "median host us per free call, device idle before each call. On a GPU call mode also waits for "
-                "its own kernels, and in a server for the running forward (not measured here). On CPU drain mode's "
-                "kernel runs in Triton's interpreter: its CPU time is not a cost figure, its dispatch count is.",
-        w.PAGE_SIZE)  # fmt: skip
+    note = ("median host us per free call, device idle before each call. On a GPU call mode also waits for its own "
+            "kernels, and in a server for the running forward (not measured here). On CPU drain mode's kernel runs in "
+            "Triton's interpreter: its CPU time is not a cost figure, its dispatch count is.")
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    meta = run_meta("free_path_bench.py", ("kvtrap", "sglang", "torch"), device=device, page_size=w.PAGE_SIZE,
+                    reps=args.reps, note=note)
     lines = ["| free call | unarmed us | armed, checks off us | checks on, call mode us | checks on, drain mode us |"
              " call cost us | drain cost us |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in rows.items():
@@ -302,8 +292,6 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if args.out:
-        from _results import write_results
-
         slug = "cpu" if args.device == "cpu" else meta["device"].lower().replace("nvidia ", "nvidia-").replace(" ", "-")
         write_results(args.out, f"free-path-{slug}", f"Free-path check cost per SWA allocator free call ({meta['device']})",
                       meta, rows, table)  # fmt: skip

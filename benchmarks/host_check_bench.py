@@ -20,15 +20,15 @@ wrapper and checks. Prints a table and writes JSON + markdown.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from _results import run_meta, write_results  # noqa: E402 - beside this script
 
 
 def _call(backend, layer, fb, q, k, v) -> None:
@@ -97,17 +97,12 @@ def main() -> int:
         u, a = statistics.median(unarmed), statistics.median(armed)
         rows[name] = {"unarmed_us_per_layer": round(u, 2), "armed_us_per_layer": round(a, 2),
                       "overhead_us_per_layer": round(a - u, 2), "ratio": round(a / u, 3)}
-    meta = {
-        "machine": f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "versions": {d: metadata.version(d) for d in ("kvtrap", "sglang", "torch")},
-        "date": time.strftime("%Y-%m-%d"),
-        "command": "python benchmarks/host_check_bench.py"
-        + ("" if args.backend == "trtllm_mha" else f" --backend {args.backend}") + " --out benchmarks/results",
-        "layers": len(layers), "batch": len(batch.seq_lens), "reps": args.reps,
-        "note": "CPU tensors: the value scan's host sync is a CPU op here; on a GPU it is one "
-                "device sync (~20-40 us) per table per forward, measured in benchmarks/results/guard-*.md",
-    }
+    command = ("python benchmarks/host_check_bench.py" + ("" if args.backend == "trtllm_mha" else f" --backend {args.backend}")
+               + " --out benchmarks/results")  # fmt: skip
+    meta = run_meta("host_check_bench.py", ("kvtrap", "sglang", "torch"), command=command, layers=len(layers),
+                    batch=len(batch.seq_lens), reps=args.reps,
+                    note="CPU tensors: the value scan's host sync is a CPU op here; on a GPU it is one device sync "
+                         "(~20-40 us) per table per forward, measured in benchmarks/results/guard-*.md")
     lines = ["| case | unarmed us/layer | armed us/layer | overhead us/layer | ratio |", "|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['unarmed_us_per_layer']} | {r['armed_us_per_layer']} | "
@@ -115,8 +110,6 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if args.out:
-        from _results import write_results
-
         stem = "host-check-cpu" if args.backend == "trtllm_mha" else f"host-check-{args.backend}-cpu"
         write_results(args.out, stem, f"Armed host-check cost per {args.backend} layer call (CPU)", meta, rows,
                       table)  # fmt: skip

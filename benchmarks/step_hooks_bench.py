@@ -31,16 +31,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from _results import run_meta, write_results  # noqa: E402 - beside this script
 
 BS = 8  # requests in the decode batch (the server run's concurrency 8)
 
@@ -199,17 +199,9 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if args.out:
-        from _results import write_results
-
-        meta = {
-            "machine": f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}",
-            "python": platform.python_version(),
-            "versions": {d: metadata.version(d) for d in ("kvtrap", "sglang", "torch", "triton")},
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "command": " ".join(["python benchmarks/step_hooks_bench.py", *sys.argv[1:]]),
-            "device": "cpu", "batch": BS, "reps": f"{args.reps} x {args.inner} calls",
-            "note": "median host us per call, CPU only; CUDA work stubbed as said in the script's docstring",
-        }  # fmt: skip
+        meta = run_meta("step_hooks_bench.py", ("kvtrap", "sglang", "torch", "triton"), device="cpu", batch=BS,
+                        reps=f"{args.reps} x {args.inner} calls",
+                        note="median host us per call, CPU only; CUDA work stubbed as said in the script's docstring")
         write_results(args.out, "step-hooks-cpu", "kvtrap's host cost per decode step outside the allocator (cpu)",
                       meta, rows, table)  # fmt: skip
     return 0
