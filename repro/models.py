@@ -70,8 +70,23 @@ class MoE:
     intermediate: int
 
 
+class _WeightFree:
+    """What every weight-free model shares: its report record (its fields, its layer pattern, its architecture)."""
+
+    architecture: ClassVar[str]
+
+    def layer_types(self) -> list[str]:
+        raise NotImplementedError
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
+        out["layer_types"] = self.layer_types()
+        out["architecture"] = self.architecture
+        return out
+
+
 @dataclass(frozen=True)
-class DummyModel:
+class DummyModel(_WeightFree):
     """One weight-free Gemma 4 variant: the target's shapes and its assistant draft's."""
 
     has_draft: ClassVar[bool] = True  # the frozen-KV MTP assistant
@@ -210,12 +225,6 @@ class DummyModel:
                 f"{self.q_heads} q heads, kv {self.kv_heads_sliding} sliding / {self.kv_heads_full} full, head_dim "
                 f"{self.head_dim}, window {self.sliding_window}{moe}{ple}")  # fmt: skip
 
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["layer_types"] = self.layer_types()
-        out["architecture"] = self.architecture
-        return out
-
 
 #: Why the GPT-OSS-like model is bf16 (recorded in each run's report).
 GPTOSS_BF16_WHY = (
@@ -237,7 +246,7 @@ GPTOSS_MOE_WHY = (
 
 
 @dataclass(frozen=True)
-class GptOssModel:
+class GptOssModel(_WeightFree):
     """A weight-free GPT-OSS-like model (``GptOssForCausalLM``): sliding-window (128) and full attention layers
     alternating, learned attention sinks, a top-k MoE in every layer, no draft.
 
@@ -343,12 +352,6 @@ class GptOssModel:
         return (f"like {self.like}: {self.layers} layers (sliding window {self.sliding_window} / full, alternating), "
                 f"hidden {self.hidden}, {self.q_heads} q heads, {self.kv_heads} kv heads, head_dim {self.head_dim}, "
                 f"MoE {self.experts} experts top-{self.top_k}, attention sinks, no draft")  # fmt: skip
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["layer_types"] = self.layer_types()
-        out["architecture"] = self.architecture
-        return out
 
 
 AnyDummyModel = DummyModel | GptOssModel
