@@ -186,14 +186,11 @@ def _has_top2(o: dict[str, Any], n: int) -> bool:
     return m is not None and r is not None and n < len(m) and m[n] is not None and r[n] is not None
 
 
-def _near_tie(oa: dict[str, Any], ob: dict[str, Any], n: int) -> float | None:
-    """At a first difference at position ``n``: the smaller margin over which the two runs swapped their top two
-    candidates (each run's pick is the other's runner-up there), or None when they did not swap or a run has
-    no margins there."""
-    xa, xb = oa["output_ids"], ob["output_ids"]
-    if n >= min(len(xa), len(xb)) or not (_has_top2(oa, n) and _has_top2(ob, n)):
-        return None
-    if oa["runner_up"][n] != xb[n] or ob["runner_up"][n] != xa[n]:
+def _swap_margin(oa: dict[str, Any], ob: dict[str, Any], n: int) -> float | None:
+    """At a first difference at position ``n`` that both runs recorded top-2 log-probs for: the smaller margin
+    over which they swapped their top two candidates (each run's pick is the other's runner-up there), or None
+    when they did not swap."""
+    if oa["runner_up"][n] != ob["output_ids"][n] or ob["runner_up"][n] != oa["output_ids"][n]:
         return None
     return min(float(oa["margins"][n]), float(ob["margins"][n]))
 
@@ -206,7 +203,7 @@ class Comparison:
     first_divergence: tuple[int, int] | None  # (prompt, token position) of the earliest mismatch
     matched_tokens: int  # tokens equal before each prompt's first mismatch, summed
     total_tokens: int
-    # per differing prompt (in prompt order): the swap margin at its first difference (see _near_tie), or None
+    # per differing prompt (in prompt order): the swap margin at its first difference (see _swap_margin), or None
     swap_margins: tuple[float | None, ...] = ()
     judged: int = 0  # differing prompts whose first difference both runs recorded top-2 log-probs for
 
@@ -252,9 +249,9 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> Comparison:
         if xa == xb:
             exact += 1
             continue
-        swaps.append(_near_tie(oa, ob, n))
-        n_both = n < min(len(xa), len(xb))
-        judged += int(n_both and _has_top2(oa, n) and _has_top2(ob, n))
+        both = n < min(len(xa), len(xb)) and _has_top2(oa, n) and _has_top2(ob, n)
+        judged += both
+        swaps.append(_swap_margin(oa, ob, n) if both else None)
         if first is None or n < first[1]:
             first = (i, n)
     return Comparison(len(pairs), exact, failed, first, matched, total, tuple(swaps), judged)
