@@ -57,7 +57,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -246,6 +246,16 @@ class _Freeing:
         return None if self.freeing is None else self.freeing.to(torch.int64) // self.div
 
 
+@dataclass
+class _Allocating:
+    """An ``alloc_extend`` / ``alloc_decode`` in progress: the ``set_full_to_swa_mapping`` pairs SGLang wrote
+    inside it, whose ownership notes wait for the call's check (which notes them in its kernel in drain mode)."""
+
+    alloc: Any
+    pairs: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
+
+
+_Call = TypeVar("_Call", _Freeing, _Allocating)
 _local = threading.local()
 
 
@@ -257,25 +267,10 @@ def _stack() -> list[Any]:
     return stack
 
 
-def _current_freeing(alloc: Any) -> _Freeing | None:
+def _innermost(alloc: Any, kind: type[_Call]) -> _Call | None:
+    """This thread's innermost call in progress, if it is a ``kind`` call on ``alloc``."""
     stack = getattr(_local, "stack", None)
-    if stack and stack[-1].alloc is alloc and isinstance(stack[-1], _Freeing):
-        return stack[-1]
-    return None
-
-
-@dataclass
-class _Allocating:
-    """An ``alloc_extend`` / ``alloc_decode`` in progress: the ``set_full_to_swa_mapping`` pairs SGLang wrote
-    inside it, whose ownership notes wait for the call's check (which notes them in its kernel in drain mode)."""
-
-    alloc: Any
-    pairs: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
-
-
-def _current_allocating(alloc: Any) -> _Allocating | None:
-    stack = getattr(_local, "stack", None)
-    if stack and stack[-1].alloc is alloc and isinstance(stack[-1], _Allocating):
+    if stack and stack[-1].alloc is alloc and isinstance(stack[-1], kind):
         return stack[-1]
     return None
 
@@ -359,7 +354,7 @@ def _wrap_release(original: Callable[..., Any]) -> Callable[..., Any]:
         # SGLang's released page ids are fresh tensors it never writes again (unique, ``// page_size``, cat
         # results): one is used as it is, which the kernel and a judged dump read, not copied
         pages = _flat(page_ids[0]) if len(page_ids) == 1 else torch.cat([p.reshape(-1) for p in page_ids])
-        ctx = _current_freeing(alloc)
+        ctx = _innermost(alloc, _Freeing)
         where = ctx.where if ctx is not None else f"{PAGED_CLASS}._release_page_ids"
         drain = at_drain(session, pages)
         free_index = None if ctx is None else ctx.free_index
@@ -405,7 +400,7 @@ def _wrap_set_mapping(original: Callable[..., Any]) -> Callable[..., Any]:
         out = original(self, full_indices, swa_indices, *args, **kwargs)
         session = current()
         if session is not None and full_indices.numel() and not checks.is_capturing(full_indices):
-            allocating = _current_allocating(self)
+            allocating = _innermost(self, _Allocating)
             if allocating is not None:  # inside alloc_extend: noted by its check (check_allocation)
                 allocating.pairs.append((full_indices, swa_indices))
             else:
@@ -444,10 +439,10 @@ def _wrap(method: str, names: tuple[str, ...]) -> Callable[[Callable[..., Any]],
             try:
                 out = original(self, *args, **kwargs)
             except BaseException:
-                stack.pop()
-                _note_pairs_now(self, allocating)
+                _note_pairs_now(self, allocating)  # the mapping SGLang wrote before raising stays noted
                 raise
-            stack.pop()
+            finally:
+                stack.pop()
             try:
                 check_allocation(self, out, where, _bind(names, args, kwargs), tuple(allocating.pairs))
             except BaseException:
