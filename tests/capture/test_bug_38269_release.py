@@ -27,14 +27,6 @@ NAME = "sglang-38269"
 EVICTED_PAGES = 4  # request A's first 64 tokens left its 32-token window (page 16)
 
 
-def _state(alloc):
-    return (
-        alloc.full_to_swa_index_mapping.clone(),
-        alloc.swa_attn_allocator.get_all_free_pages().clone(),
-        alloc.full_attn_allocator.get_all_free_pages().clone(),
-    )
-
-
 def _run(tmp_path, *, inject: bool, group: bool = True):
     """The world unarmed, with the bug in as ``KVTRAP_INJECT`` without arming puts it (kvtrap.plugin)."""
     bugs.sync([NAME] if inject else [])
@@ -50,7 +42,7 @@ def _run(tmp_path, *, inject: bool, group: bool = True):
 def test_unarmed_injection_puts_page0_into_the_swa_free_list(tmp_path, group):
     alloc_clean, _ = _run(tmp_path, inject=False, group=group)
     alloc, _ = _run(tmp_path, inject=True, group=group)
-    clean, bad = _state(alloc_clean), _state(alloc)
+    clean, bad = w.allocator_state(alloc_clean), w.allocator_state(alloc)
     # the only difference: one page 0 per window-evicted page, at the head of the SWA free list
     assert bad[1].tolist() == [0] * EVICTED_PAGES + clean[1].tolist()
     assert 0 not in clean[1].tolist()
@@ -69,13 +61,13 @@ def test_unarmed_injection_puts_page0_into_the_swa_free_list(tmp_path, group):
 def test_call_mode_traps_the_release_before_page0_enters(tmp_path, group, where):
     with kvtrap.armed(mode="raise", dump_dir=str(tmp_path), inject=(NAME,), allocator_trap="call"):
         alloc, batch, call = td.bug_38269_world(tmp_path, group=group)
-        before = _state(alloc)
+        before = w.allocator_state(alloc)
         with pytest.raises(kvtrap.KVTrapError) as info:
             call()
     v = info.value.violation
     assert (v.kind, v.where, v.value, v.count) == ("swa_free_reserved_page", where, 0, EVICTED_PAGES)
     assert v.details["owner_full_page"] == -1
-    after = _state(alloc)
+    after = w.allocator_state(alloc)
     assert torch.equal(before[1], after[1]) and torch.equal(before[2], after[2])  # nothing released yet
     assert 0 not in after[1].tolist()
     # A's mapping was read and cleared by SGLang before the release; B's is untouched
@@ -101,7 +93,7 @@ def test_drain_mode_lets_the_release_through_and_raises_at_the_drain(tmp_path):
     with kvtrap.armed(mode="raise", dump_dir=str(tmp_path / "drain"), inject=(NAME,), allocator_trap="drain"):
         alloc, _, call = td.bug_38269_world(tmp_path)
         call()  # no trap at the call: SGLang releases page 0 exactly as unarmed
-        assert all(torch.equal(x, y) for x, y in zip(_state(plain), _state(alloc), strict=True))
+        assert all(torch.equal(x, y) for x, y in zip(w.allocator_state(plain), w.allocator_state(alloc), strict=True))
         with pytest.raises(kvtrap.KVTrapError) as info:
             object.__new__(SchedulerBatchResultProcessor).process_batch_result_decode(None, GenerationBatchResult())
     v, r = info.value.violation, ref.violation
@@ -124,6 +116,6 @@ def test_clean_release_armed_is_quiet_and_identical(tmp_path, trap):
         call()
         with pytest.raises(AttributeError):  # nothing found: the drain passes on to SGLang's body (no batch here)
             object.__new__(SchedulerBatchResultProcessor).process_batch_result_decode(None, GenerationBatchResult())
-    assert all(torch.equal(x, y) for x, y in zip(_state(plain), _state(alloc), strict=True))
-    assert 0 not in _state(alloc)[1].tolist()
+    assert all(torch.equal(x, y) for x, y in zip(w.allocator_state(plain), w.allocator_state(alloc), strict=True))
+    assert 0 not in w.allocator_state(alloc)[1].tolist()
     assert not (tmp_path / "armed").exists() or not list((tmp_path / "armed").iterdir())

@@ -28,7 +28,7 @@ ZOO = {
 
 
 def _lists(alloc):
-    return (alloc.swa_attn_allocator.get_all_free_pages().clone(), alloc.full_attn_allocator.get_all_free_pages().clone())
+    return w.allocator_state(alloc)[1:]  # the two free lists
 
 
 def _bad_page_in_use(name, alloc, batch, page):

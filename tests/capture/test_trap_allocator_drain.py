@@ -35,14 +35,6 @@ def _processor():
     return object.__new__(SchedulerBatchResultProcessor)  # the drain runs before SGLang's body needs any state
 
 
-def _state(alloc):
-    return (
-        alloc.full_to_swa_index_mapping.clone(),
-        alloc.swa_attn_allocator.get_all_free_pages().clone(),
-        alloc.full_attn_allocator.get_all_free_pages().clone(),
-    )
-
-
 def _outcome(call) -> str | None:
     try:
         call()
@@ -116,7 +108,7 @@ def test_bad_free_goes_through_and_is_raised_at_the_decode_drain(tmp_path, world
     # unarmed: what the bad call does without kvtrap (SGLang's own free-list size assert catches a double free)
     plain_alloc, _, plain_call = world(tmp_path)
     plain_raised = _outcome(plain_call)
-    plain_after = _state(plain_alloc)
+    plain_after = w.allocator_state(plain_alloc)
     with kvtrap.armed(mode="raise", dump_dir=str(tmp_path / "drain"), allocator_trap="drain"):
         alloc, _, call = world(tmp_path)
         try:
@@ -132,7 +124,7 @@ def test_bad_free_goes_through_and_is_raised_at_the_decode_drain(tmp_path, world
             with pytest.raises(kvtrap.KVTrapError) as info:
                 _processor().process_batch_result_decode(None, GenerationBatchResult())
             err = info.value
-        after = _state(alloc)
+        after = w.allocator_state(alloc)
         # the record is reset once read: the next drain is quiet
         allocator.drain_findings(kvtrap.capture.session.current())
     assert all(torch.equal(a, b) for a, b in zip(plain_after, after, strict=True))  # exactly as unarmed
@@ -234,7 +226,7 @@ def test_clean_random_steps_find_nothing_and_match_unarmed(tmp_path, no_host_rea
     assert len(plain) == len(armed)
     for a, b in zip(plain, armed, strict=True):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
-    assert all(torch.equal(a, b) for a, b in zip(_state(plain_alloc), _state(armed_alloc), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(w.allocator_state(plain_alloc), w.allocator_state(armed_alloc), strict=True))
     assert not list(tmp_path.iterdir())
 
 

@@ -17,15 +17,6 @@ from helpers import trapdumps as td  # noqa: E402
 pytestmark = pytest.mark.cpu_world(gpu="tests/capture/test_trap_allocator_drain.py::test_cuda_allocator_*")
 
 
-def _state(alloc):
-    sub = alloc.swa_attn_allocator
-    return (
-        alloc.full_to_swa_index_mapping.clone(),
-        sub.get_all_free_pages().clone(),
-        alloc.full_attn_allocator.get_all_free_pages().clone(),
-    )
-
-
 def _unchanged_but_cleared(before, after, freed):
     """Free lists untouched; the mapping differs only where SGLang cleared it before the release."""
     assert torch.equal(before[1], after[1]) and torch.equal(before[2], after[2])
@@ -38,7 +29,7 @@ def _trap(tmp_path, world):
     """Arm, build the world, snapshot the allocator, make the bad call: (error, alloc, state before)."""
     with kvtrap.armed(mode="raise", dump_dir=str(tmp_path)):
         alloc, batch, call = world(tmp_path)
-        before = _state(alloc)
+        before = w.allocator_state(alloc)
         with pytest.raises(kvtrap.KVTrapError) as info:
             call()
     return info.value, alloc, batch, before
@@ -50,7 +41,7 @@ def test_reserved_page0_freed_through_the_segment_path(tmp_path):
     assert (v.kind, v.where) == ("swa_free_reserved_page", "SWATokenToKVPoolAllocator.free_swa_segment")
     assert v.value == 0 and v.count == 2  # both evicted pages read as page 0
     # caught before the release: page 0 never entered the free list, nothing moved
-    after = _state(alloc)
+    after = w.allocator_state(alloc)
     assert 0 not in after[1].tolist()
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     dump = load_dump(err.dump_path)
@@ -64,7 +55,7 @@ def test_double_free_of_swa_pages(tmp_path):
     assert (v.kind, v.where) == ("swa_double_free", "SWATokenToKVPoolAllocator.free_swa")
     stale_pages = sorted({int(s) // w.PAGE_SIZE for s in before[0][batch.token_slots[0]].tolist()})
     assert v.value == stale_pages[0] and v.count == len(stale_pages) == 3
-    _unchanged_but_cleared(before, _state(alloc), batch.token_slots[0])
+    _unchanged_but_cleared(before, w.allocator_state(alloc), batch.token_slots[0])
     dump = load_dump(err.dump_path)
     owner = dump.tensors["swa_page_owner"]
     assert all(int(owner[p]) == -1 for p in stale_pages)
@@ -80,7 +71,7 @@ def test_swa_page_of_another_full_page(tmp_path):
     assert v.details["owner_full_page"] == b_first // w.PAGE_SIZE
     assert b_first // w.PAGE_SIZE not in v.details["freed_full_pages"]
     a = batch.token_slots[0]
-    _unchanged_but_cleared(before, _state(alloc), torch.arange(int(a[0]), int(a[0]) + 3 * w.PAGE_SIZE))
+    _unchanged_but_cleared(before, w.allocator_state(alloc), torch.arange(int(a[0]), int(a[0]) + 3 * w.PAGE_SIZE))
     dump = load_dump(err.dump_path)
     assert dump.manifest["context"]["hook"] == "SWATokenToKVPoolAllocator.free_swa"
     assert set(dump.tensors) >= {"released_swa_pages", "swa_page_owner", "freed_full_pages", "free_index"}

@@ -107,6 +107,15 @@ class Batch:
     token_slots: list[torch.Tensor] = field(default_factory=list)
 
 
+def allocator_state(alloc) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copies of what a check must not change: the full-to-SWA mapping, the SWA and the full free lists."""
+    return (
+        alloc.full_to_swa_index_mapping.clone(),
+        alloc.swa_attn_allocator.get_all_free_pages().clone(),
+        alloc.full_attn_allocator.get_all_free_pages().clone(),
+    )
+
+
 def allocate_requests(alloc, seq_lens: list[int]) -> Batch:
     """Prefill ``len(seq_lens)`` fresh requests through the real ``alloc_extend``."""
     n = len(seq_lens)
